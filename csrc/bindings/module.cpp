@@ -1,0 +1,201 @@
+// The only file that knows pybind11. Each binding takes DLPack capsules (inputs and
+// caller-allocated outputs) from reclip_ext/ops.py, checks dtype/device agreement, releases
+// the GIL and calls the dispatcher. C++ exceptions become TypeError / ValueError /
+// MemoryError / RuntimeError; nothing aborts the interpreter.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bindings/dlpack.h"
+#include "cpu/workspace.h"
+#include "dispatch/ops.h"
+
+namespace py = pybind11;
+using namespace rext;
+
+namespace {
+
+void require_float(const DlArray& a) {
+  const DType t = a.dtype();
+  REXT_CHECK_TYPE(t == DType::F32 || t == DType::F64, a.name(),
+                  ": dtype must be float32 or float64, got ", dtype_name(t));
+}
+
+void require_dtype(const DlArray& a, DType want) {
+  REXT_CHECK_TYPE(a.dtype() == want, a.name(), ": dtype must be ", dtype_name(want), ", got ",
+                  dtype_name(a.dtype()));
+}
+
+void require_same_device(const DlArray& a, const DlArray& ref) {
+  REXT_CHECK(a.device() == ref.device(), a.name(), " is on a different device than ", ref.name());
+}
+
+// Calls f(T{}) with T = float or double according to `dtype`.
+template <class F>
+auto with_float(DType dtype, F&& f) {
+  if (dtype == DType::F64) return f(double{});
+  return f(float{});
+}
+
+Weight parse_weight(const std::string& w) {
+  if (w == "relu") return Weight::Relu;
+  if (w == "shift") return Weight::Shift;
+  throw std::invalid_argument("weight must be 'relu' or 'shift', got '" + w + "'");
+}
+
+void knn_affinity_binding(std::vector<py::object> sources, py::object out_indices,
+                          py::object out_weights, int64_t k, bool exclude_self, bool normalize,
+                          const std::string& weight, double gamma, int64_t block_rows,
+                          int threads, uintptr_t stream) {
+  REXT_CHECK(sources.size() == 1 || sources.size() == 2, "x: expected 1 or 2 row blocks");
+  std::vector<std::unique_ptr<DlArray>> xs;
+  const char* names[] = {"x", "images"};
+  for (size_t s = 0; s < sources.size(); ++s)
+    xs.push_back(std::make_unique<DlArray>(sources[s].ptr(), sources.size() == 1 ? "x" : (s ? names[1] : "text")));
+  DlArray idx(out_indices.ptr(), "indices"), w(out_weights.ptr(), "weights");
+  for (auto& x : xs) {
+    require_float(*x);
+    require_dtype(*x, xs[0]->dtype());
+    require_same_device(*x, *xs[0]);
+  }
+  require_dtype(idx, DType::I64);
+  require_dtype(w, xs[0]->dtype());
+  require_same_device(idx, *xs[0]);
+  require_same_device(w, *xs[0]);
+
+  AffinityParams p;
+  p.k = k;
+  p.exclude_self = exclude_self;
+  p.normalize = normalize;
+  p.weight = parse_weight(weight);
+  p.gamma = gamma;
+  p.block_rows = block_rows;
+  p.threads = threads;
+  p.stream = reinterpret_cast<void*>(stream);
+  const Device dev = xs[0]->device();
+  with_float(xs[0]->dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    StackedRows<T> rows;
+    rows.top = xs[0]->matrix<const T>(false);
+    if (xs.size() == 2) {
+      rows.bottom = xs[1]->matrix<const T>(false);
+      REXT_CHECK(rows.bottom.cols == rows.top.cols, "images: has ", rows.bottom.cols,
+                 " columns but text has ", rows.top.cols);
+    } else {
+      rows.bottom = MatrixView<const T>{rows.top.ptr, 0, rows.top.cols, rows.top.cols};
+    }
+    auto iv = idx.matrix<int64_t>(true);
+    auto wv = w.matrix<T>(true);
+    py::gil_scoped_release nogil;
+    knn_affinity<T>(dev, rows, iv, wv, p);
+  });
+}
+
+int64_t sym_normalize_binding(py::object indices, py::object weights, py::object out_indptr,
+                              py::object out_indices, py::object out_data, int threads,
+                              uintptr_t stream) {
+  DlArray idx(indices.ptr(), "indices"), w(weights.ptr(), "weights");
+  DlArray o_ptr(out_indptr.ptr(), "indptr"), o_idx(out_indices.ptr(), "out indices"),
+      o_data(out_data.ptr(), "data");
+  require_dtype(idx, DType::I64);
+  require_float(w);
+  require_dtype(o_ptr, DType::I64);
+  require_dtype(o_idx, DType::I64);
+  require_dtype(o_data, w.dtype());
+  for (const DlArray* a : {&w, &o_ptr, &o_idx, &o_data}) require_same_device(*a, idx);
+  NormalizeParams p;
+  p.threads = threads;
+  p.stream = reinterpret_cast<void*>(stream);
+  const Device dev = idx.device();
+  return with_float(w.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    auto iv = idx.matrix<const int64_t>(false);
+    auto wv = w.matrix<const T>(false);
+    const int64_t cap = 2 * iv.rows * iv.cols;
+    int64_t* ptr = o_ptr.vector<int64_t>(iv.rows + 1, true);
+    int64_t* cols = o_idx.vector<int64_t>(cap, true);
+    T* data = o_data.vector<T>(cap, true);
+    py::gil_scoped_release nogil;
+    return sym_normalize<T>(dev, iv, wv, ptr, cols, data, p);
+  });
+}
+
+void cg_solve_binding(py::object indptr, py::object indices, py::object data, py::object rhs,
+                      py::object out_x, py::object out_iterations, py::object out_residuals,
+                      double alpha, int64_t max_iter, double tol, int threads, uintptr_t stream) {
+  DlArray a_ptr(indptr.ptr(), "W.indptr"), a_idx(indices.ptr(), "W.indices"),
+      a_data(data.ptr(), "W.data"), b(rhs.ptr(), "rhs"), x(out_x.ptr(), "x"),
+      its(out_iterations.ptr(), "iterations"), res(out_residuals.ptr(), "residuals");
+  require_dtype(a_ptr, DType::I64);
+  require_dtype(a_idx, DType::I64);
+  require_float(b);
+  require_dtype(a_data, b.dtype());
+  require_dtype(x, b.dtype());
+  require_dtype(its, DType::I64);
+  require_dtype(res, DType::F64);
+  for (const DlArray* a : {&a_ptr, &a_idx, &a_data, &x, &its, &res}) require_same_device(*a, b);
+  CgParams p;
+  p.alpha = alpha;
+  p.max_iter = max_iter;
+  p.tol = tol;
+  p.threads = threads;
+  p.stream = reinterpret_cast<void*>(stream);
+  const Device dev = b.device();
+  with_float(b.dtype(), [&](auto tag) {
+    using T = decltype(tag);
+    auto bv = b.matrix<const T>(false);
+    CsrView<T> w;
+    w.rows = bv.rows;
+    REXT_CHECK(a_idx.ndim() == 1, "W.indices: expected a 1-D array");
+    w.nnz = a_idx.dim(0);
+    w.indptr = a_ptr.vector<const int64_t>(w.rows + 1, false);
+    w.indices = a_idx.vector<const int64_t>(w.nnz, false);
+    w.data = a_data.vector<const T>(w.nnz, false);
+    auto xv = x.matrix<T>(true);
+    int64_t* it = its.vector<int64_t>(bv.cols, true);
+    double* rs = res.vector<double>(bv.cols, true);
+    py::gil_scoped_release nogil;
+    cg_solve<T>(dev, w, bv, xv, it, rs, p);
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "reclip_ext._core: fused top-k affinity, symmetric normalisation and batched CG "
+            "kernels (CPU, and CUDA when built with it). Call them through reclip_ext.";
+  py::register_exception_translator([](std::exception_ptr e) {
+    try {
+      if (e) std::rethrow_exception(e);
+    } catch (const rext::TypeError& err) {
+      PyErr_SetString(PyExc_TypeError, err.what());
+    } catch (const rext::cpu::WorkspaceError& err) {
+      PyErr_SetString(PyExc_MemoryError, err.what());
+    }
+  });
+
+  m.def("knn_affinity", &knn_affinity_binding, py::arg("sources"), py::arg("out_indices"),
+        py::arg("out_weights"), py::arg("k"), py::arg("exclude_self"), py::arg("normalize"),
+        py::arg("weight"), py::arg("gamma"), py::arg("block_rows"), py::arg("threads"),
+        py::arg("stream"),
+        "Top-k affinity of the stacked rows of `sources` (1 or 2 DLPack capsules) into the "
+        "caller-allocated (N, k) outputs.");
+  m.def("sym_normalize", &sym_normalize_binding, py::arg("indices"), py::arg("weights"),
+        py::arg("out_indptr"), py::arg("out_indices"), py::arg("out_data"), py::arg("threads"),
+        py::arg("stream"),
+        "D^-1/2 (A + A^T) D^-1/2 into caller-allocated CSR buffers of capacity 2 N k; returns nnz.");
+  m.def("cg_solve", &cg_solve_binding, py::arg("indptr"), py::arg("indices"), py::arg("data"),
+        py::arg("rhs"), py::arg("out_x"), py::arg("out_iterations"), py::arg("out_residuals"),
+        py::arg("alpha"), py::arg("max_iter"), py::arg("tol"), py::arg("threads"),
+        py::arg("stream"), "Batched CG for (I - alpha W) X = rhs into caller-allocated outputs.");
+  m.def("built_with_cuda", &rext::built_with_cuda, "True when the CUDA kernels were compiled in.");
+  m.def("cuda_device_count", &rext::cuda_device_count,
+        "Visible CUDA devices (0 without CUDA support, a driver or a device).");
+  m.def("simd_level", &rext::simd_level, "CPU tile kernels in use: 'avx2' or 'generic'.");
+#ifdef REXT_VERSION
+  m.attr("__version__") = REXT_VERSION;
+#endif
+}

@@ -1,0 +1,33 @@
+// One plain-typed parameter struct per op, shared by the CPU and CUDA paths.
+#pragma once
+#include <cstdint>
+
+namespace rext {
+
+enum class Weight { Relu, Shift };  // f(s) = max(s,0)^gamma  |  ((1+s)/2)^gamma
+
+struct AffinityParams {
+  int64_t k = 20;
+  bool exclude_self = true;
+  bool normalize = false;   // L2-normalise rows before the dot products
+  Weight weight = Weight::Relu;
+  double gamma = 1.0;
+  int64_t block_rows = 0;   // tile size (rows and columns); 0 = chosen from cache sizes
+  int threads = 0;          // 0 = all cores
+  void* stream = nullptr;   // CUDA stream (cudaStream_t), ignored on CPU
+};
+
+struct NormalizeParams {
+  int threads = 0;
+  void* stream = nullptr;
+};
+
+struct CgParams {
+  double alpha = 0.99;
+  int64_t max_iter = 20;
+  double tol = 1e-6;
+  int threads = 0;
+  void* stream = nullptr;
+};
+
+}  // namespace rext

@@ -1,0 +1,148 @@
+// Batched CG on the CPU. The m recurrences share one CSR x dense product per iteration; the
+// per-column dot products are accumulated in double, fused into the passes that produce
+// their operands. A column stops updating once ||r||/||b|| <= tol.
+#include "cpu/cg_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "core/check.h"
+#include "cpu/workspace.h"
+
+namespace rext::cpu {
+namespace {
+
+// sums[j] = sum over threads of per-thread partials: each thread adds its own vector once.
+void reduce_into(std::vector<double>& sums, const std::vector<double>& part) {
+#pragma omp critical
+  for (size_t j = 0; j < sums.size(); ++j) sums[j] += part[j];
+}
+
+}  // namespace
+
+template <class T>
+void cg_solve_cpu(const CsrView<T>& w, MatrixView<const T> rhs, MatrixView<T> x,
+                  int64_t* iterations, double* residuals, const CgParams& p) {
+  const int64_t n = w.rows, m = rhs.cols;
+  REXT_CHECK(rhs.rows == n, "rhs: expected ", n, " rows to match W, got ", rhs.rows);
+  REXT_CHECK(x.rows == n && x.cols == m, "x: expected shape (", n, ", ", m, ")");
+  REXT_CHECK(p.alpha >= 0 && p.alpha < 1, "alpha must be in [0, 1), got ", p.alpha);
+  REXT_CHECK(p.max_iter >= 0, "max_iter must be >= 0, got ", p.max_iter);
+  REXT_CHECK(p.tol >= 0, "tol must be >= 0, got ", p.tol);
+  REXT_CHECK(w.indptr[0] == 0 && w.indptr[n] == w.nnz, "W: indptr must start at 0 and end at nnz");
+  for (int64_t i = 0; i < n; ++i)
+    REXT_CHECK(w.indptr[i] <= w.indptr[i + 1], "W: indptr must be non-decreasing (row ", i, ")");
+  for (int64_t e = 0; e < w.nnz; ++e)
+    REXT_CHECK(w.indices[e] >= 0 && w.indices[e] < n, "W: column index ", w.indices[e],
+               " at position ", e, " is outside [0, ", n, ")");
+  const int threads = resolve_threads(p.threads);
+  check_workspace(3.0 * double(n) * double(m) * sizeof(T), "cg_solve");
+
+  // r = b, p = r, x = 0 (the solve starts from zero).
+  AlignedBuffer<T> r = aligned_buffer<T>(n * m), dir = aligned_buffer<T>(n * m),
+                   q = aligned_buffer<T>(n * m);
+  std::vector<double> rs(m, 0.0), bnorm(m, 0.0);
+  const T alpha = T(p.alpha);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<double> part(m, 0.0);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const T* b = rhs.row(i);
+      T* xi = x.row(i);
+      for (int64_t j = 0; j < m; ++j) {
+        r[i * m + j] = dir[i * m + j] = b[j];
+        xi[j] = T(0);
+        part[j] += double(b[j]) * double(b[j]);
+      }
+    }
+    reduce_into(rs, part);
+  }
+  std::vector<char> active(m);
+  for (int64_t j = 0; j < m; ++j) {
+    bnorm[j] = std::sqrt(rs[j]);
+    iterations[j] = 0;
+    residuals[j] = bnorm[j] > 0 ? 1.0 : 0.0;
+    active[j] = bnorm[j] > 0 && residuals[j] > p.tol;
+  }
+
+  std::vector<double> pq(m), rs_new(m);
+  std::vector<T> step(m), beta(m);
+  for (int64_t it = 1; it <= p.max_iter; ++it) {
+    if (std::none_of(active.begin(), active.end(), [](char a) { return a; })) break;
+    // q = (I - alpha W) p, and pq_j = p_j . q_j
+    std::fill(pq.begin(), pq.end(), 0.0);
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<double> part(m, 0.0);
+      std::vector<T> acc(m);
+#pragma omp for schedule(dynamic, 64)
+      for (int64_t i = 0; i < n; ++i) {
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t e = w.indptr[i]; e < w.indptr[i + 1]; ++e) {
+          const T v = w.data[e];
+          const T* pj = dir.get() + w.indices[e] * m;
+          for (int64_t j = 0; j < m; ++j) acc[j] += v * pj[j];
+        }
+        const T* pi = dir.get() + i * m;
+        T* qi = q.get() + i * m;
+        for (int64_t j = 0; j < m; ++j) {
+          qi[j] = pi[j] - alpha * acc[j];
+          part[j] += double(pi[j]) * double(qi[j]);
+        }
+      }
+      reduce_into(pq, part);
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      // pq <= 0 only when p_j vanished (exact solution reached): stop that column.
+      if (active[j] && !(pq[j] > 0)) active[j] = 0;
+      step[j] = active[j] ? T(rs[j] / pq[j]) : T(0);
+    }
+    // x += a p, r -= a q, rs_new_j = r_j . r_j
+    std::fill(rs_new.begin(), rs_new.end(), 0.0);
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<double> part(m, 0.0);
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < n; ++i) {
+        T* xi = x.row(i);
+        T* ri = r.get() + i * m;
+        const T* pi = dir.get() + i * m;
+        const T* qi = q.get() + i * m;
+        for (int64_t j = 0; j < m; ++j) {
+          xi[j] += step[j] * pi[j];
+          ri[j] -= step[j] * qi[j];
+          part[j] += double(ri[j]) * double(ri[j]);
+        }
+      }
+      reduce_into(rs_new, part);
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      beta[j] = T(0);
+      if (!active[j]) continue;
+      iterations[j] = it;
+      residuals[j] = std::sqrt(rs_new[j]) / bnorm[j];
+      if (residuals[j] <= p.tol) {
+        active[j] = 0;
+      } else {
+        beta[j] = T(rs_new[j] / rs[j]);
+        rs[j] = rs_new[j];
+      }
+    }
+    // p = r + beta p
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const T* ri = r.get() + i * m;
+      T* pi = dir.get() + i * m;
+      for (int64_t j = 0; j < m; ++j) pi[j] = ri[j] + beta[j] * pi[j];
+    }
+  }
+}
+
+template void cg_solve_cpu<float>(const CsrView<float>&, MatrixView<const float>,
+                                  MatrixView<float>, int64_t*, double*, const CgParams&);
+template void cg_solve_cpu<double>(const CsrView<double>&, MatrixView<const double>,
+                                   MatrixView<double>, int64_t*, double*, const CgParams&);
+
+}  // namespace rext::cpu

@@ -1,0 +1,54 @@
+"""reclip_ext — the compiled label-propagation engine of reclip.
+
+Fused top-k affinity, symmetric normalisation into CSR and batched conjugate gradient, with
+CPU kernels (multithreaded, AVX2/FMA when the CPU has it) and CUDA kernels when built with
+them. Every function takes numpy arrays, torch tensors or any object exposing ``__dlpack__``
+and returns results of the same kind.
+
+>>> import numpy as np, reclip_ext
+>>> rng = np.random.default_rng(0)
+>>> text = rng.standard_normal((3, 8)).astype(np.float32)
+>>> images = np.repeat(text, 4, axis=0) + 0.1 * rng.standard_normal((12, 8)).astype(np.float32)
+>>> reclip_ext.label_propagate(text, images, k=3).labels.tolist()
+[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+"""
+from . import _core
+from .ops import (
+    CgResult,
+    Csr,
+    LabelPropagation,
+    cg_solve,
+    knn_affinity,
+    label_propagate,
+    sym_normalize,
+)
+
+__version__ = _core.__version__
+
+__all__ = [
+    "CgResult",
+    "Csr",
+    "LabelPropagation",
+    "built_with_cuda",
+    "cg_solve",
+    "cuda_device_count",
+    "knn_affinity",
+    "label_propagate",
+    "simd_level",
+    "sym_normalize",
+]
+
+
+def built_with_cuda() -> bool:
+    """True when this build contains the CUDA kernels (it may still find no GPU)."""
+    return bool(_core.built_with_cuda())
+
+
+def cuda_device_count() -> int:
+    """Number of visible CUDA devices; 0 without CUDA support, a driver or a device."""
+    return int(_core.cuda_device_count())
+
+
+def simd_level() -> str:
+    """The CPU tile kernels in use: ``"avx2"`` or ``"generic"`` (set REXT_SIMD=generic to force)."""
+    return str(_core.simd_level())
