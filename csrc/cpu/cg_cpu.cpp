@@ -13,6 +13,8 @@
 namespace rext::cpu {
 namespace {
 
+constexpr int64_t kPrefetchEdges = 8;
+
 // sums[j] = sum over threads of per-thread partials: each thread adds its own vector once.
 void reduce_into(std::vector<double>& sums, const std::vector<double>& part) {
 #pragma omp critical
@@ -44,6 +46,7 @@ void cg_solve_cpu(const CsrView<T>& w, MatrixView<const T> rhs, MatrixView<T> x,
                    q = aligned_buffer<T>(n * m);
   std::vector<double> rs(m, 0.0), bnorm(m, 0.0);
   const T alpha = T(p.alpha);
+  const int64_t row_bytes = m * int64_t(sizeof(T));
 #pragma omp parallel num_threads(threads)
   {
     std::vector<double> part(m, 0.0);
@@ -80,10 +83,18 @@ void cg_solve_cpu(const CsrView<T>& w, MatrixView<const T> rhs, MatrixView<T> x,
 #pragma omp for schedule(dynamic, 64)
       for (int64_t i = 0; i < n; ++i) {
         std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t e = w.indptr[i]; e < w.indptr[i + 1]; ++e) {
+        const int64_t end = w.indptr[i + 1];
+        for (int64_t e = w.indptr[i]; e < end; ++e) {
+          // The neighbour rows are scattered over P: fetch a few edges ahead so that the
+          // misses overlap instead of stalling one after another.
+          if (e + kPrefetchEdges < w.nnz) {
+            const char* ahead = reinterpret_cast<const char*>(dir.get() + w.indices[e + kPrefetchEdges] * m);
+            for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(ahead + b);
+          }
           const T v = w.data[e];
-          const T* pj = dir.get() + w.indices[e] * m;
-          for (int64_t j = 0; j < m; ++j) acc[j] += v * pj[j];
+          const T* __restrict pj = dir.get() + w.indices[e] * m;
+          T* __restrict a = acc.data();
+          for (int64_t j = 0; j < m; ++j) a[j] += v * pj[j];
         }
         const T* pi = dir.get() + i * m;
         T* qi = q.get() + i * m;
