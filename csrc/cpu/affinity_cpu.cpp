@@ -1,10 +1,15 @@
 // Fused top-k affinity on the CPU. The similarity S = X X^T is computed tile by tile with a
 // BLIS-style register-blocked micro-kernel on packed panels, and each finished tile is merged
-// into its rows' running top-k before the next one is computed, so memory stays O(N (k + d)).
+// into the running top-k of its rows before the next one is computed, so memory stays
+// O(N (k + d)).
 //
-// Loop order: column blocks (NC) outermost and shared by all threads, so the packed B block
-// stays in the shared L3 cache; row blocks (MC) are handed out dynamically; depth is split in
-// KC chunks so a B micro-panel stays in L1 while the A block sits in L2.
+// S is symmetric, so only the tiles on and above the block diagonal are computed: a tile of
+// row block I and column block J > I feeds the rows of I (row scan) and, transposed, the rows
+// of J (column scan). Loop order: column blocks outermost and shared by all threads, so the
+// packed block J stays in the shared L3 while the row blocks I <= J are handed out
+// dynamically; depth is split in KC chunks so a B micro-panel stays in L1. Column-scan results
+// go to per-thread lists for the rows of J and are merged after each column block, so no two
+// threads ever write the same row.
 #include "cpu/affinity_cpu.h"
 
 #include <omp.h>
@@ -22,11 +27,24 @@
 namespace rext::cpu {
 namespace {
 
-constexpr int64_t kKC = 256;         // depth per micro-kernel call
-constexpr int64_t kDefaultMC = 120;  // rows per tile (A block in L2)
-constexpr int64_t kDefaultNC = 1024; // columns per tile (C tile in L2, B block in L3)
+constexpr int64_t kKC = 256;             // depth per micro-kernel call
+constexpr int64_t kDefaultBlock = 384;   // rows = columns per tile
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+int64_t gcd(int64_t a, int64_t b) { return b ? gcd(b, a % b) : a; }
+
+// Per-thread running top-k for the rows of the current column block (column-scan results).
+template <class T>
+struct ColumnLists {
+  std::vector<T> vals, thr;
+  std::vector<int64_t> idx;
+  ColumnLists(int64_t rows, int64_t k) : vals(rows * k), thr(rows), idx(rows * k) {}
+  void reset(int64_t rows, int64_t k) {
+    std::fill(vals.begin(), vals.begin() + rows * k, -std::numeric_limits<T>::infinity());
+    std::fill(idx.begin(), idx.begin() + rows * k, int64_t(-1));
+    std::fill(thr.begin(), thr.begin() + rows, -std::numeric_limits<T>::infinity());
+  }
+};
 
 // Packed panel layout: panel p holds rows [p*w, p*w+w) as d steps of w interleaved values,
 // rows past N are zero. Rows are scaled by scale[i] (1/||x_i|| or 1).
@@ -94,11 +112,10 @@ void knn_affinity_cpu(const StackedRows<T>& x, MatrixView<int64_t> indices, Matr
 
   const TileKernels<T> kern = best_kernels<T>();
   const int threads = resolve_threads(p.threads);
-  const int64_t mr = kern.mr, nr = kern.nr;
-  const int64_t mc = round_up(p.block_rows > 0 ? p.block_rows : kDefaultMC, mr);
-  const int64_t nc = round_up(p.block_rows > 0 ? p.block_rows : kDefaultNC, nr);
+  const int64_t mr = kern.mr, nr = kern.nr, unit = mr / gcd(mr, nr) * nr;
+  const int64_t bs = round_up(p.block_rows > 0 ? p.block_rows : kDefaultBlock, unit);
   const int64_t a_len = round_up(n, mr) * d, b_len = round_up(n, nr) * d;
-  check_workspace(double(a_len + b_len + int64_t(threads) * mc * nc) * sizeof(T) +
+  check_workspace(double(a_len + b_len + int64_t(threads) * bs * (bs + 2 * k)) * sizeof(T) +
                       double(n) * k * (sizeof(T) + 8),
                   "knn_affinity");
 
@@ -114,16 +131,20 @@ void knn_affinity_cpu(const StackedRows<T>& x, MatrixView<int64_t> indices, Matr
     std::fill(indices.row(i), indices.row(i) + k, int64_t(-1));
   }
 
-  const int64_t row_blocks = (n + mc - 1) / mc;
+  const int64_t blocks = (n + bs - 1) / bs;
+  std::vector<ColumnLists<T>> lists(threads, ColumnLists<T>(bs, k));
 #pragma omp parallel num_threads(threads)
   {
-    AlignedBuffer<T> tile = aligned_buffer<T>(mc * nc);
-    for (int64_t j0 = 0; j0 < n; j0 += nc) {
-      const int64_t ncols = std::min(nc, n - j0);
+    const int me = omp_get_thread_num();
+    ColumnLists<T>& mine = lists[me];
+    AlignedBuffer<T> tile = aligned_buffer<T>(bs * bs);
+    for (int64_t bj = 0; bj < blocks; ++bj) {
+      const int64_t j0 = bj * bs, ncols = std::min(bs, n - j0);
       const int64_t col_panels = (ncols + nr - 1) / nr;
+      mine.reset(ncols, k);
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t rb = 0; rb < row_blocks; ++rb) {
-        const int64_t i0 = rb * mc, nrows = std::min(mc, n - i0);
+      for (int64_t bi = bj; bi >= 0; --bi) {
+        const int64_t i0 = bi * bs, nrows = std::min(bs, n - i0);
         const int64_t row_panels = (nrows + mr - 1) / mr;
         for (int64_t k0 = 0; k0 < d; k0 += kKC) {
           const int64_t kc = std::min(kKC, d - k0);
@@ -131,15 +152,27 @@ void knn_affinity_cpu(const StackedRows<T>& x, MatrixView<int64_t> indices, Matr
             const T* b = b_pack.get() + (j0 / nr + jp) * d * nr + k0 * nr;
             for (int64_t ip = 0; ip < row_panels; ++ip) {
               const T* a = a_pack.get() + (i0 / mr + ip) * d * mr + k0 * mr;
-              kern.micro(kc, a, b, tile.get() + ip * mr * nc + jp * nr, nc, k0 > 0);
+              kern.micro(kc, a, b, tile.get() + ip * mr * bs + jp * nr, bs, k0 > 0);
             }
           }
         }
         for (int64_t r = 0; r < nrows; ++r) {
           const int64_t i = i0 + r;
-          kern.scan(tile.get() + r * nc, ncols, j0, p.exclude_self ? i : -1, weights.row(i),
+          kern.scan(tile.get() + r * bs, ncols, j0, p.exclude_self ? i : -1, weights.row(i),
                     indices.row(i), k);
         }
+        if (bi < bj)
+          kern.col_scan(tile.get(), nrows, ncols, bs, i0, mine.vals.data(), mine.idx.data(),
+                        mine.thr.data(), k);
+      }
+      // Fold every thread's column-scan lists into the rows of block J.
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < ncols; ++c) {
+        T* vals = weights.row(j0 + c);
+        int64_t* idx = indices.row(j0 + c);
+        for (const ColumnLists<T>& other : lists)
+          for (int64_t e = 0; e < k && other.idx[c * k + e] >= 0; ++e)
+            topk_insert(vals, idx, k, other.vals[c * k + e], other.idx[c * k + e]);
       }
     }
   }

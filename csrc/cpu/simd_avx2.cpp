@@ -85,7 +85,7 @@ void scan_f32(const float* s, int64_t n, int64_t j0, int64_t self_j, float* vals
   __m256 t = _mm256_set1_ps(vals[k - 1]);
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
-    unsigned mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + c), t, _CMP_GT_OQ));
+    unsigned mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + c), t, _CMP_GE_OQ));
     if (!mask) continue;
     for (; mask; mask &= mask - 1) {
       const int64_t q = c + __builtin_ctz(mask);
@@ -94,7 +94,7 @@ void scan_f32(const float* s, int64_t n, int64_t j0, int64_t self_j, float* vals
     t = _mm256_set1_ps(vals[k - 1]);
   }
   for (; c < n; ++c)
-    if (s[c] > vals[k - 1] && j0 + c != self_j) topk_insert(vals, idx, k, s[c], j0 + c);
+    if (s[c] >= vals[k - 1] && j0 + c != self_j) topk_insert(vals, idx, k, s[c], j0 + c);
 }
 
 void scan_f64(const double* s, int64_t n, int64_t j0, int64_t self_j, double* vals, int64_t* idx,
@@ -102,7 +102,7 @@ void scan_f64(const double* s, int64_t n, int64_t j0, int64_t self_j, double* va
   __m256d t = _mm256_set1_pd(vals[k - 1]);
   int64_t c = 0;
   for (; c + 4 <= n; c += 4) {
-    unsigned mask = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(s + c), t, _CMP_GT_OQ));
+    unsigned mask = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(s + c), t, _CMP_GE_OQ));
     if (!mask) continue;
     for (; mask; mask &= mask - 1) {
       const int64_t q = c + __builtin_ctz(mask);
@@ -111,19 +111,57 @@ void scan_f64(const double* s, int64_t n, int64_t j0, int64_t self_j, double* va
     t = _mm256_set1_pd(vals[k - 1]);
   }
   for (; c < n; ++c)
-    if (s[c] > vals[k - 1] && j0 + c != self_j) topk_insert(vals, idx, k, s[c], j0 + c);
+    if (s[c] >= vals[k - 1] && j0 + c != self_j) topk_insert(vals, idx, k, s[c], j0 + c);
+}
+
+void col_scan_f32(const float* tile, int64_t nrows, int64_t ncols, int64_t ldc, int64_t i0,
+                  float* vals, int64_t* idx, float* thr, int64_t k) {
+  for (int64_t r = 0; r < nrows; ++r) {
+    const float* s = tile + r * ldc;
+    int64_t c = 0;
+    for (; c + 8 <= ncols; c += 8) {
+      unsigned mask = _mm256_movemask_ps(
+          _mm256_cmp_ps(_mm256_loadu_ps(s + c), _mm256_loadu_ps(thr + c), _CMP_GE_OQ));
+      for (; mask; mask &= mask - 1) {
+        const int64_t q = c + __builtin_ctz(mask);
+        if (topk_insert(vals + q * k, idx + q * k, k, s[q], i0 + r)) thr[q] = vals[q * k + k - 1];
+      }
+    }
+    for (; c < ncols; ++c)
+      if (s[c] >= thr[c] && topk_insert(vals + c * k, idx + c * k, k, s[c], i0 + r))
+        thr[c] = vals[c * k + k - 1];
+  }
+}
+
+void col_scan_f64(const double* tile, int64_t nrows, int64_t ncols, int64_t ldc, int64_t i0,
+                  double* vals, int64_t* idx, double* thr, int64_t k) {
+  for (int64_t r = 0; r < nrows; ++r) {
+    const double* s = tile + r * ldc;
+    int64_t c = 0;
+    for (; c + 4 <= ncols; c += 4) {
+      unsigned mask = _mm256_movemask_pd(
+          _mm256_cmp_pd(_mm256_loadu_pd(s + c), _mm256_loadu_pd(thr + c), _CMP_GE_OQ));
+      for (; mask; mask &= mask - 1) {
+        const int64_t q = c + __builtin_ctz(mask);
+        if (topk_insert(vals + q * k, idx + q * k, k, s[q], i0 + r)) thr[q] = vals[q * k + k - 1];
+      }
+    }
+    for (; c < ncols; ++c)
+      if (s[c] >= thr[c] && topk_insert(vals + c * k, idx + c * k, k, s[c], i0 + r))
+        thr[c] = vals[c * k + k - 1];
+  }
 }
 
 }  // namespace
 
 template <>
 TileKernels<float> avx2_kernels<float>() {
-  return {6, 16, "avx2", &micro_f32, &scan_f32};
+  return {6, 16, "avx2", &micro_f32, &scan_f32, &col_scan_f32};
 }
 
 template <>
 TileKernels<double> avx2_kernels<double>() {
-  return {6, 8, "avx2", &micro_f64, &scan_f64};
+  return {6, 8, "avx2", &micro_f64, &scan_f64, &col_scan_f64};
 }
 
 }  // namespace rext::cpu

@@ -28,9 +28,21 @@ void scan_generic(const T* s, int64_t n, int64_t j0, int64_t self_j, T* vals, in
                   int64_t k) {
   T t = vals[k - 1];
   for (int64_t c = 0; c < n; ++c) {
-    if (s[c] > t && j0 + c != self_j) {
+    if (s[c] >= t && j0 + c != self_j) {
       topk_insert(vals, idx, k, s[c], j0 + c);
       t = vals[k - 1];
+    }
+  }
+}
+
+template <class T>
+void col_scan_generic(const T* tile, int64_t nrows, int64_t ncols, int64_t ldc, int64_t i0,
+                      T* vals, int64_t* idx, T* thr, int64_t k) {
+  for (int64_t r = 0; r < nrows; ++r) {
+    const T* s = tile + r * ldc;
+    for (int64_t c = 0; c < ncols; ++c) {
+      if (s[c] >= thr[c] && topk_insert(vals + c * k, idx + c * k, k, s[c], i0 + r))
+        thr[c] = vals[c * k + k - 1];
     }
   }
 }
@@ -61,6 +73,7 @@ TileKernels<T> generic_kernels() {
   k.name = "generic";
   k.micro = &micro_generic<T>;
   k.scan = &scan_generic<T>;
+  k.col_scan = &col_scan_generic<T>;
   return k;
 }
 
