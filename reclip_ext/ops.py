@@ -130,10 +130,10 @@ def _capsule(a: np.ndarray):
 
 
 def _kernel_layout(a: np.ndarray) -> np.ndarray:
-    """Columns contiguous and rows at a positive stride, copying only when needed."""
+    """Columns contiguous and rows at a non-negative stride, copying only when needed."""
     if a.ndim == 2 and a.shape[0] > 0 and a.shape[1] > 0:
         col_ok = a.shape[1] == 1 or a.strides[1] == a.itemsize
-        row_ok = a.shape[0] == 1 or a.strides[0] >= a.strides[1] * a.shape[1] > 0
+        row_ok = a.shape[0] == 1 or a.strides[0] >= 0  # stride 0: rows repeat, fine to read
         if col_ok and row_ok and a.strides[0] % a.itemsize == 0:
             return a
     elif a.ndim == 1 and (a.shape[0] <= 1 or a.strides[0] == a.itemsize):

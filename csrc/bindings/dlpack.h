@@ -88,7 +88,9 @@ MatrixView<T> DlArray::matrix(bool writable) const {
   const int64_t rs = t_->strides ? t_->strides[0] : cols;
   const int64_t cs = t_->strides ? t_->strides[1] : 1;
   REXT_CHECK(cs == 1 || cols <= 1, name_, ": columns must be contiguous (column stride ", cs, ")");
-  REXT_CHECK(rs >= cols || rows <= 1, name_, ": row stride ", rs, " overlaps rows of ", cols);
+  // Inputs may repeat rows (stride 0, e.g. numpy.broadcast_to); outputs may not overlap.
+  REXT_CHECK(rows <= 1 || (writable ? rs >= cols : rs >= 0), name_, ": row stride ", rs,
+             writable ? " overlaps rows of " : " is negative for rows of ", cols);
   using U = std::remove_const_t<T>;
   return MatrixView<T>{static_cast<U*>(data(writable)), rows, cols, rows <= 1 ? cols : rs};
 }

@@ -5,6 +5,8 @@
 #include <unistd.h>
 
 #include <cstdint>
+#include <cstdio>
+#include <string>
 #include <cstdlib>
 #include <memory>
 #include <new>
@@ -20,12 +22,18 @@ struct WorkspaceError : std::runtime_error {
 
 inline int resolve_threads(int threads) { return threads > 0 ? threads : omp_get_max_threads(); }
 
+inline std::string gib(double bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f", bytes / double(1 << 30));
+  return buf;
+}
+
 inline void check_workspace(double bytes, const char* what) {
   const double phys = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
   if (phys > 0 && bytes > 0.9 * phys)
-    throw WorkspaceError(detail::concat(what, " needs about ", bytes / double(1 << 30),
-                                        " GiB of workspace, more than this machine's ",
-                                        phys / double(1 << 30), " GiB of memory"));
+    throw WorkspaceError(detail::concat(what, ": needs about ", gib(bytes),
+                                        " GiB of workspace; this machine has ", gib(phys),
+                                        " GiB of memory. Reduce N, d or k."));
 }
 
 struct FreeDeleter {
