@@ -32,8 +32,8 @@ inline void check_workspace(double bytes, const char* what) {
   const double phys = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGE_SIZE));
   if (phys > 0 && bytes > 0.9 * phys)
     throw WorkspaceError(detail::concat(what, ": needs about ", gib(bytes),
-                                        " GiB of workspace; this machine has ", gib(phys),
-                                        " GiB of memory. Reduce N, d or k."));
+                                        " GiB of workspace, over 90% of this machine's ", gib(phys),
+                                        " GiB of memory; reduce N, d or k"));
 }
 
 struct FreeDeleter {
