@@ -18,7 +18,7 @@ from . import _core
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _WEIGHTS = ("relu", "shift")
-_FINITE_CHECK_ROWS = 1 << 16  # rows per chunk of the NaN/Inf scan (bounds its temporary)
+_CHUNK_ROWS = 1 << 16  # rows per chunk of row-wise scans (bounds their temporaries)
 
 
 class Csr(NamedTuple):
@@ -160,14 +160,14 @@ def _float_matrix(x: Any, name: str, *, min_rows: int = 1) -> np.ndarray:
 
 
 def _check_finite(a: np.ndarray, name: str) -> None:
-    for start in range(0, max(a.shape[0], 1), _FINITE_CHECK_ROWS):
-        if not np.isfinite(a[start : start + _FINITE_CHECK_ROWS]).all():
+    for start in range(0, max(a.shape[0], 1), _CHUNK_ROWS):
+        if not np.isfinite(a[start : start + _CHUNK_ROWS]).all():
             raise ValueError(f"{name}: contains NaN or Inf")
 
 
 def _check_nonzero_rows(a: np.ndarray, name: str) -> None:
-    for start in range(0, a.shape[0], _FINITE_CHECK_ROWS):
-        zero = ~np.any(a[start : start + _FINITE_CHECK_ROWS] != 0, axis=1)
+    for start in range(0, a.shape[0], _CHUNK_ROWS):
+        zero = ~np.any(a[start : start + _CHUNK_ROWS] != 0, axis=1)
         if zero.any():
             row = start + int(np.argmax(zero))
             raise ValueError(f"{name}: row {row} is all zeros and cannot be L2-normalised")
@@ -261,15 +261,18 @@ def _run_cg(w: Csr, rhs: np.ndarray, opts, threads) -> CgResult:
 
 def _readout(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Labels (argmax) and confidence 1 - H(p)/log m, p = normalised max(scores, 0)."""
+    n, m = scores.shape
     labels = np.argmax(scores, axis=1).astype(np.int64)
-    positive = np.maximum(scores, 0).astype(np.float64)
-    total = positive.sum(axis=1, keepdims=True)
-    p = np.divide(positive, total, out=np.zeros_like(positive), where=total > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
-    m = scores.shape[1]
-    confidence = np.where(total[:, 0] > 0, 1.0 - entropy / math.log(m), 0.0)
-    return labels, confidence.astype(scores.dtype)
+    confidence = np.zeros(n, scores.dtype)
+    # Row chunks keep the float64 temporaries small next to the O(N k) graph.
+    for start in range(0, n, _CHUNK_ROWS):
+        positive = np.maximum(scores[start : start + _CHUNK_ROWS], 0).astype(np.float64)
+        total = positive.sum(axis=1)
+        p = positive / np.where(total > 0, total, 1.0)[:, None]
+        plogp = p * np.log(np.where(p > 0, p, 1.0))
+        entropy = -plogp.sum(axis=1)
+        confidence[start : start + len(total)] = np.where(total > 0, 1.0 - entropy / math.log(m), 0.0)
+    return labels, confidence
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,7 +288,9 @@ def knn_affinity(x, k, *, exclude_self=True, weight="relu", gamma=1.0, normalize
     ``"shift"`` ((1 + s) / 2)^gamma.
 
     Args:
-        x: (N, d) float32 or float64 array (numpy, torch, anything with ``__dlpack__``).
+        x: (N, d) float32 or float64 array (numpy, torch, anything with ``__dlpack__``), or a
+            pair of arrays (e.g. ``(text, images)``) taken as their row-wise concatenation
+            without copying it.
         k: neighbours per row, 1 <= k <= N - 1 (N with ``exclude_self=False``).
         exclude_self: leave i out of its own neighbours.
         weight: ``"relu"`` (Iscen et al.) or ``"shift"`` (the ReCLIP authors' code).
@@ -304,12 +309,32 @@ def knn_affinity(x, k, *, exclude_self=True, weight="relu", gamma=1.0, normalize
         >>> idx[:, 0].tolist()
         [1, 0, 1]
     """
-    a = _float_matrix(x, "x", min_rows=2)
-    opts = _affinity_options(k, a.shape[0], exclude_self, weight, gamma, block_rows)
+    stacked = isinstance(x, (tuple, list))
+    arrays = list(x) if stacked else [x]
+    names = [f"x[{i}]" for i in range(len(arrays))] if stacked else ["x"]
+    if len(arrays) not in (1, 2):
+        raise ValueError(f"x: expected an array or a pair of arrays, got {len(arrays)} arrays")
+    blocks = _row_blocks(arrays, names)
+    n = sum(b.shape[0] for b in blocks)
+    if n < 2:
+        raise ValueError(f"x: needs at least 2 rows, got {n}")
+    opts = _affinity_options(k, n, exclude_self, weight, gamma, block_rows)
     if normalize:
-        _check_nonzero_rows(a, "x")
-    indices, weights = _run_affinity([a], opts, bool(normalize), _threads(threads))
-    return _wrap(indices, x), _wrap(weights, x)
+        for b, name in zip(blocks, names):
+            _check_nonzero_rows(b, name)
+    indices, weights = _run_affinity(blocks, opts, bool(normalize), _threads(threads))
+    return _wrap(indices, arrays[0]), _wrap(weights, arrays[0])
+
+
+def _row_blocks(arrays: list, names: list[str]) -> list[np.ndarray]:
+    """Validated float matrices of one dtype and width, to be stacked by rows."""
+    blocks = [_float_matrix(a, name) for a, name in zip(arrays, names)]
+    for b, name in zip(blocks[1:], names[1:]):
+        if b.dtype != blocks[0].dtype:
+            raise TypeError(f"{name}: dtype {b.dtype} differs from {names[0]} dtype {blocks[0].dtype}")
+        if b.shape[1] != blocks[0].shape[1]:
+            raise ValueError(f"{name}: has {b.shape[1]} columns but {names[0]} has {blocks[0].shape[1]}")
+    return blocks
 
 
 def sym_normalize(indices, weights, *, threads=None) -> Csr:
@@ -451,12 +476,9 @@ def label_propagate(text, images, *, k=20, alpha=0.99, max_iter=20, tol=1e-6, we
         >>> reclip_ext.label_propagate(text, images, k=2).labels.tolist()
         [0, 0, 1, 1]
     """
-    t = _float_matrix(text, "text", min_rows=2)
-    v = _float_matrix(images, "images")
-    if v.dtype != t.dtype:
-        raise TypeError(f"images: dtype {v.dtype} differs from text dtype {t.dtype}")
-    if v.shape[1] != t.shape[1]:
-        raise ValueError(f"images: has {v.shape[1]} columns but text has {t.shape[1]}")
+    t, v = _row_blocks([text, images], ["text", "images"])
+    if t.shape[0] < 2:
+        raise ValueError(f"text: needs at least 2 rows (classes), got shape {t.shape}")
     m, n = t.shape[0], v.shape[0]
     opts = _affinity_options(k, m + n, True, weight, gamma, block_rows)
     cg_opts = _cg_options(alpha, max_iter, tol)
