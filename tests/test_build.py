@@ -1,0 +1,61 @@
+"""The build tells the truth about itself, and the documented examples run."""
+from __future__ import annotations
+
+import doctest
+
+import reclip_ext
+import reclip_ext.ops
+
+
+def test_built_with_cuda_is_bool():
+    assert isinstance(reclip_ext.built_with_cuda(), bool)
+
+
+def test_cuda_device_count():
+    count = reclip_ext.cuda_device_count()
+    assert isinstance(count, int) and count >= 0
+
+
+def test_no_cuda_device_on_this_machine():
+    """This CPU-only test machine has no GPU (nor driver): the count must be 0, not an
+    exception, even when the build contains the CUDA kernels."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("nvidia-smi") is not None:
+        pytest.skip("this machine may have a GPU")
+    assert reclip_ext.cuda_device_count() == 0
+
+
+def test_simd_level():
+    assert reclip_ext.simd_level() in {"avx2", "generic"}
+
+
+def test_simd_level_follows_env(monkeypatch):
+    monkeypatch.setenv("REXT_SIMD", "generic")
+    assert reclip_ext.simd_level() == "generic"
+
+
+def test_version():
+    assert isinstance(reclip_ext.__version__, str) and reclip_ext.__version__
+    parts = reclip_ext.__version__.split(".")
+    assert len(parts) >= 2 and all(p.isdigit() for p in parts[:2])
+
+
+def test_public_api():
+    for name in reclip_ext.__all__:
+        assert hasattr(reclip_ext, name), name
+    for name in ("knn_affinity", "sym_normalize", "cg_solve", "label_propagate"):
+        fn = getattr(reclip_ext, name)
+        assert fn.__doc__ and "Args:" in fn.__doc__ and "Example" in fn.__doc__, name
+
+
+def test_doctests_ops():
+    result = doctest.testmod(reclip_ext.ops, verbose=False)
+    assert result.attempted > 0 and result.failed == 0, result
+
+
+def test_doctests_package():
+    result = doctest.testmod(reclip_ext, verbose=False)
+    assert result.attempted > 0 and result.failed == 0, result
