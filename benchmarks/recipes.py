@@ -381,8 +381,9 @@ class ReclipExt(Recipe):
         self.rext = import_reclip_ext()  # takes threads= per call
 
     def knn(self, text, images):
-        x = np.concatenate([text, images])
-        return self.rext.knn_affinity(x, self.p.k, normalize=True, threads=self.p.threads)
+        # The pair is stacked by rows inside the kernel, as label_propagate does: no copy.
+        return self.rext.knn_affinity((text, images), self.p.k, normalize=True,
+                                      threads=self.p.threads)
 
     def normalize(self, graph):
         return self.rext.sym_normalize(*graph, threads=self.p.threads)
