@@ -102,6 +102,11 @@ def cuda_available() -> bool:
     return reclip_ext.cuda_device_count() > 0 and HAVE_TORCH and torch.cuda.is_available()
 
 
+#: marks of a CUDA case: selectable with ``-m cuda``, skipped (visibly) without a device
+NEEDS_CUDA = [pytest.mark.cuda,
+              pytest.mark.skipif(not cuda_available(), reason="no CUDA device")]
+
+
 # --------------------------------------------------------------------------------------------
 # data
 

@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse
 
 import reclip_ext
-from conftest import cuda_available, requires_torch
+from conftest import NEEDS_CUDA, requires_torch
 
 X = np.random.default_rng(0).standard_normal((6, 3))
 X32 = X.astype(np.float32)
@@ -353,7 +353,7 @@ def test_built_without_cuda_message_exact():
 
 
 # Real CUDA tensors (skipped without a device, so the skip shows in the summary).
-_needs_cuda = pytest.mark.skipif(not cuda_available(), reason="no CUDA device")
+_needs_cuda = NEEDS_CUDA
 
 
 @pytest.mark.parametrize("case", [

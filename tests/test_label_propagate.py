@@ -2,12 +2,15 @@
 LP-DeepSSL recipe (float32 numpy kNN + scipy CSR + scipy.sparse.linalg.cg per class)."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import reclip_ext
 import reference
-from conftest import ARRAY_KINDS, clip_like, cuda_available, is_kind, to_kind, to_numpy
+from conftest import ARRAY_KINDS, NEEDS_CUDA, clip_like, is_kind, to_kind, to_numpy
 
 
 def ref_unconverged(text, images, k, alpha, max_iter, tol, weight="relu", gamma=1.0,
@@ -153,6 +156,32 @@ def test_unnormalized_shift_weight_runs(gamma):
     np.testing.assert_allclose(res.scores, ref.scores, atol=1e-9)
 
 
+def test_memory_is_not_quadratic():
+    """N = 30,010 rows: one N x N float32 matrix would be 3.6 GB; the whole propagation must
+    stay far below (DESIGN §2: memory O(N (k + d)))."""
+    code = (
+        "import resource, numpy as np, reclip_ext\n"
+        "rng = np.random.default_rng(0)\n"
+        "text = rng.standard_normal((10, 8)).astype(np.float32)\n"
+        "images = rng.standard_normal((30000, 8)).astype(np.float32)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "res = reclip_ext.label_propagate(text, images, k=10, max_iter=5)\n"
+        "assert res.scores.shape == (30000, 10)\n"
+        "print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True).stdout.split()
+    before_kib, peak_kib = int(out[-2]), int(out[-1])
+    assert peak_kib - before_kib < 400 * 1024, f"peak grew by {(peak_kib - before_kib) >> 10} MiB"
+
+
+def test_refuses_what_cannot_fit():
+    """A result that cannot fit in memory is refused up front with its size, not attempted."""
+    x = np.random.default_rng(0).standard_normal((100_000, 2)).astype(np.float32)
+    with pytest.raises(MemoryError, match=r"GiB"):
+        reclip_ext.knn_affinity(x, 99_999)
+
+
 def test_doc_example():
     text = np.eye(2, dtype=np.float32)
     images = np.array([[1, .1], [.9, .2], [.1, 1], [.2, .8]], np.float32)
@@ -175,7 +204,7 @@ def test_images_far_from_every_class_get_zero_confidence():
 
 
 @pytest.mark.parametrize("dtype", [
-    pytest.param(name, marks=pytest.mark.skipif(not cuda_available(), reason="no CUDA device"))
+    pytest.param(name, marks=NEEDS_CUDA)
     for name in ("float32", "float16", "bfloat16")
 ])
 def test_cuda_matches_cpu(dtype):

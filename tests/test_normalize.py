@@ -163,3 +163,23 @@ def test_row_sums_of_regular_graph():
     dense = csr.to_scipy().toarray()
     np.testing.assert_allclose(dense.sum(axis=1), 1.0, atol=1e-15)
     np.testing.assert_allclose(dense, dense.T, atol=0)
+
+
+@pytest.mark.parametrize(
+    "dtype,scale",
+    [(np.float32, 2.0**100), (np.float32, 2.0**-100), (np.float64, 2.0**300),
+     (np.float64, 2.0**-300), (np.float64, 2.0**600), (np.float64, 2.0**-600)],
+    ids=["f32-2^100", "f32-2^-100", "f64-2^300", "f64-2^-300", "f64-2^600", "f64-2^-600"],
+)
+def test_scale_invariant(dtype, scale):
+    """W = D^-1/2 B D^-1/2 does not change when all weights are scaled by c > 0; for a
+    power-of-two c the result must be bitwise the same, for any finite, normal weights (no
+    inf from an underflowing deg_i * deg_j, no zeros from an overflowing one)."""
+    rng = np.random.default_rng(6)
+    indices = rng.integers(0, 10, size=(10, 3))
+    weights = rng.uniform(0.5, 2.0, size=(10, 3)).astype(dtype)
+    want = reclip_ext.sym_normalize(indices, weights)
+    got = reclip_ext.sym_normalize(indices, weights * dtype(scale))
+    assert np.isfinite(got.data).all(), got.data
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
