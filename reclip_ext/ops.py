@@ -74,12 +74,19 @@ def _kind(x: Any) -> str:
     return "none"
 
 
-def _is_cuda(x: Any, kind: str) -> bool:
-    if kind == "numpy":
+def _is_cuda(x: Any, kind: str, name: str) -> bool:
+    if kind == "numpy" or not hasattr(x, "__dlpack_device__"):
         return False
-    if hasattr(x, "__dlpack_device__"):
-        return x.__dlpack_device__()[0] not in (1, 3)  # kDLCPU, kDLCUDAHost
-    return False
+    try:
+        device_type = x.__dlpack_device__()[0]
+    except (ValueError, RuntimeError, TypeError, BufferError) as err:
+        raise ValueError(f"{name}: arrays must live on the CPU or a CUDA device ({err})") from err
+    if device_type in (1, 3):  # kDLCPU, kDLCUDAHost
+        return False
+    if device_type in (2, 13):  # kDLCUDA, kDLCUDAManaged
+        return True
+    raise ValueError(f"{name}: arrays must live on the CPU or a CUDA device "
+                     f"(DLPack device type {device_type})")
 
 
 def _host_view(x: Any, name: str) -> np.ndarray:
@@ -90,7 +97,9 @@ def _host_view(x: Any, name: str) -> np.ndarray:
             f"{name}: expected a numpy array, torch tensor or an object exposing __dlpack__, "
             f"got {type(x).__name__}"
         )
-    if _is_cuda(x, kind):
+    if kind == "torch" and str(x.layout) != "torch.strided":
+        raise TypeError(f"{name}: sparse tensors ({x.layout}) are not supported; pass a dense tensor")
+    if _is_cuda(x, kind, name):
         if not _core.built_with_cuda():
             raise RuntimeError("reclip_ext was built without CUDA")
         raise RuntimeError(
@@ -192,8 +201,11 @@ def _real_arg(value: Any, name: str) -> float:
     return value
 
 
+_MAX_THREADS = 1024
+
+
 def _threads(threads: Any) -> int:
-    return 0 if threads is None else _int_arg(threads, "threads", 1)
+    return 0 if threads is None else _int_arg(threads, "threads", 1, _MAX_THREADS)
 
 
 def _affinity_options(k, n, exclude_self, weight, gamma, block_rows) -> dict:

@@ -76,11 +76,15 @@ std::vector<T> row_scales(const StackedRows<T>& x, bool normalize, int threads) 
   int64_t zero_row = -1;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
+    // Scaled by the largest entry first, so rows near the limits of the type neither
+    // overflow nor underflow.
     const T* r = x.row(i);
+    double big = 0;
+    for (int64_t c = 0; c < d; ++c) big = std::max(big, std::abs(double(r[c])));
     double s = 0;
-    for (int64_t c = 0; c < d; ++c) s += double(r[c]) * double(r[c]);
-    if (s > 0) {
-      scale[i] = T(1.0 / std::sqrt(s));
+    for (int64_t c = 0; big > 0 && c < d; ++c) s += (double(r[c]) / big) * (double(r[c]) / big);
+    if (big > 0) {
+      scale[i] = T(1.0 / (big * std::sqrt(s)));
     } else {
 #pragma omp critical
       zero_row = zero_row < 0 ? i : std::min(zero_row, i);
@@ -92,8 +96,9 @@ std::vector<T> row_scales(const StackedRows<T>& x, bool normalize, int threads) 
 
 template <class T>
 T apply_weight(T s, const AffinityParams& p) {
-  const double base = p.weight == Weight::Relu ? std::max(double(s), 0.0) : (1.0 + double(s)) / 2.0;
-  return T(p.gamma == 1.0 ? base : std::pow(std::max(base, 0.0), p.gamma));
+  // Both weights are clamped at 0: "shift" only stays in [0, 1] for unit-norm rows.
+  const double base = std::max(p.weight == Weight::Relu ? double(s) : (1.0 + double(s)) / 2.0, 0.0);
+  return T(p.gamma == 1.0 ? base : std::pow(base, p.gamma));
 }
 
 }  // namespace
@@ -113,7 +118,7 @@ void knn_affinity_cpu(const StackedRows<T>& x, MatrixView<int64_t> indices, Matr
   const TileKernels<T> kern = best_kernels<T>();
   const int threads = resolve_threads(p.threads);
   const int64_t mr = kern.mr, nr = kern.nr, unit = mr / gcd(mr, nr) * nr;
-  const int64_t bs = round_up(p.block_rows > 0 ? p.block_rows : kDefaultBlock, unit);
+  const int64_t bs = round_up(std::min(p.block_rows > 0 ? p.block_rows : kDefaultBlock, n), unit);
   const int64_t a_len = round_up(n, mr) * d, b_len = round_up(n, nr) * d;
   check_workspace(double(a_len + b_len + int64_t(threads) * bs * (bs + 2 * k)) * sizeof(T) +
                       double(n) * k * (sizeof(T) + 8),

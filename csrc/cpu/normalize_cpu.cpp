@@ -19,6 +19,19 @@ struct Entry {
   T val;
 };
 
+// sqrt(a b) for a, b > 0 without overflow or underflow of the product: the exponents are
+// split off exactly, so the rounding is that of sqrt(a b) in ordinary ranges.
+inline double sqrt_product(double a, double b) {
+  int ea, eb;
+  double prod = std::frexp(a, &ea) * std::frexp(b, &eb);
+  int e = ea + eb;
+  if (e % 2 != 0) {
+    prod *= 2;
+    e -= 1;
+  }
+  return std::ldexp(std::sqrt(prod), e / 2);
+}
+
 }  // namespace
 
 template <class T>
@@ -94,7 +107,7 @@ int64_t sym_normalize_cpu(MatrixView<const int64_t> indices, MatrixView<const T>
     T* vals = out_data + merged[i];
     for (int64_t e = 0; e < len; ++e) {
       cols[e] = b[e].col;
-      vals[e] = T(double(b[e].val) / std::sqrt(degree[i] * degree[b[e].col]));
+      vals[e] = T(double(b[e].val) / sqrt_product(degree[i], degree[b[e].col]));
     }
   }
   std::copy(merged.begin(), merged.end(), out_indptr);
