@@ -12,7 +12,14 @@ and returns results of the same kind.
 >>> reclip_ext.label_propagate(text, images, k=3).labels.tolist()
 [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
 """
-from . import _core
+try:
+    from . import _core
+except ImportError as err:  # e.g. the source tree shadows an installed (non-editable) build
+    raise ImportError(
+        f"reclip_ext: the compiled module _core is missing next to {__file__}. If this is the "
+        "source checkout, import from another directory (or run python -P), or install "
+        "it editable: pip install --no-build-isolation -e ."
+    ) from err
 from .ops import (
     CgResult,
     Csr,
