@@ -156,7 +156,7 @@ def test_unnormalized_shift_weight_runs(gamma):
     np.testing.assert_allclose(res.scores, ref.scores, atol=1e-9)
 
 
-def test_memory_is_not_quadratic():
+def test_memory_is_not_quadratic(tmp_path):
     """N = 30,010 rows: one N x N float32 matrix would be 3.6 GB; the whole propagation must
     stay far below (DESIGN §2: memory O(N (k + d)))."""
     code = (
@@ -169,8 +169,9 @@ def test_memory_is_not_quadratic():
         "assert res.scores.shape == (30000, 10)\n"
         "print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
+    # cwd elsewhere: from the checkout, the source tree would shadow an installed build
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, check=True).stdout.split()
+                         timeout=300, check=True, cwd=tmp_path).stdout.split()
     before_kib, peak_kib = int(out[-2]), int(out[-1])
     assert peak_kib - before_kib < 400 * 1024, f"peak grew by {(peak_kib - before_kib) >> 10} MiB"
 

@@ -1,0 +1,390 @@
+"""ReCLIP self-training (§3.3-3.4): two copies of the model, each tuning only its norm layers.
+
+ReCLIP-T adapts the text encoder: on frozen visual features, pseudo labels come from label
+propagation in a projection rebuilt each epoch from the adapted class embeddings, and the
+loss is cross-entropy of the projected image . text logits (class embeddings from the first
+template, with gradients). ReCLIP-V adapts the visual encoder: pseudo labels come from
+propagation of its current features with the initial projection and class nodes, and the loss
+is cross-entropy against the pseudo-label class centres. With label sharing each epoch trains
+both on the images whose two pseudo labels agree. Prediction averages both sides' logits.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint, projection
+from .models import LoadedModel, freeze_except_norms, model_from_spec
+from .pseudo_labels import pseudo_labels
+from .prompts import DEFAULT_TEMPLATES, format_prompts
+
+SIDES = ("both", "text", "visual")
+
+
+@dataclass
+class Config:
+    """Hyper-parameters; the defaults are the paper's."""
+
+    k: int = 20  #: neighbours in the propagation graph
+    alpha: float = 0.99  #: propagation strength
+    projection: str = "P2"  #: "P0", "P1" or "P2"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int | None = None  #: None: 64, or 32 above 200 classes
+    max_epochs: int = 50
+    max_iterations: int = 5000  #: optimiser steps per side
+    many_classes: int = 500  #: above this, pseudo labels are model predictions
+    pseudo_labels: str = "auto"  #: "auto", "propagation" or "prediction"
+    label_sharing: bool = True
+    sides: str = "both"  #: "both" (ReCLIP), "text" (ReCLIP-T) or "visual" (ReCLIP-V)
+    logit_scale: float = 100.0
+    seed: int = 0
+    encode_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.projection not in projection.MODES:
+            raise ValueError(f"projection must be one of {projection.MODES}, got {self.projection!r}")
+        if self.sides not in SIDES:
+            raise ValueError(f"sides must be one of {SIDES}, got {self.sides!r}")
+        for name in ("k", "max_epochs", "max_iterations", "encode_batch_size"):
+            if getattr(self, name) < (0 if name == "max_epochs" else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if not 0 <= self.alpha < 1:
+            raise ValueError(f"alpha must be in [0, 1), got {self.alpha}")
+
+    def batch_for(self, classes: int) -> int:
+        return self.batch_size or (32 if classes > 200 else 64)
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    iterations: int
+    agreement: float  #: fraction of images whose T and V pseudo labels agree
+    trained: int  #: images trained on this epoch
+    loss_text: float | None = None
+    loss_visual: float | None = None
+    accuracy: dict[str, float] = field(default_factory=dict)  #: when labels are known
+
+
+def _images_arg(images: Any, transform: Callable | None):
+    from .data import image_set
+
+    return image_set(images, transform)
+
+
+class ReCLIP:
+    """Source-free adaptation of a CLIP model to unlabelled images.
+
+    Example::
+
+        model = reclip.load_model("ViT-B-32", pretrained="/path/to/weights.pt")
+        clf = reclip.ReCLIP(model, ["cat", "dog"], config=reclip.Config(max_epochs=5))
+        clf.fit("/path/to/images")
+        labels = clf.predict("/path/to/images")
+        clf.save("run/")
+    """
+
+    def __init__(self, model: LoadedModel, classnames: list[str], templates: list[str] | None = None,
+                 config: Config | None = None) -> None:
+        if len(classnames) < 2:
+            raise ValueError(f"classnames: need at least 2 classes, got {len(classnames)}")
+        if len(set(classnames)) != len(classnames):
+            raise ValueError("classnames: contains duplicates")
+        self.loaded = model
+        self.classnames = list(classnames)
+        self.templates = list(templates or DEFAULT_TEMPLATES)
+        self.config = config or Config()
+        self.text_copy = copy.deepcopy(model.model).eval()
+        self.visual_copy = copy.deepcopy(model.model).eval()
+        self.text_params = _tower_params(self.text_copy, visual=False)
+        self.visual_params = _tower_params(self.visual_copy, visual=True)
+        self.history: list[EpochLog] = []
+        self.epoch = 0
+        self.iterations = 0
+        # Frozen V-side classifier: class nodes of the original text encoder and its projection.
+        self.nodes_v = self._class_nodes(self.visual_copy)
+        self.basis_v = projection.basis(self.nodes_v, self.config.projection)
+        self.nodes_t = self.nodes_v.clone()
+        self.basis_t = self.basis_v
+        self.centres = self.nodes_v.clone()
+        self._opt_t = self._optimizer(self.text_params)
+        self._opt_v = self._optimizer(self.visual_params)
+
+    # ------------------------------------------------------------------------------ encoders
+
+    def _optimizer(self, params: dict[str, nn.Parameter]) -> torch.optim.SGD:
+        c = self.config
+        return torch.optim.SGD(list(params.values()), lr=c.lr, momentum=c.momentum,
+                               weight_decay=c.weight_decay)
+
+    def _prompts(self, first_only: bool) -> list[str]:
+        templates = self.templates[:1] if first_only else self.templates
+        return [p for per_class in format_prompts(self.classnames, templates) for p in per_class]
+
+    def _encode_text(self, model: nn.Module, prompts: list[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(prompts), self.config.encode_batch_size):
+            tokens = self.loaded.tokenizer(prompts[i : i + self.config.encode_batch_size])
+            out.append(model.encode_text(tokens, normalize=True))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def _class_nodes(self, model: nn.Module) -> torch.Tensor:
+        feats = self._encode_text(model, self._prompts(first_only=False))
+        return projection.class_nodes(feats.view(len(self.classnames), len(self.templates), -1))
+
+    @torch.no_grad()
+    def _encode_images(self, model: nn.Module, images) -> torch.Tensor:
+        from .data import loader
+
+        feats = [model.encode_image(x, normalize=True).float()
+                 for x, _, _ in loader(images, self.config.encode_batch_size)]
+        return torch.cat(feats)
+
+    # ------------------------------------------------------------------------------ training
+
+    def fit(self, images: Any, *, out_dir: str | Path | None = None, resume: bool = False,
+            labels: np.ndarray | None = None, progress: bool = False,
+            log: Callable[[EpochLog], None] | None = None) -> "ReCLIP":
+        """Adapt to `images` (a folder, tensor, Dataset or DataLoader) without their labels.
+
+        `labels` (or an ImageFolder layout) is used only to report accuracies per epoch.
+        With `out_dir` a checkpoint is written atomically after every epoch; `resume`
+        continues from it and reaches the same result as an uninterrupted run.
+        """
+        data = _images_arg(images, self.loaded.preprocess)
+        truth = labels if labels is not None else data.labels
+        known = truth is not None and len(truth) == len(data) and (np.asarray(truth) >= 0).all()
+        if resume:
+            if out_dir is None:
+                raise ValueError("resume: needs out_dir")
+            if checkpoint.exists(out_dir):
+                self._restore(checkpoint.read(out_dir), out_dir, rng=True)
+        c = self.config
+        batch = c.batch_for(len(self.classnames))
+        frozen = self._encode_images(self.text_copy, data)  # the T side's visual tower never trains
+        bar = _progress(range(self.epoch, c.max_epochs), progress, "epochs")
+        for epoch in bar:
+            if self.iterations >= c.max_iterations:
+                break
+            entry = self._epoch(data, frozen, epoch, batch, truth if known else None)
+            self.history.append(entry)
+            self.epoch = epoch + 1
+            if log:
+                log(entry)
+            if out_dir is not None:
+                self.save(out_dir)
+        return self
+
+    def _epoch(self, data, frozen: torch.Tensor, epoch: int, batch: int,
+               truth: np.ndarray | None) -> EpochLog:
+        c = self.config
+        use_t, use_v = c.sides in ("both", "text"), c.sides in ("both", "visual")
+        labels_t = labels_v = None
+        if use_t:
+            self.nodes_t = self._class_nodes(self.text_copy)
+            self.basis_t = projection.basis(self.nodes_t, c.projection)
+            labels_t = self._pseudo(frozen, self.nodes_t, self.basis_t)
+        if use_v:
+            feats_v = self._encode_images(self.visual_copy, data)
+            labels_v = self._pseudo(feats_v, self.nodes_v, self.basis_v)
+            self.centres = _centres(feats_v, labels_v, self.nodes_v)
+        if use_t and use_v:
+            agree = labels_t == labels_v
+            keep = agree if c.label_sharing else np.ones(len(data), bool)
+        else:
+            agree = np.ones(len(data), bool)
+            keep = agree
+        target = labels_t if labels_t is not None else labels_v
+        index = np.flatnonzero(keep)
+        g = torch.Generator().manual_seed(c.seed * 100_003 + epoch)
+        order = index[torch.randperm(len(index), generator=g).numpy()]
+        steps = min(math.ceil(len(order) / batch), c.max_iterations - self.iterations)
+        loss_t = loss_v = 0.0
+        for s in range(steps):
+            idx = order[s * batch : (s + 1) * batch]
+            y = torch.as_tensor(target[idx])
+            if use_t:
+                loss_t += self._step_text(frozen[idx], y)
+            if use_v:
+                loss_v += self._step_visual(data, idx, y)
+        self.iterations += steps
+        entry = EpochLog(epoch=epoch, iterations=self.iterations, agreement=float(agree.mean()),
+                         trained=int(min(len(order), steps * batch)),
+                         loss_text=loss_t / steps if use_t and steps else None,
+                         loss_visual=loss_v / steps if use_v and steps else None)
+        if truth is not None:
+            truth = np.asarray(truth)
+            if labels_t is not None:
+                entry.accuracy["pseudo_text"] = float((labels_t == truth).mean())
+            if labels_v is not None:
+                entry.accuracy["pseudo_visual"] = float((labels_v == truth).mean())
+            entry.accuracy["pseudo_shared"] = float((target[keep] == truth[keep]).mean()) if keep.any() else 0.0
+        return entry
+
+    def _pseudo(self, feats: torch.Tensor, nodes: torch.Tensor, u) -> np.ndarray:
+        c = self.config
+        return pseudo_labels(feats, nodes, u, method=c.pseudo_labels, many_classes=c.many_classes,
+                             k=c.k, alpha=c.alpha)
+
+    def _step_text(self, feats: torch.Tensor, y: torch.Tensor) -> float:
+        text = self._encode_text(self.text_copy, self._prompts(first_only=True))
+        logits = self.config.logit_scale * (projection.project(feats, self.basis_t)
+                                            @ projection.project(text, self.basis_t).T)
+        return _sgd_step(self._opt_t, nn.functional.cross_entropy(logits, y))
+
+    def _step_visual(self, data, idx: np.ndarray, y: torch.Tensor) -> float:
+        x = torch.stack([data[int(i)][0] for i in idx])
+        feats = self.visual_copy.encode_image(x, normalize=True)
+        logits = self.config.logit_scale * feats @ self.centres.to(feats.dtype).T
+        return _sgd_step(self._opt_v, nn.functional.cross_entropy(logits, y))
+
+    # ------------------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def logits(self, images: Any) -> torch.Tensor:
+        """(n, m) combined logits: the mean of the T and V sides' (per Config.sides)."""
+        data = _images_arg(images, self.loaded.preprocess)
+        sides = []
+        if self.config.sides in ("both", "text"):
+            feats = self._encode_images(self.text_copy, data)
+            sides.append(projection.project(feats, self.basis_t)
+                         @ projection.project(self.nodes_t, self.basis_t).T)
+        if self.config.sides in ("both", "visual"):
+            feats = self._encode_images(self.visual_copy, data)
+            sides.append(feats @ self.centres.T)
+        return self.config.logit_scale * torch.stack(sides).mean(dim=0)
+
+    @torch.no_grad()
+    def zero_shot_predict(self, images: Any) -> np.ndarray:
+        """Plain CLIP's predictions (P0, no adaptation): the T copy's visual tower never trains
+        and `nodes_v` come from the original text encoder, so this holds before and after fit."""
+        data = _images_arg(images, self.loaded.preprocess)
+        feats = self._encode_images(self.text_copy, data)
+        return (feats @ self.nodes_v.T).argmax(dim=1).numpy().astype(np.int64)
+
+    def predict(self, images: Any) -> np.ndarray:
+        """Class index per image (int64)."""
+        return self.logits(images).argmax(dim=1).numpy().astype(np.int64)
+
+    def predict_proba(self, images: Any) -> np.ndarray:
+        """(n, m) class probabilities (softmax of the combined logits)."""
+        return torch.softmax(self.logits(images), dim=1).numpy()
+
+    # ------------------------------------------------------------------------------ persistence
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"text.{k}": v.detach() for k, v in self.text_params.items()}
+        tensors |= {f"visual.{k}": v.detach() for k, v in self.visual_params.items()}
+        tensors |= {"state.nodes_t": self.nodes_t, "state.nodes_v": self.nodes_v,
+                    "state.centres": self.centres, "rng.torch": torch.get_rng_state()}
+        for name, u in (("basis_t", self.basis_t), ("basis_v", self.basis_v)):
+            if u is not None:
+                tensors[f"state.{name}"] = u
+        for side, opt, params in (("text", self._opt_t, self.text_params),
+                                  ("visual", self._opt_v, self.visual_params)):
+            for name, p in params.items():
+                buf = opt.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    tensors[f"momentum.{side}.{name}"] = buf
+        meta = {"model": self.loaded.spec, "classnames": self.classnames,
+                "templates": self.templates, "config": dataclasses.asdict(self.config),
+                "epoch": self.epoch, "iterations": self.iterations,
+                "history": [dataclasses.asdict(h) for h in self.history]}
+        return tensors, meta
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the run (trainable tensors + metadata) atomically into `directory`."""
+        tensors, meta = self.state()
+        return checkpoint.write(directory, tensors, meta)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ReCLIP":
+        """Rebuild a saved run; reads only safetensors and JSON (never executes code)."""
+        tensors, meta = checkpoint.read(directory)
+        loaded = model_from_spec(meta["model"])
+        fields = {f.name for f in dataclasses.fields(Config)}
+        config = Config(**{k: v for k, v in meta["config"].items() if k in fields})
+        obj = cls(loaded, meta["classnames"], meta["templates"], config)
+        obj._restore((tensors, meta), directory)
+        return obj
+
+    def _restore(self, saved: tuple[dict[str, torch.Tensor], dict[str, Any]], where, *,
+                 rng: bool = False) -> None:
+        tensors, meta = saved
+        if meta["classnames"] != self.classnames:
+            raise ValueError(f"{where}: checkpoint classes {meta['classnames'][:5]}... do not match "
+                             f"the requested classes {self.classnames[:5]}...")
+        with torch.no_grad():
+            for side, params in (("text", self.text_params), ("visual", self.visual_params)):
+                for name, p in params.items():
+                    key = f"{side}.{name}"
+                    if key not in tensors:
+                        raise ValueError(f"{where}: checkpoint lacks {key}; was it made for another model?")
+                    p.copy_(tensors[key])
+        self.nodes_t, self.nodes_v = tensors["state.nodes_t"], tensors["state.nodes_v"]
+        self.centres = tensors["state.centres"]
+        self.basis_t = tensors.get("state.basis_t")
+        self.basis_v = tensors.get("state.basis_v")
+        for side, opt, params in (("text", self._opt_t, self.text_params),
+                                  ("visual", self._opt_v, self.visual_params)):
+            for name, p in params.items():
+                buf = tensors.get(f"momentum.{side}.{name}")
+                if buf is not None:
+                    opt.state[p]["momentum_buffer"] = buf.clone()
+        if rng:
+            torch.set_rng_state(tensors["rng.torch"])
+        self.epoch, self.iterations = int(meta["epoch"]), int(meta["iterations"])
+        self.history = [EpochLog(**h) for h in meta["history"]]
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _tower_params(model: nn.Module, *, visual: bool) -> dict[str, nn.Parameter]:
+    """Freeze everything, then unfreeze the norm layers of one tower (visual or text)."""
+    norms = freeze_except_norms(model)
+    keep = {k: p for k, p in norms.items() if k.startswith("visual.") == visual}
+    for k, p in norms.items():
+        p.requires_grad_(k in keep)
+    if not keep:
+        raise ValueError(f"the model's {'visual' if visual else 'text'} tower has no norm layers to tune")
+    return keep
+
+
+def _centres(feats: torch.Tensor, labels: np.ndarray, fallback: torch.Tensor) -> torch.Tensor:
+    """Normalised mean feature per pseudo class; a class with no images keeps `fallback`."""
+    m = fallback.shape[0]
+    y = torch.as_tensor(labels)
+    sums = torch.zeros(m, feats.shape[1], dtype=feats.dtype).index_add_(0, y, feats)
+    counts = torch.bincount(y, minlength=m)
+    centres = torch.where(counts[:, None] > 0, sums, fallback.to(feats.dtype))
+    return nn.functional.normalize(centres, dim=1)
+
+
+def _sgd_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def _progress(it, enabled: bool, desc: str):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc)

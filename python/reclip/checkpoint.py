@@ -1,0 +1,83 @@
+"""Run directories: tensors as safetensors, everything else as JSON, both written atomically.
+
+A run directory holds ``run.json`` (metadata, including the name of the current tensor file)
+and ``tensors-<n>.safetensors``. Each save writes a new tensor file first, then replaces
+``run.json`` in one rename, then removes the older tensor file, so a process killed at any
+moment leaves a consistent pair. Reading uses only safetensors and json: no code in a file is
+ever executed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "reclip-run/1"
+META = "run.json"
+
+
+def exists(directory: str | Path) -> bool:
+    return (Path(directory) / META).is_file()
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write `obj` as indented JSON."""
+    path = Path(path)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def write(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    previous = _current_tensor_file(directory)
+    serial = int(previous.stem.split("-")[-1]) + 1 if previous else 0
+    tensor_file = directory / f"tensors-{serial}.safetensors"
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _atomic_write(tensor_file, lambda tmp: save_file(contiguous, tmp))
+    write_json(directory / META, {"format": FORMAT, "tensors": tensor_file.name, **meta})
+    if previous and previous != tensor_file:
+        previous.unlink(missing_ok=True)
+    return directory
+
+
+def _current_tensor_file(directory: Path) -> Path | None:
+    if not exists(directory):
+        return None
+    name = json.loads((directory / META).read_text()).get("tensors")
+    return directory / name if name else None
+
+
+def read(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, metadata) of a run directory; ValueError / FileNotFoundError naming the path."""
+    directory = Path(directory)
+    meta_path = directory / META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory}: not a reclip run directory (no {META})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta_path}: unreadable ({err})") from err
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
+    tensor_path = directory / meta["tensors"]
+    if not tensor_path.is_file():
+        raise FileNotFoundError(f"{tensor_path}: missing")
+    return load_file(str(tensor_path)), meta

@@ -1,0 +1,195 @@
+"""The ``reclip`` command: adapt a CLIP model to a folder of images, then predict or evaluate.
+
+    reclip adapt   --model NAME|CONFIG.json [--pretrained PATH] --data DIR
+                   (--classes FILE [--templates FILE] | --preset NAME) --out RUN [--resume] ...
+    reclip predict --run RUN --data DIR [--out FILE]      # path<TAB>class per image
+    reclip eval    --run RUN --data DIR                   # ImageFolder labels -> accuracy
+
+Every user error (a missing file, an empty folder, a class list that does not match a
+checkpoint) ends with one line on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, TypeError, MemoryError,
+               PermissionError, KeyError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reclip", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("adapt", help="adapt a model to unlabelled images and save the run")
+    a.add_argument("--model", required=True, help="open_clip model name or model-config JSON")
+    a.add_argument("--pretrained", help="local weights file for --model")
+    a.add_argument("--data", required=True, help="image folder (ImageFolder layout or flat)")
+    a.add_argument("--classes", help="class names, one per line")
+    a.add_argument("--templates", help="prompt templates with {}, one per line")
+    a.add_argument("--preset", help="class names and templates of a benchmark (e.g. cifar10)")
+    a.add_argument("--out", required=True, help="run directory to write")
+    a.add_argument("--epochs", type=int, help="maximum epochs (default 50)")
+    a.add_argument("--iterations", type=int, help="maximum iterations (default 5000)")
+    a.add_argument("--batch-size", type=int, help="default 64, or 32 above 200 classes")
+    a.add_argument("--projection", choices=("P0", "P1", "P2"), default="P2")
+    a.add_argument("--sides", choices=("both", "text", "visual"), default="both",
+                   help="ReCLIP (both), ReCLIP-T (text) or ReCLIP-V (visual)")
+    a.add_argument("--no-label-sharing", action="store_true")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--resume", action="store_true", help="continue the run in --out")
+    a.add_argument("--inductive", action="store_true",
+                   help="only adapt and save; do not predict the adaptation images")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    for name, helptext in (("predict", "write the predicted class of every image"),
+                           ("eval", "accuracy on an ImageFolder whose folders are class names")):
+        q = sub.add_parser(name, help=helptext)
+        q.add_argument("--run", required=True, help="run directory written by reclip adapt")
+        q.add_argument("--data", required=True, help="image folder")
+        if name == "predict":
+            q.add_argument("--out", help="output file (default: stdout)")
+    return p
+
+
+def _class_lists(args) -> tuple[list[str], list[str] | None]:
+    from . import prompts
+
+    if args.preset:
+        if args.classes or args.templates:
+            raise ValueError("--preset: give either --preset or --classes/--templates, not both")
+        return prompts.load_preset(args.preset)
+    if not args.classes:
+        raise ValueError("--classes: required (or --preset)")
+    classnames = prompts.read_classnames(args.classes)
+    templates = prompts.read_templates(args.templates) if args.templates else None
+    return classnames, templates
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _accuracy(pred: np.ndarray, labels: np.ndarray) -> float | None:
+    return float((pred == labels).mean()) if len(labels) and (labels >= 0).all() else None
+
+
+def _folder_labels(data, classnames: list[str]) -> np.ndarray:
+    """ImageFolder labels mapped onto the run's class order by folder name (-1 if unknown)."""
+    if not data.classes:
+        return np.full(len(data), -1, np.int64)
+    position = {name: i for i, name in enumerate(classnames)}
+    missing = [c for c in data.classes if c not in position]
+    if missing:
+        raise ValueError(f"--data: folders {missing[:5]} are not among the run's classes")
+    remap = np.array([position[c] for c in data.classes], np.int64)
+    labels = np.asarray(data.labels)
+    return np.where(labels >= 0, remap[np.clip(labels, 0, None)], -1)
+
+
+def _write_predictions(data, pred: np.ndarray, classnames: list[str], out: str | None) -> None:
+    names = data.paths or [str(i) for i in range(len(pred))]
+    lines = "".join(f"{p}\t{classnames[c]}\n" for p, c in zip(names, pred))
+    if out is None:
+        sys.stdout.write(lines)
+    else:
+        from .checkpoint import _atomic_write
+
+        path = Path(out)
+        _atomic_write(path, lambda tmp: Path(tmp).write_text(lines))
+
+
+def adapt(args) -> int:
+    from . import adapt as adapt_mod
+    from .checkpoint import write_json
+    from .data import image_set
+    from .models import load_model
+
+    start = time.time()
+    classnames, templates = _class_lists(args)
+    loaded = load_model(args.model, args.pretrained)
+    data = image_set(args.data, loaded.preprocess)
+    data.check()
+    config = adapt_mod.Config(projection=args.projection, sides=args.sides, seed=args.seed,
+                              label_sharing=not args.no_label_sharing)
+    for field, value in (("max_epochs", args.epochs), ("max_iterations", args.iterations),
+                         ("batch_size", args.batch_size)):
+        if value is not None:
+            setattr(config, field, value)
+    config.__post_init__()
+    labels = _folder_labels(data, classnames)
+    clf = adapt_mod.ReCLIP(loaded, classnames, templates, config)
+    zero_shot = clf.zero_shot_predict(data)
+    zs_acc = _accuracy(zero_shot, labels)
+    _say(f"reclip: {len(data)} images, {len(classnames)} classes"
+         + (f", zero-shot accuracy {zs_acc:.4f}" if zs_acc is not None else ""))
+
+    def log(e):
+        acc = " ".join(f"{k} {v:.4f}" for k, v in e.accuracy.items())
+        loss = " ".join(f"{k} {v:.4f}" for k, v in (("loss_T", e.loss_text), ("loss_V", e.loss_visual))
+                        if v is not None)
+        _say(f"epoch {e.epoch + 1}: agreement {e.agreement:.3f} trained {e.trained} {loss} {acc}")
+
+    clf.fit(data, out_dir=args.out, resume=args.resume, labels=labels if zs_acc is not None else None,
+            progress=not args.quiet, log=log)
+    report = {"command": "adapt", "images": len(data), "classes": len(classnames),
+              "config": dataclasses.asdict(config), "epochs": clf.epoch,
+              "iterations": clf.iterations, "zero_shot_accuracy": zs_acc,
+              "history": [dataclasses.asdict(h) for h in clf.history]}
+    if not args.inductive:
+        pred = clf.predict(data)
+        report["reclip_accuracy"] = _accuracy(pred, labels)
+        _write_predictions(data, pred, classnames, str(Path(args.out) / "predictions.tsv"))
+        if report["reclip_accuracy"] is not None:
+            _say(f"reclip: accuracy {report['reclip_accuracy']:.4f} (zero-shot {zs_acc:.4f})")
+    report["seconds"] = round(time.time() - start, 2)
+    write_json(Path(args.out) / "report.json", report)
+    return 0
+
+
+def _load_run(args):
+    from .adapt import ReCLIP
+    from .data import image_set
+
+    clf = ReCLIP.load(args.run)
+    data = image_set(args.data, clf.loaded.preprocess)
+    data.check()
+    return clf, data
+
+
+def predict(args) -> int:
+    clf, data = _load_run(args)
+    _write_predictions(data, clf.predict(data), clf.classnames, args.out)
+    return 0
+
+
+def evaluate(args) -> int:
+    clf, data = _load_run(args)
+    labels = _folder_labels(data, clf.classnames)
+    if not data.classes or (labels < 0).any():
+        raise ValueError(f"--data: {args.data} needs an ImageFolder layout (one folder per class)")
+    acc = _accuracy(clf.predict(data), labels)
+    print(f"accuracy {acc:.4f} ({len(data)} images)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"adapt": adapt, "predict": predict, "eval": evaluate}[args.command](args)
+    except USER_ERRORS as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"reclip {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"reclip {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
