@@ -1,0 +1,577 @@
+"""Image inputs of the pipeline.
+
+``image_set(source, transform)`` turns any supported source into an ``ImageSet``, a torch
+Dataset whose items are ``(image, label, index)``: the image after ``transform``, the integer
+label (-1 when unknown) and the item's position in the set (so shuffled batches can be mapped
+back). Sources:
+
+- a folder, ImageFolder layout (``root/<class>/<image>``: one sub-folder per class, labels in
+  sorted sub-folder order, ``classes`` = the sub-folder names) or flat (images directly inside,
+  labels -1). Only that one level is read; hidden files and folders are skipped, extensions are
+  matched case-insensitively against IMAGE_EXTENSIONS, every order is sorted by name.
+- a torch.Tensor (N, C, H, W) of already-preprocessed images (``transform`` is not applied).
+- a torch Dataset returning ``(image, label, ...)`` or ``image``; ``transform`` is applied to PIL
+  images (and uint8 numpy arrays), tensors pass through.
+- a DataLoader (its ``.dataset``), or an ImageSet (returned as is, or re-wrapped with ``transform``).
+
+Files are opened when an item is loaded; an unreadable one raises ValueError naming it.
+``ImageSet.check()`` opens every file up front (the CLI calls it before long work).
+
+Loaders for the on-disk formats of two torchvision datasets, read from a local folder, never
+downloading: ``load_cifar`` (the CIFAR-10/100 python pickles) and ``load_mnist`` (idx files,
+optionally gzipped; also Fashion-MNIST). ``array_image_set`` wraps their uint8 arrays.
+
+Errors are single-line messages naming the path.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+Transform = Callable[[Image.Image], Any]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """Default transform: PIL image -> float32 tensor (C, H, W) in [0, 1]."""
+    a = np.asarray(img, dtype=np.uint8)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    return torch.from_numpy(a.transpose(2, 0, 1).copy()).float().div_(255.0)
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()
+    text = msg[0] if msg else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image file as RGB; ValueError naming the file if that fails."""
+    p = os.fspath(path)
+    try:
+        with open(p, "rb") as f:
+            img = Image.open(f)
+            img.load()
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"{p}: cannot read image (file not found)") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # PIL raises many types for corrupt data (OSError, SyntaxError, struct.error, ...)
+        raise ValueError(f"{p}: cannot read image ({_one_line(e)})") from None
+
+
+def _label_of(x: Any) -> int:
+    """An item's label as int, -1 when it is not a scalar integer."""
+    if x is None or isinstance(x, bool):
+        return -1
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_floating_point():
+        return int(x.item())
+    if isinstance(x, np.ndarray) and x.size == 1 and np.issubdtype(x.dtype, np.integer):
+        return int(x.item())
+    return -1
+
+
+def _known_labels(ds: Any) -> np.ndarray | None:
+    """Labels of a dataset from its attributes, without loading images; None if unknown."""
+    n = len(ds)
+    if isinstance(ds, torch.utils.data.Subset):
+        base = _known_labels(ds.dataset)
+        if base is None:
+            return None
+        return base[np.asarray(ds.indices, dtype=np.int64)]
+    if isinstance(ds, torch.utils.data.TensorDataset):
+        if len(ds.tensors) >= 2 and ds.tensors[1].ndim == 1 and not ds.tensors[1].is_floating_point():
+            return ds.tensors[1].cpu().numpy().astype(np.int64)
+        return np.full(n, -1, dtype=np.int64) if len(ds.tensors) == 1 else None
+    for attr in ("targets", "labels", "_labels", "y"):
+        v = getattr(ds, attr, None)
+        if v is None or callable(v):
+            continue
+        try:
+            a = np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v)
+        except Exception:
+            continue
+        if a.ndim == 1 and len(a) == n and a.dtype.kind in "iu":
+            return a.astype(np.int64)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageSet
+
+
+class ImageSet(Dataset):
+    """A sized image dataset; item ``i`` is ``(image, label, i)``.
+
+    Attributes:
+        paths: image file paths in a stable (sorted) order, None for in-memory sources.
+        labels: int64 array, -1 where unknown. For a generic Dataset source without a
+            ``targets`` / ``labels`` attribute this is read with one pass over it on first access.
+        classes: the class sub-folder names of an ImageFolder layout (label i = classes[i]),
+            the classes given to ``array_image_set``, else None.
+        root: the folder of a folder source, else None.
+        transform: applied to PIL images (never to tensor sources); None = ``to_tensor``.
+    """
+
+    def __init__(self, *, kind: str, n: int, paths: list[str] | None = None,
+                 labels: np.ndarray | None = None, classes: list[str] | None = None,
+                 transform: Transform | None = None, root: str | None = None,
+                 tensor: torch.Tensor | None = None, dataset: Any = None,
+                 array: np.ndarray | None = None):
+        self.kind = kind
+        self._n = int(n)
+        self.paths = paths
+        self._labels = None if labels is None else np.ascontiguousarray(labels, dtype=np.int64)
+        self.classes = classes
+        self.transform = transform
+        self.root = root
+        self._tensor = tensor
+        self._dataset = dataset
+        self._array = array
+
+    # -- sized dataset
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def labels(self) -> np.ndarray:
+        if self._labels is None:  # a generic Dataset: one pass, labels only
+            self._labels = np.array([_label_of(self._raw(i)[1]) for i in range(self._n)], dtype=np.int64)
+        return self._labels
+
+    @labels.setter
+    def labels(self, value) -> None:
+        a = np.asarray(value, dtype=np.int64)
+        if a.shape != (self._n,):
+            raise ValueError(f"labels: expected shape ({self._n},), got {a.shape}")
+        self._labels = np.ascontiguousarray(a)
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether every item's label is known (>= 0)."""
+        return bool(self._n) and bool((self.labels >= 0).all())
+
+    def _apply(self, img: Any) -> Any:
+        t = self.transform if self.transform is not None else to_tensor
+        return t(img)
+
+    def _raw(self, i: int) -> tuple[Any, int]:
+        """(image before the transform stage, label) of item i, for dataset sources."""
+        item = self._dataset[i]
+        if isinstance(item, (tuple, list)):
+            if len(item) == 0:
+                raise ValueError(f"dataset item {i} is empty")
+            return item[0], (_label_of(item[1]) if len(item) > 1 else -1)
+        return item, -1
+
+    def __getitem__(self, i: int) -> tuple[Any, int, int]:
+        i = int(i)
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"index {i} out of range for {self._n} images")
+        if self.kind == "files":
+            return self._apply(load_image(self.paths[i])), int(self._labels[i]), i
+        if self.kind == "tensor":
+            return self._tensor[i], int(self._labels[i]), i
+        if self.kind == "array":
+            a = self._array[i]
+            img = Image.fromarray(a).convert("RGB")
+            return self._apply(img), int(self._labels[i]), i
+        img, label = self._raw(i)
+        if isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim in (2, 3):
+            img = Image.fromarray(img)
+        if isinstance(img, Image.Image):
+            img = self._apply(img)
+        if self._labels is not None:
+            label = int(self._labels[i])
+        return img, label, i
+
+    def check(self, progress: Callable[[int], Any] | None = None) -> "ImageSet":
+        """Open and decode every image file now; ValueError naming the first unreadable one.
+
+        No-op for in-memory sources. ``progress`` (e.g. a tqdm bar's ``update``) is called with 1
+        per file. Returns self.
+        """
+        if self.kind != "files":
+            return self
+        bad: list[str] = []
+        for p in self.paths:
+            try:
+                with open(p, "rb") as f:
+                    Image.open(f).load()
+            except MemoryError:
+                raise
+            except Exception as e:
+                bad.append(f"{p}: cannot read image ({_one_line(e)})")
+            if progress is not None:
+                progress(1)
+        if bad:
+            more = f" [and {len(bad) - 1} more unreadable image(s)]" if len(bad) > 1 else ""
+            raise ValueError(bad[0] + more)
+        return self
+
+    def with_transform(self, transform: Transform | None) -> "ImageSet":
+        """A copy sharing the data, with another transform."""
+        new = ImageSet.__new__(ImageSet)
+        new.__dict__.update(self.__dict__)
+        new.transform = transform
+        return new
+
+    def __repr__(self) -> str:
+        where = f", root={self.root!r}" if self.root is not None else ""
+        cls = f", classes={len(self.classes)}" if self.classes is not None else ""
+        return f"ImageSet({self.kind}, n={self._n}{where}{cls})"
+
+
+# ----------------------------------------------------------------------------------------------
+# sources
+
+
+def _is_image_file(entry: os.DirEntry) -> bool:
+    return (not entry.name.startswith(".") and entry.name.lower().endswith(IMAGE_EXTENSIONS)
+            and entry.is_file())
+
+
+def _scan(folder: str) -> tuple[list[str], list[str]]:
+    """(sorted image file names, sorted sub-folder names) directly inside folder."""
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except OSError as e:
+        raise ValueError(f"{folder}: cannot list folder ({e.strerror or e})") from None
+    images = sorted(e.name for e in entries if _is_image_file(e))
+    dirs = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+    return images, dirs
+
+
+def folder_image_set(root: str | os.PathLike, transform: Transform | None = None) -> ImageSet:
+    """An ImageSet from a folder: ImageFolder layout (class sub-folders) or flat (images inside).
+
+    Classes are all non-hidden sub-folders in sorted order (an empty class folder keeps its label
+    index). A folder holding both images and class sub-folders with images is refused.
+    """
+    r = os.path.expanduser(os.fspath(root))
+    if not os.path.exists(r):
+        raise FileNotFoundError(f"{r}: no such folder")
+    if not os.path.isdir(r):
+        raise NotADirectoryError(f"{r}: not a folder")
+    top, subdirs = _scan(r)
+    per_class = [(d, _scan(os.path.join(r, d))[0]) for d in subdirs]
+    n_nested = sum(len(files) for _, files in per_class)
+    exts = " ".join(IMAGE_EXTENSIONS)
+    if n_nested:
+        if top:
+            raise ValueError(f"{r}: holds both images ({len(top)}) and class sub-folders with images; "
+                             "use one layout (all images in class sub-folders, or none in sub-folders)")
+        paths, labels = [], []
+        for k, (d, files) in enumerate(per_class):
+            paths.extend(os.path.join(r, d, f) for f in files)
+            labels.extend([k] * len(files))
+        return ImageSet(kind="files", n=len(paths), paths=paths, labels=np.asarray(labels, dtype=np.int64),
+                        classes=[d for d, _ in per_class], transform=transform, root=r)
+    if top:
+        paths = [os.path.join(r, f) for f in top]
+        return ImageSet(kind="files", n=len(paths), paths=paths, labels=np.full(len(paths), -1, np.int64),
+                        classes=None, transform=transform, root=r)
+    raise ValueError(f"{r}: no images found (looked for {exts} directly inside it and in its sub-folders)")
+
+
+def tensor_image_set(images: torch.Tensor, labels=None) -> ImageSet:
+    """An ImageSet over already-preprocessed images (N, C, H, W); items are returned as stored."""
+    if images.ndim != 4:
+        raise ValueError(f"image tensor must have shape (N, C, H, W), got {tuple(images.shape)}")
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("image tensor is empty (N = 0)")
+    lab = np.full(n, -1, np.int64) if labels is None else _as_labels(labels, n, "labels")
+    return ImageSet(kind="tensor", n=n, labels=lab, tensor=images)
+
+
+def _as_labels(labels, n: int, what: str) -> np.ndarray:
+    a = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    if a.shape != (n,):
+        raise ValueError(f"{what}: expected {n} labels, got shape {a.shape}")
+    if a.size and a.dtype.kind not in "iu":
+        raise ValueError(f"{what}: expected integer labels, got dtype {a.dtype}")
+    return a.astype(np.int64)
+
+
+def image_set(source: Any, transform: Transform | None = None) -> ImageSet:
+    """An ImageSet from a folder, a tensor (N, C, H, W), a Dataset, a DataLoader or an ImageSet.
+
+    See the module docstring for the layouts and what ``transform`` applies to.
+    """
+    if isinstance(source, ImageSet):
+        return source if transform is None else source.with_transform(transform)
+    if isinstance(source, (str, os.PathLike)):
+        return folder_image_set(source, transform)
+    if isinstance(source, torch.Tensor):
+        return tensor_image_set(source)
+    if isinstance(source, DataLoader):
+        return image_set(source.dataset, transform)
+    if isinstance(source, Dataset) or (hasattr(source, "__getitem__") and hasattr(source, "__len__")
+                                       and not isinstance(source, (np.ndarray, bytes, Sequence))):
+        try:
+            n = len(source)
+        except TypeError:
+            raise TypeError(f"image source {type(source).__name__} has no length (iterable datasets are not supported)") from None
+        if n == 0:
+            raise ValueError(f"image dataset {type(source).__name__} is empty")
+        return ImageSet(kind="dataset", n=n, labels=_known_labels(source), transform=transform, dataset=source)
+    hint = " (wrap uint8 arrays with array_image_set)" if isinstance(source, np.ndarray) else ""
+    raise TypeError(f"unsupported image source {type(source).__name__}: expected a folder path, "
+                    f"a tensor (N, C, H, W), a torch Dataset or a DataLoader{hint}")
+
+
+def array_image_set(images: np.ndarray, labels=None, transform: Transform | None = None,
+                    classes: Sequence[str] | None = None) -> ImageSet:
+    """An ImageSet over in-memory uint8 images (N, H, W) or (N, H, W, 3), given to ``transform`` as RGB PIL."""
+    a = np.asarray(images)
+    if a.dtype != np.uint8:
+        raise ValueError(f"images: expected uint8, got {a.dtype}")
+    if a.ndim == 4 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if not (a.ndim == 3 or (a.ndim == 4 and a.shape[-1] == 3)):
+        raise ValueError(f"images: expected shape (N, H, W) or (N, H, W, 3), got {a.shape}")
+    n = a.shape[0]
+    if n == 0:
+        raise ValueError("images: empty (N = 0)")
+    lab = np.full(n, -1, np.int64) if labels is None else _as_labels(labels, n, "labels")
+    cls = None if classes is None else [str(c) for c in classes]
+    if cls is not None and lab.size and lab.max() >= len(cls):
+        raise ValueError(f"labels: label {int(lab.max())} out of range for {len(cls)} classes")
+    return ImageSet(kind="array", n=n, labels=lab, classes=cls, transform=transform,
+                    array=np.ascontiguousarray(a))
+
+
+def loader(images: Any, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+           num_workers: int = 0) -> DataLoader:
+    """A DataLoader of ``(images, labels, indices)`` batches over an ImageSet (or any image source)."""
+    if not isinstance(images, ImageSet):
+        images = image_set(images)
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return DataLoader(images, batch_size=int(batch_size), shuffle=shuffle, generator=generator,
+                      num_workers=int(num_workers), drop_last=False,
+                      persistent_workers=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR (python pickle format)
+
+
+def _numpy_global(module: str, name: str):
+    import numpy as _np
+    core = getattr(_np, "_core", None) or _np.core
+    import codecs
+    table = {
+        ("_codecs", "encode"): codecs.encode,  # bytes in protocol-2 pickles written by Python 3
+        ("numpy", "ndarray"): _np.ndarray,
+        ("numpy", "dtype"): _np.dtype,
+        ("numpy.core.multiarray", "_reconstruct"): core.multiarray._reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): core.multiarray._reconstruct,
+        ("numpy.core.multiarray", "scalar"): core.multiarray.scalar,
+        ("numpy._core.multiarray", "scalar"): core.multiarray.scalar,
+    }
+    frombuffer = getattr(getattr(core, "numeric", None), "_frombuffer", None)
+    if frombuffer is not None:
+        table[("numpy.core.numeric", "_frombuffer")] = frombuffer
+        table[("numpy._core.numeric", "_frombuffer")] = frombuffer
+    return table.get((module, name))
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Builds only plain containers and numpy arrays: never imports or calls anything else."""
+
+    def find_class(self, module: str, name: str):
+        obj = _numpy_global(module, name)
+        if obj is None:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return obj
+
+
+def _load_pickle(path: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return _SafeUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found") from None
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path}: not a CIFAR python pickle ({_one_line(e)})") from None
+
+
+def _get(d: Any, key: str, path: str) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: not a CIFAR python pickle (expected a dict, got {type(d).__name__})")
+    for k in (key, key.encode()):
+        if k in d:
+            return d[k]
+    raise ValueError(f"{path}: missing key {key!r}")
+
+
+def _find_cifar_dir(root: str) -> tuple[str, int]:
+    """(folder holding the batch files, 10 or 100)."""
+    def kind(folder: str) -> int | None:
+        if os.path.isfile(os.path.join(folder, "batches.meta")) or os.path.isfile(os.path.join(folder, "test_batch")):
+            return 10
+        if os.path.isfile(os.path.join(folder, "meta")) and (
+                os.path.isfile(os.path.join(folder, "test")) or os.path.isfile(os.path.join(folder, "train"))):
+            return 100
+        return None
+
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: no such folder")
+    k = kind(root)
+    if k is not None:
+        return root, k
+    found = [(os.path.join(root, sub), kind(os.path.join(root, sub)))
+             for sub in ("cifar-10-batches-py", "cifar-100-python")]
+    found = [(d, k) for d, k in found if k is not None]
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise ValueError(f"{root}: holds both cifar-10-batches-py and cifar-100-python; pass one of them")
+    raise FileNotFoundError(f"{root}: no CIFAR python files (expected batches.meta + data_batch_1..5 / test_batch, "
+                            "or meta + train / test, here or in cifar-10-batches-py/ or cifar-100-python/)")
+
+
+def load_cifar(root: str | os.PathLike, *, train: bool = False,
+               coarse: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Read CIFAR-10 or CIFAR-100 from the python pickle format in a local folder (never downloads).
+
+    ``root`` is the extracted ``cifar-10-batches-py`` / ``cifar-100-python`` folder or its parent.
+    Returns ``(images, labels, classnames)``: uint8 (N, 32, 32, 3), int64 (N,), and the label names
+    of ``batches.meta`` / ``meta`` with ``_`` shown as spaces. ``coarse`` selects CIFAR-100's 20
+    superclasses. The pickles are read with an unpickler that only rebuilds numpy arrays.
+    """
+    folder, kind = _find_cifar_dir(os.path.expanduser(os.fspath(root)))
+    if kind == 10:
+        if coarse:
+            raise ValueError(f"{folder}: coarse labels exist only for CIFAR-100")
+        if train:
+            names = sorted((f for f in os.listdir(folder) if f.startswith("data_batch_")),
+                           key=lambda f: (len(f), f))
+            if not names:
+                raise FileNotFoundError(f"{folder}: no data_batch_* files")
+        else:
+            names = ["test_batch"]
+        meta_file, meta_key, label_key = "batches.meta", "label_names", "labels"
+    else:
+        names = ["train" if train else "test"]
+        meta_file = "meta"
+        meta_key = "coarse_label_names" if coarse else "fine_label_names"
+        label_key = "coarse_labels" if coarse else "fine_labels"
+
+    meta_path = os.path.join(folder, meta_file)
+    classnames = []
+    for c in _get(_load_pickle(meta_path), meta_key, meta_path):
+        c = c.decode("utf-8") if isinstance(c, bytes) else str(c)
+        classnames.append(c.replace("_", " "))
+
+    images, labels = [], []
+    for name in names:
+        p = os.path.join(folder, name)
+        d = _load_pickle(p)
+        data = np.asarray(_get(d, "data", p))
+        lab = np.asarray(_get(d, label_key, p))
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{p}: 'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
+        if lab.shape != (data.shape[0],) or (lab.size and lab.dtype.kind not in "iu"):
+            raise ValueError(f"{p}: expected {data.shape[0]} integer labels, got {lab.dtype} {lab.shape}")
+        if lab.size and (lab.min() < 0 or lab.max() >= len(classnames)):
+            raise ValueError(f"{p}: label out of range for {len(classnames)} classes in {meta_file}")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(lab.astype(np.int64))
+    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), classnames
+
+
+# ----------------------------------------------------------------------------------------------
+# MNIST (idx format)
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An array from an idx file (big-endian header: 0, 0, dtype code, ndim, then ndim uint32 sizes); .gz read transparently."""
+    p = os.fspath(path)
+    try:
+        if p.endswith(".gz"):
+            with gzip.open(p, "rb") as f:
+                raw = f.read()
+        else:
+            with open(p, "rb") as f:
+                raw = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: not found") from None
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{p}: cannot read ({_one_line(e)})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
+        raise ValueError(f"{p}: not an idx file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{p}: truncated idx header")
+    shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != expected:
+        raise ValueError(f"{p}: idx size mismatch (header says {shape}: {expected} bytes, file has {len(raw)})")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _find_idx(root: str, stem: str, kind: str) -> str:
+    """Path of ``{stem}-{kind}-idx{n}-ubyte`` (or ``{stem}-{kind}.idx{n}-ubyte``), optionally .gz."""
+    n = 3 if kind == "images" else 1
+    names = [f"{stem}-{kind}-idx{n}-ubyte", f"{stem}-{kind}.idx{n}-ubyte"]
+    folders = [root, os.path.join(root, "raw")] + [os.path.join(root, d, "raw") for d in
+                                                   ("MNIST", "FashionMNIST", "KMNIST")]
+    for folder in folders:
+        for name in names:
+            for suffix in ("", ".gz"):
+                p = os.path.join(folder, name + suffix)
+                if os.path.isfile(p):
+                    return p
+    raise FileNotFoundError(f"{root}: no {names[0]}[.gz] (looked in it, raw/ and <MNIST|FashionMNIST|KMNIST>/raw/)")
+
+
+def load_mnist(root: str | os.PathLike, *, train: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Read MNIST-format idx files from a local folder (never downloads): uint8 (N, 28, 28), int64 (N,).
+
+    Looks for ``train-images-idx3-ubyte`` / ``train-labels-idx1-ubyte`` (``t10k-*`` for the test
+    split), optionally ``.gz``, in ``root``, ``root/raw`` or torchvision's ``root/MNIST/raw``
+    (``FashionMNIST``, ``KMNIST`` too): the same format serves Fashion-MNIST and KMNIST.
+    """
+    r = os.path.expanduser(os.fspath(root))
+    if not os.path.isdir(r):
+        raise FileNotFoundError(f"{r}: no such folder")
+    stem = "train" if train else "t10k"
+    ip, lp = _find_idx(r, stem, "images"), _find_idx(r, stem, "labels")
+    images, labels = read_idx(ip), read_idx(lp)
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise ValueError(f"{ip}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(f"{lp}: expected integer labels (N,), got {labels.dtype} {labels.shape}")
+    if len(labels) != len(images):
+        raise ValueError(f"{lp}: {len(labels)} labels for {len(images)} images in {ip}")
+    return np.ascontiguousarray(images), labels.astype(np.int64)

@@ -1,0 +1,396 @@
+"""reclip.data: image folders, tensor / Dataset / DataLoader sources, CIFAR pickles, MNIST idx files."""
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reclip.data import (IMAGE_EXTENSIONS, ImageSet, array_image_set, image_set, load_cifar, load_mnist,
+                         loader, read_idx)
+
+
+def _png(path, value, size=(5, 4), mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    color = value if mode == "L" else (value, 255 - value, 7)
+    Image.new(mode, size, color).save(path)
+
+
+def _one_line(excinfo, *parts):
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    for p in parts:
+        assert str(p) in msg, (p, msg)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "imgs"
+    _png(root / "dog" / "b.png", 20)
+    _png(root / "dog" / "a.png", 10)
+    _png(root / "cat" / "z.PNG", 30, mode="L")
+    _png(root / "cat" / "y.jpg", 40)
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "cat" / ".hidden.png").write_bytes(b"junk")
+    (root / "empty_class").mkdir()
+    return root
+
+
+def test_image_folder_layout(folder):
+    ds = image_set(folder)
+    assert isinstance(ds, ImageSet) and len(ds) == 4
+    assert ds.classes == ["cat", "dog", "empty_class"]
+    names = [f"{Path(p).parent.name}/{Path(p).name}" for p in ds.paths]
+    assert names == ["cat/y.jpg", "cat/z.PNG", "dog/a.png", "dog/b.png"]
+    assert ds.labels.dtype == np.int64 and ds.labels.tolist() == [0, 0, 1, 1]
+    assert ds.has_labels
+    img, label, idx = ds[2]
+    assert isinstance(img, torch.Tensor) and img.shape == (3, 4, 5) and img.dtype == torch.float32
+    assert (label, idx) == (1, 2)
+    assert abs(float(img[0, 0, 0]) - 10 / 255) < 1e-6
+    gray, _, _ = ds[1]  # "L" image comes out RGB
+    assert gray.shape == (3, 4, 5)
+    assert image_set(folder).paths == ds.paths  # stable
+    assert ds.check() is ds
+
+
+def test_transform_applied(folder):
+    ds = image_set(str(folder), transform=lambda im: im.size)
+    assert ds[0][0] == (5, 4)
+    ds2 = image_set(ds, transform=lambda im: "x")
+    assert ds2[0][0] == "x" and ds[0][0] == (5, 4)
+    assert image_set(ds) is ds
+
+
+def test_flat_folder(tmp_path):
+    for i, name in enumerate(["b.bmp", "a.png", "c.webp"]):
+        _png(tmp_path / name, 10 * i)
+    (tmp_path / "sub").mkdir()  # a sub-folder without images does not make it an ImageFolder
+    ds = image_set(tmp_path)
+    assert [Path(p).name for p in ds.paths] == ["a.png", "b.bmp", "c.webp"]
+    assert ds.labels.tolist() == [-1, -1, -1] and ds.classes is None and not ds.has_labels
+    assert ds[0][1] == -1
+
+
+def test_mixed_layout_refused(tmp_path):
+    _png(tmp_path / "top.png", 1)
+    _png(tmp_path / "cls" / "a.png", 2)
+    with pytest.raises(ValueError) as e:
+        image_set(tmp_path)
+    _one_line(e, tmp_path)
+
+
+def test_empty_and_missing_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "readme.txt").write_text("x")
+    with pytest.raises(ValueError) as e:
+        image_set(tmp_path)
+    _one_line(e, tmp_path, "no images found")
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError) as e:
+        image_set(missing)
+    _one_line(e, missing)
+    with pytest.raises(NotADirectoryError) as e:
+        image_set(tmp_path / "readme.txt")
+    _one_line(e, "readme.txt")
+
+
+def test_corrupt_image_named(tmp_path):
+    _png(tmp_path / "good.png", 3)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    trunc = tmp_path / "trunc.png"
+    _png(trunc, 5, size=(64, 64))
+    trunc.write_bytes(trunc.read_bytes()[:60])
+    ds = image_set(tmp_path)
+    assert len(ds) == 3  # listing does not open files
+    with pytest.raises(ValueError) as e:
+        ds[0]
+    _one_line(e, bad)
+    with pytest.raises(ValueError) as e:
+        ds.check()
+    _one_line(e, bad, "1 more")
+    seen = []
+    with pytest.raises(ValueError):
+        ds.check(progress=seen.append)
+    assert seen == [1, 1, 1]
+    with pytest.raises(ValueError) as e:
+        ds[2]
+    _one_line(e, trunc)
+
+
+def test_tensor_source():
+    x = torch.randn(6, 3, 8, 8)
+    ds = image_set(x, transform=lambda im: 1 / 0)  # never applied to tensors
+    assert len(ds) == 6 and ds.paths is None and ds.labels.tolist() == [-1] * 6
+    img, label, idx = ds[-1]
+    assert torch.equal(img, x[5]) and label == -1 and idx == 5
+    with pytest.raises(IndexError):
+        ds[6]
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        image_set(torch.randn(3, 8, 8))
+    with pytest.raises(ValueError, match="empty"):
+        image_set(torch.randn(0, 3, 8, 8))
+
+
+class _PilDataset(torch.utils.data.Dataset):
+    def __init__(self, n, with_label=True):
+        self.n, self.with_label = n, with_label
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        img = Image.new("RGB", (4, 4), (i, 0, 0))
+        return (img, i % 3) if self.with_label else img
+
+
+def test_dataset_source():
+    ds = image_set(_PilDataset(5))
+    img, label, idx = ds[4]
+    assert img.shape == (3, 4, 4) and label == 1 and idx == 4
+    assert ds.labels.tolist() == [0, 1, 2, 0, 1]  # one pass, read lazily
+    ds = image_set(_PilDataset(3, with_label=False), transform=lambda im: im.getpixel((0, 0))[0])
+    assert [ds[i][:2] for i in range(3)] == [(0, -1), (1, -1), (2, -1)]
+    # tensors from a dataset pass through untouched; labels from a TensorDataset without a pass
+    x, y = torch.randn(4, 3, 2, 2), torch.tensor([3, 1, 0, 2])
+    ds = image_set(torch.utils.data.TensorDataset(x, y), transform=lambda im: 1 / 0)
+    assert ds.labels.tolist() == [3, 1, 0, 2]
+    assert torch.equal(ds[1][0], x[1]) and ds[1][1] == 1
+    sub = image_set(torch.utils.data.Subset(torch.utils.data.TensorDataset(x, y), [2, 0]))
+    assert sub.labels.tolist() == [0, 3]
+
+
+def test_dataset_targets_attribute():
+    class WithTargets(_PilDataset):
+        targets = [2, 2, 1]
+
+        def __getitem__(self, i):
+            raise AssertionError("labels must come from .targets without loading")
+
+    assert image_set(WithTargets(3)).labels.tolist() == [2, 2, 1]
+
+
+def test_dataloader_source_and_loader(folder):
+    ds = image_set(folder)
+    dl = loader(ds, batch_size=3)
+    batches = list(dl)
+    assert [b[0].shape[0] for b in batches] == [3, 1]
+    assert batches[0][1].tolist() == [0, 0, 1] and batches[0][2].tolist() == [0, 1, 2]
+    again = image_set(dl)
+    assert again is ds
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    o1 = torch.cat([b[2] for b in loader(ds, 2, shuffle=True, generator=g1)])
+    o2 = torch.cat([b[2] for b in loader(ds, 2, shuffle=True, generator=g2)])
+    assert torch.equal(o1, o2) and sorted(o1.tolist()) == [0, 1, 2, 3]
+    assert len(list(loader(torch.randn(5, 3, 2, 2), 2))) == 3  # any source
+    with pytest.raises(ValueError):
+        loader(ds, 0)
+
+
+def test_unsupported_source():
+    with pytest.raises(TypeError, match="array_image_set"):
+        image_set(np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(TypeError):
+        image_set(42)
+
+
+def test_array_image_set():
+    gray = (np.arange(2 * 3 * 4) % 256).astype(np.uint8).reshape(2, 3, 4)
+    ds = array_image_set(gray, [1, 0], None, classes=["a", "b"])
+    img, label, idx = ds[0]
+    assert img.shape == (3, 3, 4) and label == 1 and ds.classes == ["a", "b"] and ds.paths is None
+    assert torch.allclose(img[0], torch.from_numpy(gray[0]).float() / 255)
+    rgb = np.zeros((3, 5, 5, 3), np.uint8)
+    ds = array_image_set(rgb, None, lambda im: (im.mode, im.size))
+    assert ds[2] == (("RGB", (5, 5)), -1, 2)
+    with pytest.raises(ValueError, match="uint8"):
+        array_image_set(rgb.astype(np.float32), None, None)
+    with pytest.raises(ValueError, match="labels"):
+        array_image_set(rgb, [0, 1], None)
+    with pytest.raises(ValueError, match="out of range"):
+        array_image_set(rgb, [0, 1, 2], None, classes=["a", "b"])
+
+
+def test_image_extensions():
+    assert ".png" in IMAGE_EXTENSIONS and all(e == e.lower() and e.startswith(".") for e in IMAGE_EXTENSIONS)
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR
+
+
+def _pickle(path, obj, protocol=2):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=protocol)
+
+
+def _cifar_rows(n, seed):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 3072), dtype=np.uint8)
+
+
+def test_load_cifar10(tmp_path):
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    _pickle(d / "batches.meta", {b"label_names": names, b"num_vis": 3072})
+    train_rows = []
+    for k in range(1, 6):
+        rows = _cifar_rows(2, k)
+        train_rows.append(rows)
+        _pickle(d / f"data_batch_{k}", {b"batch_label": b"x", b"data": rows, b"labels": [k, k + 1],
+                                        b"filenames": [b"a", b"b"]}, protocol=2 if k % 2 else 5)
+    test_rows = _cifar_rows(3, 0)
+    _pickle(d / "test_batch", {b"data": test_rows, b"labels": [9, 0, 4]})
+
+    for root in (tmp_path, d):
+        x, y, classes = load_cifar(root)
+        assert x.shape == (3, 32, 32, 3) and x.dtype == np.uint8
+        assert y.tolist() == [9, 0, 4] and y.dtype == np.int64
+        assert classes == [n.decode() for n in names]
+    # channel-major rows -> HWC
+    assert x[1, 0, 0].tolist() == [test_rows[1, 0], test_rows[1, 1024], test_rows[1, 2048]]
+    assert x[2, 31, 31, 2] == test_rows[2, 3071]
+    xt, yt, _ = load_cifar(d, train=True)
+    assert xt.shape == (10, 32, 32, 3) and yt.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
+    np.testing.assert_array_equal(xt[8], train_rows[4][0].reshape(3, 32, 32).transpose(1, 2, 0))
+    with pytest.raises(ValueError, match="CIFAR-100"):
+        load_cifar(d, coarse=True)
+    ds = array_image_set(x, y, None, classes)
+    assert ds[0][1] == 9 and ds[0][0].shape == (3, 32, 32)
+
+
+def test_load_cifar100(tmp_path):
+    d = tmp_path / "cifar-100-python"
+    d.mkdir()
+    fine = [f"class_{i}".encode() for i in range(100)]
+    coarse = [f"super_{i}".encode() for i in range(20)]
+    _pickle(d / "meta", {b"fine_label_names": fine, b"coarse_label_names": coarse})
+    _pickle(d / "test", {b"data": _cifar_rows(4, 1), b"fine_labels": [0, 99, 5, 6], b"coarse_labels": [0, 19, 1, 1]})
+    _pickle(d / "train", {b"data": _cifar_rows(2, 2), b"fine_labels": [7, 8], b"coarse_labels": [2, 3]})
+    x, y, classes = load_cifar(tmp_path)
+    assert x.shape == (4, 32, 32, 3) and y.tolist() == [0, 99, 5, 6]
+    assert len(classes) == 100 and classes[99] == "class 99"  # '_' shown as a space
+    _, yc, cc = load_cifar(d, coarse=True)
+    assert yc.tolist() == [0, 19, 1, 1] and cc[19] == "super 19"
+    _, ytr, _ = load_cifar(d, train=True)
+    assert ytr.tolist() == [7, 8]
+
+
+def test_load_cifar_errors(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        load_cifar(tmp_path / "nope")
+    _one_line(e, "nope")
+    with pytest.raises(FileNotFoundError) as e:
+        load_cifar(tmp_path)
+    _one_line(e, tmp_path)
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    _pickle(d / "batches.meta", {b"label_names": [b"a", b"b"]})
+    _pickle(d / "test_batch", {b"data": _cifar_rows(2, 0), b"labels": [0, 5]})
+    with pytest.raises(ValueError) as e:
+        load_cifar(d)
+    _one_line(e, d / "test_batch", "out of range")
+    (d / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError) as e:
+        load_cifar(d)
+    _one_line(e, d / "test_batch")
+
+
+def test_load_cifar_refuses_code(tmp_path):
+    import os
+
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    _pickle(d / "batches.meta", {b"label_names": [b"a"]})
+    _pickle(d / "test_batch", {b"data": os.getcwd, b"labels": []})  # a global that would be called/imported
+    with pytest.raises(ValueError, match="refusing"):
+        load_cifar(d)
+
+
+# ---------------------------------------------------------------------------------------------- MNIST
+
+
+def _idx_bytes(arr, code=0x08):
+    head = struct.pack(">HBB", 0, code, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    return head + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
+
+
+def _write(path, data, gz):
+    if gz:
+        with gzip.open(str(path) + ".gz", "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_load_mnist(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    test_x = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    train_x = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    _write(tmp_path / "t10k-images-idx3-ubyte", _idx_bytes(test_x), gz)
+    _write(tmp_path / "t10k-labels-idx1-ubyte", _idx_bytes(np.array([7, 2, 1], np.uint8)), gz)
+    _write(tmp_path / "train-images-idx3-ubyte", _idx_bytes(train_x), gz)
+    _write(tmp_path / "train-labels-idx1-ubyte", _idx_bytes(np.arange(5, dtype=np.uint8)), gz)
+    head = (tmp_path / ("t10k-images-idx3-ubyte" + (".gz" if gz else "")))
+    raw = gzip.decompress(head.read_bytes()) if gz else head.read_bytes()
+    assert struct.unpack(">I", raw[:4])[0] == 2051
+    x, y = load_mnist(tmp_path)
+    np.testing.assert_array_equal(x, test_x)
+    assert x.dtype == np.uint8 and y.dtype == np.int64 and y.tolist() == [7, 2, 1]
+    xt, yt = load_mnist(tmp_path, train=True)
+    np.testing.assert_array_equal(xt, train_x)
+    assert yt.tolist() == [0, 1, 2, 3, 4]
+    ds = array_image_set(x, y, None, classes=[str(d) for d in range(10)])
+    assert ds[0][0].shape == (3, 28, 28) and ds[0][1] == 7
+
+
+def test_load_mnist_torchvision_layout(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    x = np.zeros((2, 28, 28), np.uint8)
+    (raw / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(x))
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(np.array([9, 0], np.uint8)))
+    assert load_mnist(tmp_path)[1].tolist() == [9, 0]
+
+
+def test_read_idx_other_dtypes(tmp_path):
+    a = np.arange(6, dtype=np.int32).reshape(2, 3) - 2
+    (tmp_path / "a.idx").write_bytes(_idx_bytes(a.astype(">i4"), code=0x0C))
+    out = read_idx(tmp_path / "a.idx")
+    np.testing.assert_array_equal(out, a)
+    assert out.dtype.isnative
+
+
+def test_load_mnist_errors(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        load_mnist(tmp_path / "nope")
+    _one_line(e, "nope")
+    with pytest.raises(FileNotFoundError) as e:
+        load_mnist(tmp_path)
+    _one_line(e, tmp_path, "t10k-images-idx3-ubyte")
+    imgs = tmp_path / "t10k-images-idx3-ubyte"
+    labs = tmp_path / "t10k-labels-idx1-ubyte"
+    imgs.write_bytes(_idx_bytes(np.zeros((2, 28, 28), np.uint8))[:-5])  # truncated
+    labs.write_bytes(_idx_bytes(np.array([1, 2], np.uint8)))
+    with pytest.raises(ValueError) as e:
+        load_mnist(tmp_path)
+    _one_line(e, imgs, "size mismatch")
+    imgs.write_bytes(b"\x12\x34\x56\x78" + bytes(20))
+    with pytest.raises(ValueError) as e:
+        load_mnist(tmp_path)
+    _one_line(e, imgs, "magic")
+    imgs.write_bytes(_idx_bytes(np.zeros((3, 28, 28), np.uint8)))
+    with pytest.raises(ValueError) as e:
+        load_mnist(tmp_path)
+    _one_line(e, labs, "2 labels for 3 images")
+    imgs.unlink()
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(ValueError) as e:
+        load_mnist(tmp_path)
+    _one_line(e, "t10k-images-idx3-ubyte.gz")
