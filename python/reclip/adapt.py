@@ -291,6 +291,10 @@ class ReCLIP:
         tensors |= {f"visual.{k}": v.detach() for k, v in self.visual_params.items()}
         tensors |= {"state.nodes_t": self.nodes_t, "state.nodes_v": self.nodes_v,
                     "state.centres": self.centres, "rng.torch": torch.get_rng_state()}
+        if not self.loaded.spec.get("pretrained"):
+            # No weights file to rebuild the frozen parts from (e.g. a randomly initialised
+            # config): the run carries them.
+            tensors |= {f"base.{k}": v for k, v in self.loaded.model.state_dict().items()}
         for name, u in (("basis_t", self.basis_t), ("basis_v", self.basis_v)):
             if u is not None:
                 tensors[f"state.{name}"] = u
@@ -328,6 +332,10 @@ class ReCLIP:
         if meta["classnames"] != self.classnames:
             raise ValueError(f"{where}: checkpoint classes {meta['classnames'][:5]}... do not match "
                              f"the requested classes {self.classnames[:5]}...")
+        base = {k[len("base."):]: v for k, v in tensors.items() if k.startswith("base.")}
+        if base:
+            for model in (self.loaded.model, self.text_copy, self.visual_copy):
+                model.load_state_dict(base)
         with torch.no_grad():
             for side, params in (("text", self.text_params), ("visual", self.visual_params)):
                 for name, p in params.items():

@@ -80,13 +80,11 @@ def _accuracy(pred: np.ndarray, labels: np.ndarray) -> float | None:
 
 
 def _folder_labels(data, classnames: list[str]) -> np.ndarray:
-    """ImageFolder labels mapped onto the run's class order by folder name (-1 if unknown)."""
-    if not data.classes:
-        return np.full(len(data), -1, np.int64)
+    """ImageFolder labels mapped onto the run's class order by folder name; -1 for all when
+    the folders are not exactly class names (then no accuracy can be reported)."""
     position = {name: i for i, name in enumerate(classnames)}
-    missing = [c for c in data.classes if c not in position]
-    if missing:
-        raise ValueError(f"--data: folders {missing[:5]} are not among the run's classes")
+    if not data.classes or any(c not in position for c in data.classes):
+        return np.full(len(data), -1, np.int64)
     remap = np.array([position[c] for c in data.classes], np.int64)
     labels = np.asarray(data.labels)
     return np.where(labels >= 0, remap[np.clip(labels, 0, None)], -1)
@@ -105,6 +103,8 @@ def _write_predictions(data, pred: np.ndarray, classnames: list[str], out: str |
 
 
 def adapt(args) -> int:
+    import torch
+
     from . import adapt as adapt_mod
     from .checkpoint import write_json
     from .data import image_set
@@ -112,6 +112,7 @@ def adapt(args) -> int:
 
     start = time.time()
     classnames, templates = _class_lists(args)
+    torch.manual_seed(args.seed)  # a config without weights starts from a seeded random init
     loaded = load_model(args.model, args.pretrained)
     data = image_set(args.data, loaded.preprocess)
     data.check()
@@ -171,8 +172,9 @@ def predict(args) -> int:
 def evaluate(args) -> int:
     clf, data = _load_run(args)
     labels = _folder_labels(data, clf.classnames)
-    if not data.classes or (labels < 0).any():
-        raise ValueError(f"--data: {args.data} needs an ImageFolder layout (one folder per class)")
+    if (labels < 0).any():
+        raise ValueError(f"--data: {args.data} needs an ImageFolder layout whose folders are "
+                         f"among the run's classes ({', '.join(clf.classnames[:5])}, ...)")
     acc = _accuracy(clf.predict(data), labels)
     print(f"accuracy {acc:.4f} ({len(data)} images)")
     return 0
