@@ -47,7 +47,7 @@ def basis(classes: torch.Tensor, mode: str = "P2") -> torch.Tensor | None:
             u = u[:, :MAX_COMPONENTS_MANY_CLASSES]
     if u.shape[1] == 0:
         raise ValueError(f"{mode} leaves no dimensions for {m} class embeddings of rank {rank}")
-    return u.to(classes.dtype)
+    return u.to(classes.dtype).contiguous()  # the same layout as after a save/load round trip
 
 
 def coordinates(x: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:

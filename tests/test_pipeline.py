@@ -1,0 +1,219 @@
+"""The ReCLIP pipeline on a tiny open_clip model: projection maths, what trains, label sharing,
+save/load and resume."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import reclip  # noqa: E402
+from reclip import adapt, projection  # noqa: E402
+from reclip.models import norm_parameters  # noqa: E402
+
+ASSETS = Path(__file__).parent / "assets"
+CLASSES = ["red square", "green circle", "blue triangle"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return reclip.load_model(str(ASSETS / "tiny-vit.json"))
+
+
+@pytest.fixture(scope="module")
+def images():
+    """24 preprocessed 32x32 images with a class-dependent colour."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(24, 3, 32, 32, generator=g) * 0.5
+    for i in range(24):
+        x[i, i % 3] += 1.0
+    return x
+
+
+def _fit(tiny, images, **config):
+    torch.manual_seed(0)
+    clf = reclip.ReCLIP(tiny, CLASSES, ["a photo of a {}.", "a {}."],
+                        reclip.Config(**{"max_epochs": 2, **config}))
+    return clf.fit(images)
+
+
+# ---------------------------------------------------------------------------------- projection
+
+
+def test_basis_matches_numpy_svd():
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal((5, 16))
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    u_np = np.linalg.svd(t.T, full_matrices=False)[0]
+    for mode, want in (("P1", u_np), ("P2", u_np[:, 1:])):
+        u = projection.basis(torch.from_numpy(t), mode).numpy()
+        # same subspace: equal projectors
+        np.testing.assert_allclose(u @ u.T, want @ want.T, atol=1e-10)
+        np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-10)
+    assert projection.basis(torch.from_numpy(t), "P0") is None
+
+
+def test_p2_removes_first_direction_and_keeps_cosines():
+    rng = np.random.default_rng(1)
+    t = torch.from_numpy(rng.standard_normal((6, 32)))
+    x = torch.from_numpy(rng.standard_normal((50, 32)))
+    u = projection.basis(t, "P2")
+    first = np.linalg.svd(t.numpy().T, full_matrices=False)[0][:, 0]
+    p = projection.project(x, u).numpy()
+    np.testing.assert_allclose(p @ first, 0, atol=1e-10)
+    np.testing.assert_allclose(np.linalg.norm(p, axis=1), 1, atol=1e-12)
+    # cosines in the r-dim coordinates equal those of the projected d-dim features
+    c = projection.coordinates(x, u).numpy()
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    np.testing.assert_allclose(c @ c.T, p @ p.T, atol=1e-10)
+
+
+def test_class_nodes_mean_of_normalised_templates():
+    feats = torch.randn(3, 4, 8, dtype=torch.float64)
+    nodes = projection.class_nodes(feats).double()
+    unit = feats / feats.norm(dim=-1, keepdim=True)
+    want = unit.mean(1) / unit.mean(1).norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(nodes, want, atol=1e-6, rtol=0)
+
+
+def test_many_classes_cap():
+    t = torch.randn(600, 700, dtype=torch.float64)
+    assert projection.basis(t, "P2").shape == (700, projection.MAX_COMPONENTS_MANY_CLASSES)
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def test_only_norm_parameters_of_each_tower_change(tiny, images):
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    clf = _fit(tiny, images)
+    norms = set(norm_parameters(tiny.model))
+    for copy_, tower in ((clf.text_copy, "text"), (clf.visual_copy, "visual")):
+        changed = {k for k, v in copy_.state_dict().items() if not torch.equal(v, before[k])}
+        assert changed, f"{tower} copy did not train"
+        assert changed <= norms, f"non-norm tensors changed: {sorted(changed - norms)[:5]}"
+        assert all(k.startswith("visual.") == (tower == "visual") for k in changed)
+    # the caller's model is untouched and the copies share no trainable tensors
+    assert all(torch.equal(v, before[k]) for k, v in tiny.model.state_dict().items())
+    ids_t = {id(p) for p in clf.text_params.values()}
+    assert not ids_t & {id(p) for p in clf.visual_params.values()}
+
+
+@pytest.mark.parametrize("sharing", [True, False])
+def test_label_sharing_trains_on_agreeing_images(tiny, images, monkeypatch, sharing):
+    n = len(images)
+    text_labels = np.arange(n) % 3
+    visual_labels = text_labels.copy()
+    visual_labels[:5] = (visual_labels[:5] + 1) % 3  # 5 disagreements
+    calls = iter([text_labels, visual_labels] * 10)  # T side first, then V, each epoch
+    monkeypatch.setattr(adapt, "pseudo_labels", lambda *a, **k: next(calls))
+    seen_idx, seen_y = [], []
+    original = adapt.ReCLIP._step_visual
+
+    def spy(self, data, idx, y):
+        seen_idx.extend(idx.tolist())
+        seen_y.extend(y.tolist())
+        return original(self, data, idx, y)
+
+    monkeypatch.setattr(adapt.ReCLIP, "_step_visual", spy)
+    clf = _fit(tiny, images, max_epochs=1, label_sharing=sharing)
+    entry = clf.history[0]
+    assert entry.agreement == pytest.approx((n - 5) / n)
+    expected = set(range(5, n)) if sharing else set(range(n))
+    assert sorted(seen_idx) == sorted(expected)
+    assert entry.trained == len(expected)
+    # the target is the T side's label (equal to the V side's where they agree)
+    assert all(y == text_labels[i] for i, y in zip(seen_idx, seen_y))
+
+
+def test_iteration_cap_and_batch_default(tiny, images):
+    clf = _fit(tiny, images, max_epochs=10, max_iterations=3, batch_size=8)
+    assert clf.iterations == 3
+    assert adapt.Config().batch_for(10) == 64 and adapt.Config().batch_for(201) == 32
+
+
+def test_prediction_is_mean_of_both_sides(tiny, images):
+    clf = _fit(tiny, images, max_epochs=1)
+    both = clf.logits(images)
+    clf.config.sides = "text"
+    t = clf.logits(images)
+    clf.config.sides = "visual"
+    v = clf.logits(images)
+    clf.config.sides = "both"
+    torch.testing.assert_close(both, (t + v) / 2)
+    proba = clf.predict_proba(images)
+    np.testing.assert_allclose(proba.sum(1), 1, atol=1e-5)
+    assert (proba.argmax(1) == clf.predict(images)).all()
+
+
+def test_zero_shot_is_unadapted_clip(tiny, images):
+    feats = torch.nn.functional.normalize(tiny.model.encode_image(images), dim=-1)
+    clf = _fit(tiny, images, max_epochs=1)
+    text = torch.nn.functional.normalize(
+        tiny.model.encode_text(tiny.tokenizer([f"a photo of a {c}." for c in CLASSES])), dim=-1)
+    text2 = torch.nn.functional.normalize(
+        tiny.model.encode_text(tiny.tokenizer([f"a {c}." for c in CLASSES])), dim=-1)
+    nodes = torch.nn.functional.normalize(text + text2, dim=-1)
+    want = (feats @ nodes.T).argmax(1).numpy()
+    assert (clf.zero_shot_predict(images) == want).all()
+
+
+# ---------------------------------------------------------------------------------- persistence
+
+
+def test_save_load_round_trip_is_bit_exact(tiny, images, tmp_path):
+    clf = _fit(tiny, images)
+    clf.save(tmp_path / "run")
+    back = reclip.ReCLIP.load(tmp_path / "run")
+    assert back.classnames == CLASSES and back.epoch == clf.epoch
+    assert torch.equal(back.logits(images), clf.logits(images))
+    assert [h.agreement for h in back.history] == [h.agreement for h in clf.history]
+
+
+def test_resume_equals_uninterrupted(tiny, images, tmp_path):
+    full = _fit(tiny, images, max_epochs=3)
+    torch.manual_seed(0)
+    part = reclip.ReCLIP(tiny, CLASSES, ["a photo of a {}.", "a {}."], reclip.Config(max_epochs=1))
+    part.fit(images, out_dir=tmp_path / "run")
+    torch.manual_seed(123)  # resuming must not depend on the global RNG of the new process
+    again = reclip.ReCLIP(tiny, CLASSES, ["a photo of a {}.", "a {}."], reclip.Config(max_epochs=3))
+    again.fit(images, out_dir=tmp_path / "run", resume=True)
+    assert again.epoch == 3
+    assert torch.equal(again.logits(images), full.logits(images))
+
+
+def test_checkpoint_class_mismatch_is_refused(tiny, images, tmp_path):
+    _fit(tiny, images, max_epochs=1).save(tmp_path / "run")
+    other = reclip.ReCLIP(tiny, ["x", "y", "z"], config=reclip.Config(max_epochs=1))
+    with pytest.raises(ValueError, match="do not match"):
+        other.fit(images, out_dir=tmp_path / "run", resume=True)
+
+
+def test_checkpoint_files_are_plain_data(tiny, images, tmp_path):
+    _fit(tiny, images, max_epochs=1).save(tmp_path / "run")
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names[0] == "run.json" and names[1].endswith(".safetensors") and len(names) == 2
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="projection"):
+        reclip.Config(projection="P3")
+    with pytest.raises(ValueError, match="alpha"):
+        reclip.Config(alpha=1.0)
+    with pytest.raises(ValueError, match="sides"):
+        reclip.Config(sides="neither")
+    with pytest.raises(ValueError, match="batch_size"):
+        reclip.Config(batch_size=0)
+
+
+def test_classnames_errors(tiny):
+    with pytest.raises(ValueError, match="at least 2"):
+        reclip.ReCLIP(tiny, ["only"])
+    with pytest.raises(ValueError, match="duplicates"):
+        reclip.ReCLIP(tiny, ["a", "a"])
