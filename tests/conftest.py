@@ -16,6 +16,9 @@ from pathlib import Path
 # Many small calls into OpenMP regions: on a loaded 2-core machine the default active
 # spin-wait of idle threads makes them up to ~10x slower. Must be set before libgomp loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Nothing may come from a model hub: the tests prove the offline paths.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
 import pytest
