@@ -1,5 +1,6 @@
 """The ``reclip`` command: adapt a CLIP model to a folder of images, then predict or evaluate.
 
+    reclip demo    [--out DIR]                             # the embedded default, offline
     reclip adapt   --model NAME|CONFIG.json [--pretrained PATH] --data DIR
                    (--classes FILE [--templates FILE] | --preset NAME) --out RUN [--resume] ...
     reclip predict --run RUN --data DIR [--out FILE]      # path<TAB>class per image
@@ -25,6 +26,12 @@ USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, TypeError, Mem
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reclip", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="adapt the embedded digits model to scikit-learn's digits")
+    d.add_argument("--out", default="reclip-demo", help="folder for report.json and plots")
+    d.add_argument("--epochs", type=int, default=10)
+    d.add_argument("--model", default="reclip-digits", help=argparse.SUPPRESS)
+    d.add_argument("--no-plots", action="store_true")
 
     a = sub.add_parser("adapt", help="adapt a model to unlabelled images and save the run")
     a.add_argument("--model", required=True, help="open_clip model name or model-config JSON")
@@ -180,10 +187,18 @@ def evaluate(args) -> int:
     return 0
 
 
+def demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, model=args.model, epochs=args.epochs, plots=not args.no_plots, say=_say)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"adapt": adapt, "predict": predict, "eval": evaluate}[args.command](args)
+        commands = {"demo": demo, "adapt": adapt, "predict": predict, "eval": evaluate}
+        return commands[args.command](args)
     except USER_ERRORS as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"reclip {args.command}: error: {message}", file=sys.stderr)
