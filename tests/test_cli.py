@@ -1,0 +1,503 @@
+"""The ``reclip`` command line, end to end, on tiny image folders and a tiny random ViT.
+
+Every command runs in a subprocess (``python -m reclip.cli``) with the temporary workspace as
+its working directory (never the repository root, whose source tree would shadow the
+installed ``reclip_ext``), offline, single-threaded. Without ``--pretrained`` the CLI seeds
+torch with ``--seed`` before building the model and the run stores the random base weights,
+so every run here is reproducible.
+
+Each CLI process spends most of its time (seconds) importing torch, open_clip, torchvision and
+transformers, so the module fixture ``jobs`` starts the commands of all selected tests at once
+on a small thread pool (one subprocess per worker) and the tests only check the results;
+commands that depend on each other run in order inside one job.
+
+Fixture data: an ImageFolder of three classes (oriented sinusoid gratings of a class-specific
+period and colour, plus noise) with unequal counts (10 / 12 / 14), so that a wrong
+folder-name -> class mapping changes the accuracy; the classes file lists them in another
+order than sorted. The seeds are chosen so that training really moves the predictions
+(non-zero losses, T / V disagreement), which keeps the resume tests from being vacuous.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PIL = pytest.importorskip("PIL.Image")
+# the CLI imports these in its own processes; here only check that they are installed
+# (importing open_clip would cost the test process seconds for nothing)
+for _module in ("torch", "open_clip", "safetensors"):
+    if importlib.util.find_spec(_module) is None:
+        pytest.skip(f"{_module} is not installed", allow_module_level=True)
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TINY_VIT = str(ASSETS / "tiny-vit.json")
+
+CLASS_COUNTS = {"cat": 10, "dog": 12, "ship": 14}  # folder name -> images (sorted folder order)
+CLASSES = ["ship", "cat", "dog"]  # the classes file: deliberately not in sorted order
+SEED = 5  # main / resume runs: training changes predictions between epochs 1 and 3
+KILL_SEED = 7
+KILL_EPOCHS = 6
+KILL_COUNTS = {"cat": 30, "dog": 32, "ship": 34}  # bigger images too: ~0.2 s per epoch
+KILL_SIZE = 160
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+       "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+TIMEOUT = 300
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def write_images(folder: Path, counts: dict[str, int] | None, *, n_flat: int = 0, size: int = 32,
+                 seed: int = 0) -> None:
+    """Class sub-folders with counts[c] PNGs each (or n_flat PNGs directly inside)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] * (32 / size)
+    colours = np.array([[1, 0.2, 0.2], [0.2, 1, 0.2], [0.2, 0.2, 1]])
+
+    def image(k: int) -> np.ndarray:
+        angle = rng.uniform(0, np.pi)
+        wave = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * np.pi / [2, 4, 8][k])
+        a = 128 + 110 * wave[..., None] * colours[k] + rng.normal(0, 30, (size, size, 3))
+        return np.clip(a, 0, 255).astype(np.uint8)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if counts is None:
+        for i in range(n_flat):
+            PIL.fromarray(image(i % 3)).save(folder / f"img{i:03d}.png")
+        return
+    for k, (name, n) in enumerate(counts.items()):
+        (folder / name).mkdir(exist_ok=True)
+        for i in range(n):
+            PIL.fromarray(image(k)).save(folder / name / f"{i:03d}.png")
+
+
+def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "reclip.cli", *map(str, args)], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def adapt_args(data: str, out: str, *extra: str, classes: str = "classes.txt",
+               seed: int = SEED) -> list[str]:
+    return ["adapt", "--model", TINY_VIT, "--data", data, "--classes", classes, "--out", out,
+            "--seed", str(seed), "--quiet", *extra]
+
+
+def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert r.returncode == 0, f"{r.args}\nexit {r.returncode}\nstderr:\n{r.stderr}"
+    assert "Traceback" not in r.stderr
+    return r
+
+
+def parse_predictions(text: str) -> list[tuple[str, str]]:
+    rows = []
+    for line in text.splitlines():
+        path, sep, name = line.partition("\t")
+        assert sep and path and name and "\t" not in name, f"bad prediction line {line!r}"
+        rows.append((path, name))
+    return rows
+
+
+def expected_paths(root: str, counts: dict[str, int]) -> list[str]:
+    return sorted(os.path.join(root, c, f"{i:03d}.png") for c, n in counts.items() for i in range(n))
+
+
+def accuracy_of(rows: list[tuple[str, str]]) -> float:
+    """Accuracy of `path<TAB>class` rows against the class folder each path lies in."""
+    return float(np.mean([Path(p).parent.name == name for p, name in rows]))
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------------- the jobs
+
+
+def _main_run(ws: Path):
+    return cli(ws, *adapt_args("data", "run_main", "--epochs", "3"))
+
+
+def _resume_chain(ws: Path):
+    first = cli(ws, *adapt_args("data", "run_resume", "--epochs", "1"))
+    after_first = None
+    if first.returncode == 0:
+        after_first = {"run": read_json(ws / "run_resume" / "run.json"),
+                       "predictions": (ws / "run_resume" / "predictions.tsv").read_text()}
+    second = cli(ws, *adapt_args("data", "run_resume", "--epochs", "3", "--resume"))
+    return first, after_first, second
+
+
+def _inductive_chain(ws: Path):
+    adapt = cli(ws, *adapt_args("data", "run_inductive", "--epochs", "2", "--inductive"))
+    predict = cli(ws, "predict", "--run", "run_inductive", "--data", "other")
+    return adapt, predict
+
+
+def _kill_chain(ws: Path):
+    """Start a 6-epoch run, SIGKILL it once its first checkpoint exists, resume it."""
+    run = ws / "run_killed"
+    args = adapt_args("killdata", "run_killed", "--epochs", str(KILL_EPOCHS), seed=KILL_SEED)
+    with open(ws / "killed.stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "reclip.cli", *args], cwd=ws, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + TIMEOUT
+        try:
+            while not (run / "run.json").exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.002)
+            alive = proc.poll() is None
+            if alive:
+                os.kill(proc.pid, signal.SIGKILL)
+            returncode = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    state = {"alive_at_kill": alive, "returncode": returncode,
+             "stderr": (ws / "killed.stderr").read_text(),
+             "run_json": read_json(run / "run.json") if (run / "run.json").exists() else None,
+             "finished_files": sorted(p.name for p in run.glob("*")
+                                      if p.name in ("predictions.tsv", "report.json"))}
+    resumed = cli(ws, *adapt_args("killdata", "run_killed", "--epochs", str(KILL_EPOCHS),
+                                  "--resume", seed=KILL_SEED))
+    return state, resumed
+
+
+def _kill_reference(ws: Path):
+    return cli(ws, *adapt_args("killdata", "run_kill_ref", "--epochs", str(KILL_EPOCHS),
+                               seed=KILL_SEED))
+
+
+def _mismatch(ws: Path):
+    """--resume into a copy of run_main with the same classes in another order."""
+    shutil.copytree(ws / "run_main", ws / "run_mismatch", ignore=shutil.ignore_patterns("*.tsv"))
+    before = (ws / "run_mismatch" / "run.json").read_text()
+    r = cli(ws, *adapt_args("flat", "run_mismatch", "--epochs", "4", "--resume",
+                            classes="reordered.txt"))
+    return r, before, (ws / "run_mismatch" / "run.json").read_text()
+
+
+def _help(ws: Path):
+    script = Path(sys.executable).with_name("reclip")  # the console script, when installed
+    argv = [str(script)] if script.exists() else [sys.executable, "-m", "reclip.cli"]
+    return subprocess.run([*argv, "--help"], cwd=ws, env=ENV, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+
+
+# (id, command, arguments, text the error line must name)
+BAD_INPUTS = [
+    ("missing-classes-file", "adapt", adapt_args("data", "r_bad", classes="no-such-classes.txt"),
+     "no-such-classes.txt"),
+    ("empty-classes-file", "adapt", adapt_args("data", "r_bad", classes="empty.txt"), "empty.txt"),
+    ("one-class", "adapt", adapt_args("data", "r_bad", classes="one.txt"), None),
+    ("empty-image-folder", "adapt", adapt_args("emptydir", "r_bad"), "emptydir"),
+    ("missing-image-folder", "adapt", adapt_args("no-such-dir", "r_bad"), "no-such-dir"),
+    ("unreadable-image", "adapt", adapt_args("baddata", "r_bad"), "garbage.png"),
+    ("missing-pretrained", "adapt",
+     adapt_args("data", "r_bad", "--pretrained", "no-such-weights.safetensors"),
+     "no-such-weights.safetensors"),
+    ("unknown-model", "adapt",
+     ["adapt", "--model", "No-Such-Model-42", "--data", "data", "--classes", "classes.txt",
+      "--out", "r_bad", "--quiet"], "No-Such-Model-42"),
+    ("run-is-not-a-run", "predict", ["predict", "--run", "notrun", "--data", "data"], "notrun"),
+    ("eval-flat-folder", "eval", ["eval", "--run", "run_main", "--data", "flat"], None),
+]
+
+# Every job: key -> (function of the workspace, whether it reads run_main). In submission
+# order: the longest chains first, run_main before anything that reads it.
+JOBS = {
+    "kill": (_kill_chain, False),
+    "main": (_main_run, False),
+    "kill_ref": (_kill_reference, False),
+    "resume": (_resume_chain, False),
+    "inductive": (_inductive_chain, False),
+    "predict_stdout": (lambda ws: cli(ws, "predict", "--run", "run_main", "--data", "data"), True),
+    "predict_file": (lambda ws: cli(ws, "predict", "--run", "run_main", "--data", "data",
+                                    "--out", "pred.tsv"), True),
+    "eval": (lambda ws: cli(ws, "eval", "--run", "run_main", "--data", "data"), True),
+    "mismatch": (_mismatch, True),
+    "preset": (lambda ws: cli(ws, "adapt", "--model", TINY_VIT, "--data", "data", "--preset",
+                              "cifar10", "--out", "run_preset", "--epochs", "2", "--quiet"), False),
+    **{case: ((lambda ws, argv=argv: cli(ws, *argv)), "run_main" in argv)
+       for case, _, argv, _ in BAD_INPUTS},
+    "help": (_help, False),
+    "adapt_help": (lambda ws: cli(ws, "adapt", "--help"), False),
+}
+
+# test -> the jobs it reads (test_bad_input_is_one_line_error: the job named by its case)
+TEST_JOBS = {
+    "test_adapt_writes_run_report_and_predictions": ["main"],
+    "test_predict_matches_adapt_and_is_stable": ["predict_stdout", "predict_file"],
+    "test_eval_accuracy_uses_folder_names_not_folder_order": ["predict_stdout", "eval"],
+    "test_preset_cifar10": ["preset"],
+    "test_inductive_then_predict_other_folder": ["inductive"],
+    "test_resume_equals_uninterrupted": ["main", "resume"],
+    "test_sigkill_mid_run_then_resume_equals_uninterrupted": ["kill", "kill_ref"],
+    "test_resume_with_other_class_list_is_refused": ["mismatch"],
+    "test_help": ["help", "adapt_help"],
+}
+
+
+class Jobs:
+    """The CLI commands of the selected tests, running concurrently (one subprocess per worker)."""
+
+    def __init__(self, ws: Path, wanted: set[str]):
+        self.ws = ws
+        self.pool = ThreadPoolExecutor(max_workers=3)
+        self.futures = {}
+        if any(JOBS[k][1] for k in wanted):
+            wanted = wanted | {"main"}
+        for key, (fn, reads_main) in JOBS.items():  # dict order = submission order
+            if key in wanted:
+                self.futures[key] = (self.pool.submit(self._after_main, ws, fn) if reads_main
+                                     else self.pool.submit(fn, ws))
+
+    def _after_main(self, ws: Path, fn):
+        # "main" was submitted before every job that reads it, so it is running or done when
+        # this starts: waiting for it cannot deadlock the pool.
+        self.futures["main"].result()
+        return fn(ws)
+
+    def result(self, key):
+        return self.futures[key].result(timeout=4 * TIMEOUT)
+
+
+def _make_workspace(ws: Path) -> None:
+    write_images(ws / "data", CLASS_COUNTS)
+    write_images(ws / "killdata", KILL_COUNTS, size=KILL_SIZE, seed=1)
+    write_images(ws / "other", None, n_flat=5, seed=2)
+    write_images(ws / "flat", None, n_flat=4, seed=3)
+    write_images(ws / "baddata", {"cat": 3, "dog": 3}, seed=4)
+    (ws / "baddata" / "dog" / "garbage.png").write_bytes(b"this is not a PNG file\n" * 8)
+    (ws / "emptydir").mkdir()
+    (ws / "notrun").mkdir()
+    (ws / "notrun" / "readme.txt").write_text("not a run\n")
+    (ws / "classes.txt").write_text("".join(c + "\n" for c in CLASSES))
+    (ws / "reordered.txt").write_text("".join(c + "\n" for c in sorted(CLASSES)))
+    (ws / "empty.txt").write_text("")
+    (ws / "one.txt").write_text("cat\n")
+
+
+@pytest.fixture(scope="module")
+def jobs(request, tmp_path_factory):
+    """Starts, at once, the jobs of every selected test of this module."""
+    wanted = set()
+    for item in request.session.items:
+        if getattr(item, "module", None) is request.module:
+            callspec = getattr(item, "callspec", None)
+            case = callspec.params.get("case") if callspec else None
+            wanted.update([case] if case else TEST_JOBS.get(item.originalname, []))
+    ws = tmp_path_factory.mktemp("cli")
+    _make_workspace(ws)
+    j = Jobs(ws, wanted)
+    yield j
+    j.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------------- 1. adapt
+
+
+def test_adapt_writes_run_report_and_predictions(jobs):
+    ws = jobs.ws
+    r = ok(jobs.result("main"))
+    run = ws / "run_main"
+    meta = read_json(run / "run.json")
+    assert meta["classnames"] == CLASSES
+    assert meta["epoch"] == 3
+
+    report = read_json(run / "report.json")
+    assert {"zero_shot_accuracy", "reclip_accuracy", "history"} <= report.keys()
+    assert len(report["history"]) == 3
+    assert [h["epoch"] for h in report["history"]] == [0, 1, 2]
+    fractions = [report["zero_shot_accuracy"], report["reclip_accuracy"]]
+    for h in report["history"]:
+        fractions.append(h["agreement"])
+        fractions.extend(h["accuracy"].values())
+    assert all(isinstance(f, float) and 0.0 <= f <= 1.0 for f in fractions), fractions
+    # the fixture really trains (otherwise the resume tests below would prove nothing)
+    assert any((h["loss_text"] or 0) > 0 for h in report["history"]), report["history"]
+
+    rows = parse_predictions((run / "predictions.tsv").read_text())
+    assert [p for p, _ in rows] == expected_paths("data", CLASS_COUNTS)
+    assert {name for _, name in rows} <= set(CLASSES)
+    assert report["reclip_accuracy"] == pytest.approx(accuracy_of(rows))
+
+    epoch_lines = [ln for ln in r.stderr.splitlines() if ln.startswith("epoch ")]
+    assert [ln.split(":")[0] for ln in epoch_lines] == ["epoch 1", "epoch 2", "epoch 3"], r.stderr
+    assert all("agreement" in ln for ln in epoch_lines)
+
+
+# ----------------------------------------------------------------------------------- 2. predict
+
+
+def test_predict_matches_adapt_and_is_stable(jobs):
+    ws = jobs.ws
+    ok(jobs.result("main"))
+    stdout = ok(jobs.result("predict_stdout")).stdout
+    to_file = ok(jobs.result("predict_file"))
+    assert to_file.stdout == ""
+    written = (ws / "pred.tsv").read_text()
+    rows = parse_predictions(stdout)
+    assert [p for p, _ in rows] == expected_paths("data", CLASS_COUNTS)  # one line each, sorted
+    assert written == stdout  # two invocations agree
+    assert stdout == (ws / "run_main" / "predictions.tsv").read_text()  # transductive = predict
+
+
+# ----------------------------------------------------------------------------------- 3. eval
+
+
+def test_eval_accuracy_uses_folder_names_not_folder_order(jobs):
+    ok(jobs.result("main"))
+    rows = parse_predictions(ok(jobs.result("predict_stdout")).stdout)
+    out = ok(jobs.result("eval")).stdout.strip()
+    assert out.startswith("accuracy "), out
+    reported = float(out.split()[1])
+    expected = accuracy_of(rows)
+    assert reported == pytest.approx(expected, abs=5e-5), (out, expected)
+    assert out.endswith(f"({len(rows)} images)"), out
+    # The classes file is not in sorted order and the class sizes differ, so mapping folder
+    # i to classes[i] would give another accuracy: the comparison above can tell them apart.
+    sorted_folders = sorted(CLASS_COUNTS)
+    wrong = float(np.mean([CLASSES[sorted_folders.index(Path(p).parent.name)] == name
+                           for p, name in rows]))
+    assert abs(wrong - expected) > 1e-3, "fixture cannot distinguish the folder mapping"
+
+
+# ----------------------------------------------------------------------------------- 4. preset
+
+
+def test_preset_cifar10(jobs):
+    ws = jobs.ws
+    ok(jobs.result("preset"))
+    meta = read_json(ws / "run_preset" / "run.json")
+    assert meta["classnames"] == CIFAR10
+    assert len(meta["templates"]) > 1
+    rows = parse_predictions((ws / "run_preset" / "predictions.tsv").read_text())
+    assert [p for p, _ in rows] == expected_paths("data", CLASS_COUNTS)
+    assert {name for _, name in rows} <= set(CIFAR10)
+    report = read_json(ws / "run_preset" / "report.json")
+    assert len(report["history"]) == 2
+    # every folder (cat, dog, ship) is a CIFAR-10 class, so the accuracy is known, and it is
+    # that of the written predictions under the folder-name -> preset-class mapping
+    assert 0.0 <= report["zero_shot_accuracy"] <= 1.0
+    assert report["reclip_accuracy"] == pytest.approx(accuracy_of(rows))
+
+
+# ----------------------------------------------------------------------------------- 5. inductive
+
+
+def test_inductive_then_predict_other_folder(jobs):
+    ws = jobs.ws
+    adapt, predict = jobs.result("inductive")
+    ok(adapt)
+    run = ws / "run_inductive"
+    assert (run / "run.json").is_file()
+    assert not (run / "predictions.tsv").exists()
+    report = read_json(run / "report.json")
+    assert "reclip_accuracy" not in report
+    assert 0.0 <= report["zero_shot_accuracy"] <= 1.0
+    assert len(report["history"]) == 2
+    rows = parse_predictions(ok(predict).stdout)
+    assert [p for p, _ in rows] == [os.path.join("other", f"img{i:03d}.png") for i in range(5)]
+    assert {name for _, name in rows} <= set(CLASSES)
+
+
+# ----------------------------------------------------------------------------------- 6. resume
+
+
+def test_resume_equals_uninterrupted(jobs):
+    ws = jobs.ws
+    ok(jobs.result("main"))
+    first, after_first, second = jobs.result("resume")
+    ok(first)
+    ok(second)
+    assert after_first["run"]["epoch"] == 1
+    reference = (ws / "run_main" / "predictions.tsv").read_text()
+    # after one epoch the predictions still differ, so equality below is earned by resuming
+    assert after_first["predictions"] != reference, "fixture: epoch 1 already equals epoch 3"
+    assert (ws / "run_resume" / "predictions.tsv").read_text() == reference
+    assert read_json(ws / "run_resume" / "run.json")["epoch"] == 3
+    report = read_json(ws / "run_resume" / "report.json")
+    assert [h["epoch"] for h in report["history"]] == [0, 1, 2]
+    assert report["history"] == read_json(ws / "run_main" / "report.json")["history"]
+    assert [ln.split(":")[0] for ln in second.stderr.splitlines() if ln.startswith("epoch ")] \
+        == ["epoch 2", "epoch 3"], second.stderr
+
+
+# ----------------------------------------------------------------------------------- 7. SIGKILL
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(jobs):
+    ws = jobs.ws
+    state, resumed = jobs.result("kill")
+    reference = ok(jobs.result("kill_ref"))
+    assert state["alive_at_kill"], f"run ended before it could be killed:\n{state['stderr']}"
+    assert state["returncode"] == -signal.SIGKILL
+    assert state["run_json"] is not None, "killed before the first checkpoint"
+    assert 1 <= state["run_json"]["epoch"] < KILL_EPOCHS, state["run_json"]["epoch"]
+    assert state["finished_files"] == []  # it never got to the end
+    ok(resumed)
+    assert read_json(ws / "run_killed" / "run.json")["epoch"] == KILL_EPOCHS
+    ref_report = read_json(ws / "run_kill_ref" / "report.json")
+    assert any((h["loss_text"] or 0) > 0 for h in ref_report["history"])
+    assert len(ref_report["history"]) == KILL_EPOCHS
+    got = (ws / "run_killed" / "predictions.tsv").read_text()
+    want = (ws / "run_kill_ref" / "predictions.tsv").read_text()
+    assert len(want.splitlines()) == sum(KILL_COUNTS.values())
+    assert got == want
+    assert read_json(ws / "run_killed" / "report.json")["history"] == ref_report["history"]
+    assert reference.returncode == 0
+
+
+# ----------------------------------------------------------------------------------- 8. bad inputs
+
+
+def _assert_one_line_error(r: subprocess.CompletedProcess, command: str, mentions: str | None):
+    assert r.returncode == 2, f"exit {r.returncode}\nstderr:\n{r.stderr}"
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, f"expected exactly one stderr line, got {len(lines)}:\n{r.stderr}"
+    assert lines[0].startswith(f"reclip {command}: error: "), lines[0]
+    if mentions is not None:
+        assert mentions in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("case,command,argv,mentions", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_line_error(jobs, case, command, argv, mentions):
+    _assert_one_line_error(jobs.result(case), command, mentions)
+    assert not (jobs.ws / "r_bad" / "run.json").exists()
+
+
+def test_resume_with_other_class_list_is_refused(jobs):
+    ok(jobs.result("main"))
+    r, before, after = jobs.result("mismatch")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert after == before  # the checkpoint is left alone
+    _assert_one_line_error(r, "adapt", "run_mismatch")
+
+
+# ----------------------------------------------------------------------------------- 9. help
+
+
+def test_help(jobs):
+    top = jobs.result("help")
+    assert top.returncode == 0, top.stderr
+    assert "usage:" in top.stdout and all(c in top.stdout for c in ("adapt", "predict", "eval"))
+    sub = jobs.result("adapt_help")
+    assert sub.returncode == 0, sub.stderr
+    assert all(opt in sub.stdout for opt in ("--model", "--data", "--classes", "--out",
+                                            "--resume", "--inductive", "--preset"))
