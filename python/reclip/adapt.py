@@ -329,9 +329,7 @@ class ReCLIP:
     def _restore(self, saved: tuple[dict[str, torch.Tensor], dict[str, Any]], where, *,
                  rng: bool = False) -> None:
         tensors, meta = saved
-        if meta["classnames"] != self.classnames:
-            raise ValueError(f"{where}: checkpoint classes {meta['classnames'][:5]}... do not match "
-                             f"the requested classes {self.classnames[:5]}...")
+        check_classes(meta, self.classnames, where)
         base = {k[len("base."):]: v for k, v in tensors.items() if k.startswith("base.")}
         if base:
             for model in (self.loaded.model, self.text_copy, self.visual_copy):
@@ -360,6 +358,13 @@ class ReCLIP:
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+def check_classes(meta: dict[str, Any], classnames: list[str], where) -> None:
+    """A run may only be resumed with the class list (and order) it was made with."""
+    if meta["classnames"] != classnames:
+        raise ValueError(f"{where}: checkpoint classes {meta['classnames'][:5]}... do not match "
+                         f"the requested classes {classnames[:5]}...")
 
 
 def _tower_params(model: nn.Module, *, visual: bool) -> dict[str, nn.Parameter]:

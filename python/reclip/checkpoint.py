@@ -71,6 +71,16 @@ def _current_tensor_file(directory: Path) -> Path | None:
 def read(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, metadata) of a run directory; ValueError / FileNotFoundError naming the path."""
     directory = Path(directory)
+    meta = read_meta(directory)
+    tensor_path = directory / meta["tensors"]
+    if not tensor_path.is_file():
+        raise FileNotFoundError(f"{tensor_path}: missing")
+    return load_file(str(tensor_path)), meta
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """The metadata of a run directory alone (cheap: no tensors are read)."""
+    directory = Path(directory)
     meta_path = directory / META
     if not meta_path.is_file():
         raise FileNotFoundError(f"{directory}: not a reclip run directory (no {META})")
@@ -80,7 +90,4 @@ def read(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         raise ValueError(f"{meta_path}: unreadable ({err})") from err
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
-    tensor_path = directory / meta["tensors"]
-    if not tensor_path.is_file():
-        raise FileNotFoundError(f"{tensor_path}: missing")
-    return load_file(str(tensor_path)), meta
+    return meta

@@ -113,12 +113,15 @@ def adapt(args) -> int:
     import torch
 
     from . import adapt as adapt_mod
+    from . import checkpoint
     from .checkpoint import write_json
     from .data import image_set
     from .models import load_model
 
     start = time.time()
     classnames, templates = _class_lists(args)
+    if args.resume and checkpoint.exists(args.out):  # refuse a mismatch before any real work
+        adapt_mod.check_classes(checkpoint.read_meta(args.out), classnames, args.out)
     torch.manual_seed(args.seed)  # a config without weights starts from a seeded random init
     loaded = load_model(args.model, args.pretrained)
     data = image_set(args.data, loaded.preprocess)
