@@ -217,3 +217,17 @@ def test_classnames_errors(tiny):
         reclip.ReCLIP(tiny, ["only"])
     with pytest.raises(ValueError, match="duplicates"):
         reclip.ReCLIP(tiny, ["a", "a"])
+
+
+def test_demo_writes_report_and_plots(tmp_path):
+    """`reclip demo` end to end with the shipped model, shortened to one epoch."""
+    from reclip.demo import run_demo
+
+    report = run_demo(tmp_path, epochs=1, say=lambda _: None)
+    saved = __import__("json").loads((tmp_path / "report.json").read_text())
+    for key in ("zero_shot_accuracy", "reclip_accuracy", "label_propagation_accuracy"):
+        assert 0 <= saved[key] <= 1 and saved[key] == report[key]
+    assert len(saved["per_epoch"]) == 1
+    assert set(saved["similarity"]) == {"P0", "P1", "P2"}
+    for name in saved["plots"]:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

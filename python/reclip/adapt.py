@@ -36,6 +36,7 @@ class Config:
 
     k: int = 20  #: neighbours in the propagation graph
     alpha: float = 0.99  #: propagation strength
+    weight: str = "shift"  #: edge weight ((1+s)/2, the authors' code) or "relu" (max(s,0))
     projection: str = "P2"  #: "P0", "P1" or "P2"
     lr: float = 1e-3
     momentum: float = 0.9
@@ -238,12 +239,13 @@ class ReCLIP:
     def _pseudo(self, feats: torch.Tensor, nodes: torch.Tensor, u) -> np.ndarray:
         c = self.config
         return pseudo_labels(feats, nodes, u, method=c.pseudo_labels, many_classes=c.many_classes,
-                             k=c.k, alpha=c.alpha)
+                             k=c.k, alpha=c.alpha, weight=c.weight)
 
     def _step_text(self, feats: torch.Tensor, y: torch.Tensor) -> float:
+        # As in the authors' code, the projection only shapes the pseudo labels: the loss
+        # uses plain image . text logits.
         text = self._encode_text(self.text_copy, self._prompts(first_only=True))
-        logits = self.config.logit_scale * (projection.project(feats, self.basis_t)
-                                            @ projection.project(text, self.basis_t).T)
+        logits = self.config.logit_scale * feats @ text.T
         return _sgd_step(self._opt_t, nn.functional.cross_entropy(logits, y))
 
     def _step_visual(self, data, idx: np.ndarray, y: torch.Tensor) -> float:
@@ -261,8 +263,7 @@ class ReCLIP:
         sides = []
         if self.config.sides in ("both", "text"):
             feats = self._encode_images(self.text_copy, data)
-            sides.append(projection.project(feats, self.basis_t)
-                         @ projection.project(self.nodes_t, self.basis_t).T)
+            sides.append(feats @ self.nodes_t.T)
         if self.config.sides in ("both", "visual"):
             feats = self._encode_images(self.visual_copy, data)
             sides.append(feats @ self.centres.T)

@@ -21,17 +21,9 @@ from .adapt import Config, ReCLIP
 from .checkpoint import write_json
 from .models import LoadedModel, load_model
 from .pseudo_labels import propagate
+from .sources import DIGIT_NAMES, load_sklearn_digits
 
-DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_TEMPLATES = ["a photo of the number {}.", "a handwritten digit {}.", "the digit {}"]
-
-
-def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 1,797 8x8 digits as uint8 images (0..16 scaled to 0..255) and labels."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return np.round(d.images * (255.0 / 16.0)).astype(np.uint8), d.target.astype(np.int64)
 
 
 def preprocessed(images: np.ndarray, loaded: LoadedModel) -> torch.Tensor:
@@ -126,15 +118,15 @@ def run_demo(out_dir: str | Path, *, model: str = "reclip-digits", epochs: int =
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     loaded = load_model(model)
-    raw, labels = sklearn_digits()
+    raw, labels = load_sklearn_digits()
     images = preprocessed(raw, loaded)
     config = Config(max_epochs=epochs, seed=seed)
     clf = ReCLIP(loaded, DIGIT_NAMES, DIGIT_TEMPLATES, config)
 
     zero_shot = float((clf.zero_shot_predict(images) == labels).mean())
     frozen = clf._encode_images(clf.text_copy, images)
-    lp_only = float((propagate(frozen, clf.nodes_v, clf.basis_v, k=config.k, alpha=config.alpha)
-                     == labels).mean())
+    lp_only = float((propagate(frozen, clf.nodes_v, clf.basis_v, k=config.k, alpha=config.alpha,
+                               weight=config.weight) == labels).mean())
     say(f"target: scikit-learn digits, {len(labels)} images, 10 classes (labels used only to score)")
     say(f"zero-shot accuracy {zero_shot:.4f} | label propagation only {lp_only:.4f}")
 

@@ -19,12 +19,14 @@ METHODS = ("auto", "propagation", "prediction")
 
 
 def propagate(images: torch.Tensor, classes: torch.Tensor, u: torch.Tensor | None, *,
-              k: int = 20, alpha: float = 0.99, max_iter: int = 20) -> np.ndarray:
+              k: int = 20, alpha: float = 0.99, max_iter: int = 20,
+              weight: str = "shift") -> np.ndarray:
     """Labels by label propagation over [classes; images] in the projection's coordinates."""
     t = coordinates(classes.detach().float(), u).cpu().numpy()
     v = coordinates(images.detach().float(), u).cpu().numpy()
     k = min(k, t.shape[0] + v.shape[0] - 1)
-    return reclip_ext.label_propagate(t, v, k=k, alpha=alpha, max_iter=max_iter).labels
+    return reclip_ext.label_propagate(t, v, k=k, alpha=alpha, max_iter=max_iter,
+                                      weight=weight).labels
 
 
 def predict(images: torch.Tensor, classes: torch.Tensor, u: torch.Tensor | None) -> np.ndarray:
@@ -35,7 +37,7 @@ def predict(images: torch.Tensor, classes: torch.Tensor, u: torch.Tensor | None)
 
 def pseudo_labels(images: torch.Tensor, classes: torch.Tensor, u: torch.Tensor | None, *,
                   method: str = "auto", many_classes: int = 500, k: int = 20,
-                  alpha: float = 0.99) -> np.ndarray:
+                  alpha: float = 0.99, weight: str = "shift") -> np.ndarray:
     """Pseudo labels by `method`: "propagation", "prediction", or "auto" (propagation up to
     `many_classes` classes, prediction above)."""
     if method not in METHODS:
@@ -44,4 +46,4 @@ def pseudo_labels(images: torch.Tensor, classes: torch.Tensor, u: torch.Tensor |
         method = "propagation" if classes.shape[0] <= many_classes else "prediction"
     if method == "prediction":
         return predict(images, classes, u)
-    return propagate(images, classes, u, k=k, alpha=alpha)
+    return propagate(images, classes, u, k=k, alpha=alpha, weight=weight)
