@@ -77,7 +77,9 @@ class EpochLog:
     trained: int  #: images trained on this epoch
     loss_text: float | None = None
     loss_visual: float | None = None
-    accuracy: dict[str, float] = field(default_factory=dict)  #: when labels are known
+    #: when labels are known: pseudo-label accuracies (pseudo_text / pseudo_visual / pseudo_shared)
+    #: and the T / V / combined models' accuracies as they enter the epoch
+    accuracy: dict[str, float] = field(default_factory=dict)
 
 
 def _images_arg(images: Any, transform: Callable | None):
@@ -210,6 +212,12 @@ class ReCLIP:
             agree = np.ones(len(data), bool)
             keep = agree
         target = labels_t if labels_t is not None else labels_v
+        # The models' own predictions as they enter this epoch, from features computed anyway.
+        side_logits = {}
+        if use_t:
+            side_logits["text"] = frozen @ self.nodes_t.T
+        if use_v:
+            side_logits["visual"] = feats_v @ self.centres.T
         index = np.flatnonzero(keep)
         g = torch.Generator().manual_seed(c.seed * 100_003 + epoch)
         order = index[torch.randperm(len(index), generator=g).numpy()]
@@ -234,6 +242,9 @@ class ReCLIP:
             if labels_v is not None:
                 entry.accuracy["pseudo_visual"] = float((labels_v == truth).mean())
             entry.accuracy["pseudo_shared"] = float((target[keep] == truth[keep]).mean()) if keep.any() else 0.0
+            for name, logits in side_logits.items():
+                entry.accuracy[name] = _accuracy(logits, truth)
+            entry.accuracy["combined"] = _accuracy(sum(side_logits.values()), truth)
         return entry
 
     def _pseudo(self, feats: torch.Tensor, nodes: torch.Tensor, u) -> np.ndarray:
@@ -387,6 +398,10 @@ def _centres(feats: torch.Tensor, labels: np.ndarray, fallback: torch.Tensor) ->
     counts = torch.bincount(y, minlength=m)
     centres = torch.where(counts[:, None] > 0, sums, fallback.to(feats.dtype))
     return nn.functional.normalize(centres, dim=1)
+
+
+def _accuracy(logits: torch.Tensor, truth: np.ndarray) -> float:
+    return float((logits.argmax(dim=1).numpy() == truth).mean())
 
 
 def _sgd_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
