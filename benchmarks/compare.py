@@ -16,7 +16,6 @@ dimension, label agreement with reclip_ext, and accuracy against the synthetic g
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -105,26 +104,10 @@ def _to_json(obj):
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write to a temporary file in the same directory, fsync, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, default=_to_json)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write the report atomically (temporary file, fsync, rename), as reclip's run files are."""
+    from reclip.checkpoint import write_json
+
+    write_json(path, payload, default=_to_json)
 
 
 def _run_job(job: dict, params, args, isolate: bool, repeat: int) -> dict:

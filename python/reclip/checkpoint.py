@@ -41,10 +41,12 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Atomically write `obj` as indented JSON."""
+def write_json(path: str | Path, obj: Any, default=None) -> None:
+    """Atomically write `obj` as indented JSON (`default` as in json.dumps), creating the folder."""
     path = Path(path)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(obj, indent=2, default=default) + "\n"
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
