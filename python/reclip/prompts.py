@@ -137,12 +137,7 @@ def read_classnames(path: str | os.PathLike) -> list[str]:
     p = os.fspath(path)
     if not lines:
         raise ValueError(f"{p}: no class names")
-    seen: dict[str, int] = {}
-    for n, name in lines:
-        if name in seen:
-            raise ValueError(f"{p}: line {n}: duplicate class name {name!r} (first on line {seen[name]})")
-        seen[name] = n
-    return [name for _, name in lines]
+    return _unique(lines, p, "class name")
 
 
 def read_templates(path: str | os.PathLike) -> list[str]:
@@ -156,15 +151,21 @@ def read_templates(path: str | os.PathLike) -> list[str]:
     p = os.fspath(path)
     if not lines:
         raise ValueError(f"{p}: no templates")
-    seen: dict[str, int] = {}
     for n, t in lines:
         k = t.count(_PLACEHOLDER)
         if k != 1:
             raise ValueError(f"{p}: line {n}: template {t!r} must contain exactly one '{{}}' (found {k})")
-        if t in seen:
-            raise ValueError(f"{p}: line {n}: duplicate template {t!r} (first on line {seen[t]})")
-        seen[t] = n
-    return [t for _, t in lines]
+    return _unique(lines, p, "template")
+
+
+def _unique(lines: list[tuple[int, str]], p: str, what: str) -> list[str]:
+    """The entries of (line number, text) pairs; ValueError naming both lines of a repeat."""
+    seen: dict[str, int] = {}
+    for n, text in lines:
+        if text in seen:
+            raise ValueError(f"{p}: line {n}: duplicate {what} {text!r} (first on line {seen[text]})")
+        seen[text] = n
+    return [text for _, text in lines]
 
 
 def format_prompts(classnames: Sequence[str], templates: Sequence[str] | None = None) -> list[list[str]]:
