@@ -50,6 +50,8 @@ KILL_SEED = 7
 KILL_EPOCHS = 6
 KILL_COUNTS = {"cat": 30, "dog": 32, "ship": 34}  # bigger images too: ~0.2 s per epoch
 KILL_SIZE = 160
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DIGITS_PER_CLASS = 8
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -82,6 +84,18 @@ def write_images(folder: Path, counts: dict[str, int] | None, *, n_flat: int = 0
         (folder / name).mkdir(exist_ok=True)
         for i in range(n):
             PIL.fromarray(image(k)).save(folder / name / f"{i:03d}.png")
+
+
+def write_digits(folder: Path, per_class: int) -> None:
+    """An ImageFolder zero/ .. nine/ of scikit-learn's 8x8 digits (the first per_class each)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for c, name in enumerate(DIGIT_NAMES):
+        (folder / name).mkdir(parents=True)
+        for i in np.flatnonzero(digits.target == c)[:per_class]:
+            pixels = np.rint(digits.images[i] * (255 / 16)).astype(np.uint8)
+            PIL.fromarray(pixels).save(folder / name / f"{i:04d}.png")
 
 
 def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -191,6 +205,13 @@ def _mismatch(ws: Path):
     return r, before, (ws / "run_mismatch" / "run.json").read_text()
 
 
+def _digits_chain(ws: Path):
+    """The issue's workflow with the shipped model on an ImageFolder of real digits."""
+    adapt = cli(ws, "adapt", "--model", "reclip-digits", "--data", "digits", "--classes",
+                "digit-names.txt", "--out", "run_digits", "--epochs", "1", "--quiet")
+    return adapt, cli(ws, "eval", "--run", "run_digits", "--data", "digits")
+
+
 def _help(ws: Path):
     script = Path(sys.executable).with_name("reclip")  # the console script, when installed
     argv = [str(script)] if script.exists() else [sys.executable, "-m", "reclip.cli"]
@@ -234,6 +255,7 @@ JOBS = {
                               "cifar10", "--out", "run_preset", "--epochs", "2", "--quiet"), False),
     **{case: ((lambda ws, argv=argv: cli(ws, *argv)), "run_main" in argv)
        for case, _, argv, _ in BAD_INPUTS},
+    "digits": (_digits_chain, False),
     "help": (_help, False),
     "adapt_help": (lambda ws: cli(ws, "adapt", "--help"), False),
 }
@@ -249,6 +271,7 @@ TEST_JOBS = {
     "test_sigkill_mid_run_then_resume_equals_uninterrupted": ["kill", "kill_ref"],
     "test_resume_with_other_class_list_is_refused": ["mismatch"],
     "test_help": ["help", "adapt_help"],
+    "test_shipped_digits_model_on_a_digit_folder": ["digits"],
 }
 
 
@@ -290,6 +313,8 @@ def _make_workspace(ws: Path) -> None:
     (ws / "reordered.txt").write_text("".join(c + "\n" for c in sorted(CLASSES)))
     (ws / "empty.txt").write_text("")
     (ws / "one.txt").write_text("cat\n")
+    write_digits(ws / "digits", DIGITS_PER_CLASS)
+    (ws / "digit-names.txt").write_text("".join(c + "\n" for c in DIGIT_NAMES))
 
 
 @pytest.fixture(scope="module")
@@ -501,3 +526,20 @@ def test_help(jobs):
     assert sub.returncode == 0, sub.stderr
     assert all(opt in sub.stdout for opt in ("--model", "--data", "--classes", "--out",
                                             "--resume", "--inductive", "--preset"))
+
+
+# ----------------------------------------------------------------------------------- 8. digits
+
+
+def test_shipped_digits_model_on_a_digit_folder(jobs):
+    """`reclip adapt --model reclip-digits` then `reclip eval` on real digit images 0-9."""
+    adapt, evaluated = jobs.result("digits")
+    ok(adapt)
+    report = read_json(jobs.ws / "run_digits" / "report.json")
+    # The shipped model recognises these digits far above chance (0.1) before adapting.
+    assert 0.3 < report["zero_shot_accuracy"] <= 1.0, report["zero_shot_accuracy"]
+    rows = parse_predictions((jobs.ws / "run_digits" / "predictions.tsv").read_text())
+    assert len(rows) == 10 * DIGITS_PER_CLASS
+    assert report["reclip_accuracy"] == pytest.approx(accuracy_of(rows))
+    out = ok(evaluated).stdout.strip()
+    assert out == f"accuracy {accuracy_of(rows):.4f} ({len(rows)} images)", out
