@@ -273,14 +273,14 @@ class Clock:
 
 
 class Budget:
-    """Seconds left of --budget-s, and a prediction of a method's time from its last run at a
-    smaller size: the kNN part grows with N², the rest (normalise, CG) with N·m:
-    t = knn0 · (N / N0)² + rest0 · (N·m) / (N0·m0)."""
+    """Seconds left of --budget-s, and a prediction of a method's time from an earlier run at a
+    smaller size (the same m if there was one, else the latest): the kNN part grows with N²,
+    the rest (normalise, CG) with N·m: t = knn0 · (N / N0)² + rest0 · (N·m) / (N0·m0)."""
 
     def __init__(self, seconds: float | None) -> None:
         self.t0 = time.perf_counter()
         self.limit = seconds
-        self.last: dict[str, tuple[int, int, float, float]] = {}
+        self.last: dict[str, dict[int, tuple[int, int, float, float]]] = {}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -289,9 +289,10 @@ class Budget:
         return math.inf if self.limit is None else self.limit - self.elapsed()
 
     def predict(self, key: str, n_nodes: int, m: int) -> float:
-        if key not in self.last:
+        runs = self.last.get(key)
+        if not runs:
             return 0.0
-        n0, m0, quad, lin = self.last[key]
+        n0, m0, quad, lin = runs.get(m) or list(runs.values())[-1]
         return quad * (n_nodes / n0) ** 2 + lin * (n_nodes * m) / (n0 * m0)
 
     def refuse(self, key: str, n_nodes: int, m: int) -> str | None:
@@ -305,7 +306,9 @@ class Budget:
     def record(self, key: str, n_nodes: int, m: int, wall: float, knn: float = 0.0) -> None:
         """`knn`: the part of `wall` that grows with N² (0 for the per-class CG of ZLaP)."""
         knn = min(max(knn, 0.0), wall)
-        self.last[key] = (n_nodes, m, knn, wall - knn)
+        runs = self.last.setdefault(key, {})
+        runs.pop(m, None)  # re-insert: the latest record comes last
+        runs[m] = (n_nodes, m, knn, wall - knn)
 
 
 def _free(torch, device: str) -> None:
@@ -515,26 +518,32 @@ def torch_normalize(torch, idx, val):
 
 
 def batched_cg(torch, w, b, alpha: float, max_iter: int, tol: float):
-    """(I - αW) X = B for all columns at once (recipes.batched_cg_torch on any device): one
-    sparse @ dense per iteration, per-column step sizes, a column freezes once
+    """(I - αW) X = B for all columns at once, recipes.batched_cg_torch on any device and with
+    fewer temporaries (in-place updates; dot products as float32 products summed in float64):
+    one sparse @ dense per iteration, per-column step sizes, a column freezes once
     ||r|| / ||b|| <= tol. Returns (x, iterations per column, relative residuals)."""
+    f64 = torch.float64
+
+    def dots(u, v):
+        return (u * v).sum(0, dtype=f64)
+
     x = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
-    rr = (r.double() * r.double()).sum(0)
+    rr = dots(r, r)
     bnorm = rr.sqrt()
     active = bnorm > 0
     iterations = torch.zeros(b.shape[1], dtype=torch.int64, device=b.device)
     for _ in range(max_iter):
         if not bool(active.any()):
             break
-        q = p - alpha * (w @ p)
-        pq = (p.double() * q.double()).sum(0)
+        q = (w @ p).mul_(-alpha).add_(p)  # (I - αW) p
+        pq = dots(p, q)
         step = torch.where(active, rr / torch.where(pq != 0, pq, 1), 0).to(b.dtype)
-        x += step * p
-        r -= step * q
+        x.addcmul_(p, step)
+        r.addcmul_(q, step, value=-1)
         del q
-        rr_new = (r.double() * r.double()).sum(0)
+        rr_new = dots(r, r)
         iterations += active
         active &= rr_new.sqrt() > tol * bnorm
         beta = torch.where(active, rr_new / torch.where(rr != 0, rr, 1), 0).to(b.dtype)
