@@ -320,20 +320,33 @@ def _free(torch, device: str) -> None:
                 sys.modules["cupy"].get_default_memory_pool().free_all_blocks()
 
 
+def tf32_api(torch) -> str:
+    """How this torch switches tf32 for float32 matmuls: the new per-backend
+    ``fp32_precision`` (torch >= 2.9; mixing it with the legacy flag is an error there) or the
+    legacy ``allow_tf32``."""
+    return ("torch.backends.cuda.matmul.fp32_precision"
+            if hasattr(torch.backends.cuda.matmul, "fp32_precision")
+            else "torch.backends.cuda.matmul.allow_tf32")
+
+
 @contextlib.contextmanager
 def matmul_precision(torch, precision: str):
-    """torch.mm operand precision for float32: tf32 on for "tf32", off otherwise."""
+    """torch.mm operand precision for float32: tf32 for "tf32", full float32 otherwise
+    (``fp32_precision = "tf32" / "ieee"``, or ``allow_tf32 = True / False`` on older torch)."""
     flags = torch.backends.cuda.matmul
+    new_api = hasattr(flags, "fp32_precision")
+    name, value = (("fp32_precision", "tf32" if precision == "tf32" else "ieee") if new_api
+                   else ("allow_tf32", precision == "tf32"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        old = flags.allow_tf32
-        flags.allow_tf32 = precision == "tf32"
+        old = getattr(flags, name)
+        setattr(flags, name, value)
     try:
         yield
     finally:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            flags.allow_tf32 = old
+            setattr(flags, name, old)
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,6 +394,7 @@ def measure_rates(torch, device: str, size: int, repeat: int, copy_mib: int) -> 
     src = torch.randn(numel, device=device, generator=gen)
     dst = torch.empty_like(src)
     t = median_seconds(lambda: dst.copy_(src))
+    out["tf32_api"] = tf32_api(torch)
     out["copy_bytes"] = 2 * numel * 4
     out["copy_seconds"] = t
     out["copy_gbps"] = 2 * numel * 4 / t / 1e9
@@ -637,6 +651,7 @@ class Case:
             self.text, self.images, k=a.k, alpha=a.alpha, max_iter=a.max_iter, tol=a.tol,
             normalize=True, **kw))
         if self.device == "cuda":
+            # what label_propagate took through torch's allocator above what was allocated
             out["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated() - base)
         labels = torch.as_tensor(lp.labels).to(self.device)
         out["iterations_end_to_end"] = int(torch.as_tensor(lp.iterations).max())
@@ -657,12 +672,12 @@ class Case:
         chunk = chunk_rows(self.N, itemsize, a.chunk, a.chunk_gib)
         out["chunk_rows"] = chunk
         out["mm"] = {"bf16": "operands .to(bfloat16), bf16 output",
-                     "tf32": "float32, torch.backends.cuda.matmul.allow_tf32 = True",
-                     "exact": "float32, allow_tf32 = False"}[precision]
+                     "tf32": f"float32, tf32 on ({tf32_api(torch)})",
+                     "exact": f"float32, tf32 off ({tf32_api(torch)})"}[precision]
         clock.sync()
         t0 = time.perf_counter()
         (idx, val), t_knn = clock.time(lambda: torch_knn(torch, self.x, a.k, precision, chunk))
-        out["recall"] = recall(torch, idx[self.sample], self.reference)
+        sample_idx = idx[self.sample]
         w, t_norm = clock.time(lambda: torch_normalize(torch, idx, val))
         del idx, val
         out["nnz"] = int(w.values().numel())
@@ -673,6 +688,7 @@ class Case:
         clock.sync()
         t_total = time.perf_counter() - t0
         del z, y
+        out["recall"] = recall(torch, sample_idx, self.reference)
         out["iterations"] = int(its.max())
         out["residual_max"] = float(res.max())
         out["times"] = {"knn": t_knn, "normalize": t_norm, "solve": t_solve, "total": t_total}
@@ -700,7 +716,8 @@ class Case:
             indices = cupy.from_dlpack(w.col_indices().to(torch.int32))
             data = cupy.from_dlpack(w.values().contiguous())
             wc = csp.csr_matrix((data, indices, indptr), shape=(self.N, self.N))
-            return csp.identity(self.N, dtype=cupy.float32, format="csr") - a.alpha * wc
+            lap = csp.identity(self.N, dtype=cupy.float32, format="csr") - a.alpha * wc
+            return lap if lap.dtype == cupy.float32 else lap.astype(cupy.float32)
 
         lap, t_build = clock.time(build)
         del w
@@ -1037,6 +1054,8 @@ def main(argv=None) -> int:
           f"fp32 {mm['fp32']:.4g} TFLOP/s (H200 anchors {anchors['bf16']:g} / "
           f"{anchors['tf32']:g} / {anchors['fp32']:g}); copy {rates['copy_gbps']:.4g} GB/s "
           f"(anchor {ANCHORS['copy_gbps']:g}); median of {args.mm_repeat}")
+    if args.device == "cuda" and mm["tf32"] < 1.5 * mm["fp32"]:
+        print(f"WARNING: the tf32 mm rate is not above fp32's: is tf32 on ({rates['tf32_api']})?")
     print(f"models: kNN FLOP = 2*N*N*d; CG bytes/iteration = nnz*(4+8) + "
           f"{args.cg_passes}*N*m*4; ratios = baseline time / reclip_ext time (> 1: reclip_ext "
           f"faster); reclip_ext total = label_propagate end to end")
