@@ -391,8 +391,16 @@ class _Device:
                 return self.xp.zeros(shape, dtype)
         return self.xp.zeros(shape, dtype=getattr(self.xp, dtype), device=self.device)
 
-    def workspace(self, nbytes: int):
-        return self.empty((max(int(nbytes), 1),), "uint8")
+    def workspace(self, nbytes: int, op: str):
+        """The op's scratch buffer; a failed allocation says how much was asked for."""
+        try:
+            return self.empty((max(int(nbytes), 1),), "uint8")
+        except Exception as err:  # torch.OutOfMemoryError, cupy OutOfMemoryError, ...
+            if "memory" not in str(err).lower() and "MemoryError" not in type(err).__name__:
+                raise
+            raise MemoryError(f"{op}: needs about {nbytes / 2**30:.1f} GiB of CUDA workspace on "
+                              f"cuda:{self.index}, which could not be allocated; reduce N, d, "
+                              "k or m") from err
 
     def capsule(self, a):
         if self.cupy:
@@ -477,7 +485,7 @@ def _device_affinity(dev: _Device, blocks, opts, normalize: bool, precision: str
     k = opts["k"]
     indices = dev.empty((n, k), "int64")
     weights = dev.empty((n, k), dt)
-    ws = dev.workspace(_core.knn_affinity_workspace_bytes(n, d, k, dt, precision))
+    ws = dev.workspace(_core.knn_affinity_workspace_bytes(n, d, k, dt, precision), "knn_affinity")
     _core.knn_affinity([dev.capsule(b) for b in blocks], dev.capsule(indices),
                        dev.capsule(weights), normalize=normalize, threads=0,
                        stream=dev.stream(), precision=precision, workspace=dev.capsule(ws),
@@ -491,7 +499,7 @@ def _device_normalize(dev: _Device, indices, weights) -> Csr:
     indptr = dev.empty((n + 1,), "int64")
     cols = dev.empty((2 * n * k,), "int64")
     data = dev.empty((2 * n * k,), dt)
-    ws = dev.workspace(_core.sym_normalize_workspace_bytes(n, k, dt, dev.index))
+    ws = dev.workspace(_core.sym_normalize_workspace_bytes(n, k, dt, dev.index), "sym_normalize")
     nnz = _core.sym_normalize(dev.capsule(indices), dev.capsule(weights), dev.capsule(indptr),
                               dev.capsule(cols), dev.capsule(data), threads=0,
                               stream=dev.stream(), workspace=dev.capsule(ws))
@@ -506,7 +514,7 @@ def _device_cg(dev: _Device, w: Csr, rhs, opts) -> CgResult:
     x = dev.empty((n, m), dt)
     iterations = dev.empty((m,), "int64")
     residuals = dev.empty((m,), "float64")
-    ws = dev.workspace(_core.cg_solve_workspace_bytes(n, m, dt))
+    ws = dev.workspace(_core.cg_solve_workspace_bytes(n, m, dt), "cg_solve")
     _core.cg_solve(*(dev.capsule(a) for a in w), dev.capsule(rhs), dev.capsule(x),
                    dev.capsule(iterations), dev.capsule(residuals), threads=0,
                    stream=dev.stream(), workspace=dev.capsule(ws), **opts)

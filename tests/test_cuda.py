@@ -456,3 +456,102 @@ def test_device_errors(_):
     if torch.cuda.device_count() > 1:
         with pytest.raises(ValueError, match=r"^images: is on cuda:1"):
             reclip_ext.label_propagate(x[:3], x[3:].to("cuda:1"), k=2)
+
+
+# --------------------------------------------------------------------------------------------
+# The Python side of the CUDA path, exercised on the CPU: ops.py's device branch (validation,
+# framework allocation of outputs and workspaces, the 2 N k slice, the device read-out, dtype
+# casts) driven with torch CPU tensors posing as device arrays. The capsules then say "CPU", so
+# _core runs its CPU kernels, which the rest of the suite pins down.
+
+
+@pytest.fixture
+def cpu_as_device(monkeypatch):
+    if torch is None:
+        pytest.skip("torch is not installed")
+    from reclip_ext import ops
+
+    class CpuAsDevice(ops._Device):
+        def __init__(self, like, index):
+            self.index, self.cupy, self.xp = index, False, torch
+            self.device = torch.device("cpu")
+
+        def stream(self):
+            return 0
+
+    def placement(items):
+        kinds = [ops._kind(x) for x, _ in items]
+        return 0 if "torch" in kinds else None
+
+    monkeypatch.setattr(ops, "_Device", CpuAsDevice)
+    monkeypatch.setattr(ops, "_placement", placement)
+    monkeypatch.setattr(_core, "sym_normalize_workspace_bytes", lambda n, k, dt, dev: 1)
+    return ops
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_device_branch_label_propagate(cpu_as_device, dtype):
+    text, images, _labels = clip_like(300, 6, 16, seed=2, dtype=dtype)
+    want = reclip_ext.label_propagate(text, images, k=7)
+    got = reclip_ext.label_propagate(torch.from_numpy(text), torch.from_numpy(images), k=7)
+    assert isinstance(got.labels, torch.Tensor) and got.labels.dtype == torch.int64
+    np.testing.assert_array_equal(got.labels.numpy(), want.labels)
+    np.testing.assert_allclose(got.scores.numpy(), want.scores, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.confidence.numpy(), want.confidence, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(got.iterations.numpy(), want.iterations)
+
+
+def test_device_branch_knn_normalize_cg(cpu_as_device):
+    x = random_points(90, 7, seed=3, dtype=np.float32)
+    idx, w = reclip_ext.knn_affinity(torch.from_numpy(x), 5, normalize=True)
+    widx, ww = reclip_ext.knn_affinity(x, 5, normalize=True)
+    np.testing.assert_array_equal(idx.numpy(), widx)
+    np.testing.assert_array_equal(w.numpy(), ww)
+    # strided rows and half precision go through the same conversions as on a GPU
+    half = torch.from_numpy(np.repeat(x, 2, axis=0))[::2].to(torch.bfloat16)
+    hidx, hw = reclip_ext.knn_affinity(half, 5, normalize=True)
+    assert hw.dtype == torch.bfloat16 and hidx.shape == (90, 5)
+    W = reclip_ext.sym_normalize(idx, w)
+    Wn = reclip_ext.sym_normalize(widx, ww)
+    for a, b in zip(W, Wn):
+        np.testing.assert_array_equal(a.numpy(), b)
+    assert W.indices.untyped_storage().nbytes() == W.indices.numel() * 8  # sliced and copied
+    rhs = np.random.default_rng(0).standard_normal((90, 3)).astype(np.float32)
+    got = reclip_ext.cg_solve(W, torch.from_numpy(rhs), alpha=0.8)
+    want = reclip_ext.cg_solve(Wn, rhs, alpha=0.8)
+    np.testing.assert_array_equal(got.x.numpy(), want.x)
+    np.testing.assert_array_equal(got.iterations.numpy(), want.iterations)
+
+
+def test_device_branch_errors(cpu_as_device):
+    x = torch.from_numpy(X)
+    with pytest.raises(TypeError, match=r"^x: dtype"):
+        reclip_ext.knn_affinity(x.int(), 3)
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^x: contains NaN"):
+        reclip_ext.knn_affinity(bad, 3)
+    with pytest.raises(ValueError, match=r"^k must be"):
+        reclip_ext.knn_affinity(x, 12)
+    zero = x.clone()
+    zero[4] = 0
+    with pytest.raises(ValueError, match=r"^x: row 4 is all zeros"):
+        reclip_ext.knn_affinity(zero, 3, normalize=True)
+    with pytest.raises(ValueError, match=r"^precision"):
+        reclip_ext.knn_affinity(x.double(), 3, precision="tf32")
+    idx = torch.tensor([[1], [0]])
+    with pytest.raises(ValueError, match=r"^indices: entries must be in"):
+        reclip_ext.sym_normalize(idx + 3, torch.ones(2, 1))
+    with pytest.raises(ValueError, match=r"^weights: entries must be >= 0"):
+        reclip_ext.sym_normalize(idx, -torch.ones(2, 1))
+    with pytest.raises(TypeError, match=r"^indices: dtype"):
+        reclip_ext.sym_normalize(idx.float(), torch.ones(2, 1))
+    W = reclip_ext.sym_normalize(idx, torch.ones(2, 1))
+    with pytest.raises(ValueError, match=r"^W\.indptr"):
+        reclip_ext.cg_solve((torch.tensor([0, 2, 1]), W.indices, W.data), torch.eye(2))
+    with pytest.raises(TypeError, match=r"^W\.data: dtype"):
+        reclip_ext.cg_solve(W, torch.eye(2, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^W: expected"):
+        reclip_ext.cg_solve("W", torch.eye(2))
+    with pytest.raises(ValueError, match=r"^text: needs at least 2 rows"):
+        reclip_ext.label_propagate(x[:1], x[1:], k=2)
