@@ -857,8 +857,8 @@ def _x(r, width=8) -> str:
     return f"{'-':>{width}}" if r is None else f"{r:>{width - 1}.2f}x"
 
 
-def print_case(rec: dict, rates: dict, file=sys.stdout) -> None:
-    p = lambda *s: print(*s, file=file)  # noqa: E731
+def print_case(rec: dict, rates: dict, file=None) -> None:
+    p = lambda *s: print(*s, file=file or sys.stdout)  # noqa: E731
     n, m = rec["n"], rec["m"]
     p(f"\n== n={n:,} m={m:,} d={rec['d']} k={rec['k']} (N={rec['N']:,})"
       + (f"  data {rec['data']['generate_s']:.1f} s, zero-shot accuracy "
@@ -1021,6 +1021,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if args.device == "cpu" and "torch" not in sys.modules:
+        # torch's and reclip_ext's OpenMP pools in one process: with the default active
+        # spin-wait, each starves the other on a small machine (tests/conftest.py does the same)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     import recipes

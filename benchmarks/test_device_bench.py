@@ -30,7 +30,7 @@ SMOKE = ["--device", "cpu", "--n", "2000", "--m", "10", "--d", "64", "--mm-repea
 def smoke_report(tmp_path_factory):
     """device_bench.py as the GPU machine runs it (python -P, a fresh process), in CPU mode."""
     out = tmp_path_factory.mktemp("device_bench") / "report.json"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_WAIT_POLICY="PASSIVE")
     proc = subprocess.run([sys.executable, "-P", str(HERE / "device_bench.py"), *SMOKE,
                            "--json", str(out)], capture_output=True, text=True, timeout=120,
                           cwd=HERE.parent, env=env)
@@ -161,3 +161,121 @@ def test_device_check_script_parses():
     proc = subprocess.run(["shellcheck", "-S", "warning", str(SCRIPT)], capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# The GPU-only paths, exercised on the CPU with stand-ins
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """In this process torch's OpenMP pool may spin (OMP_WAIT_POLICY is only read when the
+    runtime loads) and starve reclip_ext's threads on a small machine: keep torch on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _case(n=300, m=10, d=16, extra=()):
+    args = device_bench.parse_args(["--device", "cpu", "--n", str(n), "--m", str(m), "--d", str(d),
+                                    "--recall-sample", "100", *extra])
+    clock = device_bench.Clock(torch, "cpu")
+    case = device_bench.Case(torch, recipes.import_reclip_ext(), args, clock,
+                             device_bench.Budget(None), n, m, {})
+    case.prepare()
+    return case
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """numpy / scipy standing in for cupy / cupyx.scipy (the same API), so that the ZLaP recipe's
+    code runs on the CPU."""
+    import types
+
+    sp = pytest.importorskip("scipy.sparse")
+    spla = pytest.importorskip("scipy.sparse.linalg")
+    cupy = types.ModuleType("cupy")
+    for name in ("zeros", "argmax", "float32", "from_dlpack"):
+        setattr(cupy, name, getattr(np, name))
+    cupy.cuda = types.SimpleNamespace(Device=lambda: types.SimpleNamespace(synchronize=lambda: None))
+    cupyx = types.ModuleType("cupyx")
+    cupyx_scipy = types.ModuleType("cupyx.scipy")
+    cupyx.scipy, cupyx_scipy.sparse = cupyx_scipy, sp
+    for name, mod in {"cupy": cupy, "cupyx": cupyx, "cupyx.scipy": cupyx_scipy,
+                      "cupyx.scipy.sparse": sp, "cupyx.scipy.sparse.linalg": spla}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    return cupy
+
+
+@pytest.mark.parametrize("classes", [10, 4])
+def test_zlap_recipe_on_the_torch_graph(fake_cupy, classes, capsys):
+    case = _case(extra=["--zlap-classes", str(classes)])
+    rext_run = case.run_reclip_ext("exact")
+    torch_run = case.run_torch("exact")
+    zlap = case.run_zlap("exact", torch_run)
+    case.record["runs"] = {"reclip_ext/exact": rext_run, "torch/exact": torch_run,
+                           "zlap/exact": zlap}
+    rates = {"mm_tflops": {"bf16": 1.0, "tf32": 1.0, "fp32": 1.0}, "copy_gbps": 10.0}
+    case.derive(rates)
+    assert zlap["classes_timed"] == classes and zlap["iterations"] == 20
+    t = zlap["times"]
+    assert t["knn"] == torch_run["times"]["knn"] and t["normalize"] == torch_run["times"][
+        "normalize"]
+    assert t["total"] == pytest.approx(t["knn"] + t["normalize"] + t["solve"])
+    ratios = case.record["ratios"]["exact"]
+    assert set(ratios) == {"torch_over_reclip_ext", "zlap_over_reclip_ext"}
+    if classes == 10:  # every class solved: per-class CG = batched CG, same labels
+        assert not zlap["extrapolated"]
+        assert zlap["agreement_with_reclip_ext"] >= 0.99
+        assert zlap["accuracy"] == pytest.approx(torch_run["accuracy"], abs=0.01)
+    else:
+        assert zlap["extrapolated"] and "4 of 10 classes" in zlap["extrapolation"]
+        assert t["solve"] == pytest.approx(zlap["build_s"] + zlap["cg_timed_s"] * 10 / 4)
+        assert "agreement_with_reclip_ext" not in zlap
+    device_bench.print_case(case.record, rates)
+    out = capsys.readouterr().out
+    assert "(torch)" in out and ("*" in out) == (classes == 4)
+
+
+class _StubRext:
+    """The real reclip_ext, but like a build that refuses a (text, images) pair and takes
+    `precision=`; records what it was given."""
+
+    def __init__(self):
+        self.real = recipes.import_reclip_ext()
+        self.calls = []
+
+    def knn_affinity(self, x, k, **kw):
+        self.calls.append(("knn_affinity", type(x).__name__, kw.pop("precision", None)))
+        if isinstance(x, tuple):
+            raise TypeError("x: expected one array")
+        return self.real.knn_affinity(x, k, **kw)
+
+    def label_propagate(self, text, images, **kw):
+        self.calls.append(("label_propagate", None, kw.pop("precision", None)))
+        return self.real.label_propagate(text, images, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_reclip_ext_gets_precision_and_a_stacked_x_when_a_pair_is_refused():
+    case = _case()
+    stub = _StubRext()
+    case.rext = stub
+    out = case.run_reclip_ext("bf16")
+    assert out["knn_input"] == "X = [text; images]" and out["recall"] >= 0.999
+    assert stub.calls == [("knn_affinity", "tuple", "bf16"), ("knn_affinity", "Tensor", "bf16"),
+                          ("label_propagate", None, "bf16")]
+    stub.calls.clear()
+    case.run_reclip_ext("exact")  # the default precision is not passed at all
+    assert [c[2] for c in stub.calls] == [None, None, None]
+
+
+def test_torch_baseline_in_bf16_on_the_cpu():
+    case = _case()
+    out = case.run_torch("bf16")
+    assert out["mm"].startswith("operands .to(bfloat16)")
+    assert out["recall"] >= 0.9  # bf16 similarities: ties and rounding cost a little recall
+    assert out["iterations"] == 20
