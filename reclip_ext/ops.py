@@ -427,7 +427,7 @@ class _Device:
 
     def is_int(self, a) -> bool:
         if self.cupy:
-            return self.xp.issubdtype(a.dtype, self.xp.integer)
+            return bool(np.issubdtype(a.dtype, np.integer))  # cupy dtypes are numpy dtypes
         return not a.dtype.is_floating_point and not a.dtype.is_complex and a.dtype != self.xp.bool
 
     def minmax(self, a) -> tuple[int, int]:
