@@ -323,9 +323,9 @@ def test_knn_stacked_and_strided_inputs(_):
     wide = _cuda(np.repeat(x, 2, axis=0))[::2]  # row stride 2 d
     got = reclip_ext.knn_affinity(wide, 6, normalize=True)
     np.testing.assert_array_equal(_np(got[0]), _np(want[0]))
-    cols = _cuda(np.asfortranarray(x))  # column-major: copied to row-major by ops.py
-    got = reclip_ext.knn_affinity(torch.as_strided(cols, x.shape, (1, x.shape[0])), 6,
-                                  normalize=True)
+    cols = _cuda(x.T.copy()).T  # column-major view: copied to row-major by ops.py
+    assert cols.stride() == (1, x.shape[0])
+    got = reclip_ext.knn_affinity(cols, 6, normalize=True)
     np.testing.assert_array_equal(_np(got[0]), _np(want[0]))
 
 
