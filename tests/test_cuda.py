@@ -416,7 +416,10 @@ def test_cg_matches_cpu_and_reference(_, dtype, m):
     assert np.abs(its - want.iterations).max() <= (0 if dtype == np.float64 else 2)
     ref = reference.ref_solve(W.to_scipy(), rhs.astype(np.float64), 0.9)
     scale = np.abs(ref).max()
-    np.testing.assert_allclose(_np(got.x), ref, atol=(1e-4 if dtype == np.float32 else 1e-8) * scale)
+    # (I - 0.9 W) has condition number <= 19: x is within ~19 tol of the solution
+    atol = (1e-3 if dtype == np.float32 else 1e-8) * scale
+    np.testing.assert_allclose(_np(got.x), ref, atol=atol)
+    np.testing.assert_allclose(_np(got.x), want.x, atol=atol)
     if m > 2:
         assert its[1] == 0 and _np(got.residuals)[1] == 0 and not _np(got.x)[:, 1].any()
     assert (_np(got.residuals)[its < 60] <= tol).all()
