@@ -198,7 +198,9 @@ __device__ void compute_tile(Op* stages, Acc* tile, const Op* xp, int64_t d_pad,
       }
     } else {
       const int wm = warp >> 1, wn = warp & 1;
-#pragma unroll
+      // Not unrolled: with two CTAs per SM the other warps hide the fragment loads, and the
+      // unrolled loop would not fit the 128-register cap without spilling.
+#pragma unroll 1
       for (int ks = 0; ks < kBK; ks += KS) {
         wmma::fragment<wmma::matrix_a, 16, 16, KS, FragIn, wmma::row_major> fa[2];
         wmma::fragment<wmma::matrix_b, 16, 16, KS, FragIn, wmma::col_major> fb[4];
@@ -272,8 +274,14 @@ __device__ void warp_insert(Acc* lv, int* li, int k, Acc s, int j, int lane) {
   __syncwarp();
 }
 
+// Tensor-core tiles are register-capped for two CTAs per SM (with k <= 32 their shared memory
+// fits twice on sm_90), so one CTA's top-k epilogue overlaps the other's products; the FMA
+// tiles need their registers (capped, they spill in the inner loop) and run one CTA per SM.
+template <Mma M>
+constexpr int kMinBlocks = M == Mma::Simt ? 1 : 2;
+
 template <class Op, class Acc, Mma M>
-__global__ void __launch_bounds__(kThreads, 1) topk_tiles(KernelArgs<Acc> args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<M>) topk_tiles(KernelArgs<Acc> args) {
   using C = Cfg<Op, Acc, M>;
   extern __shared__ __align__(128) unsigned char smem[];
   Op* stages = reinterpret_cast<Op*>(smem);
