@@ -425,6 +425,11 @@ void launch_tiles(const KernelArgs<Acc>& args, int64_t n, cudaStream_t stream) {
                                             optin));
   REXT_CUDA_CHECK(cudaFuncSetAttribute(topk_tiles<Op, Acc, M>,
                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  // The tile lives in shared memory, not L1: ask for the largest carve-out so that two CTAs
+  // fit where their registers allow it.
+  REXT_CUDA_CHECK(cudaFuncSetAttribute(topk_tiles<Op, Acc, M>,
+                                       cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       int(cudaSharedmemCarveoutMaxShared)));
   const unsigned grid = blocks_for(n, args.eff_rows);
   topk_tiles<Op, Acc, M><<<grid, kThreads, smem, stream>>>(args);
   REXT_CUDA_CHECK(cudaGetLastError());
