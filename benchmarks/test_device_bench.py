@@ -279,3 +279,11 @@ def test_torch_baseline_in_bf16_on_the_cpu():
     assert out["mm"].startswith("operands .to(bfloat16)")
     assert out["recall"] >= 0.9  # bf16 similarities: ties and rounding cost a little recall
     assert out["iterations"] == 20
+
+
+def test_warm_up_runs_every_method(fake_cupy):
+    args = device_bench.parse_args(["--device", "cpu", "--d", "16"])
+    assert args.baselines == ["torch", "zlap"]
+    failed = device_bench.warm_up(torch, recipes.import_reclip_ext(), args,
+                                  device_bench.Clock(torch, "cpu"))
+    assert failed == {}
