@@ -64,8 +64,12 @@ machine() {
   step "machine"
   date -u
   uname -srm
-  echo "repo: $ROOT ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo 'no git')," \
-       "$(git -C "$ROOT" status --porcelain 2>/dev/null | wc -l | tr -d ' ') changed files)"
+  if [[ -e $ROOT/.git ]]; then
+    echo "repo: $ROOT ($(git -C "$ROOT" log -1 --format='%h %s' 2>/dev/null || echo '?');" \
+         "$(git -C "$ROOT" status --porcelain 2>/dev/null | wc -l | tr -d ' ') changed files)"
+  else
+    echo "repo: $ROOT (a copy without .git)"
+  fi
   echo "cpus: $(nproc)"
   if [[ -d /usr/local/cuda/bin && ":$PATH:" != *":/usr/local/cuda/bin:"* ]]; then
     export PATH=$PATH:/usr/local/cuda/bin
