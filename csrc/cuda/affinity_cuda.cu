@@ -7,7 +7,8 @@
 //    by 1/||x_i|| when normalising (the same scaling the CPU packs with). Any input stride and
 //    alignment is handled here, so the main kernel issues only aligned 16-byte cp.async loads.
 // 2. topk_tiles: per CTA a BM-row block; per column tile a BM x BN product over 32-deep K
-//    steps, double buffered through shared memory with cp.async; CUDA-core FMA tiles for
+//    steps, pipelined through shared memory with cp.async (3 stages for bf16, 2 for fp32 /
+//    fp64; one barrier per K step); CUDA-core FMA tiles for
 //    "exact" (fp32 / fp64), nvcuda::wmma tensor-core tiles for bf16 (m16n16k16) and tf32
 //    (m16n16k8), fp32 accumulation. The finished tile goes to shared memory; each warp then
 //    scans its rows: candidates are filtered against the row's current k-th entry with a warp
@@ -55,7 +56,10 @@ struct Cfg {
   static constexpr int LDA = kBK + PAD;                // operand row pitch (elements)
   static constexpr int LDS = BN + (sizeof(Acc) == 8 ? 8 : 16);  // S tile row pitch
   static constexpr int kStageElems = (BM + BN) * LDA;
-  static constexpr int kStagesBytes = 2 * kStageElems * int(sizeof(Op));
+  // cp.async pipeline depth: bf16 stages are small enough for three inside the S tile's
+  // footprint; fp32 / fp64 stages take two (a third would cost shared memory, hence occupancy).
+  static constexpr int kStages = sizeof(Op) == 2 ? 3 : 2;
+  static constexpr int kStagesBytes = kStages * kStageElems * int(sizeof(Op));
   static constexpr int kTileBytes = BM * LDS * int(sizeof(Acc));
   static constexpr int kRegion0 =
       ((kStagesBytes > kTileBytes ? kStagesBytes : kTileBytes) + 127) / 128 * 128;
@@ -131,19 +135,19 @@ __global__ void pack_rows(StackedRows<T> x, bool normalize, bool tf32, T* scale,
     dst[c] = to_operand<Op>(row && c < d ? row[c] * s : T(0), tf32);
 }
 
-// Stage one K step of the A rows [row0, row0 + BM) and B rows [col0, col0 + BN).
+// Issue the copies of one K step of the A rows [row0, row0 + BM) and B rows
+// [col0, col0 + BN); the caller commits them as one pipeline group.
 template <class C, class Op>
-__device__ __forceinline__ void load_stage(Op* stage, const Op* xp, int64_t d_pad,
-                                           int64_t row0, int64_t col0, int64_t k0) {
+__device__ __forceinline__ void load_stage(Op* stage, const Op* a_rows, const Op* b_rows,
+                                           int64_t d_pad, int64_t k0) {
   constexpr int kVec = 16 / int(sizeof(Op));
   constexpr int kPerRow = kBK / kVec;
+#pragma unroll 2  // fully unrolled, the addresses push the bf16 tile over 128 registers
   for (int c = threadIdx.x; c < (C::BM + C::BN) * kPerRow; c += kThreads) {
     const int r = c / kPerRow, piece = c % kPerRow;
-    const int64_t g = r < C::BM ? row0 + r : col0 + (r - C::BM);
-    __pipeline_memcpy_async(stage + r * C::LDA + piece * kVec,
-                            xp + g * d_pad + k0 + piece * kVec, 16);
+    const Op* src = r < C::BM ? a_rows + r * d_pad : b_rows + (r - C::BM) * d_pad;
+    __pipeline_memcpy_async(stage + r * C::LDA + piece * kVec, src + k0 + piece * kVec, 16);
   }
-  __pipeline_commit();
 }
 
 // S tile (BM x BN, pitch LDS) of rows [row0, ...) against rows [col0, ...) into `tile`.
@@ -170,17 +174,28 @@ __device__ void compute_tile(Op* stages, Acc* tile, const Op* xp, int64_t d_pad,
       for (int b = 0; b < 4; ++b) wmma::fill_fragment(wacc[a][b], 0.0f);
   }
 
-  load_stage<C>(stages, xp, d_pad, row0, col0, 0);
+  // Pipeline: group g holds K step g in stage g % S. Before step s, S - 1 + s groups have
+  // been committed (empty ones past the last step keep the count uniform), so waiting until
+  // at most S - 2 are pending means group s has landed. The barrier then also guarantees that
+  // every warp has finished step s - 1, whose stage the next copy overwrites.
+  constexpr int S = C::kStages;
+  const Op* a_rows = xp + row0 * d_pad;
+  const Op* b_rows = xp + col0 * d_pad;
+#pragma unroll
+  for (int g = 0; g < S - 1; ++g) {
+    if (g < steps)
+      load_stage<C>(stages + g * C::kStageElems, a_rows, b_rows, d_pad, int64_t(g) * kBK);
+    __pipeline_commit();
+  }
   for (int s = 0; s < steps; ++s) {
-    if (s + 1 < steps) {
-      load_stage<C>(stages + ((s + 1) & 1) * C::kStageElems, xp, d_pad, row0, col0,
-                    int64_t(s + 1) * kBK);
-      __pipeline_wait_prior(1);
-    } else {
-      __pipeline_wait_prior(0);
-    }
+    __pipeline_wait_prior(S - 2);
     __syncthreads();
-    const Op* As = stages + (s & 1) * C::kStageElems;
+    const int next = s + S - 1;
+    if (next < steps)
+      load_stage<C>(stages + (next % S) * C::kStageElems, a_rows, b_rows, d_pad,
+                    int64_t(next) * kBK);
+    __pipeline_commit();
+    const Op* As = stages + (s % S) * C::kStageElems;
     const Op* Bs = As + C::BM * C::LDA;
     if constexpr (M == Mma::Simt) {
       const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
@@ -217,8 +232,9 @@ __device__ void compute_tile(Op* stages, Acc* tile, const Op* xp, int64_t d_pad,
           for (int b = 0; b < 4; ++b) wmma::mma_sync(wacc[a][b], fa[a], fb[b], wacc[a][b]);
       }
     }
-    __syncthreads();  // the stage is refilled (or the region reused for S) next
   }
+  __pipeline_wait_prior(0);  // only empty groups remain; keeps the accounting explicit
+  __syncthreads();           // every warp is done with the stages: S reuses their memory
 
   // The operand stages are dead: S reuses their shared memory.
   if constexpr (M == Mma::Simt) {
