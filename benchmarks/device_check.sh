@@ -219,6 +219,7 @@ tests() {
   rc=$?
   TOOK[tests]=$((SECONDS - t0))
   tail -n 60 "$OUT/tests.log"
+  echo
   if ((rc == 124 || rc == 137)); then
     echo "TESTS TIMED OUT after ${limit} s (dots so far are in tests.log; no JUnit report)"
   elif ((rc != 0)); then
