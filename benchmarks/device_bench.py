@@ -124,8 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "cuda, exact on cpu]")
     ap.add_argument("--exact-max-n", type=int, default=100_000,
                     help="run the exact fp32 precision (reclip_ext and torch) only up to this n")
-    ap.add_argument("--baselines", default="torch,zlap",
-                    help="comma-separated subset of torch,zlap ('' for none); zlap needs torch")
+    ap.add_argument("--baselines", default=None,
+                    help="comma-separated subset of torch,zlap ('' for none); zlap needs torch "
+                    "and cupy [default: torch,zlap on cuda, torch on cpu]")
     ap.add_argument("--zlap-classes", type=int, default=None,
                     help="classes timed in the ZLaP per-class CG; more are extrapolated "
                     "linearly [default 100; --quick 50]")
@@ -169,6 +170,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--precisions: choose from {', '.join(PRECISIONS)} (got {bad or 'none'})")
     if args.device == "cpu" and set(args.precisions) - {"exact"}:
         ap.error("--device cpu supports --precisions exact only (bf16/tf32 are CUDA modes)")
+    if args.baselines is None:
+        args.baselines = "torch,zlap" if args.device == "cuda" else "torch"
     args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     bad = sorted(set(args.baselines) - {"torch", "zlap"})
     if bad:
@@ -1014,7 +1017,7 @@ def warm_up(torch, rext, args, clock: Clock) -> dict:
                            args.tol)
             except Exception as err:
                 failed[f"torch/{prec}"] = f"{type(err).__name__}: {err}"
-    if "zlap" in args.baselines:  # (main leaves it out on the CPU)
+    if "zlap" in args.baselines:
         try:  # the recipe's own code on a tiny graph: cupy compiles its kernels here
             idx, val = torch_knn(torch, x, args.k, "exact", 64)
             lap = zlap_laplacian(torch, torch_normalize(torch, idx, val), args.alpha)
@@ -1105,10 +1108,9 @@ def main(argv=None) -> int:
             write_json(args.json, payload)
 
     save()
-    if args.device == "cpu" and "zlap" in args.baselines:
-        args.baselines = [b for b in args.baselines if b != "zlap"]
-        payload["notes"] = ["zlap skipped: the cupyx recipe needs a CUDA device"]
-        print("note: zlap skipped (the cupyx recipe needs a CUDA device)")
+    if args.device == "cpu" and "zlap" not in args.baselines:
+        payload["notes"] = ["zlap not run: the cupyx recipe needs a CUDA device"]
+        print("note: zlap not run (the cupyx recipe needs a CUDA device)")
     if "zlap" in args.baselines:
         try:
             import cupy  # noqa: F401
@@ -1170,11 +1172,14 @@ def main(argv=None) -> int:
                     quad = out["times"]["knn"] * (2 if recipe == "reclip_ext" else 1)
                     budget.record(key, case.N, m, wall, quad)
                     _log(f"  {key}: total {out['times']['total']:.3f} s (wall {wall:.1f} s)")
-                if prec in case.graphs and "zlap" in args.baselines and "zlap" not in failed:
+                if prec in case.graphs and "zlap" in args.baselines:
                     key = f"zlap/{prec}"
                     m_eff = min(m, args.zlap_classes)  # classes actually solved
                     why = budget.refuse(key, case.N, m_eff)
-                    if why:
+                    if "zlap" in failed:
+                        rec["runs"][key] = {"recipe": "zlap", "precision": prec,
+                                            "error": f"warm-up failed: {failed['zlap']}"}
+                    elif why:
                         rec["runs"][key] = {"recipe": "zlap", "precision": prec, "skipped": why}
                     else:
                         _log(f"  {key} ...")

@@ -48,7 +48,7 @@ def test_smoke_report_structure(smoke_report):
     assert set(machine["mm_tflops"]) == {"bf16", "tf32", "fp32"}
     assert all(v > 0 for v in machine["mm_tflops"].values()) and machine["copy_gbps"] > 0
     assert "2*N*N*d" in report["models"]["knn_flops"]
-    assert any("zlap skipped" in note for note in report.get("notes", []))
+    assert any("zlap not run" in note for note in report.get("notes", []))
 
     (case,) = report["cases"]
     assert case["status"] == "ok"
@@ -179,7 +179,8 @@ def _one_torch_thread():
 
 def _case(n=300, m=10, d=16, extra=()):
     args = device_bench.parse_args(["--device", "cpu", "--n", str(n), "--m", str(m), "--d", str(d),
-                                    "--recall-sample", "100", *extra])
+                                    "--recall-sample", "100", "--baselines", "torch,zlap",
+                                    *extra])
     clock = device_bench.Clock(torch, "cpu")
     case = device_bench.Case(torch, recipes.import_reclip_ext(), args, clock,
                              device_bench.Budget(None), n, m, {})
@@ -282,8 +283,21 @@ def test_torch_baseline_in_bf16_on_the_cpu():
 
 
 def test_warm_up_runs_every_method(fake_cupy):
-    args = device_bench.parse_args(["--device", "cpu", "--d", "16"])
-    assert args.baselines == ["torch", "zlap"]
+    args = device_bench.parse_args(["--device", "cpu", "--d", "16", "--baselines", "torch,zlap"])
     failed = device_bench.warm_up(torch, recipes.import_reclip_ext(), args,
                                   device_bench.Clock(torch, "cpu"))
     assert failed == {}
+
+
+def test_main_with_every_recipe(fake_cupy, tmp_path, capsys):
+    """The whole main loop with the ZLaP recipe in it (numpy/scipy standing in for cupy)."""
+    out = tmp_path / "r.json"
+    rc = device_bench.main([*SMOKE, "--n", "400", "--m", "6", "--d", "16", "--baselines",
+                            "torch,zlap", "--zlap-classes", "4", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert rc == 0, report["errors"]
+    (case,) = report["cases"]
+    assert set(case["runs"]) == {"reclip_ext/exact", "torch/exact", "zlap/exact"}
+    assert case["runs"]["zlap/exact"]["extrapolated"]
+    assert set(case["ratios"]["exact"]) == {"torch_over_reclip_ext", "zlap_over_reclip_ext"}
+    assert "* zlap exact: per-class CG of 4 of 6 classes" in capsys.readouterr().out
