@@ -416,7 +416,8 @@ def clip_like_torch(torch, n: int, m: int, d: int, *, seed: int, device: str,
     gaps, sibling mixing, per-class misalignment and image-only feature, isotropic noise), drawn
     with torch on `device` from a fixed seed, images in row chunks. Returns (x, labels) with
     x = [text; images] (N, d) float32 L2-normalised rows (text = x[:m], images = x[m:])."""
-    p = {name: prm.default for name, prm in inspect.signature(synthetic.clip_like).parameters.items()
+    params = inspect.signature(synthetic.clip_like).parameters.items()
+    p = {name: prm.default for name, prm in params
          if prm.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("seed", "dtype")}
     g = torch.Generator(device=device).manual_seed(seed)
     f32 = dict(device=device, dtype=torch.float32)

@@ -199,7 +199,8 @@ def fake_cupy(monkeypatch):
     cupy = types.ModuleType("cupy")
     for name in ("zeros", "argmax", "float32", "from_dlpack"):
         setattr(cupy, name, getattr(np, name))
-    cupy.cuda = types.SimpleNamespace(Device=lambda: types.SimpleNamespace(synchronize=lambda: None))
+    device = types.SimpleNamespace(synchronize=lambda: None)
+    cupy.cuda = types.SimpleNamespace(Device=lambda: device)
     cupyx = types.ModuleType("cupyx")
     cupyx_scipy = types.ModuleType("cupyx.scipy")
     cupyx.scipy, cupyx_scipy.sparse = cupyx_scipy, sp
