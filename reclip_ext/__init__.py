@@ -2,8 +2,11 @@
 
 Fused top-k affinity, symmetric normalisation into CSR and batched conjugate gradient, with
 CPU kernels (multithreaded, AVX2/FMA when the CPU has it) and CUDA kernels when built with
-them. Every function takes numpy arrays, torch tensors or any object exposing ``__dlpack__``
-and returns results of the same kind.
+them. Every function takes numpy arrays, torch tensors, cupy arrays or any object exposing
+``__dlpack__`` and returns results of the same kind, on the same device: CUDA inputs run on
+their GPU, on the framework's current stream, with outputs and workspace allocated through the
+caller's framework. ``knn_affinity`` / ``label_propagate`` take ``precision="exact"`` (default),
+or ``"tf32"`` / ``"bf16"`` tensor-core operands for float32 CUDA input.
 
 >>> import numpy as np, reclip_ext
 >>> rng = np.random.default_rng(0)

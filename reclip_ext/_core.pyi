@@ -7,21 +7,51 @@ __version__: str
 def knn_affinity(
     sources: Sequence[Any], out_indices: Any, out_weights: Any, k: int, exclude_self: bool,
     normalize: bool, weight: str, gamma: float, block_rows: int, threads: int, stream: int,
+    precision: str = "exact", workspace: Any = None,
 ) -> None:
     """Top-k affinity of the stacked rows of `sources` (1 or 2 DLPack capsules) into the
-    caller-allocated (N, k) outputs."""
+    caller-allocated (N, k) outputs. precision: 'exact' | 'tf32' | 'bf16' (the last two:
+    float32 on CUDA). workspace: a uint8 device buffer of knn_affinity_workspace_bytes
+    (CUDA only)."""
 
 def sym_normalize(
     indices: Any, weights: Any, out_indptr: Any, out_indices: Any, out_data: Any, threads: int,
-    stream: int,
+    stream: int, workspace: Any = None,
 ) -> int:
-    """D^-1/2 (A + A^T) D^-1/2 into caller-allocated CSR buffers of capacity 2 N k; returns nnz."""
+    """D^-1/2 (A + A^T) D^-1/2 into caller-allocated CSR buffers of capacity 2 N k; returns nnz.
+    workspace: a uint8 device buffer of sym_normalize_workspace_bytes (CUDA only)."""
 
 def cg_solve(
     indptr: Any, indices: Any, data: Any, rhs: Any, out_x: Any, out_iterations: Any,
     out_residuals: Any, alpha: float, max_iter: int, tol: float, threads: int, stream: int,
+    workspace: Any = None,
 ) -> None:
-    """Batched CG for (I - alpha W) X = rhs into caller-allocated outputs."""
+    """Batched CG for (I - alpha W) X = rhs into caller-allocated outputs. workspace: a uint8
+    device buffer of cg_solve_workspace_bytes (CUDA only)."""
+
+def knn_affinity_workspace_bytes(n: int, d: int, k: int, dtype: str, precision: str = "exact") -> int:
+    """Bytes of CUDA workspace knn_affinity needs for N rows of d columns and k neighbours."""
+
+def sym_normalize_workspace_bytes(n: int, k: int, dtype: str, device: int) -> int:
+    """Bytes of CUDA workspace sym_normalize needs for (N, k) inputs on CUDA device `device`
+    (CUB sizes its temporary storage per device, so this needs a device)."""
+
+def cg_solve_workspace_bytes(n: int, m: int, dtype: str) -> int:
+    """Bytes of CUDA workspace cg_solve needs for N rows and m right-hand sides."""
+
+def _selftest_topk(
+    vals: Sequence[float], idx: Sequence[int], k: int, perturb: Sequence[float] = ...,
+) -> tuple[list[float], list[int]]:
+    """Streams candidates through the shared top-k insert (int32 lists), optionally re-sorts."""
+
+def _selftest_weight(s: float, weight: str, gamma: float) -> float:
+    """The shared affinity weight f(s)."""
+
+def _selftest_sqrt_product(a: float, b: float) -> float:
+    """The shared overflow-safe sqrt(a b)."""
+
+def _selftest_cg(bb: float, rs_new: float, pq: float, it: int, tol: float) -> dict[str, Any]:
+    """One column through the shared CG rules: start from ||b||^2 = bb, step, advance."""
 
 def built_with_cuda() -> bool:
     """True when the CUDA kernels were compiled in."""

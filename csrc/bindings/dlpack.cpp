@@ -59,6 +59,16 @@ Device DlArray::device() const {
   }
 }
 
+void* DlArray::bytes(int64_t& count) const {
+  const DLDataType d = t_->dtype;
+  REXT_CHECK_TYPE(d.code == 1 && d.bits == 8 && d.lanes == 1, name_, ": must be a uint8 buffer");
+  REXT_CHECK(t_->ndim == 1, name_, ": expected a 1-D buffer, got ", t_->ndim, "-D");
+  REXT_CHECK(!t_->strides || t_->strides[0] == 1 || t_->shape[0] <= 1, name_,
+             ": must be contiguous");
+  count = t_->shape[0];
+  return data(true);
+}
+
 void* DlArray::data(bool writable) const {
   if (writable && versioned_ && (versioned_->flags & 1u))
     throw std::invalid_argument(name_ + ": output array is read-only");

@@ -69,6 +69,8 @@ class DlArray {
   // 2-D view; the column stride must be 1 (ops.py makes it so).
   template <class T>
   MatrixView<T> matrix(bool writable) const;
+  // A 1-D contiguous uint8 buffer (a workspace): its writable bytes and their count.
+  void* bytes(int64_t& count) const;
   // 1-D contiguous array of `len` elements.
   template <class T>
   T* vector(int64_t len, bool writable) const;

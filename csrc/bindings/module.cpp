@@ -5,11 +5,15 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <limits>
 #include <memory>
+#include <utility>
 #include <string>
 #include <vector>
 
 #include "bindings/dlpack.h"
+#include "core/graph_math.h"
+#include "core/topk.h"
 #include "cpu/workspace.h"
 #include "dispatch/ops.h"
 
@@ -46,10 +50,35 @@ Weight parse_weight(const std::string& w) {
   throw std::invalid_argument("weight must be 'relu' or 'shift', got '" + w + "'");
 }
 
+Precision parse_precision(const std::string& p) {
+  if (p == "exact") return Precision::Exact;
+  if (p == "tf32") return Precision::Tf32;
+  if (p == "bf16") return Precision::Bf16;
+  throw std::invalid_argument("precision must be 'exact', 'tf32' or 'bf16', got '" + p + "'");
+}
+
+bool parse_float_dtype(const std::string& dtype) {
+  if (dtype == "float32") return false;
+  if (dtype == "float64") return true;
+  throw TypeError("dtype must be 'float32' or 'float64', got '" + dtype + "'");
+}
+
+// The caller-allocated workspace of a CUDA op (None on the CPU, where it is ignored). The
+// capsule's DlArray lives in `holder` until the kernel returns.
+Workspace workspace_of(py::object ws, const Device& dev, std::unique_ptr<DlArray>& holder) {
+  Workspace w;
+  if (ws.is_none()) return w;
+  holder = std::make_unique<DlArray>(ws.ptr(), "workspace");
+  REXT_CHECK(holder->device() == dev, "workspace is on a different device than the inputs");
+  w.ptr = holder->bytes(w.bytes);
+  return w;
+}
+
 void knn_affinity_binding(std::vector<py::object> sources, py::object out_indices,
                           py::object out_weights, int64_t k, bool exclude_self, bool normalize,
                           const std::string& weight, double gamma, int64_t block_rows,
-                          int threads, uintptr_t stream) {
+                          int threads, uintptr_t stream, const std::string& precision,
+                          py::object workspace) {
   REXT_CHECK(sources.size() == 1 || sources.size() == 2, "x: expected 1 or 2 row blocks");
   std::vector<std::unique_ptr<DlArray>> xs;
   const char* names[] = {"x", "images"};
@@ -75,7 +104,13 @@ void knn_affinity_binding(std::vector<py::object> sources, py::object out_indice
   p.block_rows = block_rows;
   p.threads = threads;
   p.stream = reinterpret_cast<void*>(stream);
+  p.precision = parse_precision(precision);
   const Device dev = xs[0]->device();
+  REXT_CHECK(p.precision == Precision::Exact ||
+                 (dev.kind == DeviceKind::CUDA && xs[0]->dtype() == DType::F32),
+             "precision: '", precision, "' needs float32 input on a CUDA device; use 'exact'");
+  std::unique_ptr<DlArray> ws_holder;
+  p.workspace = workspace_of(workspace, dev, ws_holder);
   with_float(xs[0]->dtype(), [&](auto tag) {
     using T = decltype(tag);
     StackedRows<T> rows;
@@ -96,7 +131,7 @@ void knn_affinity_binding(std::vector<py::object> sources, py::object out_indice
 
 int64_t sym_normalize_binding(py::object indices, py::object weights, py::object out_indptr,
                               py::object out_indices, py::object out_data, int threads,
-                              uintptr_t stream) {
+                              uintptr_t stream, py::object workspace) {
   DlArray idx(indices.ptr(), "indices"), w(weights.ptr(), "weights");
   DlArray o_ptr(out_indptr.ptr(), "indptr"), o_idx(out_indices.ptr(), "out indices"),
       o_data(out_data.ptr(), "data");
@@ -110,6 +145,8 @@ int64_t sym_normalize_binding(py::object indices, py::object weights, py::object
   p.threads = threads;
   p.stream = reinterpret_cast<void*>(stream);
   const Device dev = idx.device();
+  std::unique_ptr<DlArray> ws_holder;
+  p.workspace = workspace_of(workspace, dev, ws_holder);
   return with_float(w.dtype(), [&](auto tag) {
     using T = decltype(tag);
     auto iv = idx.matrix<const int64_t>(false);
@@ -125,7 +162,8 @@ int64_t sym_normalize_binding(py::object indices, py::object weights, py::object
 
 void cg_solve_binding(py::object indptr, py::object indices, py::object data, py::object rhs,
                       py::object out_x, py::object out_iterations, py::object out_residuals,
-                      double alpha, int64_t max_iter, double tol, int threads, uintptr_t stream) {
+                      double alpha, int64_t max_iter, double tol, int threads, uintptr_t stream,
+                      py::object workspace) {
   DlArray a_ptr(indptr.ptr(), "W.indptr"), a_idx(indices.ptr(), "W.indices"),
       a_data(data.ptr(), "W.data"), b(rhs.ptr(), "rhs"), x(out_x.ptr(), "x"),
       its(out_iterations.ptr(), "iterations"), res(out_residuals.ptr(), "residuals");
@@ -144,6 +182,8 @@ void cg_solve_binding(py::object indptr, py::object indices, py::object data, py
   p.threads = threads;
   p.stream = reinterpret_cast<void*>(stream);
   const Device dev = b.device();
+  std::unique_ptr<DlArray> ws_holder;
+  p.workspace = workspace_of(workspace, dev, ws_holder);
   with_float(b.dtype(), [&](auto tag) {
     using T = decltype(tag);
     auto bv = b.matrix<const T>(false);
@@ -160,6 +200,47 @@ void cg_solve_binding(py::object indptr, py::object indices, py::object data, py
     py::gil_scoped_release nogil;
     cg_solve<T>(dev, w, bv, xv, it, rs, p);
   });
+}
+
+// Self-tests of the shared __host__ __device__ logic (core/topk.h, core/graph_math.h) with the
+// int32 list indices the CUDA kernel uses: candidates are streamed through topk_insert in the
+// given order, then the list is re-sorted with topk_sort after `perturb` is added to each value
+// (as the exact re-score does).
+std::pair<std::vector<float>, std::vector<int64_t>> selftest_topk(const std::vector<float>& vals,
+                                                                  const std::vector<int64_t>& idx,
+                                                                  int64_t k,
+                                                                  const std::vector<float>& perturb) {
+  REXT_CHECK(vals.size() == idx.size(), "vals and idx must have the same length");
+  REXT_CHECK(k >= 1, "k must be >= 1");
+  REXT_CHECK(perturb.empty() || int64_t(perturb.size()) == k, "perturb must be empty or of length k");
+  std::vector<float> lv(k, -std::numeric_limits<float>::infinity());
+  std::vector<int32_t> li(k, -1);
+  for (size_t e = 0; e < vals.size(); ++e) topk_insert(lv.data(), li.data(), k, vals[e], idx[e]);
+  if (!perturb.empty()) {
+    for (int64_t e = 0; e < k; ++e) lv[e] += perturb[e];
+    topk_sort(lv.data(), li.data(), k);
+  }
+  return {lv, std::vector<int64_t>(li.begin(), li.end())};
+}
+
+py::dict selftest_cg(double bb, double rs_new, double pq, int64_t it, double tol) {
+  bool active;
+  double bnorm, residual, rs = bb;
+  int64_t iterations;
+  cg_start(bb, tol, active, bnorm, iterations, residual);
+  py::dict out;
+  out["start_active"] = active;
+  out["bnorm"] = bnorm;
+  const double step = cg_step(active, rs, pq);
+  out["step"] = step;
+  out["step_active"] = active;
+  const double beta = cg_advance(active, it, rs_new, rs, bnorm, tol, iterations, residual);
+  out["beta"] = beta;
+  out["active"] = active;
+  out["iterations"] = iterations;
+  out["residual"] = residual;
+  out["rs"] = rs;
+  return out;
 }
 
 }  // namespace
@@ -180,17 +261,63 @@ PYBIND11_MODULE(_core, m) {
   m.def("knn_affinity", &knn_affinity_binding, py::arg("sources"), py::arg("out_indices"),
         py::arg("out_weights"), py::arg("k"), py::arg("exclude_self"), py::arg("normalize"),
         py::arg("weight"), py::arg("gamma"), py::arg("block_rows"), py::arg("threads"),
-        py::arg("stream"),
+        py::arg("stream"), py::arg("precision") = "exact", py::arg("workspace") = py::none(),
         "Top-k affinity of the stacked rows of `sources` (1 or 2 DLPack capsules) into the "
-        "caller-allocated (N, k) outputs.");
+        "caller-allocated (N, k) outputs. precision: 'exact' | 'tf32' | 'bf16' (the last two: "
+        "float32 on CUDA). workspace: a uint8 device buffer of knn_affinity_workspace_bytes "
+        "(CUDA only).");
   m.def("sym_normalize", &sym_normalize_binding, py::arg("indices"), py::arg("weights"),
         py::arg("out_indptr"), py::arg("out_indices"), py::arg("out_data"), py::arg("threads"),
-        py::arg("stream"),
-        "D^-1/2 (A + A^T) D^-1/2 into caller-allocated CSR buffers of capacity 2 N k; returns nnz.");
+        py::arg("stream"), py::arg("workspace") = py::none(),
+        "D^-1/2 (A + A^T) D^-1/2 into caller-allocated CSR buffers of capacity 2 N k; returns nnz. "
+        "workspace: a uint8 device buffer of sym_normalize_workspace_bytes (CUDA only).");
   m.def("cg_solve", &cg_solve_binding, py::arg("indptr"), py::arg("indices"), py::arg("data"),
         py::arg("rhs"), py::arg("out_x"), py::arg("out_iterations"), py::arg("out_residuals"),
         py::arg("alpha"), py::arg("max_iter"), py::arg("tol"), py::arg("threads"),
-        py::arg("stream"), "Batched CG for (I - alpha W) X = rhs into caller-allocated outputs.");
+        py::arg("stream"), py::arg("workspace") = py::none(),
+        "Batched CG for (I - alpha W) X = rhs into caller-allocated outputs. workspace: a uint8 "
+        "device buffer of cg_solve_workspace_bytes (CUDA only).");
+  m.def(
+      "knn_affinity_workspace_bytes",
+      [](int64_t n, int64_t d, int64_t k, const std::string& dtype, const std::string& precision) {
+        REXT_CHECK(n >= 1 && d >= 1 && k >= 1, "n, d and k must be >= 1");
+        return knn_affinity_workspace_bytes(n, d, k, parse_float_dtype(dtype),
+                                            parse_precision(precision));
+      },
+      py::arg("n"), py::arg("d"), py::arg("k"), py::arg("dtype"), py::arg("precision") = "exact",
+      "Bytes of CUDA workspace knn_affinity needs for N rows of d columns and k neighbours.");
+  m.def(
+      "sym_normalize_workspace_bytes",
+      [](int64_t n, int64_t k, const std::string& dtype, int device) {
+        const bool dbl = parse_float_dtype(dtype);
+        py::gil_scoped_release nogil;
+        return sym_normalize_workspace_bytes(Device{DeviceKind::CUDA, device}, n, k, dbl);
+      },
+      py::arg("n"), py::arg("k"), py::arg("dtype"), py::arg("device"),
+      "Bytes of CUDA workspace sym_normalize needs for (N, k) inputs on CUDA device `device` "
+      "(CUB sizes its temporary storage per device, so this needs a device).");
+  m.def(
+      "cg_solve_workspace_bytes",
+      [](int64_t n, int64_t m, const std::string& dtype) {
+        REXT_CHECK(n >= 1 && m >= 1, "n and m must be >= 1");
+        return cg_solve_workspace_bytes(n, m, parse_float_dtype(dtype));
+      },
+      py::arg("n"), py::arg("m"), py::arg("dtype"),
+      "Bytes of CUDA workspace cg_solve needs for N rows and m right-hand sides.");
+  m.def("_selftest_topk", &selftest_topk, py::arg("vals"), py::arg("idx"), py::arg("k"),
+        py::arg("perturb") = std::vector<float>{},
+        "Streams candidates through the shared top-k insert (int32 lists), optionally re-sorts.");
+  m.def(
+      "_selftest_weight",
+      [](double s, const std::string& weight, double gamma) {
+        return affinity_weight(s, parse_weight(weight), gamma);
+      },
+      py::arg("s"), py::arg("weight"), py::arg("gamma"), "The shared affinity weight f(s).");
+  m.def("_selftest_sqrt_product", &sqrt_product, py::arg("a"), py::arg("b"),
+        "The shared overflow-safe sqrt(a b).");
+  m.def("_selftest_cg", &selftest_cg, py::arg("bb"), py::arg("rs_new"), py::arg("pq"),
+        py::arg("it"), py::arg("tol"),
+        "One column through the shared CG rules: start from ||b||^2 = bb, step, advance.");
   m.def("built_with_cuda", &rext::built_with_cuda, "True when the CUDA kernels were compiled in.");
   m.def("cuda_device_count", &rext::cuda_device_count,
         "Visible CUDA devices (0 without CUDA support, a driver or a device).");

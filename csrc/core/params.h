@@ -6,6 +6,18 @@ namespace rext {
 
 enum class Weight { Relu, Shift };  // f(s) = max(s,0)^gamma  |  ((1+s)/2)^gamma
 
+// Operand precision of the similarity tiles. Exact: the input dtype's own arithmetic. Tf32 /
+// Bf16: tensor-core operands with float32 accumulation (float32 input on CUDA only); the final
+// k neighbours are re-scored in float32 so the weights are exact dot products.
+enum class Precision { Exact, Tf32, Bf16 };
+
+// Caller-allocated device scratch (CUDA only; ignored on the CPU). Its size comes from the
+// matching *_workspace_bytes function; the kernels never allocate.
+struct Workspace {
+  void* ptr = nullptr;
+  int64_t bytes = 0;
+};
+
 struct AffinityParams {
   int64_t k = 20;
   bool exclude_self = true;
@@ -15,11 +27,14 @@ struct AffinityParams {
   int64_t block_rows = 0;   // tile size (rows and columns); 0 = chosen from cache sizes
   int threads = 0;          // 0 = all cores
   void* stream = nullptr;   // CUDA stream (cudaStream_t), ignored on CPU
+  Precision precision = Precision::Exact;
+  Workspace workspace;
 };
 
 struct NormalizeParams {
   int threads = 0;
   void* stream = nullptr;
+  Workspace workspace;
 };
 
 struct CgParams {
@@ -28,6 +43,7 @@ struct CgParams {
   double tol = 1e-6;
   int threads = 0;
   void* stream = nullptr;
+  Workspace workspace;
 };
 
 }  // namespace rext

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/graph_math.h"
 #include "core/topk.h"
 #include "cpu/tile_kernels.h"
 #include "cpu/workspace.h"
@@ -96,9 +97,7 @@ std::vector<T> row_scales(const StackedRows<T>& x, bool normalize, int threads) 
 
 template <class T>
 T apply_weight(T s, const AffinityParams& p) {
-  // Both weights are clamped at 0: "shift" only stays in [0, 1] for unit-norm rows.
-  const double base = std::max(p.weight == Weight::Relu ? double(s) : (1.0 + double(s)) / 2.0, 0.0);
-  return T(p.gamma == 1.0 ? base : std::pow(base, p.gamma));
+  return T(affinity_weight(double(s), p.weight, p.gamma));
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/graph_math.h"
 #include "cpu/workspace.h"
 
 namespace rext::cpu {
@@ -64,10 +65,9 @@ void cg_solve_cpu(const CsrView<T>& w, MatrixView<const T> rhs, MatrixView<T> x,
   }
   std::vector<char> active(m);
   for (int64_t j = 0; j < m; ++j) {
-    bnorm[j] = std::sqrt(rs[j]);
-    iterations[j] = 0;
-    residuals[j] = bnorm[j] > 0 ? 1.0 : 0.0;
-    active[j] = bnorm[j] > 0 && residuals[j] > p.tol;
+    bool on;
+    cg_start(rs[j], p.tol, on, bnorm[j], iterations[j], residuals[j]);
+    active[j] = on;
   }
 
   std::vector<double> pq(m), rs_new(m);
@@ -106,9 +106,9 @@ void cg_solve_cpu(const CsrView<T>& w, MatrixView<const T> rhs, MatrixView<T> x,
       reduce_into(pq, part);
     }
     for (int64_t j = 0; j < m; ++j) {
-      // pq <= 0 only when p_j vanished (exact solution reached): stop that column.
-      if (active[j] && !(pq[j] > 0)) active[j] = 0;
-      step[j] = active[j] ? T(rs[j] / pq[j]) : T(0);
+      bool on = active[j];
+      step[j] = T(cg_step(on, rs[j], pq[j]));
+      active[j] = on;
     }
     // x += a p, r -= a q, rs_new_j = r_j . r_j
     std::fill(rs_new.begin(), rs_new.end(), 0.0);
@@ -130,16 +130,10 @@ void cg_solve_cpu(const CsrView<T>& w, MatrixView<const T> rhs, MatrixView<T> x,
       reduce_into(rs_new, part);
     }
     for (int64_t j = 0; j < m; ++j) {
-      beta[j] = T(0);
-      if (!active[j]) continue;
-      iterations[j] = it;
-      residuals[j] = std::sqrt(rs_new[j]) / bnorm[j];
-      if (residuals[j] <= p.tol) {
-        active[j] = 0;
-      } else {
-        beta[j] = T(rs_new[j] / rs[j]);
-        rs[j] = rs_new[j];
-      }
+      bool on = active[j];
+      beta[j] = T(cg_advance(on, it, rs_new[j], rs[j], bnorm[j], p.tol, iterations[j],
+                             residuals[j]));
+      active[j] = on;
     }
     // p = r + beta p
 #pragma omp parallel for num_threads(threads) schedule(static)

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/graph_math.h"
 #include "cpu/workspace.h"
 
 namespace rext::cpu {
@@ -18,19 +19,6 @@ struct Entry {
   int64_t col;
   T val;
 };
-
-// sqrt(a b) for a, b > 0 without overflow or underflow of the product: the exponents are
-// split off exactly, so the rounding is that of sqrt(a b) in ordinary ranges.
-inline double sqrt_product(double a, double b) {
-  int ea, eb;
-  double prod = std::frexp(a, &ea) * std::frexp(b, &eb);
-  int e = ea + eb;
-  if (e % 2 != 0) {
-    prod *= 2;
-    e -= 1;
-  }
-  return std::ldexp(std::sqrt(prod), e / 2);
-}
 
 }  // namespace
 

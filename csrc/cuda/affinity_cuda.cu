@@ -1,16 +1,519 @@
-// CUDA fused top-k affinity: not written yet (issue 3). The build compiles and links this file
-// so the CUDA half of the module is exercised; calling it says plainly that it is missing.
-#include <stdexcept>
+// Fused top-k affinity on the GPU. S = X X^T is never stored: each CTA owns a block of rows,
+// walks over every column tile, computes the tile into shared memory and merges it into its
+// rows' running top-k lists before the next tile.
+//
+// 1. pack_rows: X (two strided row blocks: text then images) -> a zero-padded, aligned copy in
+//    the workspace in the operand type (fp32 / fp64 / bf16 / fp32 rounded to tf32), rows scaled
+//    by 1/||x_i|| when normalising (the same scaling the CPU packs with). Any input stride and
+//    alignment is handled here, so the main kernel issues only aligned 16-byte cp.async loads.
+// 2. topk_tiles: per CTA a BM-row block; per column tile a BM x BN product over 32-deep K
+//    steps, pipelined through shared memory with cp.async (3 stages for bf16, 2 for fp32 /
+//    fp64; one barrier per K step); CUDA-core FMA tiles for
+//    "exact" (fp32 / fp64), nvcuda::wmma tensor-core tiles for bf16 (m16n16k16) and tf32
+//    (m16n16k8), fp32 accumulation. The finished tile goes to shared memory; each warp then
+//    scans its rows: candidates are filtered against the row's current k-th entry with a warp
+//    ballot, and only the survivors (after the first tiles, very few) are inserted into the
+//    sorted list by a warp-cooperative shift. Lists live in shared memory for k <= 64 and in
+//    the global workspace above that (same code, slower).
+// 3. finalize: for bf16 / tf32 the k neighbours are re-scored in fp32 from the original rows
+//    and re-sorted (so weights are exact dot products; the neighbour set may differ slightly
+//    from fp32); then f(s) is applied and int64 indices written. Tie rule: core/topk.h.
+#include <cuda_bf16.h>
+#include <cuda_pipeline.h>
+#include <cuda_runtime.h>
+#include <mma.h>
 
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include "core/check.h"
+#include "core/graph_math.h"
+#include "core/topk.h"
+#include "core/workspace_layout.h"
 #include "cuda/affinity_cuda.h"
+#include "cuda/common.cuh"
 
 namespace rext::cuda {
+namespace {
+
+constexpr int kThreads = 256;  // 8 warps per CTA
+constexpr int kWarps = kThreads / 32;
+constexpr int kBK = 32;        // K step per pipeline stage
+constexpr int kListCap = 64;   // longest list kept in shared memory
+
+enum class Mma { Simt, Bf16, Tf32 };
+
+// Tile shape per operand kind. Simt: a 16 x 16 thread grid, thread (ty, tx) owns rows
+// ty + 16 m and columns tx + 16 n (strided, so shared-memory reads hit distinct banks).
+// Wmma: 4 x 2 warps, each a 32 x 64 block of 2 x 4 16x16 accumulators.
+template <class Op, class Acc, Mma M>
+struct Cfg {
+  static constexpr int BM = sizeof(Acc) == 8 ? 64 : 128;
+  static constexpr int BN = BM;
+  static constexpr int TM = BM / 16, TN = BN / 16;
+  static constexpr int PAD = 16 / int(sizeof(Op));    // keeps rows 16-byte aligned
+  static constexpr int LDA = kBK + PAD;                // operand row pitch (elements)
+  static constexpr int LDS = BN + (sizeof(Acc) == 8 ? 8 : 16);  // S tile row pitch
+  static constexpr int kStageElems = (BM + BN) * LDA;
+  // cp.async pipeline depth: bf16 stages are small enough for three inside the S tile's
+  // footprint; fp32 / fp64 stages take two (a third would cost shared memory, hence occupancy).
+  static constexpr int kStages = sizeof(Op) == 2 ? 3 : 2;
+  static constexpr int kStagesBytes = kStages * kStageElems * int(sizeof(Op));
+  static constexpr int kTileBytes = BM * LDS * int(sizeof(Acc));
+  static constexpr int kRegion0 =
+      ((kStagesBytes > kTileBytes ? kStagesBytes : kTileBytes) + 127) / 128 * 128;
+  // Dynamic shared memory: operands / S tile (aliased), then lists (if in shared memory),
+  // then per-row thresholds.
+  static int64_t smem_bytes(int kcap, bool global_lists) {
+    int64_t b = kRegion0;
+    if (!global_lists) b += int64_t(BM) * kcap * (sizeof(Acc) + 4);
+    b += int64_t(BM) * (sizeof(Acc) + 4);
+    return b;
+  }
+};
+
+template <class Acc>
+struct KernelArgs {
+  const void* xp;       // packed operands, n_pad x d_pad
+  int64_t d_pad;
+  int64_t n;
+  int k;
+  int kcap;             // list pitch in shared memory (32 or 64)
+  int eff_rows;         // rows per CTA actually owned (block_rows forces fewer)
+  int eff_cols;         // columns per tile actually consumed
+  bool exclude_self;
+  bool global_lists;
+  Acc* cand_v;          // n x k
+  int* cand_i;          // n x k
+};
+
+// Convert one input value to the operand type.
+template <class Op>
+__device__ __forceinline__ Op to_operand(float v, bool tf32);
+template <>
+__device__ __forceinline__ float to_operand<float>(float v, bool tf32) {
+  // Rounded to tf32 here, once, so the tensor-core fragments need no per-element conversion.
+  return tf32 ? nvcuda::wmma::__float_to_tf32(v) : v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 to_operand<__nv_bfloat16>(float v, bool) {
+  return __float2bfloat16_rn(v);
+}
+template <class Op>
+__device__ __forceinline__ Op to_operand(double v, bool) {
+  return Op(v);
+}
+
+// One warp per packed row (rows past n are zero). Scale = 1 / ||x_i|| computed in double,
+// scaled by the largest entry first as on the CPU.
+template <class T, class Op>
+__global__ void pack_rows(StackedRows<T> x, bool normalize, bool tf32, T* scale, Op* xp,
+                          int64_t n, int64_t n_pad, int64_t d, int64_t d_pad) {
+  const int lane = threadIdx.x & 31;
+  const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (i >= n_pad) return;
+  T s = T(1);
+  const T* row = i < n ? x.row(i) : nullptr;
+  if (row && normalize) {
+    double big = 0;
+    for (int64_t c = lane; c < d; c += 32) big = ::fmax(big, ::fabs(double(row[c])));
+    big = warp_max(big);
+    double ss = 0;
+    if (big > 0)
+      for (int64_t c = lane; c < d; c += 32) {
+        const double q = double(row[c]) / big;
+        ss += q * q;
+      }
+    ss = warp_sum(ss);
+    // A zero row is refused by ops.py; a zero scale keeps it harmless if one slips through.
+    s = big > 0 ? T(1.0 / (big * ::sqrt(ss))) : T(0);
+  }
+  if (row && lane == 0) scale[i] = s;
+  Op* dst = xp + i * d_pad;
+  for (int64_t c = lane; c < d_pad; c += 32)
+    dst[c] = to_operand<Op>(row && c < d ? row[c] * s : T(0), tf32);
+}
+
+// Issue the copies of one K step of the A rows [row0, row0 + BM) and B rows
+// [col0, col0 + BN); the caller commits them as one pipeline group.
+template <class C, class Op>
+__device__ __forceinline__ void load_stage(Op* stage, const Op* a_rows, const Op* b_rows,
+                                           int64_t d_pad, int64_t k0) {
+  constexpr int kVec = 16 / int(sizeof(Op));
+  constexpr int kPerRow = kBK / kVec;
+#pragma unroll 2  // fully unrolled, the addresses push the bf16 tile over 128 registers
+  for (int c = threadIdx.x; c < (C::BM + C::BN) * kPerRow; c += kThreads) {
+    const int r = c / kPerRow, piece = c % kPerRow;
+    const Op* src = r < C::BM ? a_rows + r * d_pad : b_rows + (r - C::BM) * d_pad;
+    __pipeline_memcpy_async(stage + r * C::LDA + piece * kVec, src + k0 + piece * kVec, 16);
+  }
+}
+
+// S tile (BM x BN, pitch LDS) of rows [row0, ...) against rows [col0, ...) into `tile`.
+template <class C, class Op, class Acc, Mma M>
+__device__ void compute_tile(Op* stages, Acc* tile, const Op* xp, int64_t d_pad, int64_t row0,
+                             int64_t col0) {
+  const int steps = int(d_pad / kBK);
+  const int warp = threadIdx.x >> 5;
+  (void)warp;
+  [[maybe_unused]] Acc acc[M == Mma::Simt ? C::TM : 1][M == Mma::Simt ? C::TN : 1];
+  using namespace nvcuda;
+  using FragIn = std::conditional_t<M == Mma::Bf16, __nv_bfloat16, wmma::precision::tf32>;
+  constexpr int KS = M == Mma::Bf16 ? 16 : 8;
+  wmma::fragment<wmma::accumulator, 16, 16, KS, float> wacc[2][4];
+  if constexpr (M == Mma::Simt) {
+#pragma unroll
+    for (int a = 0; a < C::TM; ++a)
+#pragma unroll
+      for (int b = 0; b < C::TN; ++b) acc[a][b] = Acc(0);
+  } else {
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+      for (int b = 0; b < 4; ++b) wmma::fill_fragment(wacc[a][b], 0.0f);
+  }
+
+  // Pipeline: group g holds K step g in stage g % S. Before step s, S - 1 + s groups have
+  // been committed (empty ones past the last step keep the count uniform), so waiting until
+  // at most S - 2 are pending means group s has landed. The barrier then also guarantees that
+  // every warp has finished step s - 1, whose stage the next copy overwrites.
+  constexpr int S = C::kStages;
+  const Op* a_rows = xp + row0 * d_pad;
+  const Op* b_rows = xp + col0 * d_pad;
+#pragma unroll
+  for (int g = 0; g < S - 1; ++g) {
+    if (g < steps)
+      load_stage<C>(stages + g * C::kStageElems, a_rows, b_rows, d_pad, int64_t(g) * kBK);
+    __pipeline_commit();
+  }
+  for (int s = 0; s < steps; ++s) {
+    __pipeline_wait_prior(S - 2);
+    __syncthreads();
+    const int next = s + S - 1;
+    if (next < steps)
+      load_stage<C>(stages + (next % S) * C::kStageElems, a_rows, b_rows, d_pad,
+                    int64_t(next) * kBK);
+    __pipeline_commit();
+    const Op* As = stages + (s % S) * C::kStageElems;
+    const Op* Bs = As + C::BM * C::LDA;
+    if constexpr (M == Mma::Simt) {
+      const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+#pragma unroll 4
+      for (int kk = 0; kk < kBK; ++kk) {
+        Acc a[C::TM], b[C::TN];
+#pragma unroll
+        for (int m = 0; m < C::TM; ++m) a[m] = As[(ty + 16 * m) * C::LDA + kk];
+#pragma unroll
+        for (int q = 0; q < C::TN; ++q) b[q] = Bs[(tx + 16 * q) * C::LDA + kk];
+#pragma unroll
+        for (int m = 0; m < C::TM; ++m)
+#pragma unroll
+          for (int q = 0; q < C::TN; ++q) acc[m][q] = fma(a[m], b[q], acc[m][q]);
+      }
+    } else {
+      const int wm = warp >> 1, wn = warp & 1;
+      // Not unrolled: with two CTAs per SM the other warps hide the fragment loads, and the
+      // unrolled loop would not fit the 128-register cap without spilling.
+#pragma unroll 1
+      for (int ks = 0; ks < kBK; ks += KS) {
+        wmma::fragment<wmma::matrix_a, 16, 16, KS, FragIn, wmma::row_major> fa[2];
+        wmma::fragment<wmma::matrix_b, 16, 16, KS, FragIn, wmma::col_major> fb[4];
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+          wmma::load_matrix_sync(fa[a], As + (wm * 32 + a * 16) * C::LDA + ks, C::LDA);
+        // matrix_b col_major: element (k, n) at n * LDA + k, i.e. the B rows as stored.
+#pragma unroll
+        for (int b = 0; b < 4; ++b)
+          wmma::load_matrix_sync(fb[b], Bs + (wn * 64 + b * 16) * C::LDA + ks, C::LDA);
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+#pragma unroll
+          for (int b = 0; b < 4; ++b) wmma::mma_sync(wacc[a][b], fa[a], fb[b], wacc[a][b]);
+      }
+    }
+  }
+  __pipeline_wait_prior(0);  // only empty groups remain; keeps the accounting explicit
+  __syncthreads();           // every warp is done with the stages: S reuses their memory
+
+  // The operand stages are dead: S reuses their shared memory.
+  if constexpr (M == Mma::Simt) {
+    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+#pragma unroll
+    for (int m = 0; m < C::TM; ++m)
+#pragma unroll
+      for (int q = 0; q < C::TN; ++q) tile[(ty + 16 * m) * C::LDS + tx + 16 * q] = acc[m][q];
+  } else {
+    const int wm = warp >> 1, wn = warp & 1;
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+      for (int b = 0; b < 4; ++b)
+        wmma::store_matrix_sync(tile + (wm * 32 + a * 16) * C::LDS + wn * 64 + b * 16,
+                                wacc[a][b], C::LDS, wmma::mem_row_major);
+  }
+  __syncthreads();
+}
+
+// Warp-cooperative insert of (s, j) into the sorted list (lv, li) of length k; the caller
+// guarantees that (s, j) beats the last entry. The rank is the number of entries ahead of
+// the candidate (a prefix of the sorted list); entries from the rank on shift down by one,
+// chunk by chunk from the end (each chunk read completely before it is written).
+template <class Acc>
+__device__ void warp_insert(Acc* lv, int* li, int k, Acc s, int j, int lane) {
+  int rank = 0;
+  for (int base = 0; base < k; base += 32) {
+    const int e = base + lane;
+    const bool ahead = e < k && topk_before(lv[e], topk_slot(li[e]), s, int64_t(j));
+    rank += __popc(__ballot_sync(kFullMask, ahead));
+  }
+  for (int base = (k - 1) / 32 * 32; base >= 0 && base + 31 >= rank; base -= 32) {
+    const int e = base + lane;
+    const bool move = e >= rank && e <= k - 2;
+    Acc v{};
+    int ix = 0;
+    if (move) {
+      v = lv[e];
+      ix = li[e];
+    }
+    __syncwarp();
+    if (move) {
+      lv[e + 1] = v;
+      li[e + 1] = ix;
+    }
+    __syncwarp();
+  }
+  if (lane == 0) {
+    lv[rank] = s;
+    li[rank] = j;
+  }
+  __syncwarp();
+}
+
+// Tensor-core tiles are register-capped for two CTAs per SM (with k <= 32 their shared memory
+// fits twice on sm_90), so one CTA's top-k epilogue overlaps the other's products; the FMA
+// tiles need their registers (capped, they spill in the inner loop) and run one CTA per SM.
+template <Mma M>
+constexpr int kMinBlocks = M == Mma::Simt ? 1 : 2;
+
+template <class Op, class Acc, Mma M>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<M>) topk_tiles(KernelArgs<Acc> args) {
+  using C = Cfg<Op, Acc, M>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  Op* stages = reinterpret_cast<Op*>(smem);
+  Acc* tile = reinterpret_cast<Acc*>(smem);
+  unsigned char* after = smem + C::kRegion0;
+  Acc* list_v = nullptr;
+  int* list_i = nullptr;
+  if (!args.global_lists) {
+    list_v = reinterpret_cast<Acc*>(after);
+    after += sizeof(Acc) * C::BM * args.kcap;
+    list_i = reinterpret_cast<int*>(after);
+    after += sizeof(int) * C::BM * args.kcap;
+  }
+  Acc* thr_v = reinterpret_cast<Acc*>(after);
+  int* thr_i = reinterpret_cast<int*>(after + sizeof(Acc) * C::BM);
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t n = args.n, i0 = int64_t(blockIdx.x) * args.eff_rows;
+  const int k = args.k;
+  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  auto row_list = [&](int r, Acc*& lv, int*& li) {
+    if (args.global_lists) {
+      lv = args.cand_v + (i0 + r) * int64_t(k);
+      li = args.cand_i + (i0 + r) * int64_t(k);
+    } else {
+      lv = list_v + r * args.kcap;
+      li = list_i + r * args.kcap;
+    }
+  };
+
+  // Each warp owns rows warp, warp + 8, ...: their lists and thresholds are only ever touched
+  // by that warp, so no block-level synchronisation protects them.
+  for (int r = warp; r < args.eff_rows && i0 + r < n; r += kWarps) {
+    Acc* lv;
+    int* li;
+    row_list(r, lv, li);
+    for (int e = lane; e < k; e += 32) {
+      lv[e] = neg_inf;
+      li[e] = -1;
+    }
+    if (lane == 0) {
+      thr_v[r] = neg_inf;
+      thr_i[r] = -1;
+    }
+  }
+  __syncwarp();
+
+  const Op* xp = static_cast<const Op*>(args.xp);
+  for (int64_t j0 = 0; j0 < n; j0 += args.eff_cols) {
+    compute_tile<C, Op, Acc, M>(stages, tile, xp, args.d_pad, i0, j0);
+    for (int r = warp; r < args.eff_rows && i0 + r < n; r += kWarps) {
+      const int64_t i = i0 + r;
+      Acc* lv;
+      int* li;
+      row_list(r, lv, li);
+      Acc tv = thr_v[r];
+      int ti = thr_i[r];
+      for (int c0 = 0; c0 < args.eff_cols; c0 += 32) {
+        const int c = c0 + lane;
+        const int64_t j = j0 + c;
+        const bool ok = c < args.eff_cols && j < n && !(args.exclude_self && j == i);
+        const Acc s = ok ? tile[r * C::LDS + c] : Acc(0);
+        unsigned mask = __ballot_sync(kFullMask, ok && topk_beats_slot(s, j, tv, int64_t(ti)));
+        while (mask) {
+          const int src = __ffs(mask) - 1;
+          const Acc cs = __shfl_sync(kFullMask, s, src);
+          const int cj = __shfl_sync(kFullMask, int(j), src);
+          warp_insert(lv, li, k, cs, cj, lane);
+          tv = lv[k - 1];
+          ti = li[k - 1];
+          mask &= ~(1u << src);
+          // The threshold rose: drop the lanes it now rejects.
+          mask &= __ballot_sync(kFullMask, ok && topk_beats_slot(s, j, tv, int64_t(ti)));
+        }
+      }
+      if (lane == 0) {
+        thr_v[r] = tv;
+        thr_i[r] = ti;
+      }
+    }
+    __syncthreads();  // the next tile overwrites S
+  }
+
+  if (!args.global_lists) {
+    for (int r = warp; r < args.eff_rows && i0 + r < n; r += kWarps) {
+      const Acc* lv = list_v + r * args.kcap;
+      const int* li = list_i + r * args.kcap;
+      for (int e = lane; e < k; e += 32) {
+        args.cand_v[(i0 + r) * int64_t(k) + e] = lv[e];
+        args.cand_i[(i0 + r) * int64_t(k) + e] = li[e];
+      }
+    }
+  }
+}
+
+// One warp per row: optional fp32 re-score of the k neighbours (then re-sort), weight, output.
+template <class T, class Acc>
+__global__ void finalize(StackedRows<T> x, const T* scale, Acc* cand_v, int* cand_i, int64_t n,
+                         int64_t k, bool rescore, Weight weight, double gamma,
+                         MatrixView<int64_t> out_i, MatrixView<T> out_w) {
+  const int lane = threadIdx.x & 31;
+  const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (i >= n) return;
+  Acc* v = cand_v + i * k;
+  int* id = cand_i + i * k;
+  if (rescore) {
+    const int64_t d = x.cols();
+    const T* xi = x.row(i);
+    const T si = scale[i];
+    for (int64_t e = 0; e < k; ++e) {
+      const int j = id[e];
+      if (j < 0) continue;  // uniform across the warp
+      const T* xj = x.row(j);
+      const T sj = scale[j];
+      Acc part = 0;
+      // (x_i s_i) . (x_j s_j) with the same per-element scaling as the packed operands.
+      for (int64_t c = lane; c < d; c += 32) part = fma(Acc(xi[c] * si), Acc(xj[c] * sj), part);
+      part = warp_sum(part);
+      if (lane == 0) v[e] = part;
+    }
+    __syncwarp();
+    if (lane == 0) topk_sort(v, id, k);
+    __syncwarp();
+  }
+  for (int64_t e = lane; e < k; e += 32) {
+    out_i(i, e) = id[e];
+    out_w(i, e) = T(affinity_weight(double(v[e]), weight, gamma));
+  }
+}
+
+template <class Op, class Acc, Mma M>
+void launch_tiles(const KernelArgs<Acc>& args, int64_t n, cudaStream_t stream) {
+  using C = Cfg<Op, Acc, M>;
+  const int64_t smem = C::smem_bytes(args.kcap, args.global_lists);
+  int dev = 0, optin = 0;
+  REXT_CUDA_CHECK(cudaGetDevice(&dev));
+  REXT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  if (smem > optin)
+    throw std::runtime_error(detail::concat("knn_affinity: the tile needs ", smem,
+                                            " bytes of shared memory, this device allows ",
+                                            optin));
+  REXT_CUDA_CHECK(cudaFuncSetAttribute(topk_tiles<Op, Acc, M>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  // The tile lives in shared memory, not L1: ask for the largest carve-out so that two CTAs
+  // fit where their registers allow it.
+  REXT_CUDA_CHECK(cudaFuncSetAttribute(topk_tiles<Op, Acc, M>,
+                                       cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       int(cudaSharedmemCarveoutMaxShared)));
+  const unsigned grid = blocks_for(n, args.eff_rows);
+  topk_tiles<Op, Acc, M><<<grid, kThreads, smem, stream>>>(args);
+  REXT_CUDA_CHECK(cudaGetLastError());
+}
+
+template <class Op, class Acc, Mma M, class T>
+void run(const StackedRows<T>& x, MatrixView<int64_t> indices, MatrixView<T> weights,
+         const AffinityParams& p, const AffinityLayout& l, char* ws, cudaStream_t stream) {
+  using C = Cfg<Op, Acc, M>;
+  const int64_t n = x.rows(), d = x.cols(), k = p.k;
+  T* scale = reinterpret_cast<T*>(ws + l.scale);
+  Op* xp = reinterpret_cast<Op*>(ws + l.xp);
+  pack_rows<T, Op><<<blocks_for(l.n_pad, kWarps), kThreads, 0, stream>>>(
+      x, p.normalize, M == Mma::Tf32, scale, xp, n, l.n_pad, d, l.d_pad);
+  REXT_CUDA_CHECK(cudaGetLastError());
+
+  KernelArgs<Acc> a;
+  a.xp = xp;
+  a.d_pad = l.d_pad;
+  a.n = n;
+  a.k = int(k);
+  a.global_lists = k > kListCap;
+  a.kcap = k <= 32 ? 32 : kListCap;
+  const int64_t forced = p.block_rows > 0 ? p.block_rows : C::BM;
+  a.eff_rows = int(forced < C::BM ? forced : C::BM);
+  a.eff_cols = int(forced < C::BN ? forced : C::BN);
+  a.exclude_self = p.exclude_self;
+  a.cand_v = reinterpret_cast<Acc*>(ws + l.cand_v);
+  a.cand_i = reinterpret_cast<int*>(ws + l.cand_i);
+  launch_tiles<Op, Acc, M>(a, n, stream);
+
+  finalize<T, Acc><<<blocks_for(n, kWarps), kThreads, 0, stream>>>(
+      x, scale, a.cand_v, a.cand_i, n, k, M != Mma::Simt, p.weight, p.gamma, indices, weights);
+  REXT_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
 
 template <class T>
-void knn_affinity_cuda(Device, const StackedRows<T>&, MatrixView<int64_t>, MatrixView<T>,
-                       const AffinityParams&) {
-  throw std::runtime_error("knn_affinity: the CUDA kernel is not implemented in this version; "
-                           "move the arrays to the CPU");
+void knn_affinity_cuda(Device dev, const StackedRows<T>& x, MatrixView<int64_t> indices,
+                       MatrixView<T> weights, const AffinityParams& p) {
+  const int64_t n = x.rows(), d = x.cols(), k = p.k;
+  REXT_CHECK(n >= 2, "x: need at least 2 rows, got ", n);
+  REXT_CHECK(d >= 1, "x: need at least 1 column");
+  REXT_CHECK(n < (int64_t(1) << 31) - 256, "x: the CUDA kernel takes fewer than 2^31 rows");
+  REXT_CHECK(k >= 1 && k <= (p.exclude_self ? n - 1 : n), "k must be in [1, ",
+             p.exclude_self ? n - 1 : n, "] for ", n, " rows, got ", k);
+  REXT_CHECK(indices.rows == n && indices.cols == k, "indices: expected shape (", n, ", ", k, ")");
+  REXT_CHECK(weights.rows == n && weights.cols == k, "weights: expected shape (", n, ", ", k, ")");
+  REXT_CHECK(std::isfinite(p.gamma) && p.gamma > 0, "gamma must be finite and > 0, got ", p.gamma);
+  constexpr bool dbl = sizeof(T) == 8;
+  REXT_CHECK(!dbl || p.precision == Precision::Exact,
+             "precision: 'tf32' and 'bf16' need float32 input; float64 runs 'exact'");
+  DeviceGuard guard(dev.index);
+  const AffinityLayout l = affinity_layout(n, d, k, sizeof(T), p.precision);
+  char* ws = workspace_base(p.workspace, l.total, "knn_affinity");
+  cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  if constexpr (dbl) {
+    run<double, double, Mma::Simt>(x, indices, weights, p, l, ws, stream);
+  } else {
+    switch (p.precision) {
+      case Precision::Exact: run<float, float, Mma::Simt>(x, indices, weights, p, l, ws, stream); break;
+      case Precision::Tf32: run<float, float, Mma::Tf32>(x, indices, weights, p, l, ws, stream); break;
+      case Precision::Bf16:
+        run<__nv_bfloat16, float, Mma::Bf16>(x, indices, weights, p, l, ws, stream);
+        break;
+    }
+  }
 }
 
 template void knn_affinity_cuda<float>(Device, const StackedRows<float>&, MatrixView<int64_t>,

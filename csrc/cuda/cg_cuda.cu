@@ -1,15 +1,229 @@
-// CUDA batched CG: not written yet (issue 3); see affinity_cuda.cu.
-#include <stdexcept>
+// Batched CG on the GPU for (I - alpha W) X = B, W in CSR, B N x m: the m columns are m
+// independent recurrences sharing one sparse x dense product per iteration, with the same
+// stopping rule and reporting as cg_cpu.cpp (the scalar rules are core/graph_math.h).
+//
+// Layout of every vector pass: a CTA is 8 warps x one 32-column chunk (blockIdx.y); each warp
+// walks rows (grid-stride), lane = column, so a warp reads 32 consecutive columns of one row
+// (coalesced). Per-column dot products are summed in double in registers, reduced over the
+// CTA's warps in shared memory and added with one double atomic per column per CTA.
+// Per iteration:
+//   spmm:    q = p - alpha W p and pq_j += p_j . q_j      (fused; a warp per row, lanes = columns)
+//   step:    per column, step = rs / pq or stop            (one tiny kernel)
+//   update:  x += step p, r -= step q, rs_new_j += r_j . r_j
+//   advance: per column, residual, stop test, beta         (one tiny kernel; counts active)
+//   direction: p = r + beta p
+// Converged columns are skipped by every pass (a chunk with no active column exits at once).
+// One 8-byte read-back per iteration (the number of active columns) ends the loop early.
+#include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cmath>
+
+#include "core/check.h"
+#include "core/graph_math.h"
+#include "core/workspace_layout.h"
 #include "cuda/cg_cuda.h"
+#include "cuda/common.cuh"
 
 namespace rext::cuda {
+namespace {
+
+constexpr int kWarpsPerBlock = 8;
+constexpr int kThreads = 32 * kWarpsPerBlock;
+constexpr int64_t kMaxRowBlocks = 1024;  // grid-stride: bounds the atomics per reduction
+
+struct State {
+  double *rs, *rs_new, *pq, *bnorm, *step, *beta;
+  int* active;
+  int* count;
+};
+
+// Sums `part` over the CTA's warps (same column = same lane) and adds it to out[col].
+__device__ __forceinline__ void block_add(double part, int64_t col, int64_t m, double* out) {
+  __shared__ double sums[kWarpsPerBlock][33];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  sums[warp][lane] = part;
+  __syncthreads();
+  if (warp == 0) {
+    double s = 0;
+#pragma unroll
+    for (int w = 0; w < kWarpsPerBlock; ++w) s += sums[w][lane];
+    if (col < m && s != 0) atomicAdd(&out[col], s);
+  }
+}
+
+// r = b, p = b, x = 0, rs_j = b_j . b_j
+template <class T>
+__global__ void init(MatrixView<const T> b, MatrixView<T> x, T* r, T* p, int64_t n, int64_t m,
+                     double* rs) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t col = int64_t(blockIdx.y) * 32 + lane;
+  double part = 0;
+  for (int64_t i = int64_t(blockIdx.x) * kWarpsPerBlock + warp; i < n;
+       i += int64_t(gridDim.x) * kWarpsPerBlock) {
+    if (col >= m) break;
+    const T v = b(i, col);
+    r[i * m + col] = p[i * m + col] = v;
+    x(i, col) = T(0);
+    part += double(v) * double(v);
+  }
+  block_add(part, col, m, rs);
+}
+
+__global__ void start(State s, int64_t m, double tol, int64_t* iterations, double* residuals) {
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < m;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    bool on;
+    cg_start(s.rs[j], tol, on, s.bnorm[j], iterations[j], residuals[j]);
+    s.active[j] = on;
+    s.pq[j] = 0;
+    if (on) atomicAdd(s.count, 1);
+  }
+}
+
+// q = p - alpha W p, pq_j += p_j . q_j (active columns only).
+template <class T>
+__global__ void spmm(const int64_t* indptr, const int64_t* indices, const T* data, int64_t nnz,
+                     const T* p, T* q, int64_t n, int64_t m, T alpha, State s) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t col = int64_t(blockIdx.y) * 32 + lane;
+  const bool act = col < m && s.active[col];
+  if (!__syncthreads_or(act)) return;  // the whole chunk has converged
+  double part = 0;
+  for (int64_t i = int64_t(blockIdx.x) * kWarpsPerBlock + warp; act && i < n;
+       i += int64_t(gridDim.x) * kWarpsPerBlock) {
+    // Clamped so that a malformed indptr cannot read outside the arrays (ops.py validates).
+    const int64_t lo = max(indptr[i], int64_t(0)), hi = min(indptr[i + 1], nnz);
+    T acc = T(0);
+    for (int64_t e = lo; e < hi; ++e) {
+      const int64_t c = indices[e];
+      if (c >= 0 && c < n) acc += data[e] * p[c * m + col];
+    }
+    const T pi = p[i * m + col];
+    const T qi = pi - alpha * acc;
+    q[i * m + col] = qi;
+    part += double(pi) * double(qi);
+  }
+  block_add(part, col, m, s.pq);
+}
+
+__global__ void step_rule(State s, int64_t m) {
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < m;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    bool on = s.active[j];
+    s.step[j] = cg_step(on, s.rs[j], s.pq[j]);
+    s.active[j] = on;
+    s.rs_new[j] = 0;
+  }
+}
+
+// x += step p, r -= step q, rs_new_j += r_j . r_j
+template <class T>
+__global__ void update(MatrixView<T> x, T* r, const T* p, const T* q, int64_t n, int64_t m,
+                       State s) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t col = int64_t(blockIdx.y) * 32 + lane;
+  const bool act = col < m && s.active[col];
+  if (!__syncthreads_or(act)) return;
+  const T step = act ? T(s.step[col]) : T(0);
+  double part = 0;
+  for (int64_t i = int64_t(blockIdx.x) * kWarpsPerBlock + warp; act && i < n;
+       i += int64_t(gridDim.x) * kWarpsPerBlock) {
+    x(i, col) += step * p[i * m + col];
+    const T ri = r[i * m + col] - step * q[i * m + col];
+    r[i * m + col] = ri;
+    part += double(ri) * double(ri);
+  }
+  block_add(part, col, m, s.rs_new);
+}
+
+__global__ void advance(State s, int64_t m, int64_t it, double tol, int64_t* iterations,
+                        double* residuals) {
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < m;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    bool on = s.active[j];
+    s.beta[j] = cg_advance(on, it, s.rs_new[j], s.rs[j], s.bnorm[j], tol, iterations[j],
+                           residuals[j]);
+    s.active[j] = on;
+    s.pq[j] = 0;
+    if (on) atomicAdd(s.count, 1);
+  }
+}
+
+// p = r + beta p
+template <class T>
+__global__ void direction(const T* r, T* p, int64_t n, int64_t m, State s) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t col = int64_t(blockIdx.y) * 32 + lane;
+  const bool act = col < m && s.active[col];
+  if (!__any_sync(kFullMask, act)) return;
+  const T beta = act ? T(s.beta[col]) : T(0);
+  for (int64_t i = int64_t(blockIdx.x) * kWarpsPerBlock + warp; act && i < n;
+       i += int64_t(gridDim.x) * kWarpsPerBlock)
+    p[i * m + col] = r[i * m + col] + beta * p[i * m + col];
+}
+
+int read_count(const int* count, cudaStream_t stream) {
+  int host = 0;
+  REXT_CUDA_CHECK(cudaMemcpyAsync(&host, count, sizeof(int), cudaMemcpyDeviceToHost, stream));
+  REXT_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return host;
+}
+
+}  // namespace
 
 template <class T>
-void cg_solve_cuda(Device, const CsrView<T>&, MatrixView<const T>, MatrixView<T>, int64_t*,
-                   double*, const CgParams&) {
-  throw std::runtime_error("cg_solve: the CUDA kernel is not implemented in this version; "
-                           "move the arrays to the CPU");
+void cg_solve_cuda(Device dev, const CsrView<T>& w, MatrixView<const T> rhs, MatrixView<T> x,
+                   int64_t* iterations, double* residuals, const CgParams& p) {
+  const int64_t n = w.rows, m = rhs.cols;
+  REXT_CHECK(rhs.rows == n, "rhs: expected ", n, " rows to match W, got ", rhs.rows);
+  REXT_CHECK(x.rows == n && x.cols == m, "x: expected shape (", n, ", ", m, ")");
+  REXT_CHECK(p.alpha >= 0 && p.alpha < 1, "alpha must be in [0, 1), got ", p.alpha);
+  REXT_CHECK(p.max_iter >= 0, "max_iter must be >= 0, got ", p.max_iter);
+  REXT_CHECK(p.tol >= 0, "tol must be >= 0, got ", p.tol);
+  REXT_CHECK(n >= 1 && m >= 1, "rhs: expected a non-empty (N, m) array");
+  REXT_CHECK((m + 31) / 32 <= 65535, "rhs: at most ", 65535 * 32, " columns on CUDA, got ", m);
+  DeviceGuard guard(dev.index);
+  cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  const CgLayout l = cg_layout(n, m, sizeof(T));
+  char* ws = workspace_base(p.workspace, l.total, "cg_solve");
+  T* r = reinterpret_cast<T*>(ws + l.r);
+  T* dir = reinterpret_cast<T*>(ws + l.p);
+  T* q = reinterpret_cast<T*>(ws + l.q);
+  State s;
+  s.rs = reinterpret_cast<double*>(ws + l.rs);
+  s.rs_new = reinterpret_cast<double*>(ws + l.rs_new);
+  s.pq = reinterpret_cast<double*>(ws + l.pq);
+  s.bnorm = reinterpret_cast<double*>(ws + l.bnorm);
+  s.step = reinterpret_cast<double*>(ws + l.step);
+  s.beta = reinterpret_cast<double*>(ws + l.beta);
+  s.active = reinterpret_cast<int*>(ws + l.active);
+  s.count = reinterpret_cast<int*>(ws + l.count);
+
+  const int64_t row_blocks = std::min<int64_t>((n + kWarpsPerBlock - 1) / kWarpsPerBlock,
+                                               kMaxRowBlocks);
+  const dim3 grid(unsigned(row_blocks), unsigned((m + 31) / 32));
+  const unsigned col_blocks = blocks_for(std::min<int64_t>(m, 1 << 20), 256);
+  const T alpha = T(p.alpha);
+
+  REXT_CUDA_CHECK(cudaMemsetAsync(s.rs, 0, m * sizeof(double), stream));
+  REXT_CUDA_CHECK(cudaMemsetAsync(s.count, 0, sizeof(int), stream));
+  init<T><<<grid, kThreads, 0, stream>>>(rhs, x, r, dir, n, m, s.rs);
+  start<<<col_blocks, 256, 0, stream>>>(s, m, p.tol, iterations, residuals);
+  REXT_CUDA_CHECK(cudaGetLastError());
+  int active = read_count(s.count, stream);
+
+  for (int64_t it = 1; it <= p.max_iter && active > 0; ++it) {
+    spmm<T><<<grid, kThreads, 0, stream>>>(w.indptr, w.indices, w.data, w.nnz, dir, q, n, m,
+                                            alpha, s);
+    step_rule<<<col_blocks, 256, 0, stream>>>(s, m);
+    update<T><<<grid, kThreads, 0, stream>>>(x, r, dir, q, n, m, s);
+    REXT_CUDA_CHECK(cudaMemsetAsync(s.count, 0, sizeof(int), stream));
+    advance<<<col_blocks, 256, 0, stream>>>(s, m, it, p.tol, iterations, residuals);
+    direction<T><<<grid, kThreads, 0, stream>>>(r, dir, n, m, s);
+    REXT_CUDA_CHECK(cudaGetLastError());
+    active = read_count(s.count, stream);
+  }
 }
 
 template void cg_solve_cuda<float>(Device, const CsrView<float>&, MatrixView<const float>,

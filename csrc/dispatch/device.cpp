@@ -1,8 +1,12 @@
 // What this build and this machine offer.
+#include <stdexcept>
+
+#include "core/workspace_layout.h"
 #include "cpu/tile_kernels.h"
 #include "dispatch/ops.h"
 #ifdef REXT_WITH_CUDA
 #include "cuda/device_cuda.h"
+#include "cuda/normalize_cuda.h"
 #endif
 
 namespace rext {
@@ -14,6 +18,23 @@ int cuda_device_count() { return cuda::device_count(); }
 bool built_with_cuda() { return false; }
 int cuda_device_count() { return 0; }
 #endif
+
+int64_t knn_affinity_workspace_bytes(int64_t n, int64_t d, int64_t k, bool dbl, Precision prec) {
+  return affinity_layout(n, d, k, dbl ? 8 : 4, prec).total;
+}
+
+int64_t cg_solve_workspace_bytes(int64_t n, int64_t m, bool dbl) {
+  return cg_layout(n, m, dbl ? 8 : 4).total;
+}
+
+int64_t sym_normalize_workspace_bytes(Device dev, int64_t n, int64_t k, bool dbl) {
+#ifdef REXT_WITH_CUDA
+  return cuda::sym_normalize_workspace_bytes_cuda(dev, n, k, dbl);
+#else
+  (void)dev, (void)n, (void)k, (void)dbl;
+  throw std::runtime_error("reclip_ext was built without CUDA");
+#endif
+}
 
 const char* simd_level() { return cpu::simd_level(); }
 

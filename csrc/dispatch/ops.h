@@ -18,6 +18,14 @@ template <class T>
 void cg_solve(Device dev, const CsrView<T>& w, MatrixView<const T> rhs, MatrixView<T> x,
               int64_t* iterations, double* residuals, const CgParams& p);
 
+// Bytes of the caller-allocated workspace each CUDA op needs (dbl: float64 data). The
+// affinity and CG sizes are plain arithmetic (core/workspace_layout.h) and work in every build;
+// the normalisation adds CUB's temporary storage, which CUB sizes for a given device, so it
+// needs a CUDA build and device.
+int64_t knn_affinity_workspace_bytes(int64_t n, int64_t d, int64_t k, bool dbl, Precision prec);
+int64_t sym_normalize_workspace_bytes(Device dev, int64_t n, int64_t k, bool dbl);
+int64_t cg_solve_workspace_bytes(int64_t n, int64_t m, bool dbl);
+
 bool built_with_cuda();
 int cuda_device_count();  // 0 without CUDA, without a driver or without a device
 const char* simd_level();

@@ -1,0 +1,1234 @@
+#!/usr/bin/env python
+"""GPU benchmark of reclip_ext.label_propagate against a torch baseline and the ZLaP recipe.
+
+    python -P benchmarks/device_bench.py --json out.json                # full: n 100k, 1.28M
+    python -P benchmarks/device_bench.py --quick --json out.json        # n = 100k only
+    python -P benchmarks/device_bench.py --device cpu --n 2000 --m 10 --d 64   # CPU smoke run
+
+For every case (n images, m classes, d dims, k neighbours; N = n + m graph nodes) and operand
+precision (bf16, tf32; exact fp32 only up to --exact-max-n) it measures, in one process:
+
+* the machine: torch.mm rates at bf16 / tf32 / fp32 (TFLOP/s, median of --mm-repeat products of
+  --mm-size squared matrices) and device copy bandwidth (GB/s, bytes read + written);
+* reclip_ext: knn_affinity, sym_normalize and cg_solve called one by one (stage times), and
+  label_propagate end to end (total);
+* torch: chunked torch.mm + torch.topk, the symmetric normalised graph with torch sparse ops
+  (A + Aᵀ as COO, coalesce, degrees, D^-1/2 scaling, CSR), batched CG with sparse @ dense;
+* ZLaP: the torch graph as a cupyx.scipy.sparse CSR and cupyx.scipy.sparse.linalg.cg once per
+  class column (at most --zlap-classes classes timed, the rest extrapolated linearly);
+* neighbour-set recall of both kNN graphs against an exact float64 top-k of --recall-sample rows,
+  label agreement of reclip_ext with torch, accuracy against the synthetic ground truth;
+* derived: kNN TFLOP/s (the full N×N similarity, 2·N·N·d FLOP) and its fraction of the mm rate
+  at the same precision; CG GB/s per iteration under the model
+  bytes/iteration = nnz·(4 + 8) + passes·N·m·4 (fp32 values + int64 column indices of W, and
+  `passes` (default 10, the issue's ≈ 51 GB at N = 1.28M, m = 1000) full N×m fp32 reads or
+  writes: SpMM reads P and writes Q, the vector updates of X, R and P read and write the rest)
+  and its fraction of the copy bandwidth; time ratios torch / reclip_ext and ZLaP / reclip_ext.
+
+Stages: knn (from the fp32 rows to the (N, k) graph), normalize (graph to CSR W), solve (the CG
+call alone: Y is built before and the argmax taken after), total (reclip_ext: label_propagate
+end to end; torch: its whole pipeline; ZLaP: torch knn + normalize + its solve, which includes
+building I - αW in cupyx). Data: synthetic CLIP-like rows (the model of benchmarks/synthetic.py)
+generated on the device with a fixed torch seed. Cases run in order of n, then m descending, so
+the headline case (largest n, largest m) comes before the smaller m. --budget-s skips whatever
+would run past it (predicted from the same method's time at a smaller N); the JSON is rewritten
+atomically after every case, and a failed method is recorded without losing the others.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # python -P does not add the script's folder
+    sys.path.insert(0, str(HERE))
+
+import synthetic  # noqa: E402  (numpy only: the data model's defaults)
+
+#: measured on one H200 (torch 2.11, same sizes), from the issue: sanity anchors for the table
+ANCHORS = {
+    "mm_tflops": {"bf16": 790.0, "tf32": 412.0, "fp32": 51.0},
+    "copy_gbps": 4250.0,
+    "torch_knn_s_n1.28M": {"bf16": 16.9, "tf32": 27.3, "exact": 68.7},
+    "torch_normalize_s_n1.28M": 0.2,
+    "torch_cg_s_n1.28M_m1000": 1.77,
+    "zlap_cg_s_n1.28M_m1000": 11.1,
+}
+#: the issue's targets, stated for n = 1.28M, m = 1000, d = 768, k = 20
+TARGETS = {
+    "total_s_bf16_max": 6.0,
+    "recall_bf16_min": 0.98,
+    "recall_tf32_min": 0.999,
+    "knn_frac_mm_bf16_min": 0.60,
+    "cg_frac_copy_min": 0.50,
+    "speedup_vs_torch_min": 3.0,
+    "speedup_vs_zlap_min": 4.0,
+}
+PRECISIONS = ("bf16", "tf32", "exact")
+MM_RATE_KEY = {"bf16": "bf16", "tf32": "tf32", "exact": "fp32"}
+STAGES = ("knn", "normalize", "solve", "total")
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def _int_list(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower().replace("_", "")
+        if not part:
+            continue
+        scale = 1
+        if part[-1] in "km":
+            scale = 1000 if part[-1] == "k" else 1_000_000
+            part = part[:-1]
+        out.append(int(round(float(part) * scale)))
+    if not out:
+        raise argparse.ArgumentTypeError("need at least one integer")
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: a smoke run (exact precision, torch on the CPU, ZLaP skipped)")
+    ap.add_argument("--quick", action="store_true",
+                    help="preset: n = 100k only, 50 ZLaP classes, 500 recall rows")
+    ap.add_argument("--n", type=_int_list, default=None,
+                    help="images, comma-separated (100k, 1.28M; k/M suffixes) "
+                    "[default 100000,1280000; --quick 100000]")
+    ap.add_argument("--m", type=_int_list, default=[1000, 100], help="classes, comma-separated")
+    ap.add_argument("--d", type=int, default=768, help="embedding dimension")
+    ap.add_argument("--k", type=int, default=20, help="neighbours per node")
+    ap.add_argument("--alpha", type=float, default=0.99)
+    ap.add_argument("--max-iter", type=int, default=20, help="CG iterations")
+    ap.add_argument("--tol", type=float, default=1e-6, help="CG relative residual")
+    ap.add_argument("--precisions", default=None,
+                    help="comma-separated subset of bf16,tf32,exact [default: all three on "
+                    "cuda, exact on cpu]")
+    ap.add_argument("--exact-max-n", type=int, default=100_000,
+                    help="run the exact fp32 precision (reclip_ext and torch) only up to this n")
+    ap.add_argument("--baselines", default=None,
+                    help="comma-separated subset of torch,zlap ('' for none); zlap needs torch "
+                    "and cupy [default: torch,zlap on cuda, torch on cpu]")
+    ap.add_argument("--zlap-classes", type=int, default=None,
+                    help="classes timed in the ZLaP per-class CG; more are extrapolated "
+                    "linearly [default 100; --quick 50]")
+    ap.add_argument("--recall-sample", type=int, default=None,
+                    help="rows of the float64 exact top-k reference [default 1000; --quick 500]")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="rows per torch similarity chunk (0: the most that keep one chunk "
+                    "under --chunk-gib)")
+    ap.add_argument("--chunk-gib", type=float, default=4.0,
+                    help="size of one torch similarity chunk when --chunk is 0")
+    ap.add_argument("--cg-passes", type=int, default=10,
+                    help="full N×m fp32 reads + writes per CG iteration in the bandwidth model")
+    ap.add_argument("--mm-size", type=int, default=None,
+                    help="square torch.mm size for the rates [default 8192; cpu 256]")
+    ap.add_argument("--mm-repeat", type=int, default=10, help="timed products per rate (median)")
+    ap.add_argument("--copy-mib", type=int, default=None,
+                    help="MiB copied for the bandwidth [default 2048; cpu 64]")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="skip cases and methods that would end past this many seconds "
+                    "(predicted from the same method at a smaller N), with a note")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="write all results here (atomically, after every case)")
+    args = ap.parse_args(argv)
+
+    if args.n is None:
+        args.n = [100_000] if args.quick else [100_000, 1_280_000]
+    if args.zlap_classes is None:
+        args.zlap_classes = 50 if args.quick else 100
+    if args.recall_sample is None:
+        args.recall_sample = 500 if args.quick else 1000
+    if args.mm_size is None:
+        args.mm_size = 8192 if args.device == "cuda" else 256
+    if args.copy_mib is None:
+        args.copy_mib = 2048 if args.device == "cuda" else 64
+    if args.precisions is None:
+        args.precisions = "bf16,tf32,exact" if args.device == "cuda" else "exact"
+    args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    bad = sorted(set(args.precisions) - set(PRECISIONS))
+    if bad or not args.precisions:
+        ap.error(f"--precisions: choose from {', '.join(PRECISIONS)} (got {bad or 'none'})")
+    if args.device == "cpu" and set(args.precisions) - {"exact"}:
+        ap.error("--device cpu supports --precisions exact only (bf16/tf32 are CUDA modes)")
+    if args.baselines is None:
+        args.baselines = "torch,zlap" if args.device == "cuda" else "torch"
+    args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    bad = sorted(set(args.baselines) - {"torch", "zlap"})
+    if bad:
+        ap.error(f"--baselines: choose from torch, zlap (got {', '.join(bad)})")
+    if "zlap" in args.baselines and "torch" not in args.baselines:
+        ap.error("--baselines zlap needs torch (ZLaP runs on the torch baseline's graph)")
+    if min(args.n) < 1 or min(args.m) < 2 or args.d < 1:
+        ap.error("need n >= 1, m >= 2, d >= 1")
+    if not 1 <= args.k < min(args.n) + min(args.m):
+        ap.error(f"--k must be in [1, n + m - 1] for every case")
+    if not 0 <= args.alpha < 1 or args.max_iter < 1 or args.tol < 0:
+        ap.error("need 0 <= alpha < 1, max-iter >= 1, tol >= 0")
+    if args.zlap_classes < 1 or args.recall_sample < 1 or args.cg_passes < 1:
+        ap.error("--zlap-classes, --recall-sample and --cg-passes must be >= 1")
+    if args.mm_size < 1 or args.mm_repeat < 1 or args.copy_mib < 1:
+        ap.error("--mm-size, --mm-repeat and --copy-mib must be >= 1")
+    return args
+
+
+def cases_of(args) -> list[tuple[int, int]]:
+    """(n, m) in run order: n ascending, then m descending (the headline case before the small
+    m of the same n)."""
+    return [(n, m) for n in sorted(set(args.n)) for m in sorted(set(args.m), reverse=True)]
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _to_json(obj):
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if "torch" in sys.modules and isinstance(obj, sys.modules["torch"].Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _atomic_write_json(path: Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(payload, indent=2, default=_to_json) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+_WRITER: list = []
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """The project's atomic writer (reclip.checkpoint.write_json) when reclip imports (it needs
+    open_clip, absent on the GPU machine), else the same temporary-file + os.replace here."""
+    if not _WRITER:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from reclip.checkpoint import write_json as project_writer
+
+            _WRITER.append(lambda p, obj: project_writer(p, obj, default=_to_json))
+        except Exception:  # ImportError, or open_clip failing inside reclip's own imports
+            _WRITER.append(_atomic_write_json)
+    _WRITER[0](path, payload)
+
+
+class Clock:
+    """Wall time of device work: synchronise before reading the host clock."""
+
+    def __init__(self, torch, device: str) -> None:
+        self.torch, self.cuda = torch, device == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def time(self, fn):
+        self.sync()
+        t0 = time.perf_counter()
+        out = fn()
+        self.sync()
+        return out, time.perf_counter() - t0
+
+
+class Budget:
+    """Seconds left of --budget-s, and a prediction of a method's time from an earlier run at a
+    smaller size (the same m if there was one, else the latest): the kNN part grows with N²,
+    the rest (normalise, CG) with N·m: t = knn0 · (N / N0)² + rest0 · (N·m) / (N0·m0)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.t0 = time.perf_counter()
+        self.limit = seconds
+        self.last: dict[str, dict[int, tuple[int, int, float, float]]] = {}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return math.inf if self.limit is None else self.limit - self.elapsed()
+
+    def predict(self, key: str, n_nodes: int, m: int) -> float:
+        runs = self.last.get(key)
+        if not runs:
+            return 0.0
+        n0, m0, quad, lin = runs.get(m) or list(runs.values())[-1]
+        return quad * (n_nodes / n0) ** 2 + lin * (n_nodes * m) / (n0 * m0)
+
+    def refuse(self, key: str, n_nodes: int, m: int) -> str | None:
+        """None if the method may run, else the reason it is skipped."""
+        left, pred = self.left(), self.predict(key, n_nodes, m)
+        if left <= 0 or pred > left:
+            return (f"skipped: --budget-s {self.limit:g} (predicted {pred:.1f} s, "
+                    f"{max(left, 0):.1f} s left)")
+        return None
+
+    def record(self, key: str, n_nodes: int, m: int, wall: float, knn: float = 0.0) -> None:
+        """`knn`: the part of `wall` that grows with N² (0 for the per-class CG of ZLaP)."""
+        knn = min(max(knn, 0.0), wall)
+        runs = self.last.setdefault(key, {})
+        runs.pop(m, None)  # re-insert: the latest record comes last
+        runs[m] = (n_nodes, m, knn, wall - knn)
+
+
+def _free(torch, device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        if "cupy" in sys.modules:
+            with contextlib.suppress(Exception):
+                sys.modules["cupy"].get_default_memory_pool().free_all_blocks()
+
+
+def tf32_api(torch) -> str:
+    """How this torch switches tf32 for float32 matmuls: the new per-backend
+    ``fp32_precision`` (torch >= 2.9; mixing it with the legacy flag is an error there) or the
+    legacy ``allow_tf32``."""
+    return ("torch.backends.cuda.matmul.fp32_precision"
+            if hasattr(torch.backends.cuda.matmul, "fp32_precision")
+            else "torch.backends.cuda.matmul.allow_tf32")
+
+
+@contextlib.contextmanager
+def matmul_precision(torch, precision: str):
+    """torch.mm operand precision for float32: tf32 for "tf32", full float32 otherwise
+    (``fp32_precision = "tf32" / "ieee"``, or ``allow_tf32 = True / False`` on older torch)."""
+    flags = torch.backends.cuda.matmul
+    new_api = hasattr(flags, "fp32_precision")
+    name, value = (("fp32_precision", "tf32" if precision == "tf32" else "ieee") if new_api
+                   else ("allow_tf32", precision == "tf32"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        old = getattr(flags, name)
+        setattr(flags, name, value)
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            setattr(flags, name, old)
+
+
+# --------------------------------------------------------------------------------------------
+# Machine ceilings
+
+
+def measure_rates(torch, device: str, size: int, repeat: int, copy_mib: int) -> dict:
+    """torch.mm TFLOP/s at bf16 / tf32 / fp32 operands (random normal data, never zeros) and
+    the copy bandwidth in GB/s (bytes read + written), medians of `repeat` timed runs after
+    warm-ups; CUDA events on the GPU, perf_counter on the CPU."""
+    cuda = device == "cuda"
+    gen = torch.Generator(device=device).manual_seed(1234)
+
+    def median_seconds(fn) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(repeat):
+            if cuda:
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                    enable_timing=True)
+                start.record()
+                fn()
+                stop.record()
+                stop.synchronize()
+                times.append(start.elapsed_time(stop) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    out: dict[str, Any] = {"mm_size": size, "repeat": repeat, "mm_tflops": {}, "mm_seconds": {}}
+    for name, dtype in (("bf16", torch.bfloat16), ("tf32", torch.float32),
+                        ("fp32", torch.float32)):
+        a = torch.randn(size, size, device=device, generator=gen).to(dtype)
+        b = torch.randn(size, size, device=device, generator=gen).to(dtype)
+        c = torch.empty(size, size, device=device, dtype=dtype)
+        with matmul_precision(torch, "tf32" if name == "tf32" else "exact"):
+            t = median_seconds(lambda: torch.mm(a, b, out=c))
+        out["mm_seconds"][name] = t
+        out["mm_tflops"][name] = 2.0 * size ** 3 / t / 1e12
+        del a, b, c
+    numel = copy_mib * 2 ** 20 // 4
+    src = torch.randn(numel, device=device, generator=gen)
+    dst = torch.empty_like(src)
+    t = median_seconds(lambda: dst.copy_(src))
+    out["tf32_api"] = tf32_api(torch)
+    out["copy_bytes"] = 2 * numel * 4
+    out["copy_seconds"] = t
+    out["copy_gbps"] = 2 * numel * 4 / t / 1e9
+    del src, dst
+    _free(torch, device)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def clip_like_torch(torch, n: int, m: int, d: int, *, seed: int, device: str,
+                    chunk: int = 131072):
+    """benchmarks/synthetic.py's CLIP-like model (its defaults: superclass groups, modality
+    gaps, sibling mixing, per-class misalignment and image-only feature, isotropic noise), drawn
+    with torch on `device` from a fixed seed, images in row chunks. Returns (x, labels) with
+    x = [text; images] (N, d) float32 L2-normalised rows (text = x[:m], images = x[m:])."""
+    params = inspect.signature(synthetic.clip_like).parameters.items()
+    p = {name: prm.default for name, prm in params
+         if prm.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("seed", "dtype")}
+    g = torch.Generator(device=device).manual_seed(seed)
+    f32 = dict(device=device, dtype=torch.float32)
+
+    def unit(a):
+        return torch.nn.functional.normalize(a, dim=-1)
+
+    groups = max(1, m // p["group"])
+    gid = torch.arange(m, device=device) % groups
+    sup = unit(torch.randn(groups, d, generator=g, **f32))
+    classes = unit(p["superclass"] * sup[gid] + unit(torch.randn(m, d, generator=g, **f32)))
+    gap_t = unit(torch.randn(d, generator=g, **f32)) * p["gap_text"]
+    gap_i = unit(torch.randn(d, generator=g, **f32)) * p["gap_image"]
+    x = torch.empty(n + m, d, **f32)
+    x[:m] = unit(classes + gap_t)
+
+    y = (torch.arange(n, device=device) % m)[torch.randperm(n, generator=g, device=device)]
+    per_group = max(2, m // groups)
+    sibling = (y + groups * torch.randint(1, per_group, (n,), generator=g, device=device)) % m
+    sibling = torch.where(sibling == y, (y + 1) % m, sibling)
+    weight = torch.rand(n, 1, generator=g, **f32) * p["mix"]
+    misalign = unit(torch.randn(m, m, generator=g, **f32) @ classes) * p["shift"]
+    offset = misalign + unit(torch.randn(m, d, generator=g, **f32)) * p["own"] + gap_i
+    scale = p["noise"] / math.sqrt(d)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        w, yc, sc = weight[start:stop], y[start:stop], sibling[start:stop]
+        rows = (1 - w) * classes[yc] + w * classes[sc] + offset[yc]
+        rows += torch.randn(stop - start, d, generator=g, **f32) * scale
+        x[m + start:m + stop] = unit(rows)
+    return x, y
+
+
+def zero_shot_accuracy(torch, x, m: int, labels, chunk: int = 131072) -> float:
+    text, hits = x[:m], 0
+    with matmul_precision(torch, "exact"):
+        for start in range(m, x.shape[0], chunk):
+            pred = torch.argmax(x[start:start + chunk] @ text.T, dim=1)
+            hits += int((pred == labels[start - m:start - m + len(pred)]).sum())
+    return hits / (x.shape[0] - m)
+
+
+def exact_topk(torch, x, rows, k: int, chunk: int = 65536):
+    """Exact k nearest neighbours (j != i) of x[rows] among all rows of x by cosine
+    similarity in float64, column chunk by column chunk: (len(rows), k) int64."""
+    unit = torch.nn.functional.normalize
+    q = unit(x[rows].double(), dim=1)
+    s = q.shape[0]
+    best_v = torch.full((s, k), -math.inf, dtype=torch.float64, device=x.device)
+    best_i = torch.full((s, k), -1, dtype=torch.int64, device=x.device)
+    for start in range(0, x.shape[0], chunk):
+        stop = min(x.shape[0], start + chunk)
+        sim = q @ unit(x[start:stop].double(), dim=1).T
+        local = rows - start
+        hit = (local >= 0) & (local < stop - start)
+        sim[hit.nonzero().squeeze(1), local[hit]] = -math.inf
+        cols = torch.arange(start, stop, device=x.device).expand(s, -1)
+        best_v, pos = torch.topk(torch.cat([best_v, sim], 1), k, dim=1)
+        best_i = torch.gather(torch.cat([best_i, cols], 1), 1, pos)
+    return best_i
+
+
+def recall(torch, indices, reference) -> float:
+    """Mean fraction of each row's reference neighbours found in `indices` (same rows)."""
+    indices = torch.as_tensor(indices).to(reference.device)
+    found = (indices[:, :, None] == reference[:, None, :]).any(dim=1)
+    return float(found.float().mean())
+
+
+# --------------------------------------------------------------------------------------------
+# The torch baseline
+
+
+def chunk_rows(n_nodes: int, itemsize: int, chunk: int, chunk_gib: float) -> int:
+    if chunk > 0:
+        return max(1, min(chunk, n_nodes))
+    rows = int(chunk_gib * 2 ** 30 // (n_nodes * itemsize))
+    return max(1, min(n_nodes, rows // 256 * 256 or rows))
+
+
+def torch_knn(torch, x, k: int, precision: str, chunk: int):
+    """Row chunks of X @ Xᵀ with torch.mm at the operand precision (bf16: operands cast to
+    bfloat16, bf16 output; tf32 / exact: float32 with tf32 on / off), self excluded, torch.topk
+    per chunk, weights max(s, 0): (indices (N, k) int64, weights (N, k) float32)."""
+    n = x.shape[0]
+    xs = x.to(torch.bfloat16) if precision == "bf16" else x
+    idx = torch.empty((n, k), dtype=torch.int64, device=x.device)
+    val = torch.empty((n, k), dtype=torch.float32, device=x.device)
+    with matmul_precision(torch, precision):
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            s = xs[start:stop] @ xs.T
+            s.diagonal(offset=start).fill_(-math.inf)  # self: entries (i, start + i)
+            v, i = torch.topk(s, k, dim=1)
+            del s
+            val[start:stop] = v.float().clamp_min_(0)
+            idx[start:stop] = i
+    return idx, val
+
+
+def torch_normalize(torch, idx, val):
+    """W = D^-1/2 (A + Aᵀ) D^-1/2 with torch sparse ops, as a sparse CSR tensor."""
+    n, k = idx.shape
+    rows = torch.arange(n, device=idx.device).repeat_interleave(k)
+    a = torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1)]), val.reshape(-1), (n, n),
+                                check_invariants=False)
+    b = (a + a.t()).coalesce()
+    ij, v = b.indices(), b.values()
+    deg = torch.zeros(n, dtype=v.dtype, device=v.device).index_add_(0, ij[0], v)
+    dinv = torch.where(deg > 0, deg.rsqrt(), torch.zeros_like(deg))
+    w = torch.sparse_coo_tensor(ij, v * dinv[ij[0]] * dinv[ij[1]], (n, n), is_coalesced=True,
+                                check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return w.to_sparse_csr()
+
+
+def batched_cg(torch, w, b, alpha: float, max_iter: int, tol: float):
+    """(I - αW) X = B for all columns at once, recipes.batched_cg_torch on any device and with
+    fewer temporaries (in-place updates; dot products as float32 products summed in float64):
+    one sparse @ dense per iteration, per-column step sizes, a column freezes once
+    ||r|| / ||b|| <= tol. Returns (x, iterations per column, relative residuals)."""
+    f64 = torch.float64
+
+    def dots(u, v):
+        return (u * v).sum(0, dtype=f64)
+
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rr = dots(r, r)
+    bnorm = rr.sqrt()
+    active = bnorm > 0
+    iterations = torch.zeros(b.shape[1], dtype=torch.int64, device=b.device)
+    for _ in range(max_iter):
+        if not bool(active.any()):
+            break
+        q = (w @ p).mul_(-alpha).add_(p)  # (I - αW) p
+        pq = dots(p, q)
+        step = torch.where(active, rr / torch.where(pq != 0, pq, 1), 0).to(b.dtype)
+        x.addcmul_(p, step)
+        r.addcmul_(q, step, value=-1)
+        del q
+        rr_new = dots(r, r)
+        iterations += active
+        active &= rr_new.sqrt() > tol * bnorm
+        beta = torch.where(active, rr_new / torch.where(rr != 0, rr, 1), 0).to(b.dtype)
+        p.mul_(beta).add_(r)
+        rr = rr_new
+    return x, iterations, rr.sqrt() / torch.where(bnorm > 0, bnorm, 1)
+
+
+def rhs(torch, n_nodes: int, m: int, device: str):
+    y = torch.zeros((n_nodes, m), dtype=torch.float32, device=device)
+    y[torch.arange(m, device=device), torch.arange(m, device=device)] = 1
+    return y
+
+
+def rext_knn(rext, text, images, x, k: int, kw: dict):
+    """reclip_ext.knn_affinity on the pair (text, images), stacked by rows inside the kernel as
+    label_propagate does; on the concatenated X if this build refuses a pair. Returns
+    ((indices, weights), what was passed)."""
+    try:
+        return rext.knn_affinity((text, images), k, normalize=True, **kw), "(text, images)"
+    except TypeError:
+        return rext.knn_affinity(x, k, normalize=True, **kw), "X = [text; images]"
+
+
+def zlap_laplacian(torch, w, alpha: float):
+    """The ZLaP recipe's system matrix I - αW as a cupyx.scipy.sparse CSR (float32, int32
+    indices) from the torch sparse CSR W, shared through DLPack."""
+    import cupy
+    import cupyx.scipy.sparse as csp
+
+    n = w.shape[0]
+    indptr = cupy.from_dlpack(w.crow_indices().to(torch.int32))
+    indices = cupy.from_dlpack(w.col_indices().to(torch.int32))
+    data = cupy.from_dlpack(w.values().contiguous())
+    wc = csp.csr_matrix((data, indices, indptr), shape=(n, n))
+    lap = csp.identity(n, dtype=cupy.float32, format="csr") - alpha * wc
+    return lap if lap.dtype == cupy.float32 else lap.astype(cupy.float32)
+
+
+def zlap_solve(lap, m: int, classes, max_iter: int, tol: float, keep: bool):
+    """cupyx.scipy.sparse.linalg.cg once per class column c of Y (y = e_c), as ZLaP does.
+    Returns (Z (N, m) if `keep` else None, iterations per solved class, the tolerance keyword
+    used: rtol in recent cupy, tol in older)."""
+    import cupy
+    import cupyx.scipy.sparse.linalg as csl
+
+    n = lap.shape[0]
+    tol_kw = "rtol" if "rtol" in inspect.signature(csl.cg).parameters else "tol"
+    z = cupy.zeros((n, m), dtype=cupy.float32) if keep else None
+    counts: list[int] = []
+    for c in classes:
+        y = cupy.zeros(n, dtype=cupy.float32)
+        y[c] = 1
+        count = [0]
+
+        def tick(_xk, count=count):
+            count[0] += 1
+
+        xc, _info = csl.cg(lap, y, maxiter=max_iter, callback=tick, **{tol_kw: tol})
+        counts.append(count[0])
+        if keep:
+            z[:, c] = xc
+    cupy.cuda.Device().synchronize()
+    return z, counts, tol_kw
+
+
+# --------------------------------------------------------------------------------------------
+# Methods of one case
+
+
+class Case:
+    def __init__(self, torch, rext, args, clock: Clock, budget: Budget, n: int, m: int,
+                 env: dict) -> None:
+        self.torch, self.rext, self.a = torch, rext, args
+        self.clock, self.budget, self.n, self.m = clock, budget, n, m
+        self.N = n + m
+        self.device = args.device
+        self.env = env
+        self.labels: dict[str, Any] = {}  # run key -> (n,) labels on the device
+        self.graphs: dict[str, Any] = {}  # precision -> torch W (for ZLaP)
+        self.record: dict[str, Any] = {"n": n, "m": m, "d": args.d, "k": args.k, "N": self.N,
+                                       "runs": {}, "notes": []}
+
+    # -- data and reference ------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        torch = self.torch
+        (self.x, self.truth), t = self.clock.time(lambda: clip_like_torch(
+            torch, self.n, self.m, self.a.d, seed=self.a.seed, device=self.device))
+        self.text, self.images = self.x[:self.m], self.x[self.m:]
+        acc = zero_shot_accuracy(torch, self.x, self.m, self.truth)
+        g = torch.Generator(device="cpu").manual_seed(self.a.seed + 1)
+        s = min(self.a.recall_sample, self.N)
+        self.sample = torch.randperm(self.N, generator=g)[:s].sort().values.to(self.device)
+        self.reference, t_ref = self.clock.time(
+            lambda: exact_topk(torch, self.x, self.sample, self.a.k))
+        self.record["data"] = {"generate_s": t, "zero_shot_accuracy": acc,
+                               "model": "benchmarks/synthetic.py clip_like defaults, torch RNG",
+                               "seed": self.a.seed}
+        self.record["reference"] = {"rows": s, "seconds": t_ref,
+                                    "method": "float64 brute force against all N rows"}
+        _log(f"  data {t:.1f} s (zero-shot accuracy {acc:.4f}); float64 reference of {s} rows "
+             f"{t_ref:.1f} s")
+
+    def _accuracy(self, labels) -> float:
+        return float((labels.to(self.truth.device) == self.truth).float().mean())
+
+    # -- reclip_ext --------------------------------------------------------------------------
+
+    def run_reclip_ext(self, precision: str) -> dict:
+        torch, rext, a, clock = self.torch, self.rext, self.a, self.clock
+        kw = {} if precision == "exact" else {"precision": precision}  # only non-defaults
+        out: dict[str, Any] = {"recipe": "reclip_ext", "precision": precision}
+        ((idx, w), out["knn_input"]), t_knn = clock.time(
+            lambda: rext_knn(rext, self.text, self.images, self.x, a.k, kw))
+        out["recall"] = recall(torch, torch.as_tensor(idx)[self.sample], self.reference)
+        csr, t_norm = clock.time(lambda: rext.sym_normalize(idx, w))
+        del idx, w
+        out["nnz"] = int(torch.as_tensor(csr.data).numel())
+        y = rhs(torch, self.N, self.m, self.device)
+        res, t_solve = clock.time(lambda: rext.cg_solve(csr, y, alpha=a.alpha,
+                                                        max_iter=a.max_iter, tol=a.tol))
+        del csr, y
+        staged = torch.argmax(torch.as_tensor(res.x)[self.m:], dim=1)
+        out["iterations"] = int(torch.as_tensor(res.iterations).max())
+        out["residual_max"] = float(torch.as_tensor(res.residuals).max())
+        del res
+        _free(torch, self.device)
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        lp, t_total = clock.time(lambda: rext.label_propagate(
+            self.text, self.images, k=a.k, alpha=a.alpha, max_iter=a.max_iter, tol=a.tol,
+            normalize=True, **kw))
+        if self.device == "cuda":
+            # what label_propagate took through torch's allocator above what was allocated
+            out["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated() - base)
+        labels = torch.as_tensor(lp.labels).to(self.device)
+        out["iterations_end_to_end"] = int(torch.as_tensor(lp.iterations).max())
+        del lp
+        out["staged_label_agreement"] = float((staged.to(labels.device) == labels).float().mean())
+        out["times"] = {"knn": t_knn, "normalize": t_norm, "solve": t_solve, "total": t_total}
+        out["stages_sum"] = t_knn + t_norm + t_solve
+        out["accuracy"] = self._accuracy(labels)
+        self.labels[f"reclip_ext/{precision}"] = labels
+        return out
+
+    # -- torch -------------------------------------------------------------------------------
+
+    def run_torch(self, precision: str) -> dict:
+        torch, a, clock = self.torch, self.a, self.clock
+        out: dict[str, Any] = {"recipe": "torch", "precision": precision}
+        itemsize = 2 if precision == "bf16" else 4
+        chunk = chunk_rows(self.N, itemsize, a.chunk, a.chunk_gib)
+        out["chunk_rows"] = chunk
+        out["mm"] = {"bf16": "operands .to(bfloat16), bf16 output",
+                     "tf32": f"float32, tf32 on ({tf32_api(torch)})",
+                     "exact": f"float32, tf32 off ({tf32_api(torch)})"}[precision]
+        clock.sync()
+        t0 = time.perf_counter()
+        (idx, val), t_knn = clock.time(lambda: torch_knn(torch, self.x, a.k, precision, chunk))
+        sample_idx = idx[self.sample]
+        w, t_norm = clock.time(lambda: torch_normalize(torch, idx, val))
+        del idx, val
+        out["nnz"] = int(w.values().numel())
+        y = rhs(torch, self.N, self.m, self.device)
+        (z, its, res), t_solve = clock.time(
+            lambda: batched_cg(torch, w, y, a.alpha, a.max_iter, a.tol))
+        labels = torch.argmax(z[self.m:], dim=1)
+        clock.sync()
+        t_total = time.perf_counter() - t0
+        del z, y
+        out["recall"] = recall(torch, sample_idx, self.reference)
+        out["iterations"] = int(its.max())
+        out["residual_max"] = float(res.max())
+        out["times"] = {"knn": t_knn, "normalize": t_norm, "solve": t_solve, "total": t_total}
+        out["accuracy"] = self._accuracy(labels)
+        self.labels[f"torch/{precision}"] = labels
+        if "zlap" in a.baselines:
+            self.graphs[precision] = w
+        return out
+
+    # -- ZLaP ----------------------------------------------------------------------------------
+
+    def run_zlap(self, precision: str, torch_run: dict) -> dict:
+        torch, a, clock = self.torch, self.a, self.clock
+        w = self.graphs.pop(precision)
+        out: dict[str, Any] = {"recipe": "zlap", "precision": precision,
+                               "graph": f"torch/{precision} (same W)"}
+        lap, t_build = clock.time(lambda: zlap_laplacian(torch, w, a.alpha))
+        del w
+        timed = min(a.zlap_classes, self.m)
+        classes = [c * self.m // timed for c in range(timed)]
+        keep = timed == self.m
+        (z, counts, tol_kw), t_cg = clock.time(
+            lambda: zlap_solve(lap, self.m, classes, a.max_iter, a.tol, keep))
+        del lap
+        scale = self.m / timed
+        t_solve = t_build + t_cg * scale
+        out.update({"classes_timed": timed, "extrapolated": not keep,
+                    "extrapolation": (f"per-class CG of {timed} of {self.m} classes timed "
+                                      f"({t_cg:.3f} s), scaled x{scale:g}") if not keep else None,
+                    "build_s": t_build, "cg_timed_s": t_cg, "iterations": max(counts),
+                    "tol_keyword": tol_kw})
+        tt = torch_run["times"]
+        out["times"] = {"knn": tt["knn"], "normalize": tt["normalize"], "solve": t_solve,
+                        "total": tt["knn"] + tt["normalize"] + t_solve}
+        if keep:
+            import cupy
+
+            labels = torch.from_dlpack(cupy.argmax(z[self.m:], axis=1)).to(self.device)
+            out["accuracy"] = self._accuracy(labels)
+            self.labels[f"zlap/{precision}"] = labels
+        del z
+        return out
+
+    # -- derived numbers ----------------------------------------------------------------------
+
+    def derive(self, rates: dict) -> None:
+        a, runs = self.a, self.record["runs"]
+        flops = 2.0 * self.N * self.N * a.d
+        self.record["knn_flops"] = flops
+        for key, r in runs.items():
+            if "times" not in r:
+                continue
+            prec = r["precision"]
+            t = r["times"]
+            if r["recipe"] in ("reclip_ext", "torch"):
+                mm = rates["mm_tflops"][MM_RATE_KEY[prec]]
+                tflops = flops / t["knn"] / 1e12 if t["knn"] > 0 else None
+                iters = r.get("iterations") or 0
+                bytes_iter = r["nnz"] * (4 + 8) + a.cg_passes * self.N * self.m * 4
+                gbps = bytes_iter * iters / t["solve"] / 1e9 if iters and t["solve"] > 0 else None
+                r["derived"] = {
+                    "knn_tflops": tflops,
+                    "knn_frac_mm": tflops / mm if tflops is not None else None,
+                    "mm_rate_used": f"{MM_RATE_KEY[prec]} {mm:.4g} TFLOP/s",
+                    "cg_bytes_per_iteration": bytes_iter,
+                    "cg_seconds_per_iteration": t["solve"] / iters if iters else None,
+                    "cg_gbps": gbps,
+                    "cg_frac_copy": gbps / rates["copy_gbps"] if gbps is not None else None,
+                }
+            own = self.labels.get(key)
+            ref = self.labels.get(f"reclip_ext/{prec}")
+            if own is not None and ref is not None and r["recipe"] != "reclip_ext":
+                r["agreement_with_reclip_ext"] = float((own == ref).float().mean())
+        ratios: dict[str, Any] = {}
+        for prec in a.precisions:
+            base = runs.get(f"reclip_ext/{prec}", {}).get("times")
+            if not base:
+                continue
+            entry = {}
+            for other in ("torch", "zlap"):
+                t = runs.get(f"{other}/{prec}", {}).get("times")
+                if t:
+                    entry[f"{other}_over_reclip_ext"] = {
+                        s: (t[s] / base[s] if base[s] > 0 else None) for s in STAGES}
+            ratios[prec] = entry
+        self.record["ratios"] = ratios
+        self.record["targets"] = self._targets()
+
+    def _targets(self) -> dict:
+        runs, out = self.record["runs"], {}
+        headline = self.n >= 1_280_000 and self.m >= 1000 and self.a.d == 768 and self.a.k == 20
+
+        def put(name, value, ok):
+            if value is not None:
+                out[name] = {"value": value, "pass": bool(ok)}
+
+        r = runs.get("reclip_ext/bf16", {})
+        if "times" in r:
+            if headline:
+                put("total_s_bf16 <= 6", r["times"]["total"],
+                    r["times"]["total"] <= TARGETS["total_s_bf16_max"])
+            put("recall_bf16 >= 0.98", r["recall"], r["recall"] >= TARGETS["recall_bf16_min"])
+            frac = r["derived"]["knn_frac_mm"]
+            put("knn_frac_mm_bf16 >= 0.6", frac,
+                frac is not None and frac >= TARGETS["knn_frac_mm_bf16_min"])
+        for prec in ("tf32", "exact"):
+            r = runs.get(f"reclip_ext/{prec}", {})
+            if "recall" in r:
+                put(f"recall_{prec} >= 0.999", r["recall"],
+                    r["recall"] >= TARGETS["recall_tf32_min"])
+        for prec in self.a.precisions:
+            r = runs.get(f"reclip_ext/{prec}", {})
+            if "derived" in r and r["derived"]["cg_frac_copy"] is not None:
+                put(f"cg_frac_copy_{prec} >= 0.5", r["derived"]["cg_frac_copy"],
+                    r["derived"]["cg_frac_copy"] >= TARGETS["cg_frac_copy_min"])
+            for other, need in (("torch", TARGETS["speedup_vs_torch_min"]),
+                                ("zlap", TARGETS["speedup_vs_zlap_min"])):
+                ratio = (self.record["ratios"].get(prec, {})
+                         .get(f"{other}_over_reclip_ext", {}).get("total"))
+                put(f"total_{prec}: {other} / reclip_ext >= {need:g}", ratio,
+                    ratio is not None and ratio >= need)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def _f(t, width=9) -> str:
+    if t is None:
+        return f"{'-':>{width}}"
+    return f"{t:>{width}.3f}" if t < 100 else f"{t:>{width}.1f}"
+
+
+def _x(r, width=8) -> str:
+    return f"{'-':>{width}}" if r is None else f"{r:>{width - 1}.2f}x"
+
+
+def print_case(rec: dict, rates: dict, file=None) -> None:
+    p = lambda *s: print(*s, file=file or sys.stdout)  # noqa: E731
+    n, m = rec["n"], rec["m"]
+    p(f"\n== n={n:,} m={m:,} d={rec['d']} k={rec['k']} (N={rec['N']:,})"
+      + (f"  data {rec['data']['generate_s']:.1f} s, zero-shot accuracy "
+         f"{rec['data']['zero_shot_accuracy']:.4f}" if "data" in rec else ""))
+    if rec.get("status") not in (None, "ok"):
+        p(f"   {rec['status']}: {rec.get('error') or rec.get('note', '')}")
+    runs = rec["runs"]
+    precs = sorted({r["precision"] for r in runs.values()}, key=PRECISIONS.index)
+    head = (f"{'prec':<5} {'stage':<9} {'reclip_ext':>10} {'torch':>9} {'torch/rx':>8} "
+            f"{'zlap':>9} {'zlap/rx':>8}")
+    p(head)
+    p("-" * len(head))
+    zlap_notes = []
+    for prec in precs:
+        rx, tr, zl = (runs.get(f"{r}/{prec}", {}) for r in ("reclip_ext", "torch", "zlap"))
+        for s in STAGES:
+            trx, ttr, tzl = (r.get("times", {}).get(s) for r in (rx, tr, zl))
+            if s in ("knn", "normalize") and tzl is not None:
+                tzl_txt, zr = f"{'(torch)':>9}", None
+            else:
+                tzl_txt = _f(tzl) + ("*" if tzl is not None and zl.get("extrapolated") else "")
+                zr = tzl / trx if tzl and trx else None
+            label = "total e2e" if s == "total" else s
+            p(f"{prec:<5} {label:<9} {_f(trx, 10)} {_f(ttr)} "
+              f"{_x(ttr / trx if ttr and trx else None)} {tzl_txt:>9} {_x(zr)}")
+        for r in (rx, tr, zl):
+            for tag in ("error", "skipped"):
+                if tag in r:
+                    p(f"{prec:<5} {r['recipe']} {tag}: {r[tag]}")
+        mmk = MM_RATE_KEY[prec]
+        parts = []
+        for r in (rx, tr):
+            dv = r.get("derived")
+            if dv and dv["knn_tflops"] is not None:
+                parts.append(f"{r['recipe']} {dv['knn_tflops']:.3g} TFLOP/s = "
+                             f"{100 * dv['knn_frac_mm']:.0f}%")
+        if parts:
+            p(f"{prec:<5} kNN  {' | '.join(parts)} of {mmk} mm "
+              f"{rates['mm_tflops'][mmk]:.3g} TFLOP/s")
+        parts = []
+        for r in (rx, tr):
+            dv = r.get("derived")
+            if dv and dv["cg_gbps"] is not None:
+                parts.append(f"{r['recipe']} {dv['cg_gbps']:.3g} GB/s = "
+                             f"{100 * dv['cg_frac_copy']:.0f}% ({r['iterations']} it, "
+                             f"{1e3 * dv['cg_seconds_per_iteration']:.2f} ms/it)")
+        if parts:
+            p(f"{prec:<5} CG   {' | '.join(parts)} of copy {rates['copy_gbps']:.3g} GB/s")
+        parts = [f"{r['recipe']} {r['recall']:.4f}" for r in (rx, tr) if "recall" in r]
+        if parts:
+            p(f"{prec:<5} recall vs float64 ({rec['reference']['rows']} rows): "
+              + " | ".join(parts))
+        parts = [f"{r['recipe']} {r['agreement_with_reclip_ext']:.4f}" for r in (tr, zl)
+                 if "agreement_with_reclip_ext" in r]
+        acc = [f"{r['recipe']} {r['accuracy']:.4f}" for r in (rx, tr, zl) if "accuracy" in r]
+        if parts or acc:
+            p(f"{prec:<5} labels agree with reclip_ext: {' | '.join(parts) or '-'}; "
+              f"accuracy: {' | '.join(acc)}")
+        if zl.get("extrapolated"):
+            zlap_notes.append(f"{prec}: {zl['extrapolation']}")
+    for note in zlap_notes:
+        p(f"* zlap {note}")
+    for note in rec.get("notes", []):
+        p(f"note: {note}")
+    targets = rec.get("targets") or {}
+    if targets and rec["n"] >= 1_000_000:
+        p("issue targets (stated for n=1.28M, m=1000): " + "; ".join(
+            f"{k} {'PASS' if v['pass'] else 'FAIL'} ({v['value']:.3g})"
+            for k, v in targets.items()))
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+
+
+def environment(torch, rext, device: str) -> dict:
+    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                           "torch": torch.__version__, "torch_cuda": torch.version.cuda}
+    try:
+        import numpy
+
+        env["numpy"] = numpy.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if device == "cuda":
+        prop = torch.cuda.get_device_properties(0)
+        env.update({"gpu": prop.name, "sm_count": prop.multi_processor_count,
+                    "gpu_memory_bytes": prop.total_memory,
+                    "compute_capability": f"{prop.major}.{prop.minor}"})
+        try:
+            import cupy
+
+            env["cupy"] = cupy.__version__
+        except Exception as err:
+            env["cupy"] = f"not importable: {type(err).__name__}: {err}"
+    if rext is not None:
+        env.update({"reclip_ext": rext.__version__, "reclip_ext_file": rext.__file__,
+                    "built_with_cuda": rext.built_with_cuda(),
+                    "cuda_device_count": rext.cuda_device_count()})
+        with contextlib.suppress(Exception):
+            env["simd_level"] = rext.simd_level()
+    return env
+
+
+def _guard(torch, device: str, fn, *fargs) -> tuple[dict, float]:
+    """Run one method; an exception (OOM included) becomes {"error": ...}; memory is freed."""
+    t0 = time.perf_counter()
+    try:
+        out = fn(*fargs)
+    except Exception as err:
+        traceback.print_exc(file=sys.stderr)
+        out = {"error": f"{type(err).__name__}: {err}"}
+    wall = time.perf_counter() - t0
+    out["wall_s"] = wall
+    _free(torch, device)
+    return out, wall
+
+
+def warm_up(torch, rext, args, clock: Clock) -> dict:
+    """One tiny run of every method at every precision, untimed: module loads, cuBLAS/cuSPARSE
+    handles and cupy's kernel compilation stay out of the numbers. Returns what failed."""
+    failed: dict[str, str] = {}
+    tiny_n, tiny_m = max(64, 4 * args.k), 4
+    x, _ = clip_like_torch(torch, tiny_n, tiny_m, args.d, seed=99, device=args.device)
+    for prec in args.precisions:
+        kw = {} if prec == "exact" else {"precision": prec}
+        if rext is not None:
+            try:
+                (idx, w), _ = rext_knn(rext, x[:tiny_m], x[tiny_m:], x, args.k, kw)
+                csr = rext.sym_normalize(idx, w)
+                rext.cg_solve(csr, rhs(torch, x.shape[0], tiny_m, args.device), alpha=args.alpha,
+                              max_iter=2, tol=args.tol)
+                rext.label_propagate(x[:tiny_m], x[tiny_m:], k=args.k, max_iter=2, **kw)
+            except Exception as err:
+                failed[f"reclip_ext/{prec}"] = f"{type(err).__name__}: {err}"
+        if "torch" in args.baselines:
+            try:
+                idx, val = torch_knn(torch, x, args.k, prec, 64)
+                w = torch_normalize(torch, idx, val)
+                batched_cg(torch, w, rhs(torch, x.shape[0], tiny_m, args.device), args.alpha, 2,
+                           args.tol)
+            except Exception as err:
+                failed[f"torch/{prec}"] = f"{type(err).__name__}: {err}"
+    if "zlap" in args.baselines:
+        try:  # the recipe's own code on a tiny graph: cupy compiles its kernels here
+            idx, val = torch_knn(torch, x, args.k, "exact", 64)
+            lap = zlap_laplacian(torch, torch_normalize(torch, idx, val), args.alpha)
+            z, _, _ = zlap_solve(lap, tiny_m, range(tiny_m), 3, 1e-30, keep=True)
+            torch.from_dlpack(z.argmax(axis=1))
+        except Exception as err:
+            failed["zlap"] = f"{type(err).__name__}: {err}"
+    clock.sync()
+    _free(torch, args.device)
+    return failed
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if args.device == "cpu" and "torch" not in sys.modules:
+        # torch's and reclip_ext's OpenMP pools in one process: with the default active
+        # spin-wait, each starves the other on a small machine (tests/conftest.py does the same)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    import recipes
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        _log("device_bench: torch sees no CUDA device (use --device cpu for a smoke run)")
+        return 3
+    clock = Clock(torch, args.device)
+    budget = Budget(args.budget_s)
+    try:
+        rext = recipes.import_reclip_ext()
+        rext_error = None
+    except Exception as err:  # still measure the machine and the baselines
+        rext, rext_error = None, f"{type(err).__name__}: {err}"
+        _log(f"reclip_ext is not importable: {rext_error}")
+    env = environment(torch, rext, args.device)
+    if rext_error:
+        env["reclip_ext"] = f"not importable: {rext_error}"
+    _log(f"device_bench: {env.get('gpu', 'cpu')}, torch {env['torch']}, reclip_ext "
+         f"{env.get('reclip_ext')} ({env.get('reclip_ext_file', '')})")
+
+    rates, t_rates = clock.time(lambda: measure_rates(torch, args.device, args.mm_size,
+                                                      args.mm_repeat, args.copy_mib))
+    rates["seconds"] = t_rates
+    print(f"device_bench on {env.get('gpu', 'cpu')} | torch {env['torch']} (CUDA "
+          f"{env['torch_cuda']}) | cupy {env.get('cupy', '-')} | reclip_ext "
+          f"{env.get('reclip_ext')} (built_with_cuda {env.get('built_with_cuda')})")
+    mm = rates["mm_tflops"]
+    anchors = ANCHORS["mm_tflops"]
+    print(f"machine: torch.mm {args.mm_size}^3 bf16 {mm['bf16']:.4g} / tf32 {mm['tf32']:.4g} / "
+          f"fp32 {mm['fp32']:.4g} TFLOP/s (H200 anchors {anchors['bf16']:g} / "
+          f"{anchors['tf32']:g} / {anchors['fp32']:g}); copy {rates['copy_gbps']:.4g} GB/s "
+          f"(anchor {ANCHORS['copy_gbps']:g}); median of {args.mm_repeat}")
+    if args.device == "cuda" and mm["tf32"] < 1.5 * mm["fp32"]:
+        print(f"WARNING: the tf32 mm rate is not above fp32's: is tf32 on ({rates['tf32_api']})?")
+    print(f"models: kNN FLOP = 2*N*N*d; CG bytes/iteration = nnz*(4+8) + "
+          f"{args.cg_passes}*N*m*4; ratios = baseline time / reclip_ext time (> 1: reclip_ext "
+          f"faster); reclip_ext total = label_propagate end to end")
+
+    payload: dict[str, Any] = {
+        "command": [sys.executable, *sys.argv] if argv is None else ["device_bench.py", *argv],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "environment": env,
+        "machine": rates,
+        "anchors": ANCHORS,
+        "targets": TARGETS,
+        "models": {
+            "knn_flops": "2*N*N*d (the full N x N similarity)",
+            "cg_bytes_per_iteration": f"nnz*(4+8) + passes*N*m*4 with passes={args.cg_passes} "
+                                      "(fp32 value + int64 column index per nonzero of W; full "
+                                      "N x m fp32 reads/writes of the CG vectors: SpMM reads P, "
+                                      "writes Q, the X/R/P updates the rest)",
+            "cg_gbps": "cg_bytes_per_iteration * iterations / solve seconds",
+            "ratios": "baseline seconds / reclip_ext seconds, per stage",
+            "zlap": "torch knn + torch normalize (the same graph) + cupyx per-class CG "
+                    "(I - alpha W built in cupyx; classes beyond --zlap-classes extrapolated)",
+        },
+        "warmup_failures": {},
+        "cases": [],
+        "skipped": [],
+        "errors": [],
+    }
+
+    def save() -> None:
+        payload["wall_s"] = time.perf_counter() - t_start
+        if args.json is not None:
+            write_json(args.json, payload)
+
+    save()
+    if args.device == "cpu" and "zlap" not in args.baselines:
+        payload["notes"] = ["zlap not run: the cupyx recipe needs a CUDA device"]
+        print("note: zlap not run (the cupyx recipe needs a CUDA device)")
+    if "zlap" in args.baselines:
+        try:
+            import cupy  # noqa: F401
+            import cupyx.scipy.sparse.linalg  # noqa: F401
+        except Exception as err:
+            args.baselines = [b for b in args.baselines if b != "zlap"]
+            note = f"zlap skipped: cupy is not importable ({type(err).__name__}: {err})"
+            payload.setdefault("notes", []).append(note)
+            print(f"note: {note}")
+
+    failed, t_warm = clock.time(lambda: warm_up(torch, rext, args, clock))
+    payload["warmup_failures"], payload["warmup_s"] = failed, t_warm
+    for key, err in failed.items():
+        print(f"warm-up failed, {key} is left out of every case: {err}")
+    save()
+
+    for n, m in cases_of(args):
+        case = Case(torch, rext, args, clock, budget, n, m, env)
+        rec = case.record
+        payload["cases"].append(rec)
+        if budget.left() <= 0:
+            rec["status"] = "skipped"
+            rec["note"] = f"--budget-s {args.budget_s:g} spent ({budget.elapsed():.0f} s)"
+            payload["skipped"].append(f"n={n} m={m}: {rec['note']}")
+            print(f"\n== n={n:,} m={m:,}: skipped, {rec['note']}")
+            save()
+            continue
+        _log(f"case n={n} m={m} d={args.d} k={args.k} ({budget.elapsed():.0f} s elapsed)")
+        try:
+            case.prepare()
+            for prec in args.precisions:
+                if prec == "exact" and n > args.exact_max_n:
+                    rec["notes"].append(f"exact fp32 runs only for n <= {args.exact_max_n}")
+                    continue
+                methods = [("reclip_ext", case.run_reclip_ext)]
+                if "torch" in args.baselines:
+                    methods.append(("torch", case.run_torch))
+                for recipe, fn in methods:
+                    key = f"{recipe}/{prec}"
+                    if recipe == "reclip_ext" and rext is None:
+                        why = {"error": f"reclip_ext is not importable: {rext_error}"}
+                    elif key in failed:
+                        why = {"error": f"warm-up failed: {failed[key]}"}
+                    else:
+                        why = budget.refuse(key, case.N, m)
+                        why = {"skipped": why} if why else None
+                    if why:
+                        rec["runs"][key] = {"recipe": recipe, "precision": prec, **why}
+                        continue
+                    _log(f"  {key} ...")
+                    out, wall = _guard(torch, args.device, fn, prec)
+                    out.setdefault("recipe", recipe)
+                    out.setdefault("precision", prec)
+                    rec["runs"][key] = out
+                    if "error" in out:
+                        _log(f"  {key}: {out['error']}")
+                        continue
+                    # reclip_ext computes the kNN twice (staged, then end to end)
+                    quad = out["times"]["knn"] * (2 if recipe == "reclip_ext" else 1)
+                    budget.record(key, case.N, m, wall, quad)
+                    _log(f"  {key}: total {out['times']['total']:.3f} s (wall {wall:.1f} s)")
+                if prec in case.graphs and "zlap" in args.baselines:
+                    key = f"zlap/{prec}"
+                    m_eff = min(m, args.zlap_classes)  # classes actually solved
+                    why = budget.refuse(key, case.N, m_eff)
+                    if "zlap" in failed:
+                        rec["runs"][key] = {"recipe": "zlap", "precision": prec,
+                                            "error": f"warm-up failed: {failed['zlap']}"}
+                    elif why:
+                        rec["runs"][key] = {"recipe": "zlap", "precision": prec, "skipped": why}
+                    else:
+                        _log(f"  {key} ...")
+                        out, wall = _guard(torch, args.device, case.run_zlap, prec,
+                                           rec["runs"][f"torch/{prec}"])
+                        out.setdefault("recipe", "zlap")
+                        out.setdefault("precision", prec)
+                        rec["runs"][key] = out
+                        if "error" not in out:
+                            budget.record(key, case.N, m_eff, wall)
+                case.graphs.pop(prec, None)
+                _free(torch, args.device)
+            case.derive(rates)
+            rec["status"] = "ok"
+        except Exception as err:  # data, reference or derivation failed: the case is lost
+            traceback.print_exc(file=sys.stderr)
+            rec["status"] = "error"
+            rec["error"] = f"{type(err).__name__}: {err}"
+        finally:
+            case.labels.clear()
+            case.graphs.clear()
+            for name in ("x", "text", "images", "truth", "reference", "sample"):
+                if hasattr(case, name):
+                    delattr(case, name)
+            _free(torch, args.device)
+        for key, r in rec["runs"].items():
+            if "error" in r:
+                payload["errors"].append(f"n={n} m={m} {key}: {r['error']}")
+            if "skipped" in r:
+                payload["skipped"].append(f"n={n} m={m} {key}: {r['skipped']}")
+        if rec["status"] == "error":
+            payload["errors"].append(f"n={n} m={m}: {rec['error']}")
+        print_case(rec, rates)
+        sys.stdout.flush()
+        save()
+
+    payload["wall_s"] = time.perf_counter() - t_start
+    print(f"\ndevice_bench: {len(payload['cases'])} cases in {payload['wall_s']:.0f} s; "
+          f"{len(payload['errors'])} errors, {len(payload['skipped'])} skipped")
+    for line in payload["errors"]:
+        print(f"  error: {line}")
+    for line in payload["skipped"]:
+        print(f"  skipped: {line}")
+    save()
+    if args.json is not None:
+        _log(f"wrote {args.json}")
+    return 1 if payload["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+#!/usr/bin/env bash
+# One script for the GPU machine (no network; torch, cupy, nvcc, cmake, pybind11 and
+# scikit-build-core are there, open_clip is not): build reclip_ext with its CUDA half for sm_90,
+# run the test suite on the GPU, then benchmark label_propagate against the torch and ZLaP
+# recipes (benchmarks/device_bench.py). Run from anywhere in the repository:
+#
+#   OUT=/some/folder bash benchmarks/device_check.sh
+#
+# Everything lands in $OUT (default ./device-check-out), six files:
+#   device_check.log   all output, step by step, with a summary at the end
+#   build.log          pip -v of the build (cmake, nvcc, ptxas resource usage)
+#   tests.log          pytest output;  tests-junit.xml  its JUnit report
+#   bench.log          device_bench.py output (the tables);  device_bench.json  all its numbers
+#
+# Time: the whole script stays under REXT_CHECK_BUDGET_S (default 465 s, i.e. < 8 min on one
+# H200); each step has its own cap below that (build 150 s, tests 150 s, benchmark the rest, at
+# most 300 s; the benchmark's own --budget-s ends 25 s before its cap, and its JSON is rewritten
+# after every case, so a cut leaves what was measured). A failed build stops the script; failed
+# tests are reported and the benchmark still runs.
+#
+# Exit status: 0 all passed; 1 build or import check failed; 2 tests failed or timed out;
+# 3 the benchmark reported errors or timed out (2 wins over 3).
+#
+# Knobs (environment): PYTHON (python3), REXT_CHECK_VENV (/tmp/rext-device-venv),
+# REXT_CHECK_BUDGET_S, REXT_CHECK_BUILD_S, REXT_CHECK_TESTS_S, REXT_CHECK_BENCH_S (caps in s),
+# REXT_CHECK_BENCH_ARGS (extra device_bench.py arguments, e.g. "--quick"),
+# REXT_CHECK_PYTEST_ARGS (extra pytest arguments, e.g. "-x -k cuda"), REXT_CHECK_SKIP_TESTS=1,
+# REXT_CHECK_SKIP_BENCH=1, CMAKE_CUDA_ARCHITECTURES (90), REXT_WITH_CUDA (ON), and
+# REXT_CHECK_DEVICE=cpu: a dry run of this script on a machine without a GPU (no device check,
+# the benchmark in its CPU smoke mode).
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+ROOT=$PWD
+OUT=${OUT:-$ROOT/device-check-out}
+mkdir -p "$OUT" || exit 1
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+VENV=${REXT_CHECK_VENV:-/tmp/rext-device-venv}
+DEVICE=${REXT_CHECK_DEVICE:-cuda}
+BUDGET_S=${REXT_CHECK_BUDGET_S:-465}
+BUILD_S=${REXT_CHECK_BUILD_S:-150}
+TESTS_S=${REXT_CHECK_TESTS_S:-150}
+BENCH_S=${REXT_CHECK_BENCH_S:-300}
+BENCH_MIN_S=180   # time kept back for the benchmark while the tests run
+IGNORED_TESTS=(tests/test_pipeline.py tests/test_cli.py tests/test_models.py tests/test_data.py
+               tests/test_prompts.py tests/test_digits_model.py)  # the reclip package: open_clip
+
+deadline=$((SECONDS + BUDGET_S))
+declare -A STATUS=()
+declare -A TOOK=()
+
+step() { printf '\n== [%s UTC, %d s] %s\n' "$(date -u +%H:%M:%S)" "$SECONDS" "$*"; }
+
+# cap SECONDS [RESERVE]: SECONDS, or less so that RESERVE seconds stay before the deadline
+cap() {
+  local c=$1 r=$((deadline - SECONDS - ${2:-0}))
+  ((r < c)) && c=$r
+  ((c < 5)) && c=5
+  echo "$c"
+}
+
+machine() {
+  step "machine"
+  date -u
+  uname -srm
+  if [[ -e $ROOT/.git ]]; then
+    echo "repo: $ROOT ($(git -C "$ROOT" log -1 --format='%h %s' 2>/dev/null || echo '?');" \
+         "$(git -C "$ROOT" status --porcelain 2>/dev/null | wc -l | tr -d ' ') changed files)"
+  else
+    echo "repo: $ROOT (a copy without .git)"
+  fi
+  echo "cpus: $(nproc)"
+  if [[ -d /usr/local/cuda/bin && ":$PATH:" != *":/usr/local/cuda/bin:"* ]]; then
+    export PATH=$PATH:/usr/local/cuda/bin
+  fi
+  if command -v nvidia-smi >/dev/null; then
+    timeout 20 nvidia-smi || echo "nvidia-smi failed ($?)"
+    timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv || true
+  else
+    echo "nvidia-smi: not found"
+  fi
+  if command -v nvcc >/dev/null; then nvcc --version | tail -n 2; else echo "nvcc: not found"; fi
+  cmake --version 2>/dev/null | head -n 1 || echo "cmake: not on PATH"
+  echo "python: $(command -v "$PY")"
+  timeout 60 "$PY" - <<'PY' || echo "version probe failed ($?)"
+import importlib, platform
+print("python", platform.python_version())
+for name in ("torch", "cupy", "numpy", "scipy", "pybind11", "scikit_build_core", "cmake", "ninja",
+             "pytest", "hypothesis", "pytest_benchmark", "open_clip"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"  {name} {getattr(mod, '__version__', '?')}")
+    except Exception as err:
+        print(f"  {name}: not importable ({type(err).__name__})")
+try:
+    import torch
+    print("  torch CUDA", torch.version.cuda, "| devices", torch.cuda.device_count(),
+          "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no device")
+except Exception as err:
+    print("  torch probe failed:", err)
+PY
+}
+
+build() {
+  step "build reclip_ext (REXT_WITH_CUDA=${REXT_WITH_CUDA:-ON}, CMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES:-90}) into $VENV"
+  local t0=$SECONDS site
+  rm -rf "$VENV"
+  # A venv made from a venv's python (the machine's python3 is one) would not see that venv's
+  # packages through --system-site-packages alone: add the parent's site folders by a .pth.
+  if ! "$PY" -m venv --without-pip --system-site-packages "$VENV"; then
+    echo "BUILD FAILED: could not create the venv"; return 1
+  fi
+  site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") || return 1
+  "$PY" - "$site/_rext_parent_site.pth" <<'PY' || return 1
+import site, sys
+dirs = [d for d in site.getsitepackages() if d]
+with open(sys.argv[1], "w") as f:
+    for d in dirs:
+        f.write(f"import site; site.addsitedir({d!r})\n")
+print("parent site-packages:", ", ".join(dirs))
+PY
+  if ! "$VENV/bin/python" -c "import torch, pip, scikit_build_core, pybind11" ; then
+    echo "BUILD FAILED: the venv does not see torch / pip / scikit-build-core / pybind11"; return 1
+  fi
+  local limit
+  limit=$(cap "$BUILD_S")
+  echo "pip install --no-build-isolation --no-deps --no-index . (timeout ${limit} s, log $OUT/build.log)"
+  REXT_WITH_CUDA=${REXT_WITH_CUDA:-ON} CMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES:-90} \
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    timeout -k 10 "$limit" "$VENV/bin/python" -m pip install -v --no-build-isolation --no-deps \
+      --no-index --no-cache-dir -Cbuild-dir=build/device "$ROOT" >"$OUT/build.log" 2>&1
+  local rc=$?
+  TOOK[build]=$((SECONDS - t0))
+  if ((rc != 0)); then
+    tail -n 80 "$OUT/build.log"
+    ((rc == 124 || rc == 137)) && echo "BUILD TIMED OUT after ${limit} s" || echo "BUILD FAILED (pip exit $rc)"
+    return 1
+  fi
+  grep -E "reclip_ext: CUDA" "$OUT/build.log" | sed 's/^ *//' | sort -u
+  ptxas_table "$OUT/build.log"
+  echo "built in ${TOOK[build]} s"
+  # The installed build, not the source tree: -P keeps the working directory off sys.path.
+  (cd / && "$VENV/bin/python" -P - "$DEVICE" "$VENV" "${REXT_WITH_CUDA:-ON}") <<'PY'
+import os, sys
+import reclip_ext
+device, venv, with_cuda = sys.argv[1:4]
+count = reclip_ext.cuda_device_count()
+print("reclip_ext", reclip_ext.__version__, "from", os.path.dirname(reclip_ext.__file__),
+      "| built_with_cuda:", reclip_ext.built_with_cuda(), "| cuda devices:", count,
+      "| cpu kernels:", reclip_ext.simd_level())
+if not os.path.realpath(reclip_ext.__file__).startswith(os.path.realpath(venv) + os.sep):
+    sys.exit(f"IMPORT CHECK FAILED: reclip_ext came from {reclip_ext.__file__}, not {venv}")
+if with_cuda.upper() != "OFF" and not reclip_ext.built_with_cuda():
+    sys.exit("IMPORT CHECK FAILED: the CUDA half was not compiled")
+if device == "cuda" and count < 1:
+    sys.exit("IMPORT CHECK FAILED: cuda_device_count() == 0 on the GPU machine")
+PY
+}
+
+# ptxas_table BUILD_LOG: the kernels' resource usage from nvcc -Xptxas -v (registers, shared
+# memory, stack, spills), reclip_ext's own kernels by name, the toolkit's (CUB) summarised.
+ptxas_table() {
+  "$PY" - "$1" <<'PY' || echo "(no ptxas resource report parsed)"
+import re, shutil, subprocess, sys
+text = open(sys.argv[1], errors="replace").read()
+rows, cur = [], None
+for line in text.splitlines():
+    m = re.search(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'", line)
+    if m:
+        cur = {"name": m.group(1), "arch": m.group(2), "regs": 0, "smem": 0, "stack": 0,
+               "spill": 0}
+        rows.append(cur)
+        continue
+    if cur is None:
+        continue
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if m:
+        cur["stack"], cur["spill"] = int(m.group(1)), int(m.group(2)) + int(m.group(3))
+    m = re.search(r"Used (\d+) registers", line)
+    if m:
+        cur["regs"] = int(m.group(1))
+        sm = re.search(r"(\d+) bytes smem", line)
+        cur["smem"] = int(sm.group(1)) if sm else 0
+if not rows:
+    sys.exit(1)
+names = [r["name"] for r in rows]
+if shutil.which("c++filt"):
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True)
+    if out.returncode == 0 and len(out.stdout.splitlines()) == len(names):
+        names = out.stdout.splitlines()
+own, other = [], []
+for r, name in zip(rows, names):
+    name = re.sub(r"\(anonymous namespace\)::|rext::cuda::", "", name)
+    (own if r["name"].startswith("_ZN4rext") else other).append((r, name))
+print(f"ptxas: {len(own)} reclip_ext kernels, {len(other)} others (CUB / toolkit)")
+print(f"  {'arch':<6} {'regs':>4} {'smem B':>7} {'stack B':>7} {'spill B':>7}  kernel")
+for r, name in own:
+    flag = "  <-- SPILLS" if r["spill"] else ""
+    print(f"  {r['arch']:<6} {r['regs']:>4} {r['smem']:>7} {r['stack']:>7} {r['spill']:>7}  "
+          f"{name[:110]}{flag}")
+spilling = [name for r, name in other if r["spill"]]
+print(f"  others: max {max((r['regs'] for r, _ in other), default=0)} registers, "
+      f"{len(spilling)} with spills")
+PY
+}
+
+tests() {
+  step "tests (pytest tests; the reclip package's tests need open_clip and are left out)"
+  local t0=$SECONDS limit rc ignores=() extra=()
+  for f in "${IGNORED_TESTS[@]}"; do ignores+=("--ignore=$f"); done
+  # shellcheck disable=SC2206  # word splitting of the extra arguments is wanted
+  extra=(${REXT_CHECK_PYTEST_ARGS:-})
+  if [[ ${REXT_CHECK_SKIP_BENCH:-0} == 1 ]]; then limit=$(cap "$TESTS_S"); else limit=$(cap "$TESTS_S" "$BENCH_MIN_S"); fi
+  echo "timeout ${limit} s, log $OUT/tests.log"
+  timeout -k 10 "$limit" "$VENV/bin/python" -P -m pytest tests "${ignores[@]}" -q -rfEs \
+    -p no:cacheprovider --durations=15 --junitxml="$OUT/tests-junit.xml" -o junit_family=xunit2 \
+    "${extra[@]}" >"$OUT/tests.log" 2>&1
+  rc=$?
+  TOOK[tests]=$((SECONDS - t0))
+  tail -n 60 "$OUT/tests.log"
+  echo
+  if ((rc == 124 || rc == 137)); then
+    echo "TESTS TIMED OUT after ${limit} s (dots so far are in tests.log; no JUnit report)"
+  elif ((rc != 0)); then
+    echo "TESTS FAILED (pytest exit $rc)"
+  fi
+  local cuda_skips
+  cuda_skips=$(grep -cE "SKIPPED.*(no CUDA|CUDA device)" "$OUT/tests.log")
+  if [[ $DEVICE == cuda ]] && ((cuda_skips > 0)); then
+    echo "WARNING: $cuda_skips skip lines mention a missing CUDA device on a machine that has one"
+  fi
+  return "$rc"
+}
+
+bench() {
+  step "benchmark (benchmarks/device_bench.py)"
+  local t0=$SECONDS limit rc args=()
+  limit=$(cap "$BENCH_S")
+  if [[ $DEVICE == cpu ]]; then args=(--device cpu --n 2000 --m 10 --d 64); fi
+  # shellcheck disable=SC2206  # word splitting of the extra arguments is wanted
+  args+=(${REXT_CHECK_BENCH_ARGS:-})
+  echo "timeout ${limit} s, --budget-s $((limit - 25)), log $OUT/bench.log"
+  PYTHONUNBUFFERED=1 timeout -k 10 "$limit" "$VENV/bin/python" -P benchmarks/device_bench.py \
+    --budget-s "$((limit - 25))" --json "$OUT/device_bench.json" "${args[@]}" 2>&1 \
+    | tee "$OUT/bench.log"
+  rc=${PIPESTATUS[0]}
+  TOOK[bench]=$((SECONDS - t0))
+  if ((rc == 124 || rc == 137)); then
+    echo "BENCHMARK TIMED OUT after ${limit} s (device_bench.json holds the cases finished before)"
+  elif ((rc != 0)); then
+    echo "BENCHMARK REPORTED ERRORS (exit $rc; see the errors list in device_bench.json)"
+  fi
+  return "$rc"
+}
+
+summary() {
+  step "summary"
+  local name
+  for name in machine build tests bench; do
+    printf '  %-8s %-28s %s\n' "$name" "${STATUS[$name]:-not run}" "${TOOK[$name]:+${TOOK[$name]} s}"
+  done
+  if [[ -f $OUT/tests-junit.xml ]]; then
+    "$PY" - "$OUT/tests-junit.xml" <<'PY' || true
+import sys
+import xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+get = lambda key: sum(int(s.get(key, 0)) for s in suites)
+total, fail, err, skip = get("tests"), get("failures"), get("errors"), get("skipped")
+print(f"  tests: {total - fail - err - skip} passed, {fail} failed, {err} errors, {skip} skipped")
+for case in root.iter("testcase"):
+    if case.find("failure") is not None or case.find("error") is not None:
+        print(f"    FAILED {case.get('classname')}::{case.get('name')}")
+PY
+  fi
+  echo "  total ${SECONDS} s of a ${BUDGET_S} s budget; files in $OUT:"
+  ls -l "$OUT"
+}
+
+main() {
+  local final=0
+  echo "device_check.sh: device=$DEVICE, budget ${BUDGET_S} s, OUT=$OUT"
+  machine
+  STATUS[machine]="done"
+  if build; then
+    STATUS[build]=ok
+  else
+    STATUS[build]=FAILED
+    TOOK[build]=${TOOK[build]:-$SECONDS}
+    summary
+    echo "RESULT: build failed"
+    return 1
+  fi
+  if [[ ${REXT_CHECK_SKIP_TESTS:-0} == 1 ]]; then
+    STATUS[tests]="skipped (REXT_CHECK_SKIP_TESTS)"
+  elif tests; then
+    STATUS[tests]=passed
+  else
+    STATUS[tests]=FAILED
+    final=2
+  fi
+  if [[ ${REXT_CHECK_SKIP_BENCH:-0} == 1 ]]; then
+    STATUS[bench]="skipped (REXT_CHECK_SKIP_BENCH)"
+  elif bench; then
+    STATUS[bench]=ok
+  else
+    STATUS[bench]=FAILED
+    ((final == 0)) && final=3
+  fi
+  summary
+  echo "RESULT: build ${STATUS[build]}, tests ${STATUS[tests]}, benchmark ${STATUS[bench]} (exit $final)"
+  return "$final"
+}
+
+main "$@" 2>&1 | tee "$OUT/device_check.log"
+exit "${PIPESTATUS[0]}"

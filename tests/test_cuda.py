@@ -1,0 +1,581 @@
+"""The CUDA backend (issue 3): kernels against the float64 reference and the CPU kernels.
+
+Two halves. The first runs everywhere: the __host__ __device__ logic the GPU shares with the
+CPU (top-k insert and re-sort with int32 lists, the weight, the overflow-safe sqrt(d_i d_j),
+the CG scalar rules) through _core._selftest_*; the workspace-size functions; the `precision`
+argument's validation; CUDA input on a CPU-only build and mixed devices (simulated through
+_core). The second needs a device and is skipped visibly without one: knn_affinity over
+dtype x precision x shape x forced tiles x k (beyond the 64 kept in shared memory) x weight,
+sym_normalize, cg_solve and label_propagate against the reference and the CPU, torch streams,
+cupy inputs, device errors.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import reclip_ext
+import reference
+from conftest import NEEDS_CUDA, assert_knn_close, clip_like, random_points
+from reclip_ext import _core
+
+try:
+    import torch
+except ImportError:  # pragma: no cover - the CUDA cases are skipped without torch
+    torch = None
+
+
+# --------------------------------------------------------------------------------------------
+# Shared __host__ __device__ logic, on the CPU
+
+
+def _python_topk(vals, idx, k):
+    order = sorted(range(len(vals)), key=lambda e: (-vals[e], idx[e]))[:k]
+    out_v = [vals[e] for e in order] + [-math.inf] * (k - len(order))
+    out_i = [idx[e] for e in order] + [-1] * (k - len(order))
+    return out_v, out_i
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("k", [1, 3, 32, 65])
+def test_selftest_topk_matches_sort(seed, k):
+    rng = np.random.default_rng(seed)
+    count = int(rng.integers(0, 150))
+    # few distinct values: many ties, which the smaller index must win
+    vals = rng.integers(-4, 5, size=count).astype(np.float32).tolist()
+    idx = rng.permutation(count).tolist()
+    got_v, got_i = _core._selftest_topk(vals, idx, k)
+    want_v, want_i = _python_topk(vals, idx, k)
+    assert got_i == want_i
+    assert got_v == want_v
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_selftest_topk_resort_after_rescore(seed):
+    """The exact re-score perturbs the values of an ordered list; topk_sort restores the order
+    under the same tie rule."""
+    rng = np.random.default_rng(seed)
+    k = 40
+    vals = rng.standard_normal(200).astype(np.float32).tolist()
+    idx = list(range(200))
+    perturb = (rng.standard_normal(k) * 0.05).astype(np.float32)
+    perturb[::7] = 0  # and some ties after rounding
+    got_v, got_i = _core._selftest_topk(vals, idx, k, perturb.tolist())
+    kept_v, kept_i = _python_topk(vals, idx, k)
+    new_v = (np.float32(kept_v) + perturb).tolist()
+    want_v, want_i = _python_topk(new_v, kept_i, k)
+    assert got_i == want_i
+    np.testing.assert_array_equal(np.float32(got_v), np.float32(want_v))
+
+
+@pytest.mark.parametrize("weight", ["relu", "shift"])
+@pytest.mark.parametrize("gamma", [1.0, 3.0, 0.5])
+def test_selftest_weight(weight, gamma):
+    for s in [-2.0, -1.0, -0.3, 0.0, 0.25, 0.999, 1.0, 3.0, -math.inf]:
+        want = float(reference.weight_fn(np.array([s]), weight, gamma)[0]) if math.isfinite(s) else 0.0
+        assert _core._selftest_weight(s, weight, gamma) == pytest.approx(want, rel=1e-15, abs=0)
+
+
+@pytest.mark.parametrize("a,b", [(1.0, 1.0), (2.0, 8.0), (3.0, 5.0), (1e300, 1e300),
+                                 (1e-300, 1e-300), (1e308, 1e-308), (5e-324, 4.0),
+                                 (1.7e308, 1.7e308)])
+def test_selftest_sqrt_product(a, b):
+    got = _core._selftest_sqrt_product(a, b)
+    want = math.exp(0.5 * (math.log(a) + math.log(b)))
+    assert math.isfinite(got) and got > 0
+    assert got == pytest.approx(want, rel=1e-12)
+    if math.isfinite(a * b) and a * b > 1e-300:
+        assert got == pytest.approx(math.sqrt(a * b), rel=1e-15)
+
+
+def test_selftest_cg_rules():
+    # ||b||^2 = 4: active, step = rs / pq, then residual sqrt(1)/2 = 0.5 > tol: beta = 1/4
+    r = _core._selftest_cg(4.0, 1.0, 2.0, 1, 1e-6)
+    assert r["start_active"] and r["bnorm"] == 2.0 and r["step"] == 2.0 and r["step_active"]
+    assert r["beta"] == 0.25 and r["active"] and r["iterations"] == 1 and r["residual"] == 0.5
+    assert r["rs"] == 1.0
+    # converged: residual 0.5 <= tol 0.6 stops the column with beta 0
+    r = _core._selftest_cg(4.0, 1.0, 2.0, 3, 0.6)
+    assert not r["active"] and r["beta"] == 0.0 and r["iterations"] == 3 and r["rs"] == 4.0
+    # p.Ap <= 0 (p vanished): stops before the update, step 0, iterations not advanced
+    r = _core._selftest_cg(4.0, 1.0, 0.0, 1, 1e-6)
+    assert not r["step_active"] and r["step"] == 0.0 and r["iterations"] == 0
+    # a zero right-hand side never runs and reports residual 0
+    r = _core._selftest_cg(0.0, 0.0, 1.0, 1, 1e-6)
+    assert not r["start_active"] and r["residual"] == 0.0 and r["iterations"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Workspace sizes
+
+
+def test_knn_workspace_bytes():
+    f = _core.knn_affinity_workspace_bytes
+    base = f(1000, 64, 10, "float32", "exact")
+    assert base >= (1000 + 128) * 64 * 4 + 1000 * 10 * 8
+    assert f(2000, 64, 10, "float32", "exact") > base
+    assert f(1000, 128, 10, "float32", "exact") > base
+    assert f(1000, 64, 20, "float32", "exact") > base
+    assert f(1000, 64, 10, "float32", "bf16") < base  # bf16 operand copy
+    assert f(1000, 64, 10, "float32", "tf32") == base
+    assert f(1000, 64, 10, "float64", "exact") > base
+    # ImageNet scale fits in 64-bit arithmetic
+    assert f(1_281_167, 768, 20, "float32", "bf16") > 1_281_167 * 768 * 2
+    with pytest.raises(ValueError, match="precision"):
+        f(10, 2, 1, "float32", "fp8")
+    with pytest.raises(TypeError, match="dtype"):
+        f(10, 2, 1, "int8", "exact")
+
+
+def test_cg_workspace_bytes():
+    f = _core.cg_solve_workspace_bytes
+    assert f(100, 7, "float32") >= 3 * 100 * 7 * 4 + 6 * 7 * 8
+    assert f(100, 7, "float64") > f(100, 7, "float32")
+    with pytest.raises(ValueError):
+        f(0, 7, "float32")
+
+
+def test_normalize_workspace_bytes_needs_a_device():
+    if not reclip_ext.built_with_cuda():
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            _core.sym_normalize_workspace_bytes(10, 3, "float32", 0)
+    elif reclip_ext.cuda_device_count() == 0:
+        with pytest.raises(RuntimeError, match="CUDA"):
+            _core.sym_normalize_workspace_bytes(10, 3, "float32", 0)
+    else:
+        assert _core.sym_normalize_workspace_bytes(10, 3, "float32", 0) >= 2 * 10 * 3 * 24
+
+
+# --------------------------------------------------------------------------------------------
+# Argument validation that needs no device
+
+
+X = random_points(12, 5, seed=1, dtype=np.float32)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_non_exact_precision_on_cpu_is_value_error(precision):
+    with pytest.raises(ValueError, match=r"^precision"):
+        reclip_ext.knn_affinity(X, 3, precision=precision)
+    with pytest.raises(ValueError, match=r"^precision"):
+        reclip_ext.knn_affinity(X.astype(np.float64), 3, precision=precision)
+    with pytest.raises(ValueError, match=r"^precision"):
+        reclip_ext.label_propagate(X[:3], X[3:], k=2, precision=precision)
+
+
+@pytest.mark.parametrize("precision", ["fp8", "EXACT", None, 1])
+def test_unknown_precision_is_value_error(precision):
+    with pytest.raises(ValueError, match=r"^precision must be one of"):
+        reclip_ext.knn_affinity(X, 3, precision=precision)
+
+
+def test_exact_precision_on_cpu_is_the_default():
+    a = reclip_ext.knn_affinity(X, 3)
+    b = reclip_ext.knn_affinity(X, 3, precision="exact")
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+class FakeCudaArray:
+    """Reports a CUDA device through __dlpack_device__; its data are never read here."""
+
+    def __init__(self, a, device=0):
+        self.a, self.device = a, device
+        self.shape, self.dtype = a.shape, a.dtype
+
+    def __dlpack__(self, **kwargs):
+        return self.a.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return (2, self.device)
+
+
+def test_cuda_input_on_cpu_only_build(monkeypatch):
+    monkeypatch.setattr(_core, "built_with_cuda", lambda: False)
+    with pytest.raises(RuntimeError, match=r"^reclip_ext was built without CUDA$"):
+        reclip_ext.knn_affinity(FakeCudaArray(X), 3)
+    with pytest.raises(RuntimeError, match=r"^reclip_ext was built without CUDA$"):
+        reclip_ext.label_propagate(X[:3], FakeCudaArray(X[3:]), k=2)
+
+
+def test_cuda_input_without_device(monkeypatch):
+    monkeypatch.setattr(_core, "built_with_cuda", lambda: True)
+    monkeypatch.setattr(_core, "cuda_device_count", lambda: 0)
+    with pytest.raises(RuntimeError, match=r"no CUDA device"):
+        reclip_ext.knn_affinity(FakeCudaArray(X), 3)
+
+
+@pytest.mark.parametrize("case", ["cpu-cuda", "cuda0-cuda1"])
+def test_mixed_devices_are_value_errors(monkeypatch, case):
+    """Placement is decided before any data are touched, so a simulated device suffices."""
+    monkeypatch.setattr(_core, "built_with_cuda", lambda: True)
+    monkeypatch.setattr(_core, "cuda_device_count", lambda: 2)
+    t = X[:3] if case == "cpu-cuda" else FakeCudaArray(X[:3], 0)
+    v = FakeCudaArray(X[3:], 0 if case == "cpu-cuda" else 1)
+    with pytest.raises(ValueError, match=r"^images: is on cuda:\d but text is on"):
+        reclip_ext.label_propagate(t, v, k=2)
+    with pytest.raises(ValueError, match=r"^x\[1\]: is on"):
+        reclip_ext.knn_affinity((t, v), 2)
+    idx = np.zeros((4, 2), np.int64)
+    with pytest.raises(ValueError, match=r"^weights: is on"):
+        reclip_ext.sym_normalize(idx if case == "cpu-cuda" else FakeCudaArray(idx, 0),
+                                 FakeCudaArray(np.ones((4, 2)), 0 if case == "cpu-cuda" else 1))
+    w = reclip_ext.sym_normalize(np.array([[1], [0]]), np.ones((2, 1)))
+    with pytest.raises(ValueError, match=r"^W\.indptr: is on the CPU but rhs is on cuda"):
+        reclip_ext.cg_solve(w, FakeCudaArray(np.eye(2)))
+
+
+# --------------------------------------------------------------------------------------------
+# On a device
+
+
+def _cuda(a):
+    return torch.from_numpy(np.ascontiguousarray(a)).cuda()
+
+
+def _np(a):
+    return a.detach().cpu().numpy() if torch is not None and isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def _recall(idx, ref_idx):
+    hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(idx, ref_idx))
+    return hits / ref_idx.size
+
+
+KNN_SHAPES = [(2, 1, 1), (7, 3, 6), (130, 9, 10), (300, 20, 7), (257, 70, 65), (200, 33, 100),
+              (150, 768, 5)]
+KNN_SHAPE_IDS = ["N{}-d{}-k{}".format(*s) for s in KNN_SHAPES]
+
+
+@pytest.mark.parametrize("weight", ["relu", "shift"])
+@pytest.mark.parametrize("block_rows", [None, 5, 37], ids=lambda b: f"br{b}")
+@pytest.mark.parametrize("shape", KNN_SHAPES, ids=KNN_SHAPE_IDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
+def test_knn_exact_matches_reference_and_cpu(_, dtype, shape, block_rows, weight):
+    n, d, k = shape
+    x = random_points(n, d, seed=n + d, dtype=dtype)
+    opts = dict(weight=weight, gamma=3.0 if weight == "relu" else 1.0, normalize=True)
+    idx, w = reclip_ext.knn_affinity(_cuda(x), k, block_rows=block_rows, **opts)
+    assert idx.is_cuda and w.is_cuda and idx.dtype == torch.int64
+    assert_knn_close(x, k, _np(idx), _np(w), **opts)
+    cidx, cw = reclip_ext.knn_affinity(x, k, **opts)
+    np.testing.assert_allclose(np.sort(_np(w), 1), np.sort(cw, 1),
+                               rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-6)
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_knn_exclude_self_and_raw_products(_, exclude_self):
+    x = random_points(140, 12, seed=5, dtype=np.float32)
+    idx, w = reclip_ext.knn_affinity(_cuda(x), 9, exclude_self=exclude_self, block_rows=16)
+    assert_knn_close(x, 9, _np(idx), _np(w), exclude_self=exclude_self)
+
+
+def _round_mantissa(x, drop: int):
+    """float32 rounded to nearest-even with the low `drop` mantissa bits cleared: 13 = tf32,
+    16 = bfloat16 (the operand rounding of the tensor-core modes)."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + (1 << (drop - 1)) - 1 + ((u >> drop) & 1)) & (0xFFFFFFFF ^ ((1 << drop) - 1))
+    return u.astype(np.uint32).view(np.float32)
+
+
+def test_round_mantissa_emulation():
+    x = np.float32([1.0, 1 + 2**-8, 1 + 3 * 2**-9, -2.5, 1 + 2**-11])
+    np.testing.assert_array_equal(_round_mantissa(x, 16), [1.0, 1.0, 1 + 2**-7, -2.5, 1.0])
+    assert _round_mantissa(x, 13)[4] == 1.0 and _round_mantissa(x, 13)[1] == x[1]
+
+
+# Recall thresholds sit below what the emulated operand rounding reaches on these data
+# (tf32 >= 0.998, bf16 >= 0.985 against float64, measured on the CPU with _round_mantissa).
+@pytest.mark.parametrize("k", [5, 20, 70])
+@pytest.mark.parametrize("precision,recall", [("tf32", 0.995), ("bf16", 0.97)])
+@pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
+def test_knn_tensor_cores_recall_and_exact_weights(_, precision, recall, k):
+    text, images, _labels = clip_like(600, 10, 64, seed=3)
+    x = np.concatenate([text, images]).astype(np.float32)
+    idx, w = reclip_ext.knn_affinity(_cuda(x), k, normalize=True, precision=precision)
+    idx, w = _np(idx), _np(w)
+    ref = reference.ref_knn(x, k, normalize=True)
+    assert _recall(idx, ref.indices) >= recall
+    # against the float64 neighbours of the rounded operands, only the float32 accumulation
+    # order differs: near-complete agreement
+    scale = (1 / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)).astype(np.float32)
+    rounded = _round_mantissa(x * scale, 13 if precision == "tf32" else 16)
+    assert _recall(idx, reference.ref_knn(rounded, k).indices) >= 0.99
+    assert ((idx >= 0) & (idx < len(x))).all() and not (idx == np.arange(len(x))[:, None]).any()
+    # weights are the exact (float32-rounded) similarities of the neighbours returned
+    exact = np.take_along_axis(ref.sim, idx, axis=1)
+    np.testing.assert_allclose(w, np.maximum(exact, 0), atol=2e-6)
+    assert (np.diff(w.astype(np.float64), axis=1) <= 0).all()
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
+def test_knn_stacked_and_strided_inputs(_):
+    x = random_points(203, 40, seed=9, dtype=np.float32)
+    want = reclip_ext.knn_affinity(_cuda(x), 6, normalize=True)
+    t, v = _cuda(x[:13]), _cuda(x[13:])
+    got = reclip_ext.knn_affinity((t, v), 6, normalize=True)
+    np.testing.assert_array_equal(_np(got[0]), _np(want[0]))
+    np.testing.assert_array_equal(_np(got[1]), _np(want[1]))
+    wide = _cuda(np.repeat(x, 2, axis=0))[::2]  # row stride 2 d
+    got = reclip_ext.knn_affinity(wide, 6, normalize=True)
+    np.testing.assert_array_equal(_np(got[0]), _np(want[0]))
+    cols = _cuda(x.T.copy()).T  # column-major view: copied to row-major by ops.py
+    assert cols.stride() == (1, x.shape[0])
+    got = reclip_ext.knn_affinity(cols, 6, normalize=True)
+    np.testing.assert_array_equal(_np(got[0]), _np(want[0]))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
+def test_knn_half_inputs(_, dtype):
+    x = random_points(300, 20, seed=4, dtype=np.float32)
+    xt = torch.from_numpy(x).to("cuda", getattr(torch, dtype))
+    idx, w = reclip_ext.knn_affinity(xt, 6, normalize=True)
+    assert w.dtype == xt.dtype and idx.dtype == torch.int64
+    ref = reference.ref_knn(xt.float().cpu().numpy(), 6, normalize=True)
+    np.testing.assert_allclose(np.sort(w.float().cpu().numpy(), 1), np.sort(ref.weights, 1),
+                               atol=1e-2)
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
+def test_knn_on_a_side_stream(_):
+    x = random_points(500, 48, seed=2, dtype=np.float32)
+    want = reclip_ext.knn_affinity(x, 8, normalize=True)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        xt = _cuda(x)
+        idx, w = reclip_ext.knn_affinity(xt, 8, normalize=True)
+        # consumed on the same stream without an explicit synchronisation
+        total = w.sum()
+    side.synchronize()
+    np.testing.assert_array_equal(_np(idx), want[0])
+    np.testing.assert_allclose(_np(w), want[1], rtol=1e-5, atol=1e-6)
+    assert float(total) == pytest.approx(float(want[1].sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", ["random", "duplicates", "zeros", "self-loops"])
+@pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
+def test_normalize_matches_cpu(_, dtype, case):
+    rng = np.random.default_rng(7)
+    n, k = 97, 6
+    idx = rng.integers(0, n, size=(n, k))
+    w = rng.uniform(0.1, 1.0, size=(n, k)).astype(dtype)
+    if case == "duplicates":
+        idx[:, 1] = idx[:, 0]
+    elif case == "zeros":
+        w[::3] = 0
+        w[5] = 0
+    elif case == "random":
+        idx = np.stack([rng.permutation(np.delete(np.arange(n), i))[:k] for i in range(n)])
+    want = reclip_ext.sym_normalize(idx, w)
+    got = reclip_ext.sym_normalize(_cuda(idx), _cuda(w))
+    assert all(a.is_cuda for a in got)
+    np.testing.assert_array_equal(_np(got.indptr), want.indptr)
+    np.testing.assert_array_equal(_np(got.indices), want.indices)
+    np.testing.assert_allclose(_np(got.data), want.data,
+                               rtol=1e-6 if dtype == np.float32 else 1e-14)
+    dense = reference.ref_sym_normalize(idx, w)
+    got_dense = np.zeros((n, n))
+    ptr, cols, data = _np(got.indptr), _np(got.indices), _np(got.data)
+    for i in range(n):
+        got_dense[i, cols[ptr[i]:ptr[i + 1]]] = data[ptr[i]:ptr[i + 1]]
+    np.testing.assert_allclose(got_dense, dense, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
+def test_normalize_device_errors(_):
+    idx = _cuda(np.array([[1], [0]]))
+    with pytest.raises(ValueError, match=r"^indices: entries must be in"):
+        reclip_ext.sym_normalize(idx + 5, _cuda(np.ones((2, 1))))
+    with pytest.raises(ValueError, match=r"^weights: entries must be >= 0"):
+        reclip_ext.sym_normalize(idx, _cuda(-np.ones((2, 1))))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("m", [1, 3, 33, 70])
+@pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
+def test_cg_matches_cpu_and_reference(_, dtype, m):
+    x = random_points(400, 16, seed=m, dtype=dtype)
+    idx, w = reclip_ext.knn_affinity(x, 8, normalize=True)
+    W = reclip_ext.sym_normalize(idx, w)
+    rhs = np.random.default_rng(m).standard_normal((400, m)).astype(dtype)
+    if m > 2:
+        rhs[:, 1] = 0  # a zero column never runs
+    tol = 1e-5 if dtype == np.float32 else 1e-10
+    want = reclip_ext.cg_solve(W, rhs, alpha=0.9, max_iter=60, tol=tol)
+    Wd = reclip_ext.ops.Csr(*(_cuda(a) for a in W))
+    got = reclip_ext.cg_solve(Wd, _cuda(rhs), alpha=0.9, max_iter=60, tol=tol)
+    assert got.x.is_cuda and got.iterations.is_cuda and got.residuals.is_cuda
+    assert got.iterations.dtype == torch.int64 and got.residuals.dtype == torch.float64
+    its = _np(got.iterations)
+    assert np.abs(its - want.iterations).max() <= (0 if dtype == np.float64 else 2)
+    ref = reference.ref_solve(W.to_scipy(), rhs.astype(np.float64), 0.9)
+    scale = np.abs(ref).max()
+    # (I - 0.9 W) has condition number <= 19: x is within ~19 tol of the solution
+    atol = (1e-3 if dtype == np.float32 else 1e-8) * scale
+    np.testing.assert_allclose(_np(got.x), ref, atol=atol)
+    np.testing.assert_allclose(_np(got.x), want.x, atol=atol)
+    if m > 2:
+        assert its[1] == 0 and _np(got.residuals)[1] == 0 and not _np(got.x)[:, 1].any()
+    assert (_np(got.residuals)[its < 60] <= tol).all()
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
+def test_cg_max_iter_zero(_):
+    W = reclip_ext.sym_normalize(np.array([[1], [0]]), np.ones((2, 1)))
+    got = reclip_ext.cg_solve(tuple(_cuda(a) for a in W), _cuda(np.eye(2)), max_iter=0)
+    assert not _np(got.x).any() and (_np(got.iterations) == 0).all()
+    np.testing.assert_array_equal(_np(got.residuals), [1.0, 1.0])
+
+
+@pytest.mark.parametrize("precision", ["exact", "tf32", "bf16"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
+def test_label_propagate_matches_cpu(_, dtype, precision):
+    if dtype == np.float64 and precision != "exact":
+        pytest.skip("tensor-core precisions take float32")
+    text, images, labels = clip_like(800, 8, 32, seed=11, dtype=dtype)
+    want = reclip_ext.label_propagate(text, images, k=10)
+    got = reclip_ext.label_propagate(_cuda(text), _cuda(images), k=10, precision=precision)
+    assert got.labels.is_cuda and got.scores.is_cuda and got.confidence.is_cuda
+    agree = (_np(got.labels) == want.labels).mean()
+    assert agree >= (1.0 if precision == "exact" else 0.98)
+    if precision == "exact":
+        np.testing.assert_allclose(_np(got.scores), want.scores,
+                                   atol=1e-4 if dtype == np.float32 else 1e-9)
+        np.testing.assert_allclose(_np(got.confidence), want.confidence, atol=1e-3)
+    assert (_np(got.labels) == labels).mean() > 0.9
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
+def test_cupy_inputs(_):
+    cupy = pytest.importorskip("cupy")
+    text, images, _labels = clip_like(300, 5, 16, seed=1)
+    got = reclip_ext.label_propagate(cupy.asarray(text), cupy.asarray(images), k=8)
+    assert isinstance(got.labels, cupy.ndarray) and isinstance(got.scores, cupy.ndarray)
+    want = reclip_ext.label_propagate(text, images, k=8)
+    np.testing.assert_array_equal(cupy.asnumpy(got.labels), want.labels)
+    idx, w = reclip_ext.knn_affinity(cupy.asarray(text), 2)
+    assert isinstance(idx, cupy.ndarray) and idx.dtype == np.int64
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
+def test_device_errors(_):
+    x = _cuda(X)
+    with pytest.raises(ValueError, match=r"^precision"):
+        reclip_ext.knn_affinity(x.double(), 3, precision="bf16")
+    with pytest.raises(ValueError, match=r"^images: is on the CPU"):
+        reclip_ext.label_propagate(x[:3], X[3:], k=2)
+    with pytest.raises(ValueError, match=r"^text: row 1 is all zeros"):
+        t = x[:3].clone()
+        t[1] = 0
+        reclip_ext.label_propagate(t, x[3:], k=2)
+    with pytest.raises(TypeError, match=r"^x: dtype"):
+        reclip_ext.knn_affinity(x.int(), 3)
+    if torch.cuda.device_count() > 1:
+        with pytest.raises(ValueError, match=r"^images: is on cuda:1"):
+            reclip_ext.label_propagate(x[:3], x[3:].to("cuda:1"), k=2)
+
+
+# --------------------------------------------------------------------------------------------
+# The Python side of the CUDA path, exercised on the CPU: ops.py's device branch (validation,
+# framework allocation of outputs and workspaces, the 2 N k slice, the device read-out, dtype
+# casts) driven with torch CPU tensors posing as device arrays. The capsules then say "CPU", so
+# _core runs its CPU kernels, which the rest of the suite pins down.
+
+
+@pytest.fixture
+def cpu_as_device(monkeypatch):
+    if torch is None:
+        pytest.skip("torch is not installed")
+    from reclip_ext import ops
+
+    class CpuAsDevice(ops._Device):
+        def __init__(self, like, index):
+            self.index, self.cupy, self.xp = index, False, torch
+            self.device = torch.device("cpu")
+
+        def stream(self):
+            return 0
+
+    def placement(items):
+        kinds = [ops._kind(x) for x, _ in items]
+        return 0 if "torch" in kinds else None
+
+    monkeypatch.setattr(ops, "_Device", CpuAsDevice)
+    monkeypatch.setattr(ops, "_placement", placement)
+    monkeypatch.setattr(_core, "sym_normalize_workspace_bytes", lambda n, k, dt, dev: 1)
+    return ops
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_device_branch_label_propagate(cpu_as_device, dtype):
+    text, images, _labels = clip_like(300, 6, 16, seed=2, dtype=dtype)
+    want = reclip_ext.label_propagate(text, images, k=7)
+    got = reclip_ext.label_propagate(torch.from_numpy(text), torch.from_numpy(images), k=7)
+    assert isinstance(got.labels, torch.Tensor) and got.labels.dtype == torch.int64
+    np.testing.assert_array_equal(got.labels.numpy(), want.labels)
+    np.testing.assert_allclose(got.scores.numpy(), want.scores, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.confidence.numpy(), want.confidence, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(got.iterations.numpy(), want.iterations)
+
+
+def test_device_branch_knn_normalize_cg(cpu_as_device):
+    x = random_points(90, 7, seed=3, dtype=np.float32)
+    idx, w = reclip_ext.knn_affinity(torch.from_numpy(x), 5, normalize=True)
+    widx, ww = reclip_ext.knn_affinity(x, 5, normalize=True)
+    np.testing.assert_array_equal(idx.numpy(), widx)
+    np.testing.assert_array_equal(w.numpy(), ww)
+    # strided rows and half precision go through the same conversions as on a GPU
+    half = torch.from_numpy(np.repeat(x, 2, axis=0))[::2].to(torch.bfloat16)
+    hidx, hw = reclip_ext.knn_affinity(half, 5, normalize=True)
+    assert hw.dtype == torch.bfloat16 and hidx.shape == (90, 5)
+    W = reclip_ext.sym_normalize(idx, w)
+    Wn = reclip_ext.sym_normalize(widx, ww)
+    for a, b in zip(W, Wn):
+        np.testing.assert_array_equal(a.numpy(), b)
+    assert W.indices.untyped_storage().nbytes() == W.indices.numel() * 8  # sliced and copied
+    rhs = np.random.default_rng(0).standard_normal((90, 3)).astype(np.float32)
+    got = reclip_ext.cg_solve(W, torch.from_numpy(rhs), alpha=0.8)
+    want = reclip_ext.cg_solve(Wn, rhs, alpha=0.8)
+    np.testing.assert_array_equal(got.x.numpy(), want.x)
+    np.testing.assert_array_equal(got.iterations.numpy(), want.iterations)
+
+
+def test_device_branch_errors(cpu_as_device):
+    x = torch.from_numpy(X)
+    with pytest.raises(TypeError, match=r"^x: dtype"):
+        reclip_ext.knn_affinity(x.int(), 3)
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^x: contains NaN"):
+        reclip_ext.knn_affinity(bad, 3)
+    with pytest.raises(ValueError, match=r"^k must be"):
+        reclip_ext.knn_affinity(x, 12)
+    zero = x.clone()
+    zero[4] = 0
+    with pytest.raises(ValueError, match=r"^x: row 4 is all zeros"):
+        reclip_ext.knn_affinity(zero, 3, normalize=True)
+    with pytest.raises(ValueError, match=r"^precision"):
+        reclip_ext.knn_affinity(x.double(), 3, precision="tf32")
+    idx = torch.tensor([[1], [0]])
+    with pytest.raises(ValueError, match=r"^indices: entries must be in"):
+        reclip_ext.sym_normalize(idx + 3, torch.ones(2, 1))
+    with pytest.raises(ValueError, match=r"^weights: entries must be >= 0"):
+        reclip_ext.sym_normalize(idx, -torch.ones(2, 1))
+    with pytest.raises(TypeError, match=r"^indices: dtype"):
+        reclip_ext.sym_normalize(idx.float(), torch.ones(2, 1))
+    W = reclip_ext.sym_normalize(idx, torch.ones(2, 1))
+    with pytest.raises(ValueError, match=r"^W\.indptr"):
+        reclip_ext.cg_solve((torch.tensor([0, 2, 1]), W.indices, W.data), torch.eye(2))
+    with pytest.raises(TypeError, match=r"^W\.data: dtype"):
+        reclip_ext.cg_solve(W, torch.eye(2, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^W: expected"):
+        reclip_ext.cg_solve("W", torch.eye(2))
+    with pytest.raises(ValueError, match=r"^text: needs at least 2 rows"):
+        reclip_ext.label_propagate(x[:1], x[1:], k=2)
