@@ -138,6 +138,16 @@ def test_iteration_cap_and_batch_default(tiny, images):
     assert adapt.Config().batch_for(10) == 64 and adapt.Config().batch_for(201) == 32
 
 
+def test_progress_bars_cover_encoding_and_training(tiny, images, capsys):
+    torch.manual_seed(0)
+    clf = reclip.ReCLIP(tiny, CLASSES, config=reclip.Config(max_epochs=1))
+    clf.fit(images, progress=True)
+    bars = capsys.readouterr().err
+    assert all(f"{desc}:" in bars for desc in ("epochs", "encode", "train")), bars
+    clf.predict(images)  # after fit: no bars
+    assert capsys.readouterr().err == ""
+
+
 def test_prediction_is_mean_of_both_sides(tiny, images):
     clf = _fit(tiny, images, max_epochs=1)
     both = clf.logits(images)

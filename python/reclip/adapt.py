@@ -125,6 +125,7 @@ class ReCLIP:
         self.centres = self.nodes_v.clone()
         self._opt_t = self._optimizer(self.text_params)
         self._opt_v = self._optimizer(self.visual_params)
+        self._bars = False  # progress bars inside an epoch, while fit(progress=True) runs
 
     # ------------------------------------------------------------------------------ encoders
 
@@ -153,8 +154,9 @@ class ReCLIP:
     def _encode_images(self, model: nn.Module, images) -> torch.Tensor:
         from .data import loader
 
-        feats = [model.encode_image(x, normalize=True).float()
-                 for x, _, _ in loader(images, self.config.encode_batch_size)]
+        batches = _progress(loader(images, self.config.encode_batch_size), self._bars, "encode",
+                            leave=False)
+        feats = [model.encode_image(x, normalize=True).float() for x, _, _ in batches]
         return torch.cat(feats)
 
     # ------------------------------------------------------------------------------ training
@@ -178,18 +180,21 @@ class ReCLIP:
                 self._restore(checkpoint.read(out_dir), out_dir, rng=True)
         c = self.config
         batch = c.batch_for(len(self.classnames))
-        frozen = self._encode_images(self.text_copy, data)  # the T side's visual tower never trains
-        bar = _progress(range(self.epoch, c.max_epochs), progress, "epochs")
-        for epoch in bar:
-            if self.iterations >= c.max_iterations:
-                break
-            entry = self._epoch(data, frozen, epoch, batch, truth if known else None)
-            self.history.append(entry)
-            self.epoch = epoch + 1
-            if log:
-                log(entry)
-            if out_dir is not None:
-                self.save(out_dir)
+        self._bars = progress
+        try:
+            frozen = self._encode_images(self.text_copy, data)  # the T side's visual tower never trains
+            for epoch in _progress(range(self.epoch, c.max_epochs), progress, "epochs"):
+                if self.iterations >= c.max_iterations:
+                    break
+                entry = self._epoch(data, frozen, epoch, batch, truth if known else None)
+                self.history.append(entry)
+                self.epoch = epoch + 1
+                if log:
+                    log(entry)
+                if out_dir is not None:
+                    self.save(out_dir)
+        finally:
+            self._bars = False
         return self
 
     def _epoch(self, data, frozen: torch.Tensor, epoch: int, batch: int,
@@ -223,7 +228,7 @@ class ReCLIP:
         order = index[torch.randperm(len(index), generator=g).numpy()]
         steps = min(math.ceil(len(order) / batch), c.max_iterations - self.iterations)
         loss_t = loss_v = 0.0
-        for s in range(steps):
+        for s in _progress(range(steps), self._bars, "train", leave=False):
             idx = order[s * batch : (s + 1) * batch]
             y = torch.as_tensor(target[idx])
             if use_t:
@@ -411,9 +416,9 @@ def _sgd_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
     return float(loss.detach())
 
 
-def _progress(it, enabled: bool, desc: str):
+def _progress(it, enabled: bool, desc: str, *, leave: bool = True):
     if not enabled:
         return it
     from tqdm.auto import tqdm
 
-    return tqdm(it, desc=desc)
+    return tqdm(it, desc=desc, leave=leave)
