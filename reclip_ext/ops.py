@@ -341,6 +341,19 @@ class _Device:
             self.xp = torch
             self.device = torch.device("cuda", index)
 
+    # -- current device: cupy launches its kernels (and allocates) on the current device only,
+    # so the whole CUDA branch runs inside `with dev:`; torch follows the tensors' device.
+    def __enter__(self):
+        self._ctx = self.xp.cuda.Device(self.index) if self.cupy else None
+        if self._ctx is not None:
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+        return False
+
     # -- conversion and layout
     def array(self, x: Any, name: str):
         if self.cupy:
@@ -606,19 +619,21 @@ def knn_affinity(x, k, *, exclude_self=True, weight="relu", gamma=1.0, normalize
         raise ValueError(f"x: expected an array or a pair of arrays, got {len(arrays)} arrays")
     device = _placement(list(zip(arrays, names)))
     if device is not None:
-        dev = _Device(arrays[0], device)
-        blocks, dt = _device_blocks(dev, arrays, names)
-        n = sum(int(b.shape[0]) for b in blocks)
-        if n < 2:
-            raise ValueError(f"x: needs at least 2 rows, got {n}")
-        opts = _affinity_options(k, n, exclude_self, weight, gamma, block_rows)
-        precision = _precision_arg(precision, True, dt)
-        _threads(threads)
-        if normalize:
-            for b, name in zip(blocks, names):
-                _device_check_nonzero_rows(dev, b, name)
-        indices, weights = _device_affinity(dev, blocks, opts, bool(normalize), precision)
-        return indices, (weights if dev.dtype_name(weights) == dt else dev.astype(weights, dt))
+        with _Device(arrays[0], device) as dev:
+            blocks, dt = _device_blocks(dev, arrays, names)
+            n = sum(int(b.shape[0]) for b in blocks)
+            if n < 2:
+                raise ValueError(f"x: needs at least 2 rows, got {n}")
+            opts = _affinity_options(k, n, exclude_self, weight, gamma, block_rows)
+            precision = _precision_arg(precision, True, dt)
+            _threads(threads)
+            if normalize:
+                for b, name in zip(blocks, names):
+                    _device_check_nonzero_rows(dev, b, name)
+            indices, weights = _device_affinity(dev, blocks, opts, bool(normalize), precision)
+            if dev.dtype_name(weights) != dt:
+                weights = dev.astype(weights, dt)
+            return indices, weights
     blocks = _row_blocks(arrays, names)
     n = sum(b.shape[0] for b in blocks)
     if n < 2:
@@ -666,7 +681,8 @@ def sym_normalize(indices, weights, *, threads=None) -> Csr:
     device = _placement([(indices, "indices"), (weights, "weights")])
     if device is not None:
         _threads(threads)
-        return _device_sym_normalize(_Device(weights, device), indices, weights)
+        with _Device(weights, device) as dev:
+            return _device_sym_normalize(dev, indices, weights)
     idx = _host_view(indices, "indices")
     w = _host_view(weights, "weights")
     if not np.issubdtype(idx.dtype, np.integer):
@@ -762,13 +778,13 @@ def cg_solve(W, rhs, *, alpha=0.99, max_iter=20, tol=1e-6, threads=None) -> CgRe
     device = _placement([(rhs, "rhs")] + parts)
     if device is not None:
         _threads(threads)
-        dev = _Device(rhs, device)
-        b, dt = _device_float_matrix(dev, rhs, "rhs")
-        opts = _cg_options(alpha, max_iter, tol)
-        w = _device_csr_arg(dev, W, int(b.shape[0]), dt)
-        result = _device_cg(dev, w, b, opts)
-        x = result.x if dev.dtype_name(result.x) == dt else dev.astype(result.x, dt)
-        return CgResult(x, result.iterations, result.residuals)
+        with _Device(rhs, device) as dev:
+            b, dt = _device_float_matrix(dev, rhs, "rhs")
+            opts = _cg_options(alpha, max_iter, tol)
+            w = _device_csr_arg(dev, W, int(b.shape[0]), dt)
+            result = _device_cg(dev, w, b, opts)
+            x = result.x if dev.dtype_name(result.x) == dt else dev.astype(result.x, dt)
+            return CgResult(x, result.iterations, result.residuals)
     b = _float_matrix(rhs, "rhs")
     opts = _cg_options(alpha, max_iter, tol)
     w = _csr_arg(W, b.shape[0], b.dtype)
@@ -810,10 +826,12 @@ def label_propagate(text, images, *, k=20, alpha=0.99, max_iter=20, tol=1e-6, we
     """
     device = _placement([(text, "text"), (images, "images")])
     if device is not None:
-        return _device_label_propagate(_Device(images, device), text, images, k=k, alpha=alpha,
-                                       max_iter=max_iter, tol=tol, weight=weight, gamma=gamma,
-                                       normalize=normalize, block_rows=block_rows,
-                                       threads=threads, precision=precision)
+        with _Device(images, device) as dev:
+            return _device_label_propagate(dev, text, images, k=k, alpha=alpha,
+                                           max_iter=max_iter, tol=tol, weight=weight,
+                                           gamma=gamma, normalize=normalize,
+                                           block_rows=block_rows, threads=threads,
+                                           precision=precision)
     t, v = _row_blocks([text, images], ["text", "images"])
     if t.shape[0] < 2:
         raise ValueError(f"text: needs at least 2 rows (classes), got shape {t.shape}")

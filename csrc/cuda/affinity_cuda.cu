@@ -179,6 +179,22 @@ __device__ void compute_tile(Op* stages, Acc* tile, const Op* xp, int64_t d_pad,
   // at most S - 2 are pending means group s has landed. The barrier then also guarantees that
   // every warp has finished step s - 1, whose stage the next copy overwrites.
   constexpr int S = C::kStages;
+  // Layout invariants the copies and fragments rely on (checked here, where they are used):
+  // 16-byte cp.async destinations; 256-bit aligned wmma pointers (fragment rows start at
+  // multiples of 16 rows, K offsets at multiples of KS) with ldm a multiple of 16 bytes; the
+  // warp grids cover the tile exactly; the stages fit the region the S tile reuses.
+  static_assert(C::LDA * sizeof(Op) % 16 == 0 && C::kStageElems * sizeof(Op) % 128 == 0);
+  static_assert(C::kStagesBytes <= C::kRegion0 && C::kTileBytes <= C::kRegion0);
+  static_assert(S >= 2 && kBK % (16 / sizeof(Op)) == 0);
+  if constexpr (M == Mma::Simt) {
+    static_assert(C::BM == 16 * C::TM && C::BN == 16 * C::TN && kThreads == 256);
+  } else {
+    static_assert(C::BM == 4 * 32 && C::BN == 2 * 64 && kWarps == 8 && kBK % KS == 0);
+    static_assert(16 * C::LDA * sizeof(Op) % 32 == 0 && KS * sizeof(Op) % 32 == 0 &&
+                  C::BM * C::LDA * sizeof(Op) % 32 == 0 && C::LDA * sizeof(Op) % 16 == 0);
+    static_assert(16 * C::LDS * sizeof(Acc) % 32 == 0 && 16 * sizeof(Acc) % 32 == 0 &&
+                  C::LDS * sizeof(Acc) % 16 == 0);
+  }
   const Op* a_rows = xp + row0 * d_pad;
   const Op* b_rows = xp + col0 * d_pad;
 #pragma unroll

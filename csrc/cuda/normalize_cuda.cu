@@ -47,18 +47,19 @@ int end_bit_for(int64_t n) {
   return bits > 0 ? bits : 1;
 }
 
+// CUB's temporary storage for both calls. The size queries pass exactly the iterator types,
+// item count and bit range of the real calls in sym_normalize_cuda (non-const Key* / T*
+// buffers from the workspace), so the two cannot select different dispatch policies.
 template <class T>
 size_t cub_temp_bytes(int items, int end_bit, cudaStream_t stream) {
   size_t sort_bytes = 0, reduce_bytes = 0;
-  REXT_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const Key*>(nullptr),
-                                                  static_cast<Key*>(nullptr),
-                                                  static_cast<const T*>(nullptr),
-                                                  static_cast<T*>(nullptr), items, 0, end_bit,
-                                                  stream));
-  REXT_CUDA_CHECK(cub::DeviceReduce::ReduceByKey(
-      nullptr, reduce_bytes, static_cast<const Key*>(nullptr), static_cast<Key*>(nullptr),
-      static_cast<const T*>(nullptr), static_cast<T*>(nullptr), static_cast<int*>(nullptr),
-      ::cuda::std::plus<T>{}, items, stream));
+  Key* keys = nullptr;
+  T* vals = nullptr;
+  int* runs = nullptr;
+  REXT_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, keys, keys, vals, vals,
+                                                  items, 0, end_bit, stream));
+  REXT_CUDA_CHECK(cub::DeviceReduce::ReduceByKey(nullptr, reduce_bytes, keys, keys, vals, vals,
+                                                 runs, ::cuda::std::plus<T>{}, items, stream));
   return sort_bytes > reduce_bytes ? sort_bytes : reduce_bytes;
 }
 
