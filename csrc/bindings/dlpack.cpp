@@ -51,8 +51,14 @@ DType DlArray::dtype() const {
 
 Device DlArray::device() const {
   switch (t_->device.device_type) {
-    case 1: return {DeviceKind::CPU, 0};
-    case 2: return {DeviceKind::CUDA, t_->device.device_id};
+    // Pinned host memory is ordinary host memory to the CPU kernels, and managed memory is
+    // addressable by the CUDA kernels: the same classes as ops.py's placement check.
+    case 1:  // kDLCPU
+    case 3:  // kDLCUDAHost
+      return {DeviceKind::CPU, 0};
+    case 2:   // kDLCUDA
+    case 13:  // kDLCUDAManaged
+      return {DeviceKind::CUDA, t_->device.device_id};
     default:
       throw std::invalid_argument(name_ + ": arrays must live on the CPU or a CUDA device "
                                   "(DLPack device type " + std::to_string(t_->device.device_type) + ")");
