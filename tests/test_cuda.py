@@ -352,8 +352,9 @@ def test_knn_on_a_side_stream(_):
         # consumed on the same stream without an explicit synchronisation
         total = w.sum()
     side.synchronize()
-    np.testing.assert_array_equal(_np(idx), want[0])
-    np.testing.assert_allclose(_np(w), want[1], rtol=1e-5, atol=1e-6)
+    # neighbours up to near-ties (GPU and CPU sum the dot products in different orders)
+    assert_knn_close(x, 8, _np(idx), _np(w), normalize=True)
+    np.testing.assert_allclose(np.sort(_np(w), 1), np.sort(want[1], 1), rtol=1e-5, atol=1e-6)
     assert float(total) == pytest.approx(float(want[1].sum()), rel=1e-5)
 
 
@@ -413,7 +414,9 @@ def test_cg_matches_cpu_and_reference(_, dtype, m):
     assert got.x.is_cuda and got.iterations.is_cuda and got.residuals.is_cuda
     assert got.iterations.dtype == torch.int64 and got.residuals.dtype == torch.float64
     its = _np(got.iterations)
-    assert np.abs(its - want.iterations).max() <= (0 if dtype == np.float64 else 2)
+    # a column's stopping iteration may move by one when its residual lands within rounding
+    # of tol (the device sums in another order)
+    assert np.abs(its - want.iterations).max() <= (1 if dtype == np.float64 else 2)
     ref = reference.ref_solve(W.to_scipy(), rhs.astype(np.float64), 0.9)
     scale = np.abs(ref).max()
     # (I - 0.9 W) has condition number <= 19: x is within ~19 tol of the solution
