@@ -211,7 +211,23 @@ def test_checkpoint_files_are_plain_data(tiny, images, tmp_path):
     assert names[0] == "run.json" and names[1].endswith(".safetensors") and len(names) == 2
 
 
+def test_visual_loss_released_is_the_mean_divided_by_the_batch(tiny, images):
+    """One plain SGD step of ReCLIP-V: the released code's loss moves the visual norms by
+    exactly 1/batch of what the batch-mean cross-entropy does."""
+    start = {k: p.detach().clone() for k, p in reclip.ReCLIP(tiny, CLASSES).visual_params.items()}
+    moves = {}
+    for loss in ("mean", "released"):
+        clf = _fit(tiny, images, sides="visual", max_iterations=1, batch_size=8, momentum=0.0,
+                   weight_decay=0.0, visual_loss=loss)
+        moves[loss] = torch.cat([(p.detach() - start[k]).flatten()
+                                 for k, p in clf.visual_params.items()])
+    assert moves["mean"].abs().max() > 0
+    torch.testing.assert_close(moves["released"] * 8, moves["mean"], rtol=1e-4, atol=1e-7)
+
+
 def test_config_errors():
+    with pytest.raises(ValueError, match="visual_loss"):
+        reclip.Config(visual_loss="sum")
     with pytest.raises(ValueError, match="projection"):
         reclip.Config(projection="P3")
     with pytest.raises(ValueError, match="alpha"):

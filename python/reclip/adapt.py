@@ -28,6 +28,7 @@ from .pseudo_labels import pseudo_labels
 from .prompts import DEFAULT_TEMPLATES, format_prompts
 
 SIDES = ("both", "text", "visual")
+VISUAL_LOSSES = ("released", "mean")
 
 
 @dataclass
@@ -48,6 +49,9 @@ class Config:
     pseudo_labels: str = "auto"  #: "auto", "propagation" or "prediction"
     label_sharing: bool = True
     sides: str = "both"  #: "both" (ReCLIP), "text" (ReCLIP-T) or "visual" (ReCLIP-V)
+    #: ReCLIP-V's loss: "released" as in the authors' released code (the batch-mean
+    #: cross-entropy divided once more by the batch's image count) or "mean" (the paper's formula)
+    visual_loss: str = "released"
     logit_scale: float = 100.0
     seed: int = 0
     encode_batch_size: int = 256
@@ -57,6 +61,8 @@ class Config:
             raise ValueError(f"projection must be one of {projection.MODES}, got {self.projection!r}")
         if self.sides not in SIDES:
             raise ValueError(f"sides must be one of {SIDES}, got {self.sides!r}")
+        if self.visual_loss not in VISUAL_LOSSES:
+            raise ValueError(f"visual_loss must be one of {VISUAL_LOSSES}, got {self.visual_loss!r}")
         for name in ("k", "max_epochs", "max_iterations", "encode_batch_size"):
             if getattr(self, name) < (0 if name == "max_epochs" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -268,7 +274,13 @@ class ReCLIP:
         x = torch.stack([data[int(i)][0] for i in idx])
         feats = self.visual_copy.encode_image(x, normalize=True)
         logits = self.config.logit_scale * feats @ self.centres.to(feats.dtype).T
-        return _sgd_step(self._opt_v, nn.functional.cross_entropy(logits, y))
+        loss = nn.functional.cross_entropy(logits, y)
+        if self.config.visual_loss == "released":
+            # The released code computes mean(CE * agree) / sum(agree) over its batch: the
+            # visual encoder moves about batch-size times more slowly than the text side. On
+            # reclip-digits this keeps ReCLIP-V from drifting with its own pseudo-label errors.
+            loss = loss / len(idx)
+        return _sgd_step(self._opt_v, loss)
 
     # ------------------------------------------------------------------------------ inference
 

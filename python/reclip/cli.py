@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--sides", choices=("both", "text", "visual"), default="both",
                    help="ReCLIP (both), ReCLIP-T (text) or ReCLIP-V (visual)")
     a.add_argument("--no-label-sharing", action="store_true")
+    a.add_argument("--visual-loss", choices=("released", "mean"), default="released",
+                   help="ReCLIP-V loss: as in the authors' released code (divided by the batch "
+                        "size once more), or the plain batch mean")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--resume", action="store_true", help="continue the run in --out")
     a.add_argument("--inductive", action="store_true",
@@ -127,7 +130,8 @@ def adapt(args) -> int:
     data = image_set(args.data, loaded.preprocess)
     data.check()
     config = adapt_mod.Config(projection=args.projection, sides=args.sides, seed=args.seed,
-                              label_sharing=not args.no_label_sharing)
+                              label_sharing=not args.no_label_sharing,
+                              visual_loss=args.visual_loss)
     for field, value in (("max_epochs", args.epochs), ("max_iterations", args.iterations),
                          ("batch_size", args.batch_size)):
         if value is not None:
