@@ -13,7 +13,9 @@ text projection and logit_scale: the MiniLM weights come from the pip package at
 - Data: 20% of digits.png held out (stratified, seeded: ``reclip.sources.split_indices``); a
   cell goes through the model's own eval ``preprocess`` (20x20 grayscale PIL -> 32x32 RGB,
   normalised), exactly what inference does. Augmentation: a small random affine of the
-  preprocessed batch (rotation, scale, shear, shift; border padding keeps the black background).
+  preprocessed batch (rotation, scale, shear, shift; border padding keeps the black background),
+  then, for half the images, a random loss of resolution (box-averaged down to 8..20 px, bilinear
+  back up): a generic robustness augmentation that also covers low-resolution targets.
 - Text: class names zero..nine in TEMPLATES; a class embedding is the mean of its normalised
   template embeddings, re-normalised (as ReCLIP builds its class nodes). MiniLM is frozen (eval
   mode), so its pooled outputs are computed once; only the projection sees gradients.
@@ -107,7 +109,20 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     theta = torch.stack([torch.stack([cos, -sin + sh * cos, tx], 1),
                          torch.stack([sin, cos + sh * sin, ty], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return lower_resolution(x, gen)
+
+
+def lower_resolution(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """For a fraction p of the images: box-average down to a random 8..20 px, bilinear back up."""
+    n = x.shape[0]
+    pick = torch.rand(n, generator=gen) < p
+    sizes = torch.randint(8, 21, (n,), generator=gen)
+    out = x.clone()
+    for i in torch.nonzero(pick).flatten().tolist():
+        small = F.adaptive_avg_pool2d(x[i : i + 1], int(sizes[i]))
+        out[i : i + 1] = F.interpolate(small, size=x.shape[-1], mode="bilinear", align_corners=False)
+    return out
 
 
 class TextHead:

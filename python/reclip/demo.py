@@ -142,7 +142,8 @@ def run_demo(out_dir: str | Path, *, model: str = "reclip-digits", epochs: int =
     clf.fit(images, labels=labels, log=log)
     final = float((clf.predict(images) == labels).mean())
     say(f"ReCLIP accuracy {final:.4f} (zero-shot {zero_shot:.4f}, error reduced by "
-        f"{(1 - (1 - final) / max(1 - zero_shot, 1e-12)):.1%})")
+        f"{(1 - (1 - final) / max(1 - zero_shot, 1e-12)):.1%}; label propagation only "
+        f"{lp_only:.4f}, {final - lp_only:+.4f})")
 
     stats = similarity_stats(frozen, labels, clf.nodes_v)
     report = {"model": model, "target": "sklearn-digits", "images": int(len(labels)),
