@@ -52,7 +52,7 @@ def similarity_stats(image_feats: torch.Tensor, labels: np.ndarray,
 
 def _plots(out: Path, before: torch.Tensor, after: torch.Tensor, nodes_before: torch.Tensor,
            nodes_after: torch.Tensor, labels: np.ndarray, stats: dict, curve: list[dict],
-           zero_shot: float) -> list[str]:
+           zero_shot: float, lp_only: float) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,6 +99,7 @@ def _plots(out: Path, before: torch.Tensor, after: torch.Tensor, nodes_before: t
     for key, label in (("reclip", "ReCLIP (combined)"), ("pseudo_shared", "pseudo labels (shared)")):
         ax.plot(epochs, [c.get(key) for c in curve], marker="o", markersize=3, label=label)
     ax.axhline(zero_shot, color="gray", linestyle="--", label="zero-shot")
+    ax.axhline(lp_only, color="gray", linestyle=":", label="label propagation only")
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
     ax.legend()
@@ -153,7 +154,7 @@ def run_demo(out_dir: str | Path, *, model: str = "reclip-digits", epochs: int =
     if plots:
         after = clf._encode_images(clf.visual_copy, images)
         report["plots"] = _plots(out, frozen, after, clf.nodes_v, clf.centres, labels, stats,
-                                 curve, zero_shot)
+                                 curve, zero_shot, lp_only)
     report["seconds"] = round(time.time() - start, 1)
     write_json(out / "report.json", report)
     say(f"wrote {out / 'report.json'}" + (f" and {', '.join(report['plots'])}" if plots else ""))
