@@ -106,14 +106,6 @@ template <class T>
 void knn_affinity_cpu(const StackedRows<T>& x, MatrixView<int64_t> indices, MatrixView<T> weights,
                       const AffinityParams& p) {
   const int64_t n = x.rows(), d = x.cols(), k = p.k;
-  REXT_CHECK(n >= 2, "x: need at least 2 rows, got ", n);
-  REXT_CHECK(d >= 1, "x: need at least 1 column");
-  REXT_CHECK(k >= 1 && k <= (p.exclude_self ? n - 1 : n), "k must be in [1, ",
-             p.exclude_self ? n - 1 : n, "] for ", n, " rows, got ", k);
-  REXT_CHECK(indices.rows == n && indices.cols == k, "indices: expected shape (", n, ", ", k, ")");
-  REXT_CHECK(weights.rows == n && weights.cols == k, "weights: expected shape (", n, ", ", k, ")");
-  REXT_CHECK(std::isfinite(p.gamma) && p.gamma > 0, "gamma must be finite and > 0, got ", p.gamma);
-
   const TileKernels<T> kern = best_kernels<T>();
   const int threads = resolve_threads(p.threads);
   const int64_t mr = kern.mr, nr = kern.nr, unit = mr / gcd(mr, nr) * nr;

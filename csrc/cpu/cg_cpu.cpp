@@ -28,11 +28,6 @@ template <class T>
 void cg_solve_cpu(const CsrView<T>& w, MatrixView<const T> rhs, MatrixView<T> x,
                   int64_t* iterations, double* residuals, const CgParams& p) {
   const int64_t n = w.rows, m = rhs.cols;
-  REXT_CHECK(rhs.rows == n, "rhs: expected ", n, " rows to match W, got ", rhs.rows);
-  REXT_CHECK(x.rows == n && x.cols == m, "x: expected shape (", n, ", ", m, ")");
-  REXT_CHECK(p.alpha >= 0 && p.alpha < 1, "alpha must be in [0, 1), got ", p.alpha);
-  REXT_CHECK(p.max_iter >= 0, "max_iter must be >= 0, got ", p.max_iter);
-  REXT_CHECK(p.tol >= 0, "tol must be >= 0, got ", p.tol);
   REXT_CHECK(w.indptr[0] == 0 && w.indptr[n] == w.nnz, "W: indptr must start at 0 and end at nnz");
   for (int64_t i = 0; i < n; ++i)
     REXT_CHECK(w.indptr[i] <= w.indptr[i + 1], "W: indptr must be non-decreasing (row ", i, ")");

@@ -27,8 +27,6 @@ int64_t sym_normalize_cpu(MatrixView<const int64_t> indices, MatrixView<const T>
                           int64_t* out_indptr, int64_t* out_indices, T* out_data,
                           const NormalizeParams& p) {
   const int64_t n = indices.rows, k = indices.cols;
-  REXT_CHECK(weights.rows == n && weights.cols == k, "weights: shape (", weights.rows, ", ",
-             weights.cols, ") does not match indices (", n, ", ", k, ")");
   const int threads = resolve_threads(p.threads);
   check_workspace(double(2 * n * k) * sizeof(Entry<T>) + double(n) * 24, "sym_normalize");
 

@@ -1,5 +1,6 @@
 #include <stdexcept>
 
+#include "core/check.h"
 #include "cpu/normalize_cpu.h"
 #include "dispatch/ops.h"
 #ifdef REXT_WITH_CUDA
@@ -12,6 +13,11 @@ template <class T>
 int64_t sym_normalize(Device dev, MatrixView<const int64_t> indices, MatrixView<const T> weights,
                       int64_t* out_indptr, int64_t* out_indices, T* out_data,
                       const NormalizeParams& p) {
+  // Checks every device shares; each kernel adds only its own.
+  const int64_t n = indices.rows, k = indices.cols;
+  REXT_CHECK(weights.rows == n && weights.cols == k, "weights: shape (", weights.rows, ", ",
+             weights.cols, ") does not match indices (", n, ", ", k, ")");
+  REXT_CHECK(n >= 1 && k >= 1, "indices: expected a non-empty (N, k) array");
   if (dev.kind == DeviceKind::CPU)
     return cpu::sym_normalize_cpu(indices, weights, out_indptr, out_indices, out_data, p);
 #ifdef REXT_WITH_CUDA
