@@ -78,70 +78,61 @@ void micro_f64(int64_t kc, const double* a, const double* b, double* c, int64_t 
   _mm256_storeu_pd(c + 5 * ldc, c50); _mm256_storeu_pd(c + 5 * ldc + 4, c51);
 }
 
+// The two AVX2 lane types behind one interface for the scans below.
+template <class T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  using V = __m256;
+  static constexpr int64_t W = 8;
+  static V broadcast(float v) { return _mm256_set1_ps(v); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static unsigned ge(const float* s, V t) {  // bit q: s[q] >= t[q]
+    return unsigned(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s), t, _CMP_GE_OQ)));
+  }
+};
+template <>
+struct Lanes<double> {
+  using V = __m256d;
+  static constexpr int64_t W = 4;
+  static V broadcast(double v) { return _mm256_set1_pd(v); }
+  static V load(const double* p) { return _mm256_loadu_pd(p); }
+  static unsigned ge(const double* s, V t) {
+    return unsigned(_mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(s), t, _CMP_GE_OQ)));
+  }
+};
+
 // Most tile entries fall below the row's current k-th similarity: compare a vector at a time
 // and only walk the lanes that pass.
-void scan_f32(const float* s, int64_t n, int64_t j0, int64_t self_j, float* vals, int64_t* idx,
-              int64_t k) {
-  __m256 t = _mm256_set1_ps(vals[k - 1]);
+template <class T>
+void scan(const T* s, int64_t n, int64_t j0, int64_t self_j, T* vals, int64_t* idx, int64_t k) {
+  using L = Lanes<T>;
+  typename L::V t = L::broadcast(vals[k - 1]);
   int64_t c = 0;
-  for (; c + 8 <= n; c += 8) {
-    unsigned mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + c), t, _CMP_GE_OQ));
+  for (; c + L::W <= n; c += L::W) {
+    unsigned mask = L::ge(s + c, t);
     if (!mask) continue;
     for (; mask; mask &= mask - 1) {
       const int64_t q = c + __builtin_ctz(mask);
       if (j0 + q != self_j) topk_insert(vals, idx, k, s[q], j0 + q);
     }
-    t = _mm256_set1_ps(vals[k - 1]);
+    t = L::broadcast(vals[k - 1]);
   }
   for (; c < n; ++c)
     if (s[c] >= vals[k - 1] && j0 + c != self_j) topk_insert(vals, idx, k, s[c], j0 + c);
 }
 
-void scan_f64(const double* s, int64_t n, int64_t j0, int64_t self_j, double* vals, int64_t* idx,
-              int64_t k) {
-  __m256d t = _mm256_set1_pd(vals[k - 1]);
-  int64_t c = 0;
-  for (; c + 4 <= n; c += 4) {
-    unsigned mask = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(s + c), t, _CMP_GE_OQ));
-    if (!mask) continue;
-    for (; mask; mask &= mask - 1) {
-      const int64_t q = c + __builtin_ctz(mask);
-      if (j0 + q != self_j) topk_insert(vals, idx, k, s[q], j0 + q);
-    }
-    t = _mm256_set1_pd(vals[k - 1]);
-  }
-  for (; c < n; ++c)
-    if (s[c] >= vals[k - 1] && j0 + c != self_j) topk_insert(vals, idx, k, s[c], j0 + c);
-}
-
-void col_scan_f32(const float* tile, int64_t nrows, int64_t ncols, int64_t ldc, int64_t i0,
-                  float* vals, int64_t* idx, float* thr, int64_t k) {
+// The transposed half: tile row r is a candidate for every column's list, each column with
+// its own threshold thr[c].
+template <class T>
+void col_scan(const T* tile, int64_t nrows, int64_t ncols, int64_t ldc, int64_t i0, T* vals,
+              int64_t* idx, T* thr, int64_t k) {
+  using L = Lanes<T>;
   for (int64_t r = 0; r < nrows; ++r) {
-    const float* s = tile + r * ldc;
+    const T* s = tile + r * ldc;
     int64_t c = 0;
-    for (; c + 8 <= ncols; c += 8) {
-      unsigned mask = _mm256_movemask_ps(
-          _mm256_cmp_ps(_mm256_loadu_ps(s + c), _mm256_loadu_ps(thr + c), _CMP_GE_OQ));
-      for (; mask; mask &= mask - 1) {
-        const int64_t q = c + __builtin_ctz(mask);
-        if (topk_insert(vals + q * k, idx + q * k, k, s[q], i0 + r)) thr[q] = vals[q * k + k - 1];
-      }
-    }
-    for (; c < ncols; ++c)
-      if (s[c] >= thr[c] && topk_insert(vals + c * k, idx + c * k, k, s[c], i0 + r))
-        thr[c] = vals[c * k + k - 1];
-  }
-}
-
-void col_scan_f64(const double* tile, int64_t nrows, int64_t ncols, int64_t ldc, int64_t i0,
-                  double* vals, int64_t* idx, double* thr, int64_t k) {
-  for (int64_t r = 0; r < nrows; ++r) {
-    const double* s = tile + r * ldc;
-    int64_t c = 0;
-    for (; c + 4 <= ncols; c += 4) {
-      unsigned mask = _mm256_movemask_pd(
-          _mm256_cmp_pd(_mm256_loadu_pd(s + c), _mm256_loadu_pd(thr + c), _CMP_GE_OQ));
-      for (; mask; mask &= mask - 1) {
+    for (; c + L::W <= ncols; c += L::W) {
+      for (unsigned mask = L::ge(s + c, L::load(thr + c)); mask; mask &= mask - 1) {
         const int64_t q = c + __builtin_ctz(mask);
         if (topk_insert(vals + q * k, idx + q * k, k, s[q], i0 + r)) thr[q] = vals[q * k + k - 1];
       }
@@ -156,12 +147,12 @@ void col_scan_f64(const double* tile, int64_t nrows, int64_t ncols, int64_t ldc,
 
 template <>
 TileKernels<float> avx2_kernels<float>() {
-  return {6, 16, "avx2", &micro_f32, &scan_f32, &col_scan_f32};
+  return {6, 16, "avx2", &micro_f32, &scan<float>, &col_scan<float>};
 }
 
 template <>
 TileKernels<double> avx2_kernels<double>() {
-  return {6, 8, "avx2", &micro_f64, &scan_f64, &col_scan_f64};
+  return {6, 8, "avx2", &micro_f64, &scan<double>, &col_scan<double>};
 }
 
 }  // namespace rext::cpu
