@@ -9,6 +9,7 @@ the paper's Figures 1 and 2, into ``DIR/report.json`` and ``DIR/*.png``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -50,6 +51,18 @@ def similarity_stats(image_feats: torch.Tensor, labels: np.ndarray,
     return out
 
 
+def _save(fig, out: Path, name: str) -> str:
+    """Write `fig` to out/name atomically (a temporary file, then a rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = out / f".{name}.tmp"
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, out / name)
+    plt.close(fig)
+    return name
+
+
 def _plots(out: Path, before: torch.Tensor, after: torch.Tensor, nodes_before: torch.Tensor,
            nodes_after: torch.Tensor, labels: np.ndarray, stats: dict, curve: list[dict],
            zero_shot: float, lp_only: float) -> list[str]:
@@ -73,10 +86,7 @@ def _plots(out: Path, before: torch.Tensor, after: torch.Tensor, nodes_before: t
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle("t-SNE of image (dots) and class (stars) embeddings, coloured by true class")
-    fig.tight_layout()
-    fig.savefig(out / "tsne.png", dpi=110)
-    plt.close(fig)
-    written.append("tsne.png")
+    written.append(_save(fig, out, "tsne.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     modes = list(stats)
@@ -89,10 +99,7 @@ def _plots(out: Path, before: torch.Tensor, after: torch.Tensor, nodes_before: t
     ax.axhline(0, color="black", linewidth=0.5)
     ax.legend()
     ax.set_title("Similarity before adaptation under P0 / P1 / P2")
-    fig.tight_layout()
-    fig.savefig(out / "similarity.png", dpi=110)
-    plt.close(fig)
-    written.append("similarity.png")
+    written.append(_save(fig, out, "similarity.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [c["epoch"] for c in curve]
@@ -104,10 +111,7 @@ def _plots(out: Path, before: torch.Tensor, after: torch.Tensor, nodes_before: t
     ax.set_ylabel("accuracy")
     ax.legend()
     ax.set_title("Accuracy per epoch on the target domain")
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=110)
-    plt.close(fig)
-    written.append("accuracy.png")
+    written.append(_save(fig, out, "accuracy.png"))
     return written
 
 
