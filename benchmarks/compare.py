@@ -91,25 +91,6 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _to_json(obj):
-    import numpy as np
-
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write the report atomically (temporary file, fsync, rename), as reclip's run files are."""
-    from reclip.checkpoint import write_json
-
-    write_json(path, payload, default=_to_json)
-
-
 def _run_job(job: dict, params, args, isolate: bool, repeat: int) -> dict:
     import recipes
 
@@ -341,7 +322,9 @@ def main(argv=None) -> int:
             "results": results,
             "failed": failed,
         }
-        write_json_atomic(args.json, payload)
+        from reclip.checkpoint import write_json  # atomic, as reclip's run files are
+
+        write_json(args.json, payload)
         _log(f"wrote {args.json}")
     if failed:
         return 1

@@ -40,13 +40,11 @@ import argparse
 import contextlib
 import gc
 import inspect
-import json
 import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -58,6 +56,7 @@ if str(HERE) not in sys.path:  # python -P does not add the script's folder
     sys.path.insert(0, str(HERE))
 
 import synthetic  # noqa: E402  (numpy only: the data model's defaults)
+from reclip.checkpoint import write_json  # noqa: E402  (stdlib only: the project's atomic writer)
 
 #: measured on one H200 (torch 2.11, same sizes), from the issue: sanity anchors for the table
 ANCHORS = {
@@ -181,7 +180,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if min(args.n) < 1 or min(args.m) < 2 or args.d < 1:
         ap.error("need n >= 1, m >= 2, d >= 1")
     if not 1 <= args.k < min(args.n) + min(args.m):
-        ap.error(f"--k must be in [1, n + m - 1] for every case")
+        ap.error("--k must be in [1, n + m - 1] for every case")
     if not 0 <= args.alpha < 1 or args.max_iter < 1 or args.tol < 0:
         ap.error("need 0 <= alpha < 1, max-iter >= 1, tol >= 0")
     if args.zlap_classes < 1 or args.recall_sample < 1 or args.cg_passes < 1:
@@ -203,58 +202,6 @@ def cases_of(args) -> list[tuple[int, int]]:
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _to_json(obj):
-    try:
-        import numpy as np
-
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if "torch" in sys.modules and isinstance(obj, sys.modules["torch"].Tensor):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _atomic_write_json(path: Path, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, indent=2, default=_to_json) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-_WRITER: list = []
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """The project's atomic writer (reclip.checkpoint.write_json) when reclip imports (it needs
-    open_clip, absent on the GPU machine), else the same temporary-file + os.replace here."""
-    if not _WRITER:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                from reclip.checkpoint import write_json as project_writer
-
-            _WRITER.append(lambda p, obj: project_writer(p, obj, default=_to_json))
-        except Exception:  # ImportError, or open_clip failing inside reclip's own imports
-            _WRITER.append(_atomic_write_json)
-    _WRITER[0](path, payload)
 
 
 class Clock:

@@ -12,10 +12,22 @@ and benchmark presets (``prompts``), image inputs (``data``) and the ``reclip`` 
 >>> clf = reclip.ReCLIP(model, ["cat", "dog"]).fit("images/")          # doctest: +SKIP
 >>> clf.predict("images/")                                             # doctest: +SKIP
 """
-from .adapt import Config, EpochLog, ReCLIP
-from .models import LoadedModel, load_model
-from .prompts import PRESETS, load_preset
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "EpochLog", "LoadedModel", "PRESETS", "ReCLIP", "load_model", "load_preset"]
+# name -> submodule. Imported on first use, so that a light submodule (reclip.checkpoint's JSON
+# writer) imports on machines without torch or open_clip, such as the GPU benchmark machine.
+_EXPORTS = {"Config": "adapt", "EpochLog": "adapt", "ReCLIP": "adapt", "LoadedModel": "models",
+            "load_model": "models", "PRESETS": "prompts", "load_preset": "prompts"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'reclip' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -4,7 +4,8 @@ A run directory holds ``run.json`` (metadata, including the name of the current 
 and ``tensors-<n>.safetensors``. Each save writes a new tensor file first, then replaces
 ``run.json`` in one rename, then removes the older tensor file, so a process killed at any
 moment leaves a consistent pair. Reading uses only safetensors and json: no code in a file is
-ever executed.
+ever executed. ``write_json`` needs only the standard library (torch and safetensors are
+imported by the tensor functions), so scripts without torch or open_clip can use it too.
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "reclip-run/1"
 META = "run.json"
@@ -41,7 +42,17 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def write_json(path: str | Path, obj: Any, default=None) -> None:
+def json_default(obj: Any) -> Any:
+    """JSON for what json.dumps does not know: arrays and their scalars (numpy, torch: anything
+    with ``tolist``) and paths."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_json(path: str | Path, obj: Any, default=json_default) -> None:
     """Atomically write `obj` as indented JSON (`default` as in json.dumps), creating the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,6 +61,8 @@ def write_json(path: str | Path, obj: Any, default=None) -> None:
 
 
 def write(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     previous = _current_tensor_file(directory)
@@ -77,6 +90,8 @@ def read(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     tensor_path = directory / meta["tensors"]
     if not tensor_path.is_file():
         raise FileNotFoundError(f"{tensor_path}: missing")
+    from safetensors.torch import load_file
+
     return load_file(str(tensor_path)), meta
 
 
