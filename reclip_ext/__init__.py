@@ -33,7 +33,7 @@ from .ops import (
     sym_normalize,
 )
 
-__version__ = _core.__version__
+from ._version import __version__
 
 __all__ = [
     "CgResult",

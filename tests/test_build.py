@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import doctest
+from pathlib import Path
+
+import pytest
 
 import reclip_ext
 import reclip_ext.ops
@@ -41,6 +44,28 @@ def test_version():
     assert isinstance(reclip_ext.__version__, str) and reclip_ext.__version__
     parts = reclip_ext.__version__.split(".")
     assert len(parts) >= 2 and all(p.isdigit() for p in parts[:2])
+
+
+def test_one_version_everywhere():
+    """The compiled module, both packages and (when installed) the distribution metadata carry
+    the number from reclip_ext/_version.py: a mismatch means a stale build."""
+    import importlib.metadata
+
+    import reclip
+
+    assert reclip_ext._core.__version__ == reclip_ext.__version__ == reclip.__version__
+    try:
+        installed = importlib.metadata.version("reclip")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("reclip is not installed (the source tree is on the path)")
+    assert installed == reclip_ext.__version__
+
+
+def test_typed_packages_ship_py_typed():
+    import reclip
+
+    for package in (reclip_ext, reclip):
+        assert (Path(package.__file__).parent / "py.typed").is_file(), package.__name__
 
 
 def test_public_api():

@@ -14,8 +14,6 @@ and benchmark presets (``prompts``), image inputs (``data``) and the ``reclip`` 
 """
 import importlib
 
-__version__ = "0.1.0"
-
 # name -> submodule. Imported on first use, so that a light submodule (reclip.checkpoint's JSON
 # writer) imports on machines without torch or open_clip, such as the GPU benchmark machine.
 _EXPORTS = {"Config": "adapt", "EpochLog": "adapt", "ReCLIP": "adapt", "LoadedModel": "models",
@@ -24,6 +22,10 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
+    if name == "__version__":  # one release number for both packages, kept in reclip_ext
+        from reclip_ext._version import __version__
+
+        return __version__
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module 'reclip' has no attribute {name!r}")
