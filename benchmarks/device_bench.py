@@ -21,7 +21,7 @@ precision (bf16, tf32; exact fp32 only up to --exact-max-n) it measures, in one 
 * derived: kNN TFLOP/s (the full N×N similarity, 2·N·N·d FLOP) and its fraction of the mm rate
   at the same precision; CG GB/s per iteration under the model
   bytes/iteration = nnz·(4 + 8) + passes·N·m·4 (fp32 values + int64 column indices of W, and
-  `passes` (default 10, the issue's ≈ 51 GB at N = 1.28M, m = 1000) full N×m fp32 reads or
+  `passes` (default 10, ≈ 51 GB at N = 1.28M, m = 1000) full N×m fp32 reads or
   writes: SpMM reads P and writes Q, the vector updates of X, R and P read and write the rest)
   and its fraction of the copy bandwidth; time ratios torch / reclip_ext and ZLaP / reclip_ext.
 
@@ -58,7 +58,7 @@ if str(HERE) not in sys.path:  # python -P does not add the script's folder
 import synthetic  # noqa: E402  (numpy only: the data model's defaults)
 from reclip.checkpoint import write_json  # noqa: E402  (stdlib only: the project's atomic writer)
 
-#: measured on one H200 (torch 2.11, same sizes), from the issue: sanity anchors for the table
+#: a raw torch loop measured on one H200 (torch 2.11, same sizes): sanity anchors for the table
 ANCHORS = {
     "mm_tflops": {"bf16": 790.0, "tf32": 412.0, "fp32": 51.0},
     "copy_gbps": 4250.0,
@@ -67,7 +67,7 @@ ANCHORS = {
     "torch_cg_s_n1.28M_m1000": 1.77,
     "zlap_cg_s_n1.28M_m1000": 11.1,
 }
-#: the issue's targets, stated for n = 1.28M, m = 1000, d = 768, k = 20
+#: the performance targets, stated for n = 1.28M, m = 1000, d = 768, k = 20
 TARGETS = {
     "total_s_bf16_max": 6.0,
     "recall_bf16_min": 0.98,
@@ -888,7 +888,7 @@ def print_case(rec: dict, rates: dict, file=None) -> None:
         p(f"note: {note}")
     targets = rec.get("targets") or {}
     if targets and rec["n"] >= 1_000_000:
-        p("issue targets (stated for n=1.28M, m=1000): " + "; ".join(
+        p("performance targets (stated for n=1.28M, m=1000): " + "; ".join(
             f"{k} {'PASS' if v['pass'] else 'FAIL'} ({v['value']:.3g})"
             for k, v in targets.items()))
 

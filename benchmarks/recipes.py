@@ -1,7 +1,7 @@
 """The label-propagation implementations the benchmarks compare, stage by stage.
 
 Every recipe turns (text (m, d), images (n, d)) into pseudo labels for the images through the
-same three stages of DESIGN §2 and reports the wall time of each:
+same three stages (docs/mathematics.md §2) and reports the wall time of each:
 
 * ``knn``       X = [text; images] L2-normalised, the k nearest neighbours j != i of every row
                 by inner product, weights max(s, 0) (gamma = 1);

@@ -18,7 +18,7 @@ KNN = ("reclip_ext", "scipy-ref", "torch-dense-chunked", "sgemm-numpy", "sgemm-t
 NORMALIZE = ("reclip_ext", "scipy-ref", "torch-dense-chunked")
 SOLVE = ("reclip_ext", "scipy-ref", "scipy-batched", "torch-dense-chunked")
 TOTAL = SOLVE
-MIN_AGREEMENT = 0.999  # float32 ties may flip a few labels (issue 2)
+MIN_AGREEMENT = 0.999  # float32 ties may flip a few labels
 
 
 def _needs(recipe: str) -> None:
