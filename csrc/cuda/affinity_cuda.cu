@@ -25,7 +25,9 @@
 
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <type_traits>
+#include <vector>
 
 #include "core/check.h"
 #include "core/graph_math.h"
@@ -444,24 +446,46 @@ __global__ void finalize(StackedRows<T> x, const T* scale, Acc* cand_v, int* can
   }
 }
 
+// Shared-memory attributes belong to the kernel on a device, not to a launch, and every host
+// thread sees the same value. Setting them per call to the size that call needs would let a
+// concurrent call with a smaller k lower the limit between another thread's set and its launch
+// (which then fails). So they are set once per kernel and device, to the largest size any k
+// needs (lists of kListCap in shared memory), under a lock; a launch only reads them.
+template <class Op, class Acc, Mma M>
+int prepare_tiles_kernel(int dev) {
+  using C = Cfg<Op, Acc, M>;
+  static std::mutex mutex;
+  static std::vector<int> limit;  // per device: the dynamic shared memory allowed; 0 = not yet
+  std::lock_guard<std::mutex> lock(mutex);
+  if (dev >= int(limit.size())) limit.resize(dev + 1, 0);
+  if (limit[dev] == 0) {
+    int optin = 0;
+    REXT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    const int64_t largest = C::smem_bytes(kListCap, false);
+    const int allowed = int(largest < optin ? largest : optin);
+    REXT_CUDA_CHECK(cudaFuncSetAttribute(topk_tiles<Op, Acc, M>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, allowed));
+    // The tile lives in shared memory, not L1: ask for the largest carve-out so that two CTAs
+    // fit where their registers allow it.
+    REXT_CUDA_CHECK(cudaFuncSetAttribute(topk_tiles<Op, Acc, M>,
+                                         cudaFuncAttributePreferredSharedMemoryCarveout,
+                                         int(cudaSharedmemCarveoutMaxShared)));
+    limit[dev] = allowed;
+  }
+  return limit[dev];
+}
+
 template <class Op, class Acc, Mma M>
 void launch_tiles(const KernelArgs<Acc>& args, int64_t n, cudaStream_t stream) {
   using C = Cfg<Op, Acc, M>;
   const int64_t smem = C::smem_bytes(args.kcap, args.global_lists);
-  int dev = 0, optin = 0;
+  int dev = 0;
   REXT_CUDA_CHECK(cudaGetDevice(&dev));
-  REXT_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  if (smem > optin)
+  const int allowed = prepare_tiles_kernel<Op, Acc, M>(dev);
+  if (smem > allowed)
     throw std::runtime_error(detail::concat("knn_affinity: the tile needs ", smem,
                                             " bytes of shared memory, this device allows ",
-                                            optin));
-  REXT_CUDA_CHECK(cudaFuncSetAttribute(topk_tiles<Op, Acc, M>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  // The tile lives in shared memory, not L1: ask for the largest carve-out so that two CTAs
-  // fit where their registers allow it.
-  REXT_CUDA_CHECK(cudaFuncSetAttribute(topk_tiles<Op, Acc, M>,
-                                       cudaFuncAttributePreferredSharedMemoryCarveout,
-                                       int(cudaSharedmemCarveoutMaxShared)));
+                                            allowed));
   const unsigned grid = blocks_for(n, args.eff_rows);
   topk_tiles<Op, Acc, M><<<grid, kThreads, smem, stream>>>(args);
   REXT_CUDA_CHECK(cudaGetLastError());
