@@ -7,7 +7,8 @@ argument's validation; CUDA input on a CPU-only build and mixed devices (simulat
 _core). The second needs a device and is skipped visibly without one: knn_affinity over
 dtype x precision x shape x forced tiles x k (beyond the 64 kept in shared memory) x weight,
 sym_normalize, cg_solve and label_propagate against the reference and the CPU, torch streams,
-cupy inputs, device errors.
+cupy inputs, device errors. A last part runs everywhere again: CPU torch tensors through the
+public calls, which take the one array path of ops.py that CUDA arrays take.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import pytest
 
 import reclip_ext
 import reference
-from conftest import NEEDS_CUDA, assert_knn_close, clip_like, random_points
+from conftest import (NEEDS_CUDA, assert_knn_close, clip_like, random_points,
+                      requires_torch)
 from reclip_ext import _core
 
 try:
@@ -486,71 +488,86 @@ def test_device_errors(_):
 
 
 # --------------------------------------------------------------------------------------------
-# The Python side of the CUDA path, exercised on the CPU: ops.py's device branch (validation,
-# framework allocation of outputs and workspaces, the 2 N k slice, the device read-out, dtype
-# casts) driven with torch CPU tensors posing as device arrays. The capsules then say "CPU", so
-# _core runs its CPU kernels, which the rest of the suite pins down.
+# The one array path, driven with CPU tensors through the public calls. Validation, layout,
+# output allocation, the 2 N k slice and the read-out are the same code for CPU and CUDA
+# arrays (only ops.py's small array namespace differs), so CPU torch tensors exercise it here
+# and the device half above adds only what needs a GPU.
 
 
-@pytest.fixture
-def cpu_as_device(monkeypatch):
-    if torch is None:
-        pytest.skip("torch is not installed")
-    from reclip_ext import ops
-
-    class CpuAsDevice(ops._Device):
-        def __init__(self, like, index):
-            self.index, self.cupy, self.xp = index, False, torch
-            self.device = torch.device("cpu")
-
-        def stream(self):
-            return 0
-
-    def placement(items):
-        kinds = [ops._kind(x) for x, _ in items]
-        return 0 if "torch" in kinds else None
-
-    monkeypatch.setattr(ops, "_Device", CpuAsDevice)
-    monkeypatch.setattr(ops, "_placement", placement)
-    monkeypatch.setattr(_core, "sym_normalize_workspace_bytes", lambda n, k, dt, dev: 1)
-    return ops
-
-
+@requires_torch
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-def test_device_branch_label_propagate(cpu_as_device, dtype):
+def test_torch_cpu_label_propagate(dtype):
     text, images, _labels = clip_like(300, 6, 16, seed=2, dtype=dtype)
     want = reclip_ext.label_propagate(text, images, k=7)
     got = reclip_ext.label_propagate(torch.from_numpy(text), torch.from_numpy(images), k=7)
     assert isinstance(got.labels, torch.Tensor) and got.labels.dtype == torch.int64
+    assert got.scores.dtype == getattr(torch, np.dtype(dtype).name)
     np.testing.assert_array_equal(got.labels.numpy(), want.labels)
     np.testing.assert_allclose(got.scores.numpy(), want.scores, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(got.confidence.numpy(), want.confidence, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(got.iterations.numpy(), want.iterations)
 
 
-def test_device_branch_knn_normalize_cg(cpu_as_device):
+@requires_torch
+def test_torch_cpu_knn_normalize_cg():
     x = random_points(90, 7, seed=3, dtype=np.float32)
     idx, w = reclip_ext.knn_affinity(torch.from_numpy(x), 5, normalize=True)
     widx, ww = reclip_ext.knn_affinity(x, 5, normalize=True)
+    assert idx.dtype == torch.int64 and w.dtype == torch.float32
     np.testing.assert_array_equal(idx.numpy(), widx)
     np.testing.assert_array_equal(w.numpy(), ww)
-    # strided rows and half precision go through the same conversions as on a GPU
-    half = torch.from_numpy(np.repeat(x, 2, axis=0))[::2].to(torch.bfloat16)
-    hidx, hw = reclip_ext.knn_affinity(half, 5, normalize=True)
-    assert hw.dtype == torch.bfloat16 and hidx.shape == (90, 5)
+    # strided rows and column-major views go through the same layout step as on a GPU
+    strided = torch.from_numpy(np.repeat(x, 2, axis=0))[::2]
+    cols = torch.from_numpy(x.T.copy()).T
+    for view in (strided, cols):
+        vidx, vw = reclip_ext.knn_affinity(view, 5, normalize=True)
+        np.testing.assert_array_equal(vidx.numpy(), widx)
+        np.testing.assert_array_equal(vw.numpy(), ww)
+    # half precision is computed in float32 on CUDA only; the CPU refuses it
+    with pytest.raises(TypeError, match=r"^x: dtype must be float32 or float64"):
+        reclip_ext.knn_affinity(torch.from_numpy(x).to(torch.bfloat16), 5)
     W = reclip_ext.sym_normalize(idx, w)
     Wn = reclip_ext.sym_normalize(widx, ww)
     for a, b in zip(W, Wn):
+        assert isinstance(a, torch.Tensor)
         np.testing.assert_array_equal(a.numpy(), b)
     assert W.indices.untyped_storage().nbytes() == W.indices.numel() * 8  # sliced and copied
     rhs = np.random.default_rng(0).standard_normal((90, 3)).astype(np.float32)
     got = reclip_ext.cg_solve(W, torch.from_numpy(rhs), alpha=0.8)
     want = reclip_ext.cg_solve(Wn, rhs, alpha=0.8)
+    assert got.iterations.dtype == torch.int64 and got.residuals.dtype == torch.float64
     np.testing.assert_array_equal(got.x.numpy(), want.x)
     np.testing.assert_array_equal(got.iterations.numpy(), want.iterations)
 
 
-def test_device_branch_errors(cpu_as_device):
+@requires_torch
+def test_torch_cpu_kernel_calls(monkeypatch):
+    """CPU arrays reach _core as DLPack capsules with stream 0, no workspace (the CPU kernels
+    size their own scratch) and the validated thread count."""
+    calls = []
+
+    def spy(op, real):
+        def call(*args, **kwargs):
+            calls.append((op, args, kwargs))
+            return real(*args, **kwargs)
+
+        return call
+
+    for op in ("knn_affinity", "sym_normalize", "cg_solve"):
+        monkeypatch.setattr(_core, op, spy(op, getattr(_core, op)))
+    text, images, _labels = clip_like(120, 4, 8, seed=5)
+    got = reclip_ext.label_propagate(torch.from_numpy(text), torch.from_numpy(images), k=5,
+                                     threads=2)
+    assert isinstance(got.labels, torch.Tensor)
+    assert [op for op, _, _ in calls] == ["knn_affinity", "sym_normalize", "cg_solve"]
+    for op, args, kwargs in calls:
+        assert kwargs["stream"] == 0 and kwargs["workspace"] is None and kwargs["threads"] == 2
+        capsules = [*args[0], *args[1:]] if op == "knn_affinity" else list(args)
+        assert capsules and all(type(c).__name__ == "PyCapsule" for c in capsules)
+
+
+@requires_torch
+def test_torch_cpu_errors():
     x = torch.from_numpy(X)
     with pytest.raises(TypeError, match=r"^x: dtype"):
         reclip_ext.knn_affinity(x.int(), 3)
