@@ -42,8 +42,13 @@ class Csr(NamedTuple):
         return (n, n)
 
     def to_scipy(self):
-        """The same matrix as a ``scipy.sparse.csr_array`` (CPU arrays only)."""
-        import scipy.sparse
+        """The same matrix as a ``scipy.sparse.csr_array`` (CPU arrays only; needs scipy, which
+        reclip_ext itself does not)."""
+        try:
+            import scipy.sparse
+        except ImportError:
+            raise ImportError("Csr.to_scipy needs scipy, which is not installed: "
+                              "pip install scipy") from None
 
         arrays = [_host_view(a, name) for a, name in zip(self, ("indptr", "indices", "data"))]
         return scipy.sparse.csr_array((arrays[2], arrays[1], arrays[0]), shape=self.shape)
