@@ -50,8 +50,16 @@ def _selftest_weight(s: float, weight: str, gamma: float) -> float:
 def _selftest_sqrt_product(a: float, b: float) -> float:
     """The shared overflow-safe sqrt(a b)."""
 
-def _selftest_cg(bb: float, rs_new: float, pq: float, it: int, tol: float) -> dict[str, Any]:
-    """One column through the shared CG rules: start from ||b||^2 = bb, step, advance."""
+def _selftest_cg(bb: float, rs_new: float, pq: float, it: int, tol: float, pp: float = 1.0,
+                 floor: float = 0.0) -> dict[str, Any]:
+    """One column through the shared CG rules: start from ||b||^2 = bb, step (p.p = pp),
+    advance (residual floor `floor`)."""
+
+def _selftest_cg_scale(bmax: float) -> float:
+    """The shared power-of-two scale of a CG column with largest entry bmax."""
+
+def _selftest_cg_floor(n: int, tiny: float) -> float:
+    """The shared ||r||^2 below which a CG column stops as converged."""
 
 def built_with_cuda() -> bool:
     """True when the CUDA kernels were compiled in."""

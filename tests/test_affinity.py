@@ -430,3 +430,27 @@ def test_cuda_matches_cpu(dtype):
         ref = reference.ref_knn(xr, 6, normalize=True)
         np.testing.assert_allclose(np.sort(w.float().cpu().numpy(), 1), np.sort(ref.weights, 1),
                                    atol=1e-2)
+
+
+def test_overflowing_similarities_are_refused():
+    # float32 rows of norm ~1e20 give x_i . x_j ~ 1e40: refused with the rule, not inf weights.
+    x = (np.random.default_rng(0).standard_normal((10, 4)) * 1e20).astype(np.float32)
+    with pytest.raises(ValueError, match=r"^x: row norms must be at most 9.22\d*e\+18 .*float64"):
+        reclip_ext.knn_affinity(x, 3)
+    # the three ways out the message names all work
+    for got in (reclip_ext.knn_affinity(x, 3, normalize=True),
+                reclip_ext.knn_affinity(x.astype(np.float64), 3),
+                reclip_ext.knn_affinity(x * np.float32(1e-10), 3)):
+        assert np.isfinite(got[1]).all()
+    want = reference.ref_knn(x.astype(np.float64), 3)
+    got = reclip_ext.knn_affinity(x.astype(np.float64), 3)
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("weight", ["relu", "shift"])
+def test_overflowing_gamma_weights_are_refused(weight):
+    # s ~ 1e16 is fine in float32, s^3 ~ 1e48 is not.
+    x = (np.random.default_rng(1).standard_normal((10, 4)) * 1e8).astype(np.float32)
+    assert np.isfinite(reclip_ext.knn_affinity(x, 3, weight=weight)[1]).all()
+    with pytest.raises(ValueError, match=r"^gamma: the weights .* must fit in float32"):
+        reclip_ext.knn_affinity(x, 3, weight=weight, gamma=3.0)

@@ -215,3 +215,53 @@ def test_label_propagation_system():
     res = reclip_ext.cg_solve(csr, y, alpha=0.99, max_iter=2000, tol=1e-12)
     np.testing.assert_allclose(res.x, reference.ref_solve(csr, y, 0.99), rtol=0,
                                atol=1e-8 * np.abs(res.x).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tol_zero_stops_when_the_residual_underflows(dtype):
+    # With tol = 0 the recursive residual shrinks until its entries underflow; the column must
+    # then stop as converged, not iterate on rounding noise into Inf/NaN.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((261, 16)).astype(dtype)
+    w = reclip_ext.sym_normalize(*reclip_ext.knn_affinity(x, 3))
+    rhs = rng.standard_normal((261, 24)).astype(dtype)
+    res = reclip_ext.cg_solve(w, rhs, tol=0.0, max_iter=10000)
+    assert np.isfinite(res.x).all() and np.isfinite(res.residuals).all()
+    assert (res.iterations < 10000).all() and (res.residuals < 1e-30).all()
+    want = reference.ref_solve(w, rhs.astype(np.float64), 0.99)
+    atol = (1e-3 if dtype == np.float32 else 1e-9) * np.abs(want).max()
+    np.testing.assert_allclose(res.x, want, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("e", [-30, 30])
+def test_rhs_scale_is_exact(dtype, e):
+    # Columns run on b scaled by a power of two: scaling b by 2^e scales x by 2^e exactly and
+    # leaves iterations and residuals unchanged, even where ||b||^2 leaves float32's range.
+    w = graph(60, k=4, dtype=dtype)
+    rhs = np.random.default_rng(3).standard_normal((60, 3)).astype(dtype)
+    base = reclip_ext.cg_solve(w, rhs, alpha=0.9, tol=1e-6)
+    f = dtype(2.0 ** (e * 10 // 3))  # 2^-100 or 2^100: 1e-30 / 1e30
+    got = reclip_ext.cg_solve(w, rhs * f, alpha=0.9, tol=1e-6)
+    np.testing.assert_array_equal(got.x, base.x * f)
+    np.testing.assert_array_equal(got.iterations, base.iterations)
+    np.testing.assert_array_equal(got.residuals, base.residuals)
+
+
+def test_indefinite_w_is_refused():
+    # 1e30 W makes I - alpha W indefinite: CG breaks down, which is an error naming W.
+    w = graph(30, k=3, dtype=np.float32)
+    big = reclip_ext.Csr(w.indptr, w.indices, w.data * np.float32(1e30))
+    rhs = np.random.default_rng(4).standard_normal((30, 2)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"^W: I - alpha W must be symmetric positive definite"):
+        reclip_ext.cg_solve(big, rhs)
+
+
+def test_overflowing_solution_is_refused():
+    # b near float32's largest value: x = (I - alpha W)^-1 b exceeds it.
+    w = graph(30, k=3, dtype=np.float32)
+    rhs = np.full((30, 1), 3e38, np.float32)
+    with pytest.raises(ValueError, match=r"^rhs: the solution must fit in float32"):
+        reclip_ext.cg_solve(w, rhs, alpha=0.99)
+    assert np.isfinite(reclip_ext.cg_solve(w.to_scipy().astype(np.float64), rhs.astype(np.float64),
+                                           alpha=0.99).x).all()

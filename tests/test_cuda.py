@@ -599,3 +599,30 @@ def test_torch_cpu_errors():
         reclip_ext.cg_solve("W", torch.eye(2))
     with pytest.raises(ValueError, match=r"^text: needs at least 2 rows"):
         reclip_ext.label_propagate(x[:1], x[1:], k=2)
+
+
+def test_selftest_cg_breakdown_and_floor():
+    # p.Ap clearly negative for p != 0: not positive definite -> stops as broken
+    r = _core._selftest_cg(4.0, 1.0, -0.5, 1, 1e-6, pp=1.0)
+    assert not r["step_active"] and r["step_broken"] and r["step"] == 0.0
+    # p.Ap at rounding level (|pq| << pp): the direction vanished -> stops, not broken
+    r = _core._selftest_cg(4.0, 1.0, -1e-9, 1, 1e-6, pp=1.0)
+    assert not r["step_active"] and not r["step_broken"]
+    # overflowed p.Ap or ||r||^2: broken
+    assert _core._selftest_cg(4.0, 1.0, math.inf, 1, 1e-6)["step_broken"]
+    assert _core._selftest_cg(4.0, 1.0, math.nan, 1, 1e-6)["step_broken"]
+    r = _core._selftest_cg(4.0, math.inf, 2.0, 1, 0.0)
+    assert r["broken"] and not r["active"]
+    # ||r||^2 below the floor: converged although tol = 0; above it: runs on
+    r = _core._selftest_cg(4.0, 1e-80, 2.0, 5, 0.0, floor=1e-76)
+    assert not r["active"] and not r["broken"] and r["iterations"] == 5 and r["beta"] == 0.0
+    assert _core._selftest_cg(4.0, 1e-70, 2.0, 5, 0.0, floor=1e-76)["active"]
+    # the floor: n tiny^2 for float32, the double floor for float64
+    tiny32, tiny64 = float(np.finfo(np.float32).tiny), float(np.finfo(np.float64).tiny)
+    assert _core._selftest_cg_floor(100, tiny32) == 100 * tiny32 * tiny32
+    assert _core._selftest_cg_floor(100, tiny64) == tiny64 / float(np.finfo(np.float64).eps)
+    # the scale puts the largest entry in [0.5, 1) by a power of two
+    for bmax in (1e-300, 3e-30, 0.75, 1.0, 7.0, 1e30, 1.7e308):
+        s = _core._selftest_cg_scale(bmax)
+        assert 0.5 <= bmax * s < 1 and math.frexp(s)[0] == 0.5
+    assert _core._selftest_cg_scale(0.0) == 1.0

@@ -8,6 +8,7 @@ each property also has a ``slow``-marked twin drawing SLOW_EXAMPLES (``--runslow
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -485,3 +486,63 @@ def check_nonfinite_always_refused(dtype, n, d, row, col, bad, where):
 
 test_nonfinite_always_refused, test_nonfinite_always_refused_slow = (
     check_nonfinite_always_refused)
+
+
+# --------------------------------------------------------------------------------------------
+# extreme magnitudes
+
+#: an error about an argument starts with that argument's name
+_NAMED = r"^(x|text|images|indices|weights|W|W\.data|rhs|gamma)\b"
+
+
+@twin(dict(dtype=FLOAT_DTYPES, n=st.integers(3, 30), d=st.integers(2, 6),
+           seed=st.integers(0, 2**32 - 1), e=st.sampled_from(range(-30, 31)),
+           op=st.sampled_from(["knn_affinity", "sym_normalize", "cg_solve", "cg_solve W",
+                               "label_propagate"]),
+           weight=st.sampled_from(["relu", "shift"]), gamma=st.sampled_from([1.0, 2.0, 3.0]),
+           normalize=st.booleans(), tol=st.sampled_from([0.0, 1e-6])))
+def check_extreme_magnitudes_finite(dtype, n, d, seed, e, op, weight, gamma, normalize, tol):
+    """A well-conditioned input scaled by 10^e (|e| <= 30, still finite in float32) gives
+    finite outputs, or a TypeError / ValueError / MemoryError naming the argument at fault;
+    never NaN or Inf. A CG column that stops before max_iter claims convergence: its residual
+    is at most tol, or negligible (underflowed) when tol is 0."""
+    rng = np.random.default_rng(seed)
+    scale = 10.0**e
+    x = rng.standard_normal((n, d))
+    k = min(3, n - 1)
+    try:
+        if op == "knn_affinity":
+            outs = reclip_ext.knn_affinity((x * scale).astype(dtype), k, weight=weight,
+                                           gamma=gamma, normalize=normalize)
+        elif op == "sym_normalize":
+            idx = rng.integers(0, n, size=(n, k))
+            w = (rng.uniform(0.5, 2.0, size=(n, k)) * scale).astype(dtype)
+            outs = tuple(reclip_ext.sym_normalize(idx, w))
+        elif op.startswith("cg_solve"):
+            w = reclip_ext.sym_normalize(*reclip_ext.knn_affinity(x.astype(dtype), k))
+            rhs = rng.standard_normal((n, 3)).astype(dtype)
+            if op == "cg_solve W":
+                w = reclip_ext.Csr(w.indptr, w.indices, (w.data * scale).astype(dtype))
+            else:
+                rhs = (rhs * scale).astype(dtype)
+            res = reclip_ext.cg_solve(w, rhs, tol=tol, max_iter=400)
+            outs = (res.x, res.residuals)
+            early = res.iterations < 400
+            assert (res.residuals[early] <= max(tol, 1e-30)).all(), res.residuals
+        else:
+            m = min(3, n - 1)
+            xs = (x * scale).astype(dtype)
+            res = reclip_ext.label_propagate(xs[:m], xs[m:], k=k, weight=weight, gamma=gamma,
+                                             normalize=normalize, tol=tol, max_iter=400)
+            outs = (res.scores, res.confidence, res.residuals)
+    except (TypeError, ValueError, MemoryError) as err:
+        event(f"{op}: {type(err).__name__}")
+        assert re.match(_NAMED, str(err)), f"the error does not name its argument: {err}"
+        return
+    event(f"{op}: finite")
+    for out in outs:
+        assert np.isfinite(to_numpy(out).astype(np.float64)).all(), f"{op} gave NaN or Inf"
+
+
+test_extreme_magnitudes_finite, test_extreme_magnitudes_finite_slow = (
+    check_extreme_magnitudes_finite)

@@ -223,18 +223,22 @@ std::pair<std::vector<float>, std::vector<int64_t>> selftest_topk(const std::vec
   return {lv, std::vector<int64_t>(li.begin(), li.end())};
 }
 
-py::dict selftest_cg(double bb, double rs_new, double pq, int64_t it, double tol) {
-  bool active;
+py::dict selftest_cg(double bb, double rs_new, double pq, int64_t it, double tol, double pp,
+                     double floor) {
+  bool active, broken = false;
   double bnorm, residual, rs = bb;
   int64_t iterations;
   cg_start(bb, tol, active, bnorm, iterations, residual);
   py::dict out;
   out["start_active"] = active;
   out["bnorm"] = bnorm;
-  const double step = cg_step(active, rs, pq);
+  const double step = cg_step(active, broken, rs, pq, pp);
   out["step"] = step;
   out["step_active"] = active;
-  const double beta = cg_advance(active, it, rs_new, rs, bnorm, tol, iterations, residual);
+  out["step_broken"] = broken;
+  const double beta =
+      cg_advance(active, broken, it, rs_new, rs, bnorm, tol, floor, iterations, residual);
+  out["broken"] = broken;
   out["beta"] = beta;
   out["active"] = active;
   out["iterations"] = iterations;
@@ -316,8 +320,13 @@ PYBIND11_MODULE(_core, m) {
   m.def("_selftest_sqrt_product", &sqrt_product, py::arg("a"), py::arg("b"),
         "The shared overflow-safe sqrt(a b).");
   m.def("_selftest_cg", &selftest_cg, py::arg("bb"), py::arg("rs_new"), py::arg("pq"),
-        py::arg("it"), py::arg("tol"),
-        "One column through the shared CG rules: start from ||b||^2 = bb, step, advance.");
+        py::arg("it"), py::arg("tol"), py::arg("pp") = 1.0, py::arg("floor") = 0.0,
+        "One column through the shared CG rules: start from ||b||^2 = bb, step (p.p = pp),\n"
+        "advance (residual floor `floor`).");
+  m.def("_selftest_cg_scale", &cg_column_scale, py::arg("bmax"),
+        "The shared power-of-two scale of a CG column with largest entry bmax.");
+  m.def("_selftest_cg_floor", &cg_residual_floor, py::arg("n"), py::arg("tiny"),
+        "The shared ||r||^2 below which a CG column stops as converged.");
   m.def("built_with_cuda", &rext::built_with_cuda, "True when the CUDA kernels were compiled in.");
   m.def("cuda_device_count", &rext::cuda_device_count,
         "Visible CUDA devices (0 without CUDA support, a driver or a device).");

@@ -48,11 +48,12 @@ inline AffinityLayout affinity_layout(int64_t n, int64_t d, int64_t k, int64_t e
 }
 
 // cg_solve: residual R, direction P and product Q (N x m each, row-major, leading dim m), the
-// per-column double scalars (rs, rs_new, pAp, ||b||, step, beta), the active flags and the
-// count of active columns read back once per iteration.
+// per-column double scalars (rs, rs_new, pAp, pp, ||b||, step, beta, scale), the active flags
+// and two ints read back once per iteration: the count of active columns and the first broken
+// column + 1 (0: none).
 struct CgLayout {
-  int64_t r = 0, p = 0, q = 0, rs = 0, rs_new = 0, pq = 0, bnorm = 0, step = 0, beta = 0,
-          active = 0, count = 0, total = 0;
+  int64_t r = 0, p = 0, q = 0, rs = 0, rs_new = 0, pq = 0, pp = 0, bnorm = 0, step = 0,
+          beta = 0, scale = 0, active = 0, count = 0, total = 0;
 };
 
 inline CgLayout cg_layout(int64_t n, int64_t m, int64_t elem_bytes) {
@@ -64,9 +65,11 @@ inline CgLayout cg_layout(int64_t n, int64_t m, int64_t elem_bytes) {
   l.rs = c.take(m * 8);
   l.rs_new = c.take(m * 8);
   l.pq = c.take(m * 8);
+  l.pp = c.take(m * 8);
   l.bnorm = c.take(m * 8);
   l.step = c.take(m * 8);
   l.beta = c.take(m * 8);
+  l.scale = c.take(m * 8);
   l.active = c.take(m * 4);
   l.count = c.take(8);
   l.total = c.offset;

@@ -73,9 +73,9 @@ template <class T>
 std::vector<T> row_scales(const StackedRows<T>& x, bool normalize, int threads) {
   const int64_t n = x.rows(), d = x.cols();
   std::vector<T> scale(n, T(1));
-  if (!normalize) return scale;
   int64_t zero_row = -1;
-#pragma omp parallel for num_threads(threads) schedule(static)
+  double largest = 0;  // row norm, for the overflow check of unnormalised rows
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : largest)
   for (int64_t i = 0; i < n; ++i) {
     // Scaled by the largest entry first, so rows near the limits of the type neither
     // overflow nor underflow.
@@ -84,7 +84,9 @@ std::vector<T> row_scales(const StackedRows<T>& x, bool normalize, int threads) 
     for (int64_t c = 0; c < d; ++c) big = std::max(big, std::abs(double(r[c])));
     double s = 0;
     for (int64_t c = 0; big > 0 && c < d; ++c) s += (double(r[c]) / big) * (double(r[c]) / big);
-    if (big > 0) {
+    if (!normalize) {
+      largest = std::max(largest, big * std::sqrt(s));
+    } else if (big > 0) {
       scale[i] = T(1.0 / (big * std::sqrt(s)));
     } else {
 #pragma omp critical
@@ -92,13 +94,10 @@ std::vector<T> row_scales(const StackedRows<T>& x, bool normalize, int threads) 
     }
   }
   REXT_CHECK(zero_row < 0, "x: row ", zero_row, " has zero norm and cannot be L2-normalised");
+  check_similarity_norm(largest, sizeof(T) == 8);
   return scale;
 }
 
-template <class T>
-T apply_weight(T s, const AffinityParams& p) {
-  return T(affinity_weight(double(s), p.weight, p.gamma));
-}
 
 }  // namespace
 
@@ -173,9 +172,17 @@ void knn_affinity_cpu(const StackedRows<T>& x, MatrixView<int64_t> indices, Matr
     }
   }
 
-#pragma omp parallel for num_threads(threads) schedule(static)
+  // The similarity of the largest weight, or -inf when every weight fits.
+  double worst = -std::numeric_limits<double>::infinity();
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(max : worst)
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < k; ++c) weights(i, c) = apply_weight(weights(i, c), p);
+    for (int64_t c = 0; c < k; ++c) {
+      const double s = double(weights(i, c)), f = affinity_weight(s, p.weight, p.gamma);
+      weights(i, c) = T(f);
+      if (!std::isfinite(weights(i, c))) worst = std::max(worst, s);
+    }
+  check_weight(worst == -std::numeric_limits<double>::infinity(), worst, p.gamma,
+               sizeof(T) == 8);
 }
 
 template void knn_affinity_cpu<float>(const StackedRows<float>&, MatrixView<int64_t>,

@@ -1,10 +1,12 @@
 // Batched CG on the CPU. The m recurrences share one CSR x dense product per iteration; the
 // per-column dot products are accumulated in double, fused into the passes that produce
-// their operands. A column stops updating once ||r||/||b|| <= tol.
+// their operands. A column stops updating once ||r||/||b|| <= tol. Each column runs on b scaled
+// by a power of two (core/graph_math.h: cg_column_scale) and x is scaled back at the end.
 #include "cpu/cg_cpu.h"
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "core/check.h"
@@ -37,12 +39,22 @@ void cg_solve_cpu(const CsrView<T>& w, MatrixView<const T> rhs, MatrixView<T> x,
   const int threads = resolve_threads(p.threads);
   check_workspace(3.0 * double(n) * double(m) * sizeof(T), "cg_solve");
 
-  // r = b, p = r, x = 0 (the solve starts from zero).
+  // scale_j from max |b_j|; then r = p = b_j scale_j, x = 0 (the solve starts from zero).
   AlignedBuffer<T> r = aligned_buffer<T>(n * m), dir = aligned_buffer<T>(n * m),
                    q = aligned_buffer<T>(n * m);
-  std::vector<double> rs(m, 0.0), bnorm(m, 0.0);
+  std::vector<double> rs(m, 0.0), bnorm(m, 0.0), scale(m, 0.0);
   const T alpha = T(p.alpha);
   const int64_t row_bytes = m * int64_t(sizeof(T));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<double> part(m, 0.0);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < m; ++j) part[j] = std::max(part[j], std::abs(double(rhs(i, j))));
+#pragma omp critical
+    for (int64_t j = 0; j < m; ++j) scale[j] = std::max(scale[j], part[j]);
+  }
+  for (int64_t j = 0; j < m; ++j) scale[j] = cg_column_scale(scale[j]);
 #pragma omp parallel num_threads(threads)
   {
     std::vector<double> part(m, 0.0);
@@ -51,9 +63,10 @@ void cg_solve_cpu(const CsrView<T>& w, MatrixView<const T> rhs, MatrixView<T> x,
       const T* b = rhs.row(i);
       T* xi = x.row(i);
       for (int64_t j = 0; j < m; ++j) {
-        r[i * m + j] = dir[i * m + j] = b[j];
+        const T v = T(double(b[j]) * scale[j]);
+        r[i * m + j] = dir[i * m + j] = v;
         xi[j] = T(0);
-        part[j] += double(b[j]) * double(b[j]);
+        part[j] += double(v) * double(v);
       }
     }
     reduce_into(rs, part);
@@ -64,16 +77,24 @@ void cg_solve_cpu(const CsrView<T>& w, MatrixView<const T> rhs, MatrixView<T> x,
     cg_start(rs[j], p.tol, on, bnorm[j], iterations[j], residuals[j]);
     active[j] = on;
   }
+  const double floor = cg_residual_floor(n, double(std::numeric_limits<T>::min()));
+  // The first column found broken; the solve is refused once the pass that found it is done.
+  int64_t broken_col = -1;
+  auto stop = [&](int64_t j, bool on, bool broken) {
+    active[j] = on;
+    if (broken && broken_col < 0) broken_col = j;
+  };
 
-  std::vector<double> pq(m), rs_new(m);
+  std::vector<double> pq(m), pp(m), rs_new(m);
   std::vector<T> step(m), beta(m);
   for (int64_t it = 1; it <= p.max_iter; ++it) {
     if (std::none_of(active.begin(), active.end(), [](char a) { return a; })) break;
-    // q = (I - alpha W) p, and pq_j = p_j . q_j
+    // q = (I - alpha W) p, pq_j = p_j . q_j and pp_j = p_j . p_j
     std::fill(pq.begin(), pq.end(), 0.0);
+    std::fill(pp.begin(), pp.end(), 0.0);
 #pragma omp parallel num_threads(threads)
     {
-      std::vector<double> part(m, 0.0);
+      std::vector<double> part(m, 0.0), part_pp(m, 0.0);
       std::vector<T> acc(m);
 #pragma omp for schedule(dynamic, 64)
       for (int64_t i = 0; i < n; ++i) {
@@ -96,15 +117,18 @@ void cg_solve_cpu(const CsrView<T>& w, MatrixView<const T> rhs, MatrixView<T> x,
         for (int64_t j = 0; j < m; ++j) {
           qi[j] = pi[j] - alpha * acc[j];
           part[j] += double(pi[j]) * double(qi[j]);
+          part_pp[j] += double(pi[j]) * double(pi[j]);
         }
       }
       reduce_into(pq, part);
+      reduce_into(pp, part_pp);
     }
     for (int64_t j = 0; j < m; ++j) {
-      bool on = active[j];
-      step[j] = T(cg_step(on, rs[j], pq[j]));
-      active[j] = on;
+      bool on = active[j], broken = false;
+      step[j] = T(cg_step(on, broken, rs[j], pq[j], pp[j]));
+      stop(j, on, broken);
     }
+    if (broken_col >= 0) throw_cg_breakdown(broken_col);
     // x += a p, r -= a q, rs_new_j = r_j . r_j
     std::fill(rs_new.begin(), rs_new.end(), 0.0);
 #pragma omp parallel num_threads(threads)
@@ -125,11 +149,12 @@ void cg_solve_cpu(const CsrView<T>& w, MatrixView<const T> rhs, MatrixView<T> x,
       reduce_into(rs_new, part);
     }
     for (int64_t j = 0; j < m; ++j) {
-      bool on = active[j];
-      beta[j] = T(cg_advance(on, it, rs_new[j], rs[j], bnorm[j], p.tol, iterations[j],
-                             residuals[j]));
-      active[j] = on;
+      bool on = active[j], broken = false;
+      beta[j] = T(cg_advance(on, broken, it, rs_new[j], rs[j], bnorm[j], p.tol, floor,
+                             iterations[j], residuals[j]));
+      stop(j, on, broken);
     }
+    if (broken_col >= 0) throw_cg_breakdown(broken_col);
     // p = r + beta p
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < n; ++i) {
@@ -138,6 +163,20 @@ void cg_solve_cpu(const CsrView<T>& w, MatrixView<const T> rhs, MatrixView<T> x,
       for (int64_t j = 0; j < m; ++j) pi[j] = ri[j] + beta[j] * pi[j];
     }
   }
+  // x = x_scaled / scale_j (exact, a power of two), unless the true solution overflows.
+  int64_t overflow_col = -1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    T* xi = x.row(i);
+    for (int64_t j = 0; j < m; ++j) {
+      xi[j] = T(double(xi[j]) / scale[j]);
+      if (!std::isfinite(xi[j])) {
+#pragma omp critical
+        overflow_col = overflow_col < 0 ? j : std::min(overflow_col, j);
+      }
+    }
+  }
+  if (overflow_col >= 0) throw_cg_overflow(overflow_col, sizeof(T) == 8);
 }
 
 template void cg_solve_cpu<float>(const CsrView<float>&, MatrixView<const float>,

@@ -1,23 +1,29 @@
 // Batched CG on the GPU for (I - alpha W) X = B, W in CSR, B N x m: the m columns are m
 // independent recurrences sharing one sparse x dense product per iteration, with the same
-// stopping rule and reporting as cg_cpu.cpp (the scalar rules are core/graph_math.h).
+// stopping rule, column scaling and reporting as cg_cpu.cpp (the scalar rules are
+// core/graph_math.h).
 //
 // Layout of every vector pass: a CTA is 8 warps x one 32-column chunk (blockIdx.y); each warp
 // walks rows (grid-stride), lane = column, so a warp reads 32 consecutive columns of one row
 // (coalesced). Per-column dot products are summed in double in registers, reduced over the
 // CTA's warps in shared memory and added with one double atomic per column per CTA.
+// Before: colmax (max |b_j|, turned into the power-of-two scale_j), init (r = p = b scale_j).
 // Per iteration:
-//   spmm:    q = p - alpha W p and pq_j += p_j . q_j      (fused; a warp per row, lanes = columns)
+//   spmm:    q = p - alpha W p, pq_j += p_j . q_j, pp_j += p_j . p_j  (fused; a warp per row,
+//            lanes = columns)
 //   step:    per column, step = rs / pq or stop            (one tiny kernel)
 //   update:  x += step p, r -= step q, rs_new_j += r_j . r_j
 //   advance: per column, residual, stop test, beta         (one tiny kernel; counts active)
 //   direction: p = r + beta p
+// After: unscale (x /= scale_j, flagging a solution that overflows).
 // Converged columns are skipped by every pass (a chunk with no active column exits at once).
-// One 8-byte read-back per iteration (the number of active columns) ends the loop early.
+// One 8-byte read-back per iteration (the number of active columns and the first broken
+// column) ends the loop early or refuses the solve.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "core/check.h"
 #include "core/graph_math.h"
@@ -33,15 +39,23 @@ constexpr int kThreads = 32 * kWarpsPerBlock;
 constexpr int64_t kMaxRowBlocks = 1024;  // grid-stride: bounds the atomics per reduction
 
 struct State {
-  double *rs, *rs_new, *pq, *bnorm, *step, *beta;
+  double *rs, *rs_new, *pq, *pp, *bnorm, *step, *beta, *scale;
   int* active;
-  int* count;
+  int* count;  // [0] active columns, [1] first broken column + 1 (0: none)
 };
 
-// Sums `part` over the CTA's warps (same column = same lane) and adds it to out[col].
+// Records a broken column (the smallest index wins, as on the CPU).
+__device__ __forceinline__ void mark_broken(State s, int64_t j) {
+  atomicMin(&s.count[1], int(j) + 1);
+}
+
+// Sums `part` over the CTA's warps (same column = same lane) and adds it to out[col]. May be
+// called twice in a row: the leading barrier keeps the second call's writes behind the first
+// call's reads.
 __device__ __forceinline__ void block_add(double part, int64_t col, int64_t m, double* out) {
   __shared__ double sums[kWarpsPerBlock][33];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
   sums[warp][lane] = part;
   __syncthreads();
   if (warp == 0) {
@@ -52,17 +66,39 @@ __device__ __forceinline__ void block_add(double part, int64_t col, int64_t m, d
   }
 }
 
-// r = b, p = b, x = 0, rs_j = b_j . b_j
+// scale_j = max_i |b_ij| (as the bits of a non-negative double, which order like its value);
+// turned into the column's power-of-two scale by `start`.
 template <class T>
-__global__ void init(MatrixView<const T> b, MatrixView<T> x, T* r, T* p, int64_t n, int64_t m,
-                     double* rs) {
+__global__ void colmax(MatrixView<const T> b, int64_t n, int64_t m, double* scale) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t col = int64_t(blockIdx.y) * 32 + lane;
+  double big = 0;
+  for (int64_t i = int64_t(blockIdx.x) * kWarpsPerBlock + warp; col < m && i < n;
+       i += int64_t(gridDim.x) * kWarpsPerBlock)
+    big = ::fmax(big, ::fabs(double(b(i, col))));
+  if (col < m && big > 0)
+    atomicMax(reinterpret_cast<unsigned long long*>(&scale[col]),
+              static_cast<unsigned long long>(__double_as_longlong(big)));
+}
+
+__global__ void scales(double* scale, int64_t m) {
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < m;
+       j += int64_t(gridDim.x) * blockDim.x)
+    scale[j] = cg_column_scale(scale[j]);
+}
+
+// r = b scale, p = r, x = 0, rs_j = r_j . r_j
+template <class T>
+__global__ void init(MatrixView<const T> b, MatrixView<T> x, T* r, T* p, int64_t n, int64_t m,
+                     const double* scale, double* rs) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t col = int64_t(blockIdx.y) * 32 + lane;
+  const double sc = col < m ? scale[col] : 1.0;
   double part = 0;
   for (int64_t i = int64_t(blockIdx.x) * kWarpsPerBlock + warp; i < n;
        i += int64_t(gridDim.x) * kWarpsPerBlock) {
     if (col >= m) break;
-    const T v = b(i, col);
+    const T v = T(double(b(i, col)) * sc);
     r[i * m + col] = p[i * m + col] = v;
     x(i, col) = T(0);
     part += double(v) * double(v);
@@ -77,11 +113,12 @@ __global__ void start(State s, int64_t m, double tol, int64_t* iterations, doubl
     cg_start(s.rs[j], tol, on, s.bnorm[j], iterations[j], residuals[j]);
     s.active[j] = on;
     s.pq[j] = 0;
+    s.pp[j] = 0;
     if (on) atomicAdd(s.count, 1);
   }
 }
 
-// q = p - alpha W p, pq_j += p_j . q_j (active columns only).
+// q = p - alpha W p, pq_j += p_j . q_j, pp_j += p_j . p_j (active columns only).
 template <class T>
 __global__ void spmm(const int64_t* indptr, const int64_t* indices, const T* data, int64_t nnz,
                      const T* p, T* q, int64_t n, int64_t m, T alpha, State s) {
@@ -89,7 +126,7 @@ __global__ void spmm(const int64_t* indptr, const int64_t* indices, const T* dat
   const int64_t col = int64_t(blockIdx.y) * 32 + lane;
   const bool act = col < m && s.active[col];
   if (!__syncthreads_or(act)) return;  // the whole chunk has converged
-  double part = 0;
+  double part = 0, part_pp = 0;
   for (int64_t i = int64_t(blockIdx.x) * kWarpsPerBlock + warp; act && i < n;
        i += int64_t(gridDim.x) * kWarpsPerBlock) {
     // Clamped so that a malformed indptr cannot read outside the arrays (ops.py validates).
@@ -103,16 +140,19 @@ __global__ void spmm(const int64_t* indptr, const int64_t* indices, const T* dat
     const T qi = pi - alpha * acc;
     q[i * m + col] = qi;
     part += double(pi) * double(qi);
+    part_pp += double(pi) * double(pi);
   }
   block_add(part, col, m, s.pq);
+  block_add(part_pp, col, m, s.pp);
 }
 
 __global__ void step_rule(State s, int64_t m) {
   for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < m;
        j += int64_t(gridDim.x) * blockDim.x) {
-    bool on = s.active[j];
-    s.step[j] = cg_step(on, s.rs[j], s.pq[j]);
+    bool on = s.active[j], broken = false;
+    s.step[j] = cg_step(on, broken, s.rs[j], s.pq[j], s.pp[j]);
     s.active[j] = on;
+    if (broken) mark_broken(s, j);
     s.rs_new[j] = 0;
   }
 }
@@ -137,15 +177,17 @@ __global__ void update(MatrixView<T> x, T* r, const T* p, const T* q, int64_t n,
   block_add(part, col, m, s.rs_new);
 }
 
-__global__ void advance(State s, int64_t m, int64_t it, double tol, int64_t* iterations,
-                        double* residuals) {
+__global__ void advance(State s, int64_t m, int64_t it, double tol, double floor,
+                        int64_t* iterations, double* residuals) {
   for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < m;
        j += int64_t(gridDim.x) * blockDim.x) {
-    bool on = s.active[j];
-    s.beta[j] = cg_advance(on, it, s.rs_new[j], s.rs[j], s.bnorm[j], tol, iterations[j],
-                           residuals[j]);
+    bool on = s.active[j], broken = false;
+    s.beta[j] = cg_advance(on, broken, it, s.rs_new[j], s.rs[j], s.bnorm[j], tol, floor,
+                           iterations[j], residuals[j]);
     s.active[j] = on;
+    if (broken) mark_broken(s, j);
     s.pq[j] = 0;
+    s.pp[j] = 0;
     if (on) atomicAdd(s.count, 1);
   }
 }
@@ -163,11 +205,25 @@ __global__ void direction(const T* r, T* p, int64_t n, int64_t m, State s) {
     p[i * m + col] = r[i * m + col] + beta * p[i * m + col];
 }
 
-int read_count(const int* count, cudaStream_t stream) {
-  int host = 0;
-  REXT_CUDA_CHECK(cudaMemcpyAsync(&host, count, sizeof(int), cudaMemcpyDeviceToHost, stream));
+// x /= scale_j (exact, a power of two); a non-finite result (the true solution overflows T)
+// records its column + 1 in count[0] (smallest wins).
+template <class T>
+__global__ void unscale(MatrixView<T> x, int64_t n, int64_t m, const double* scale, int* count) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t col = int64_t(blockIdx.y) * 32 + lane;
+  for (int64_t i = int64_t(blockIdx.x) * kWarpsPerBlock + warp; col < m && i < n;
+       i += int64_t(gridDim.x) * kWarpsPerBlock) {
+    const T v = T(double(x(i, col)) / scale[col]);
+    x(i, col) = v;
+    if (!isfinite(v)) atomicMin(&count[0], int(col) + 1);
+  }
+}
+
+// Reads count[0..1] back: the active columns (or, after unscale, the first overflowing column
+// + 1) and the first broken column + 1.
+void read_count(const int* count, int* host, cudaStream_t stream) {
+  REXT_CUDA_CHECK(cudaMemcpyAsync(host, count, 2 * sizeof(int), cudaMemcpyDeviceToHost, stream));
   REXT_CUDA_CHECK(cudaStreamSynchronize(stream));
-  return host;
 }
 
 }  // namespace
@@ -188,9 +244,11 @@ void cg_solve_cuda(Device dev, const CsrView<T>& w, MatrixView<const T> rhs, Mat
   s.rs = reinterpret_cast<double*>(ws + l.rs);
   s.rs_new = reinterpret_cast<double*>(ws + l.rs_new);
   s.pq = reinterpret_cast<double*>(ws + l.pq);
+  s.pp = reinterpret_cast<double*>(ws + l.pp);
   s.bnorm = reinterpret_cast<double*>(ws + l.bnorm);
   s.step = reinterpret_cast<double*>(ws + l.step);
   s.beta = reinterpret_cast<double*>(ws + l.beta);
+  s.scale = reinterpret_cast<double*>(ws + l.scale);
   s.active = reinterpret_cast<int*>(ws + l.active);
   s.count = reinterpret_cast<int*>(ws + l.count);
 
@@ -200,24 +258,39 @@ void cg_solve_cuda(Device dev, const CsrView<T>& w, MatrixView<const T> rhs, Mat
   const unsigned col_blocks = blocks_for(std::min<int64_t>(m, 1 << 20), 256);
   const T alpha = T(p.alpha);
 
+  const double floor = cg_residual_floor(n, double(std::numeric_limits<T>::min()));
+  const int kNone = 0x7fffffff;  // count[1] (and count[0] after unscale): no column flagged
+
   REXT_CUDA_CHECK(cudaMemsetAsync(s.rs, 0, m * sizeof(double), stream));
-  REXT_CUDA_CHECK(cudaMemsetAsync(s.count, 0, sizeof(int), stream));
-  init<T><<<grid, kThreads, 0, stream>>>(rhs, x, r, dir, n, m, s.rs);
+  REXT_CUDA_CHECK(cudaMemsetAsync(s.scale, 0, m * sizeof(double), stream));
+  const int fresh[2] = {0, kNone};
+  REXT_CUDA_CHECK(cudaMemcpyAsync(s.count, fresh, sizeof fresh, cudaMemcpyHostToDevice, stream));
+  colmax<T><<<grid, kThreads, 0, stream>>>(rhs, n, m, s.scale);
+  scales<<<col_blocks, 256, 0, stream>>>(s.scale, m);
+  init<T><<<grid, kThreads, 0, stream>>>(rhs, x, r, dir, n, m, s.scale, s.rs);
   start<<<col_blocks, 256, 0, stream>>>(s, m, p.tol, iterations, residuals);
   REXT_CUDA_CHECK(cudaGetLastError());
-  int active = read_count(s.count, stream);
+  int host[2];
+  read_count(s.count, host, stream);
 
-  for (int64_t it = 1; it <= p.max_iter && active > 0; ++it) {
+  for (int64_t it = 1; it <= p.max_iter && host[0] > 0; ++it) {
     spmm<T><<<grid, kThreads, 0, stream>>>(w.indptr, w.indices, w.data, w.nnz, dir, q, n, m,
                                             alpha, s);
     step_rule<<<col_blocks, 256, 0, stream>>>(s, m);
     update<T><<<grid, kThreads, 0, stream>>>(x, r, dir, q, n, m, s);
     REXT_CUDA_CHECK(cudaMemsetAsync(s.count, 0, sizeof(int), stream));
-    advance<<<col_blocks, 256, 0, stream>>>(s, m, it, p.tol, iterations, residuals);
+    advance<<<col_blocks, 256, 0, stream>>>(s, m, it, p.tol, floor, iterations, residuals);
     direction<T><<<grid, kThreads, 0, stream>>>(r, dir, n, m, s);
     REXT_CUDA_CHECK(cudaGetLastError());
-    active = read_count(s.count, stream);
+    read_count(s.count, host, stream);
+    if (host[1] != kNone) throw_cg_breakdown(host[1] - 1);
   }
+  REXT_CUDA_CHECK(cudaMemcpyAsync(s.count, fresh + 1, sizeof(int), cudaMemcpyHostToDevice,
+                                  stream));
+  unscale<T><<<grid, kThreads, 0, stream>>>(x, n, m, s.scale, s.count);
+  REXT_CUDA_CHECK(cudaGetLastError());
+  read_count(s.count, host, stream);
+  if (host[0] != kNone) throw_cg_overflow(host[0] - 1, sizeof(T) == 8);
 }
 
 template void cg_solve_cuda<float>(Device, const CsrView<float>&, MatrixView<const float>,
