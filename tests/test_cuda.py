@@ -626,3 +626,22 @@ def test_selftest_cg_breakdown_and_floor():
         s = _core._selftest_cg_scale(bmax)
         assert 0.5 <= bmax * s < 1 and math.frexp(s)[0] == 0.5
     assert _core._selftest_cg_scale(0.0) == 1.0
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
+@pytest.mark.parametrize("precision", ["exact", "tf32", "bf16"])
+def test_knn_overflow_is_refused_like_the_cpu(_, precision):
+    """Unnormalised rows whose similarities or weights overflow float32 get the CPU's errors
+    (the kernels raise guards the host reads back), and in-range data still passes."""
+    rng = np.random.default_rng(7)
+    big = (rng.standard_normal((300, 8)) * 1e20).astype(np.float32)
+    with pytest.raises(ValueError, match=r"^x: row norms must be at most 9.22\d*e\+18"):
+        reclip_ext.knn_affinity(_cuda(big), 3, precision=precision)
+    cube = (rng.standard_normal((300, 8)) * 1e8).astype(np.float32)
+    with pytest.raises(ValueError, match=r"^gamma: the weights .* must fit in float32"):
+        reclip_ext.knn_affinity(_cuda(cube), 3, gamma=3.0, precision=precision)
+    idx, w = reclip_ext.knn_affinity(_cuda(cube), 3, precision=precision)
+    assert torch.isfinite(w).all()
+    # A call refused mid-stream leaves the device usable and the guards reset.
+    ok = reclip_ext.knn_affinity(_cuda(cube * np.float32(1e-4)), 3, gamma=3.0, precision=precision)
+    assert torch.isfinite(ok[1]).all()

@@ -29,6 +29,10 @@ struct AffinityLayout {
   int64_t n_pad = 0, d_pad = 0;
   int64_t op_bytes = 0, acc_bytes = 0;
   int64_t xp = 0, scale = 0, cand_v = 0, cand_i = 0, total = 0;
+  // Two 64-bit slots the kernels raise with atomicMax and the host reads back: the largest
+  // row norm (checked when not normalising) and the largest similarity whose weight
+  // overflowed; both are non-negative doubles, which order like their bit patterns.
+  int64_t guard = 0;
 };
 
 inline AffinityLayout affinity_layout(int64_t n, int64_t d, int64_t k, int64_t elem_bytes,
@@ -43,6 +47,7 @@ inline AffinityLayout affinity_layout(int64_t n, int64_t d, int64_t k, int64_t e
   l.scale = c.take(n * elem_bytes);
   l.cand_v = c.take(n * k * l.acc_bytes);
   l.cand_i = c.take(n * k * 4);
+  l.guard = c.take(2 * 8);
   l.total = c.offset;
   return l;
 }

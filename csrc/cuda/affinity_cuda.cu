@@ -24,6 +24,7 @@
 #include <mma.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <type_traits>
@@ -111,13 +112,16 @@ __device__ __forceinline__ Op to_operand(double v, bool) {
 // scaled by the largest entry first as on the CPU.
 template <class T, class Op>
 __global__ void pack_rows(StackedRows<T> x, bool normalize, bool tf32, T* scale, Op* xp,
-                          int64_t n, int64_t n_pad, int64_t d, int64_t d_pad) {
+                          int64_t n, int64_t n_pad, int64_t d, int64_t d_pad,
+                          unsigned long long* largest_norm) {
   const int lane = threadIdx.x & 31;
   const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (i >= n_pad) return;
   T s = T(1);
   const T* row = i < n ? x.row(i) : nullptr;
-  if (row && normalize) {
+  if (row) {
+    // The norm in double, after dividing by the largest entry: neither a huge nor a tiny row
+    // over- or underflows on the way (the CPU kernel computes it the same way).
     double big = 0;
     for (int64_t c = lane; c < d; c += 32) big = ::fmax(big, ::fabs(double(row[c])));
     big = warp_max(big);
@@ -128,8 +132,12 @@ __global__ void pack_rows(StackedRows<T> x, bool normalize, bool tf32, T* scale,
         ss += q * q;
       }
     ss = warp_sum(ss);
-    // A zero row is refused by ops.py; a zero scale keeps it harmless if one slips through.
-    s = big > 0 ? T(1.0 / (big * ::sqrt(ss))) : T(0);
+    if (normalize) {
+      // A zero row is refused by ops.py; a zero scale keeps it harmless if one slips through.
+      s = big > 0 ? T(1.0 / (big * ::sqrt(ss))) : T(0);
+    } else if (lane == 0) {
+      atomicMax(largest_norm, static_cast<unsigned long long>(__double_as_longlong(big * ::sqrt(ss))));
+    }
   }
   if (row && lane == 0) scale[i] = s;
   Op* dst = xp + i * d_pad;
@@ -415,7 +423,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<M>) topk_tiles(KernelArgs
 template <class T, class Acc>
 __global__ void finalize(StackedRows<T> x, const T* scale, Acc* cand_v, int* cand_i, int64_t n,
                          int64_t k, bool rescore, Weight weight, double gamma,
-                         MatrixView<int64_t> out_i, MatrixView<T> out_w) {
+                         MatrixView<int64_t> out_i, MatrixView<T> out_w,
+                         unsigned long long* overflowed) {
   const int lane = threadIdx.x & 31;
   const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (i >= n) return;
@@ -442,8 +451,26 @@ __global__ void finalize(StackedRows<T> x, const T* scale, Acc* cand_v, int* can
   }
   for (int64_t e = lane; e < k; e += 32) {
     out_i(i, e) = id[e];
-    out_w(i, e) = T(affinity_weight(double(v[e]), weight, gamma));
+    const T w = T(affinity_weight(double(v[e]), weight, gamma));
+    out_w(i, e) = w;
+    // Only a large positive similarity can overflow f(s) (its base is clamped at 0).
+    if (!::isfinite(double(w)))
+      atomicMax(overflowed, static_cast<unsigned long long>(__double_as_longlong(double(v[e]))));
   }
+}
+
+// Reads the two guard slots back (one small copy and a stream sync) and raises the shared
+// host-side errors, so that CUDA and CPU refuse the same inputs with the same messages.
+template <class T>
+void check_guards(const unsigned long long* guard, cudaStream_t stream, double gamma) {
+  unsigned long long host[2] = {0, 0};
+  REXT_CUDA_CHECK(cudaMemcpyAsync(host, guard, sizeof host, cudaMemcpyDeviceToHost, stream));
+  REXT_CUDA_CHECK(cudaStreamSynchronize(stream));
+  double values[2];
+  static_assert(sizeof(double) == sizeof(unsigned long long), "guard slots hold doubles");
+  std::memcpy(values, host, sizeof values);
+  check_similarity_norm(values[0], sizeof(T) == 8);
+  check_weight(host[1] == 0, values[1], gamma, sizeof(T) == 8);
 }
 
 // Shared-memory attributes belong to the kernel on a device, not to a launch, and every host
@@ -498,8 +525,10 @@ void run(const StackedRows<T>& x, MatrixView<int64_t> indices, MatrixView<T> wei
   const int64_t n = x.rows(), d = x.cols(), k = p.k;
   T* scale = reinterpret_cast<T*>(ws + l.scale);
   Op* xp = reinterpret_cast<Op*>(ws + l.xp);
+  auto* guard = reinterpret_cast<unsigned long long*>(ws + l.guard);
+  REXT_CUDA_CHECK(cudaMemsetAsync(guard, 0, 2 * sizeof(unsigned long long), stream));
   pack_rows<T, Op><<<blocks_for(l.n_pad, kWarps), kThreads, 0, stream>>>(
-      x, p.normalize, M == Mma::Tf32, scale, xp, n, l.n_pad, d, l.d_pad);
+      x, p.normalize, M == Mma::Tf32, scale, xp, n, l.n_pad, d, l.d_pad, guard);
   REXT_CUDA_CHECK(cudaGetLastError());
 
   KernelArgs<Acc> a;
@@ -518,8 +547,12 @@ void run(const StackedRows<T>& x, MatrixView<int64_t> indices, MatrixView<T> wei
   launch_tiles<Op, Acc, M>(a, n, stream);
 
   finalize<T, Acc><<<blocks_for(n, kWarps), kThreads, 0, stream>>>(
-      x, scale, a.cand_v, a.cand_i, n, k, M != Mma::Simt, p.weight, p.gamma, indices, weights);
+      x, scale, a.cand_v, a.cand_i, n, k, M != Mma::Simt, p.weight, p.gamma, indices, weights,
+      guard + 1);
   REXT_CUDA_CHECK(cudaGetLastError());
+  // Unit rows give similarities in [-1, 1] and weights of at most 1, so only unnormalised
+  // input can overflow; only then does the call wait for the guards (one stream sync).
+  if (!p.normalize) check_guards<T>(guard, stream, p.gamma);
 }
 
 }  // namespace
