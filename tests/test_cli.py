@@ -57,6 +57,7 @@ CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TIMEOUT = 300
+NOTES = "a file of the user's that --out must not replace\n"
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -236,6 +237,14 @@ BAD_INPUTS = [
       "--out", "r_bad", "--quiet"], "No-Such-Model-42"),
     ("run-is-not-a-run", "predict", ["predict", "--run", "notrun", "--data", "data"], "notrun"),
     ("eval-flat-folder", "eval", ["eval", "--run", "run_main", "--data", "flat"], None),
+    # an unknown model / a folder that is no run: the --out error must come first, before any
+    # model or run is loaded
+    ("out-is-a-file", "adapt",
+     ["adapt", "--model", "No-Such-Model-42", "--data", "data", "--classes", "classes.txt",
+      "--out", "notes.txt", "--quiet"], "--out"),
+    ("out-below-a-file", "adapt", adapt_args("data", "notes.txt/run"), "--out"),
+    ("predict-out-is-a-folder", "predict",
+     ["predict", "--run", "notrun", "--data", "data", "--out", "emptydir"], "--out"),
 ]
 
 # Every job: key -> (function of the workspace, whether it reads run_main). In submission
@@ -270,6 +279,7 @@ TEST_JOBS = {
     "test_resume_equals_uninterrupted": ["main", "resume"],
     "test_sigkill_mid_run_then_resume_equals_uninterrupted": ["kill", "kill_ref"],
     "test_resume_with_other_class_list_is_refused": ["mismatch"],
+    "test_out_naming_a_file_leaves_it_alone": ["out-is-a-file"],
     "test_help": ["help", "adapt_help"],
     "test_shipped_digits_model_on_a_digit_folder": ["digits"],
 }
@@ -309,6 +319,7 @@ def _make_workspace(ws: Path) -> None:
     (ws / "emptydir").mkdir()
     (ws / "notrun").mkdir()
     (ws / "notrun" / "readme.txt").write_text("not a run\n")
+    (ws / "notes.txt").write_text(NOTES)
     (ws / "classes.txt").write_text("".join(c + "\n" for c in CLASSES))
     (ws / "reordered.txt").write_text("".join(c + "\n" for c in sorted(CLASSES)))
     (ws / "empty.txt").write_text("")
@@ -505,6 +516,11 @@ def _assert_one_line_error(r: subprocess.CompletedProcess, command: str, mention
 def test_bad_input_is_one_line_error(jobs, case, command, argv, mentions):
     _assert_one_line_error(jobs.result(case), command, mentions)
     assert not (jobs.ws / "r_bad" / "run.json").exists()
+
+
+def test_out_naming_a_file_leaves_it_alone(jobs):
+    _assert_one_line_error(jobs.result("out-is-a-file"), "adapt", "notes.txt")
+    assert (jobs.ws / "notes.txt").read_text() == NOTES
 
 
 def test_resume_with_other_class_list_is_refused(jobs):

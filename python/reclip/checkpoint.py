@@ -52,12 +52,16 @@ def json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def write_json(path: str | Path, obj: Any, default=json_default) -> None:
-    """Atomically write `obj` as indented JSON (`default` as in json.dumps), creating the folder."""
+def write_text(path: str | Path, text: str) -> None:
+    """Atomically write `text` to `path`, creating the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=2, default=default) + "\n"
     _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path: str | Path, obj: Any, default=json_default) -> None:
+    """Atomically write `obj` as indented JSON (`default` as in json.dumps), creating the folder."""
+    write_text(path, json.dumps(obj, indent=2, default=default) + "\n")
 
 
 def write(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:

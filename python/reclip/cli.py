@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -100,16 +101,32 @@ def _folder_labels(data, classnames: list[str]) -> np.ndarray:
     return np.where(labels >= 0, remap[np.clip(labels, 0, None)], -1)
 
 
+def _check_output(path: str, flag: str, *, folder: bool) -> None:
+    """Refuse an output path that could only fail once the work is done: called before any
+    model loads, so a mistyped --out costs nothing."""
+    p = Path(path)
+    if p.exists() and p.is_dir() != folder:
+        raise ValueError(f"{flag}: {path} is a {'file' if folder else 'folder'}; "
+                         f"expected {'a folder' if folder else 'a file name'}")
+    # the nearest existing folder is where the output (or the folders above it) gets created
+    base = p if folder and p.exists() else p.parent
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise ValueError(f"{flag}: {base} is a file, so {path} cannot be created")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag}: cannot write in {base}")
+
+
 def _write_predictions(data, pred: np.ndarray, classnames: list[str], out: str | None) -> None:
     names = data.paths or [str(i) for i in range(len(pred))]
     lines = "".join(f"{p}\t{classnames[c]}\n" for p, c in zip(names, pred))
     if out is None:
         sys.stdout.write(lines)
     else:
-        from .checkpoint import _atomic_write
+        from .checkpoint import write_text
 
-        path = Path(out)
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(lines))
+        write_text(out, lines)
 
 
 def adapt(args) -> int:
@@ -123,6 +140,7 @@ def adapt(args) -> int:
 
     start = time.time()
     classnames, templates = _class_lists(args)
+    _check_output(args.out, "--out", folder=True)
     if args.resume and checkpoint.exists(args.out):  # refuse a mismatch before any real work
         adapt_mod.check_classes(checkpoint.read_meta(args.out), classnames, args.out)
     torch.manual_seed(args.seed)  # a config without weights starts from a seeded random init
@@ -178,6 +196,8 @@ def _load_run(args):
 
 
 def predict(args) -> int:
+    if args.out is not None:
+        _check_output(args.out, "--out", folder=False)
     clf, data = _load_run(args)
     _write_predictions(data, clf.predict(data), clf.classnames, args.out)
     return 0
