@@ -255,6 +255,8 @@ JOBS = {
     "kill_ref": (_kill_reference, False),
     "resume": (_resume_chain, False),
     "inductive": (_inductive_chain, False),
+    "visual_only": (lambda ws: cli(ws, *adapt_args("data", "run_visual", "--epochs", "1",
+                                                   "--sides", "visual", "--inductive")), False),
     "predict_stdout": (lambda ws: cli(ws, "predict", "--run", "run_main", "--data", "data"), True),
     "predict_file": (lambda ws: cli(ws, "predict", "--run", "run_main", "--data", "data",
                                     "--out", "pred.tsv"), True),
@@ -276,6 +278,7 @@ TEST_JOBS = {
     "test_eval_accuracy_uses_folder_names_not_folder_order": ["predict_stdout", "eval"],
     "test_preset_cifar10": ["preset"],
     "test_inductive_then_predict_other_folder": ["inductive"],
+    "test_visual_side_only_run_is_saved": ["visual_only"],
     "test_resume_equals_uninterrupted": ["main", "resume"],
     "test_sigkill_mid_run_then_resume_equals_uninterrupted": ["kill", "kill_ref"],
     "test_resume_with_other_class_list_is_refused": ["mismatch"],
@@ -450,6 +453,13 @@ def test_inductive_then_predict_other_folder(jobs):
     rows = parse_predictions(ok(predict).stdout)
     assert [p for p, _ in rows] == [os.path.join("other", f"img{i:03d}.png") for i in range(5)]
     assert {name for _, name in rows} <= set(CLASSES)
+
+
+def test_visual_side_only_run_is_saved(jobs):
+    """ReCLIP-V never rebuilds the T side's projection: the saved run must still be writable."""
+    ok(jobs.result("visual_only"))
+    meta = read_json(jobs.ws / "run_visual" / "run.json")
+    assert meta["epoch"] == 1 and meta["config"]["sides"] == "visual"
 
 
 # ----------------------------------------------------------------------------------- 6. resume

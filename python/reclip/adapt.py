@@ -126,7 +126,9 @@ class ReCLIP:
         self.nodes_v = self._class_nodes(self.visual_copy)
         self.basis_v = projection.basis(self.nodes_v, self.config.projection)
         self.nodes_t = self.nodes_v.clone()
-        self.basis_t = self.basis_v
+        # a copy too: a saved run must not hold two views of one storage (safetensors refuses
+        # them), and the T side keeps this one until it rebuilds it (never, for ReCLIP-V)
+        self.basis_t = None if self.basis_v is None else self.basis_v.clone()
         self.centres = self.nodes_v.clone()
         self._opt_t = self._optimizer(self.text_params)
         self._opt_v = self._optimizer(self.visual_params)
