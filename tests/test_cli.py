@@ -197,6 +197,11 @@ def _kill_reference(ws: Path):
                                seed=KILL_SEED))
 
 
+def _zero_epochs_chain(ws: Path):
+    adapt = cli(ws, *adapt_args("data", "run_zero", "--epochs", "0"))
+    return adapt, cli(ws, "predict", "--run", "run_zero", "--data", "data")
+
+
 def _mismatch(ws: Path):
     """--resume into a copy of run_main with the same classes in another order."""
     shutil.copytree(ws / "run_main", ws / "run_mismatch", ignore=shutil.ignore_patterns("*.tsv"))
@@ -243,6 +248,11 @@ BAD_INPUTS = [
      ["adapt", "--model", "No-Such-Model-42", "--data", "data", "--classes", "classes.txt",
       "--out", "notes.txt", "--quiet"], "--out"),
     ("out-below-a-file", "adapt", adapt_args("data", "notes.txt/run"), "--out"),
+    ("epochs-negative", "adapt", adapt_args("data", "r_bad", "--epochs", "-1"), "--epochs"),
+    ("iterations-zero", "adapt", adapt_args("data", "r_bad", "--iterations", "0"), "--iterations"),
+    ("batch-size-zero", "adapt", adapt_args("data", "r_bad", "--batch-size", "0"), "--batch-size"),
+    ("batch-size-negative", "adapt", adapt_args("data", "r_bad", "--batch-size", "-3"),
+     "--batch-size"),
     ("predict-out-is-a-folder", "predict",
      ["predict", "--run", "notrun", "--data", "data", "--out", "emptydir"], "--out"),
 ]
@@ -255,6 +265,7 @@ JOBS = {
     "kill_ref": (_kill_reference, False),
     "resume": (_resume_chain, False),
     "inductive": (_inductive_chain, False),
+    "zero_epochs": (_zero_epochs_chain, False),
     "visual_only": (lambda ws: cli(ws, *adapt_args("data", "run_visual", "--epochs", "1",
                                                    "--sides", "visual", "--inductive")), False),
     "predict_stdout": (lambda ws: cli(ws, "predict", "--run", "run_main", "--data", "data"), True),
@@ -278,6 +289,7 @@ TEST_JOBS = {
     "test_eval_accuracy_uses_folder_names_not_folder_order": ["predict_stdout", "eval"],
     "test_preset_cifar10": ["preset"],
     "test_inductive_then_predict_other_folder": ["inductive"],
+    "test_zero_epochs_saves_the_zero_shot_model": ["zero_epochs"],
     "test_visual_side_only_run_is_saved": ["visual_only"],
     "test_resume_equals_uninterrupted": ["main", "resume"],
     "test_sigkill_mid_run_then_resume_equals_uninterrupted": ["kill", "kill_ref"],
@@ -453,6 +465,25 @@ def test_inductive_then_predict_other_folder(jobs):
     rows = parse_predictions(ok(predict).stdout)
     assert [p for p, _ in rows] == [os.path.join("other", f"img{i:03d}.png") for i in range(5)]
     assert {name for _, name in rows} <= set(CLASSES)
+
+
+def test_zero_epochs_saves_the_zero_shot_model(jobs):
+    """--epochs 0: a complete run of the unadapted model, which predict can load."""
+    ws = jobs.ws
+    adapt, predict = jobs.result("zero_epochs")
+    ok(adapt)
+    assert not [ln for ln in adapt.stderr.splitlines() if ln.startswith("epoch ")], adapt.stderr
+    run = ws / "run_zero"
+    assert read_json(run / "run.json")["epoch"] == 0
+    report = read_json(run / "report.json")
+    assert report["epochs"] == 0 and report["iterations"] == 0 and report["history"] == []
+    # before any training both sides score with the original class embeddings: zero-shot CLIP
+    assert report["reclip_accuracy"] == report["zero_shot_accuracy"]
+    written = (run / "predictions.tsv").read_text()
+    rows = parse_predictions(written)
+    assert [p for p, _ in rows] == expected_paths("data", CLASS_COUNTS)
+    assert report["reclip_accuracy"] == pytest.approx(accuracy_of(rows))
+    assert ok(predict).stdout == written
 
 
 def test_visual_side_only_run_is_saved(jobs):

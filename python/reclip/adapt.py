@@ -188,6 +188,7 @@ class ReCLIP:
         c = self.config
         batch = c.batch_for(len(self.classnames))
         self._bars = progress
+        saved = False
         try:
             frozen = self._encode_images(self.text_copy, data)  # the T side's visual tower never trains
             for epoch in _progress(range(self.epoch, c.max_epochs), progress, "epochs"):
@@ -200,8 +201,13 @@ class ReCLIP:
                     log(entry)
                 if out_dir is not None:
                     self.save(out_dir)
+                    saved = True
         finally:
             self._bars = False
+        if out_dir is not None and not saved:
+            # No epoch ran (max_epochs 0: the zero-shot model, or a resumed run that is already
+            # complete): out_dir must still hold this model, not nothing or an older run.
+            self.save(out_dir)
         return self
 
     def _epoch(self, data, frozen: torch.Tensor, epoch: int, batch: int,

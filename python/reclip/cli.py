@@ -24,13 +24,34 @@ USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, TypeError, Mem
                PermissionError, KeyError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one line like every other user error (sub-commands
+    get this class too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(minimum: int):
+    """An argparse type: an integer >= minimum, else a usage error naming the flag."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reclip", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="reclip", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="adapt the embedded digits model to scikit-learn's digits")
     d.add_argument("--out", default="reclip-demo", help="folder for report.json and plots")
-    d.add_argument("--epochs", type=int, default=10)
+    d.add_argument("--epochs", type=_at_least(0), default=10)
     d.add_argument("--model", default="reclip-digits", help=argparse.SUPPRESS)
     d.add_argument("--no-plots", action="store_true")
 
@@ -42,9 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--templates", help="prompt templates with {}, one per line")
     a.add_argument("--preset", help="class names and templates of a benchmark (e.g. cifar10)")
     a.add_argument("--out", required=True, help="run directory to write")
-    a.add_argument("--epochs", type=int, help="maximum epochs (default 50)")
-    a.add_argument("--iterations", type=int, help="maximum iterations (default 5000)")
-    a.add_argument("--batch-size", type=int, help="default 64, or 32 above 200 classes")
+    a.add_argument("--epochs", type=_at_least(0),
+                   help="maximum epochs (default 50); 0 saves the zero-shot model as the run")
+    a.add_argument("--iterations", type=_at_least(1), help="maximum iterations (default 5000)")
+    a.add_argument("--batch-size", type=_at_least(1), help="default 64, or 32 above 200 classes")
     a.add_argument("--projection", choices=("P0", "P1", "P2"), default="P2")
     a.add_argument("--sides", choices=("both", "text", "visual"), default="both",
                    help="ReCLIP (both), ReCLIP-T (text) or ReCLIP-V (visual)")
@@ -217,6 +239,7 @@ def evaluate(args) -> int:
 def demo(args) -> int:
     from .demo import run_demo
 
+    _check_output(args.out, "--out", folder=True)
     run_demo(args.out, model=args.model, epochs=args.epochs, plots=not args.no_plots, say=_say)
     return 0
 
