@@ -211,6 +211,46 @@ def _mismatch(ws: Path):
     return r, before, (ws / "run_mismatch" / "run.json").read_text()
 
 
+def _edit_json(path: Path, edit) -> None:
+    meta = read_json(path)
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+def _bigger_model(meta: dict) -> None:
+    meta["model"]["model"]["embed_dim"] *= 2
+
+
+def _corrupt_tensors(run: Path) -> None:
+    tensors = run / read_json(run / "run.json")["tensors"]
+    tensors.write_bytes(tensors.read_bytes()[:100])
+
+
+# run directories a user may hand to predict that do not hold a usable run: case -> how a
+# copy of run_main is spoiled (each error line must name the run)
+RUN_EDITS = {
+    "run-json-not-an-object": lambda run: (run / "run.json").write_text("[1, 2]\n"),
+    "run-json-lacks-tensors": lambda run: _edit_json(run / "run.json",
+                                                     lambda m: m.pop("tensors")),
+    "run-json-lacks-history": lambda run: _edit_json(run / "run.json",
+                                                     lambda m: m.pop("history")),
+    "run-classnames-not-strings": lambda run: _edit_json(
+        run / "run.json", lambda m: m.update(classnames=[1, 2, 3])),
+    "run-config-wrong-type": lambda run: _edit_json(
+        run / "run.json", lambda m: m["config"].update(k="twenty")),
+    "run-of-another-model": lambda run: _edit_json(run / "run.json", _bigger_model),
+    "run-model-not-a-model": lambda run: _edit_json(
+        run / "run.json", lambda m: m["model"].update(model=5)),
+    "run-tensor-file-truncated": _corrupt_tensors,
+}
+
+
+def _spoiled_run(ws: Path, case: str):
+    shutil.copytree(ws / "run_main", ws / case, ignore=shutil.ignore_patterns("*.tsv"))
+    RUN_EDITS[case](ws / case)
+    return cli(ws, "predict", "--run", case, "--data", "data")
+
+
 def _digits_chain(ws: Path):
     """The issue's workflow with the shipped model on an ImageFolder of real digits."""
     adapt = cli(ws, "adapt", "--model", "reclip-digits", "--data", "digits", "--classes",
@@ -277,6 +317,7 @@ JOBS = {
                               "cifar10", "--out", "run_preset", "--epochs", "2", "--quiet"), False),
     **{case: ((lambda ws, argv=argv: cli(ws, *argv)), "run_main" in argv)
        for case, _, argv, _ in BAD_INPUTS},
+    **{case: ((lambda ws, case=case: _spoiled_run(ws, case)), True) for case in RUN_EDITS},
     "digits": (_digits_chain, False),
     "help": (_help, False),
     "adapt_help": (lambda ws: cli(ws, "adapt", "--help"), False),
@@ -557,6 +598,32 @@ def _assert_one_line_error(r: subprocess.CompletedProcess, command: str, mention
 def test_bad_input_is_one_line_error(jobs, case, command, argv, mentions):
     _assert_one_line_error(jobs.result(case), command, mentions)
     assert not (jobs.ws / "r_bad" / "run.json").exists()
+
+
+@pytest.mark.parametrize("case", RUN_EDITS)
+def test_spoiled_run_is_one_line_error(jobs, case):
+    _assert_one_line_error(jobs.result(case), "predict", case)
+
+
+def test_internal_type_or_key_error_shows_its_traceback(monkeypatch, tmp_path):
+    """TypeError and KeyError inside reclip are bugs: main() must not turn them into a one-line
+    user error (a ValueError from the same place is one, the control)."""
+    from reclip import cli as reclip_cli
+    from reclip import prompts
+
+    argv = ["adapt", "--model", TINY_VIT, "--data", str(tmp_path), "--classes", "c.txt",
+            "--out", str(tmp_path / "run"), "--quiet"]
+    for error in (TypeError("a bug"), KeyError("a bug")):
+        def raise_(path, error=error):
+            raise error
+        monkeypatch.setattr(prompts, "read_classnames", raise_)
+        with pytest.raises(type(error), match="a bug"):
+            reclip_cli.main(argv)
+
+    def user_error(path):
+        raise ValueError(f"{path}: no class names")
+    monkeypatch.setattr(prompts, "read_classnames", user_error)
+    assert reclip_cli.main(argv) == 2
 
 
 def test_out_naming_a_file_leaves_it_alone(jobs):

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, TypeError, MemoryError,
-               PermissionError, KeyError)
+# Only the types reclip raises for what a user gave it: a TypeError or KeyError is a bug in
+# reclip (or a library), whose traceback must show.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, MemoryError, PermissionError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -164,7 +165,7 @@ def adapt(args) -> int:
     classnames, templates = _class_lists(args)
     _check_output(args.out, "--out", folder=True)
     if args.resume and checkpoint.exists(args.out):  # refuse a mismatch before any real work
-        adapt_mod.check_classes(checkpoint.read_meta(args.out), classnames, args.out)
+        adapt_mod.check_meta(checkpoint.read_meta(args.out), args.out, classnames)
     torch.manual_seed(args.seed)  # a config without weights starts from a seeded random init
     loaded = load_model(args.model, args.pretrained)
     data = image_set(args.data, loaded.preprocess)
