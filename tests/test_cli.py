@@ -58,6 +58,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TIMEOUT = 300
 NOTES = "a file of the user's that --out must not replace\n"
+SOMEBAD_BROKEN = ["cat/empty.png", "dog/notes.jpg", "dog/truncated.jpg"]  # in sorted order
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -202,6 +203,12 @@ def _zero_epochs_chain(ws: Path):
     return adapt, cli(ws, "predict", "--run", "run_zero", "--data", "data")
 
 
+def _skip_bad_chain(ws: Path):
+    adapt = cli(ws, *adapt_args("somebad", "run_skip", "--epochs", "1", "--skip-bad-images"))
+    flags = ["--run", "run_skip", "--data", "somebad", "--skip-bad-images"]
+    return adapt, cli(ws, "predict", *flags), cli(ws, "eval", *flags)
+
+
 def _mismatch(ws: Path):
     """--resume into a copy of run_main with the same classes in another order."""
     shutil.copytree(ws / "run_main", ws / "run_mismatch", ignore=shutil.ignore_patterns("*.tsv"))
@@ -284,6 +291,7 @@ BAD_INPUTS = [
     ("eval-flat-folder", "eval", ["eval", "--run", "run_main", "--data", "flat"], None),
     # an unknown model / a folder that is no run: the --out error must come first, before any
     # model or run is loaded
+    ("unreadable-images-not-skipped", "adapt", adapt_args("somebad", "r_bad"), "empty.png"),
     ("out-is-a-file", "adapt",
      ["adapt", "--model", "No-Such-Model-42", "--data", "data", "--classes", "classes.txt",
       "--out", "notes.txt", "--quiet"], "--out"),
@@ -306,6 +314,7 @@ JOBS = {
     "resume": (_resume_chain, False),
     "inductive": (_inductive_chain, False),
     "zero_epochs": (_zero_epochs_chain, False),
+    "skip_bad": (_skip_bad_chain, False),
     "visual_only": (lambda ws: cli(ws, *adapt_args("data", "run_visual", "--epochs", "1",
                                                    "--sides", "visual", "--inductive")), False),
     "predict_stdout": (lambda ws: cli(ws, "predict", "--run", "run_main", "--data", "data"), True),
@@ -331,6 +340,7 @@ TEST_JOBS = {
     "test_preset_cifar10": ["preset"],
     "test_inductive_then_predict_other_folder": ["inductive"],
     "test_zero_epochs_saves_the_zero_shot_model": ["zero_epochs"],
+    "test_skip_bad_images": ["skip_bad"],
     "test_visual_side_only_run_is_saved": ["visual_only"],
     "test_resume_equals_uninterrupted": ["main", "resume"],
     "test_sigkill_mid_run_then_resume_equals_uninterrupted": ["kill", "kill_ref"],
@@ -372,6 +382,12 @@ def _make_workspace(ws: Path) -> None:
     write_images(ws / "flat", None, n_flat=4, seed=3)
     write_images(ws / "baddata", {"cat": 3, "dog": 3}, seed=4)
     (ws / "baddata" / "dog" / "garbage.png").write_bytes(b"this is not a PNG file\n" * 8)
+    write_images(ws / "somebad", {"cat": 3, "dog": 3}, seed=6)
+    (ws / "somebad" / "cat" / "empty.png").write_bytes(b"")
+    jpeg = ws / "somebad" / "dog" / "truncated.jpg"
+    PIL.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(jpeg, quality=95)
+    jpeg.write_bytes(jpeg.read_bytes()[:300])
+    (ws / "somebad" / "dog" / "notes.jpg").write_text("not a JPEG\n")
     (ws / "emptydir").mkdir()
     (ws / "notrun").mkdir()
     (ws / "notrun" / "readme.txt").write_text("not a run\n")
@@ -532,6 +548,26 @@ def test_visual_side_only_run_is_saved(jobs):
     ok(jobs.result("visual_only"))
     meta = read_json(jobs.ws / "run_visual" / "run.json")
     assert meta["epoch"] == 1 and meta["config"]["sides"] == "visual"
+
+
+def test_skip_bad_images(jobs):
+    """--skip-bad-images: the broken files (empty PNG, truncated JPEG, text named .jpg) are left
+    out with one warning line, listed in report.json, and absent from the predictions."""
+    ws = jobs.ws
+    adapt, predict, evaluated = jobs.result("skip_bad")
+    broken = [os.path.join("somebad", *name.split("/")) for name in SOMEBAD_BROKEN]
+    for r in (adapt, predict, evaluated):
+        warnings = [ln for ln in ok(r).stderr.splitlines() if "skipped" in ln]
+        assert len(warnings) == 1 and "warning: skipped 3 unreadable images" in warnings[0], r.stderr
+        assert broken[0] in warnings[0]
+    report = read_json(ws / "run_skip" / "report.json")
+    assert report["skipped_images"] == {"count": 3, "paths": broken}
+    assert report["images"] == 6
+    written = (ws / "run_skip" / "predictions.tsv").read_text()
+    assert [p for p, _ in parse_predictions(written)] == expected_paths("somebad",
+                                                                        {"cat": 3, "dog": 3})
+    assert predict.stdout == written
+    assert evaluated.stdout.strip().endswith("(6 images)"), evaluated.stdout
 
 
 # ----------------------------------------------------------------------------------- 6. resume

@@ -6,6 +6,9 @@
     reclip predict --run RUN --data DIR [--out FILE]      # path<TAB>class per image
     reclip eval    --run RUN --data DIR                   # ImageFolder labels -> accuracy
 
+An unreadable image stops adapt, predict and eval before any model loads; with
+--skip-bad-images it is left out instead (one warning line; adapt's report.json lists it).
+
 Every user error (a missing file, an empty folder, a class list that does not match a
 checkpoint) ends with one line on stderr and exit status 2, never a traceback.
 """
@@ -23,6 +26,7 @@ import numpy as np
 # Only the types reclip raises for what a user gave it: a TypeError or KeyError is a bug in
 # reclip (or a library), whose traceback must show.
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, MemoryError, PermissionError)
+SKIP_HELP = "leave out unreadable images (one warning line) instead of stopping at the first"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,15 +84,30 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--inductive", action="store_true",
                    help="only adapt and save; do not predict the adaptation images")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.add_argument("--skip-bad-images", action="store_true", help=SKIP_HELP)
 
     for name, helptext in (("predict", "write the predicted class of every image"),
                            ("eval", "accuracy on an ImageFolder whose folders are class names")):
         q = sub.add_parser(name, help=helptext)
         q.add_argument("--run", required=True, help="run directory written by reclip adapt")
         q.add_argument("--data", required=True, help="image folder")
+        q.add_argument("--skip-bad-images", action="store_true", help=SKIP_HELP)
         if name == "predict":
             q.add_argument("--out", help="output file (default: stdout)")
     return p
+
+
+def _images(args):
+    """The images of --data, every file decoded once now so that an unreadable one stops the
+    command before any model loads (or, with --skip-bad-images, is left out with a warning)."""
+    from .data import image_set
+
+    data = image_set(args.data).check(skip_bad=args.skip_bad_images)
+    if data.skipped:
+        n = len(data.skipped)
+        _say(f"reclip: warning: skipped {n} unreadable image{'s' if n > 1 else ''} "
+             f"(first: {data.skipped[0]})")
+    return data
 
 
 def _class_lists(args) -> tuple[list[str], list[str] | None]:
@@ -158,7 +177,6 @@ def adapt(args) -> int:
     from . import adapt as adapt_mod
     from . import checkpoint
     from .checkpoint import write_json
-    from .data import image_set
     from .models import load_model
 
     start = time.time()
@@ -166,10 +184,10 @@ def adapt(args) -> int:
     _check_output(args.out, "--out", folder=True)
     if args.resume and checkpoint.exists(args.out):  # refuse a mismatch before any real work
         adapt_mod.check_meta(checkpoint.read_meta(args.out), args.out, classnames)
+    data = _images(args)
     torch.manual_seed(args.seed)  # a config without weights starts from a seeded random init
     loaded = load_model(args.model, args.pretrained)
-    data = image_set(args.data, loaded.preprocess)
-    data.check()
+    data = data.with_transform(loaded.preprocess)
     config = adapt_mod.Config(projection=args.projection, sides=args.sides, seed=args.seed,
                               label_sharing=not args.no_label_sharing,
                               visual_loss=args.visual_loss)
@@ -196,6 +214,7 @@ def adapt(args) -> int:
     report = {"command": "adapt", "images": len(data), "classes": len(classnames),
               "config": dataclasses.asdict(config), "epochs": clf.epoch,
               "iterations": clf.iterations, "zero_shot_accuracy": zs_acc,
+              "skipped_images": {"count": len(data.skipped), "paths": data.skipped},
               "history": [dataclasses.asdict(h) for h in clf.history]}
     if not args.inductive:
         pred = clf.predict(data)
@@ -210,12 +229,10 @@ def adapt(args) -> int:
 
 def _load_run(args):
     from .adapt import ReCLIP
-    from .data import image_set
 
+    data = _images(args)
     clf = ReCLIP.load(args.run)
-    data = image_set(args.data, clf.loaded.preprocess)
-    data.check()
-    return clf, data
+    return clf, data.with_transform(clf.loaded.preprocess)
 
 
 def predict(args) -> int:
