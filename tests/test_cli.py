@@ -57,6 +57,8 @@ CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TIMEOUT = 300
+NOTES = "a file of the user's that --out must not replace\n"
+SOMEBAD_BROKEN = ["cat/empty.png", "dog/notes.jpg", "dog/truncated.jpg"]  # in sorted order
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -196,6 +198,17 @@ def _kill_reference(ws: Path):
                                seed=KILL_SEED))
 
 
+def _zero_epochs_chain(ws: Path):
+    adapt = cli(ws, *adapt_args("data", "run_zero", "--epochs", "0"))
+    return adapt, cli(ws, "predict", "--run", "run_zero", "--data", "data")
+
+
+def _skip_bad_chain(ws: Path):
+    adapt = cli(ws, *adapt_args("somebad", "run_skip", "--epochs", "1", "--skip-bad-images"))
+    flags = ["--run", "run_skip", "--data", "somebad", "--skip-bad-images"]
+    return adapt, cli(ws, "predict", *flags), cli(ws, "eval", *flags)
+
+
 def _mismatch(ws: Path):
     """--resume into a copy of run_main with the same classes in another order."""
     shutil.copytree(ws / "run_main", ws / "run_mismatch", ignore=shutil.ignore_patterns("*.tsv"))
@@ -203,6 +216,46 @@ def _mismatch(ws: Path):
     r = cli(ws, *adapt_args("flat", "run_mismatch", "--epochs", "4", "--resume",
                             classes="reordered.txt"))
     return r, before, (ws / "run_mismatch" / "run.json").read_text()
+
+
+def _edit_json(path: Path, edit) -> None:
+    meta = read_json(path)
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+def _bigger_model(meta: dict) -> None:
+    meta["model"]["model"]["embed_dim"] *= 2
+
+
+def _corrupt_tensors(run: Path) -> None:
+    tensors = run / read_json(run / "run.json")["tensors"]
+    tensors.write_bytes(tensors.read_bytes()[:100])
+
+
+# run directories a user may hand to predict that do not hold a usable run: case -> how a
+# copy of run_main is spoiled (each error line must name the run)
+RUN_EDITS = {
+    "run-json-not-an-object": lambda run: (run / "run.json").write_text("[1, 2]\n"),
+    "run-json-lacks-tensors": lambda run: _edit_json(run / "run.json",
+                                                     lambda m: m.pop("tensors")),
+    "run-json-lacks-history": lambda run: _edit_json(run / "run.json",
+                                                     lambda m: m.pop("history")),
+    "run-classnames-not-strings": lambda run: _edit_json(
+        run / "run.json", lambda m: m.update(classnames=[1, 2, 3])),
+    "run-config-wrong-type": lambda run: _edit_json(
+        run / "run.json", lambda m: m["config"].update(k="twenty")),
+    "run-of-another-model": lambda run: _edit_json(run / "run.json", _bigger_model),
+    "run-model-not-a-model": lambda run: _edit_json(
+        run / "run.json", lambda m: m["model"].update(model=5)),
+    "run-tensor-file-truncated": _corrupt_tensors,
+}
+
+
+def _spoiled_run(ws: Path, case: str):
+    shutil.copytree(ws / "run_main", ws / case, ignore=shutil.ignore_patterns("*.tsv"))
+    RUN_EDITS[case](ws / case)
+    return cli(ws, "predict", "--run", case, "--data", "data")
 
 
 def _digits_chain(ws: Path):
@@ -236,6 +289,20 @@ BAD_INPUTS = [
       "--out", "r_bad", "--quiet"], "No-Such-Model-42"),
     ("run-is-not-a-run", "predict", ["predict", "--run", "notrun", "--data", "data"], "notrun"),
     ("eval-flat-folder", "eval", ["eval", "--run", "run_main", "--data", "flat"], None),
+    # an unknown model / a folder that is no run: the --out error must come first, before any
+    # model or run is loaded
+    ("unreadable-images-not-skipped", "adapt", adapt_args("somebad", "r_bad"), "empty.png"),
+    ("out-is-a-file", "adapt",
+     ["adapt", "--model", "No-Such-Model-42", "--data", "data", "--classes", "classes.txt",
+      "--out", "notes.txt", "--quiet"], "--out"),
+    ("out-below-a-file", "adapt", adapt_args("data", "notes.txt/run"), "--out"),
+    ("epochs-negative", "adapt", adapt_args("data", "r_bad", "--epochs", "-1"), "--epochs"),
+    ("iterations-zero", "adapt", adapt_args("data", "r_bad", "--iterations", "0"), "--iterations"),
+    ("batch-size-zero", "adapt", adapt_args("data", "r_bad", "--batch-size", "0"), "--batch-size"),
+    ("batch-size-negative", "adapt", adapt_args("data", "r_bad", "--batch-size", "-3"),
+     "--batch-size"),
+    ("predict-out-is-a-folder", "predict",
+     ["predict", "--run", "notrun", "--data", "data", "--out", "emptydir"], "--out"),
 ]
 
 # Every job: key -> (function of the workspace, whether it reads run_main). In submission
@@ -246,6 +313,10 @@ JOBS = {
     "kill_ref": (_kill_reference, False),
     "resume": (_resume_chain, False),
     "inductive": (_inductive_chain, False),
+    "zero_epochs": (_zero_epochs_chain, False),
+    "skip_bad": (_skip_bad_chain, False),
+    "visual_only": (lambda ws: cli(ws, *adapt_args("data", "run_visual", "--epochs", "1",
+                                                   "--sides", "visual", "--inductive")), False),
     "predict_stdout": (lambda ws: cli(ws, "predict", "--run", "run_main", "--data", "data"), True),
     "predict_file": (lambda ws: cli(ws, "predict", "--run", "run_main", "--data", "data",
                                     "--out", "pred.tsv"), True),
@@ -255,6 +326,7 @@ JOBS = {
                               "cifar10", "--out", "run_preset", "--epochs", "2", "--quiet"), False),
     **{case: ((lambda ws, argv=argv: cli(ws, *argv)), "run_main" in argv)
        for case, _, argv, _ in BAD_INPUTS},
+    **{case: ((lambda ws, case=case: _spoiled_run(ws, case)), True) for case in RUN_EDITS},
     "digits": (_digits_chain, False),
     "help": (_help, False),
     "adapt_help": (lambda ws: cli(ws, "adapt", "--help"), False),
@@ -267,9 +339,13 @@ TEST_JOBS = {
     "test_eval_accuracy_uses_folder_names_not_folder_order": ["predict_stdout", "eval"],
     "test_preset_cifar10": ["preset"],
     "test_inductive_then_predict_other_folder": ["inductive"],
+    "test_zero_epochs_saves_the_zero_shot_model": ["zero_epochs"],
+    "test_skip_bad_images": ["skip_bad"],
+    "test_visual_side_only_run_is_saved": ["visual_only"],
     "test_resume_equals_uninterrupted": ["main", "resume"],
     "test_sigkill_mid_run_then_resume_equals_uninterrupted": ["kill", "kill_ref"],
     "test_resume_with_other_class_list_is_refused": ["mismatch"],
+    "test_out_naming_a_file_leaves_it_alone": ["out-is-a-file"],
     "test_help": ["help", "adapt_help"],
     "test_shipped_digits_model_on_a_digit_folder": ["digits"],
 }
@@ -306,9 +382,16 @@ def _make_workspace(ws: Path) -> None:
     write_images(ws / "flat", None, n_flat=4, seed=3)
     write_images(ws / "baddata", {"cat": 3, "dog": 3}, seed=4)
     (ws / "baddata" / "dog" / "garbage.png").write_bytes(b"this is not a PNG file\n" * 8)
+    write_images(ws / "somebad", {"cat": 3, "dog": 3}, seed=6)
+    (ws / "somebad" / "cat" / "empty.png").write_bytes(b"")
+    jpeg = ws / "somebad" / "dog" / "truncated.jpg"
+    PIL.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(jpeg, quality=95)
+    jpeg.write_bytes(jpeg.read_bytes()[:300])
+    (ws / "somebad" / "dog" / "notes.jpg").write_text("not a JPEG\n")
     (ws / "emptydir").mkdir()
     (ws / "notrun").mkdir()
     (ws / "notrun" / "readme.txt").write_text("not a run\n")
+    (ws / "notes.txt").write_text(NOTES)
     (ws / "classes.txt").write_text("".join(c + "\n" for c in CLASSES))
     (ws / "reordered.txt").write_text("".join(c + "\n" for c in sorted(CLASSES)))
     (ws / "empty.txt").write_text("")
@@ -441,6 +524,52 @@ def test_inductive_then_predict_other_folder(jobs):
     assert {name for _, name in rows} <= set(CLASSES)
 
 
+def test_zero_epochs_saves_the_zero_shot_model(jobs):
+    """--epochs 0: a complete run of the unadapted model, which predict can load."""
+    ws = jobs.ws
+    adapt, predict = jobs.result("zero_epochs")
+    ok(adapt)
+    assert not [ln for ln in adapt.stderr.splitlines() if ln.startswith("epoch ")], adapt.stderr
+    run = ws / "run_zero"
+    assert read_json(run / "run.json")["epoch"] == 0
+    report = read_json(run / "report.json")
+    assert report["epochs"] == 0 and report["iterations"] == 0 and report["history"] == []
+    # before any training both sides score with the original class embeddings: zero-shot CLIP
+    assert report["reclip_accuracy"] == report["zero_shot_accuracy"]
+    written = (run / "predictions.tsv").read_text()
+    rows = parse_predictions(written)
+    assert [p for p, _ in rows] == expected_paths("data", CLASS_COUNTS)
+    assert report["reclip_accuracy"] == pytest.approx(accuracy_of(rows))
+    assert ok(predict).stdout == written
+
+
+def test_visual_side_only_run_is_saved(jobs):
+    """ReCLIP-V never rebuilds the T side's projection: the saved run must still be writable."""
+    ok(jobs.result("visual_only"))
+    meta = read_json(jobs.ws / "run_visual" / "run.json")
+    assert meta["epoch"] == 1 and meta["config"]["sides"] == "visual"
+
+
+def test_skip_bad_images(jobs):
+    """--skip-bad-images: the broken files (empty PNG, truncated JPEG, text named .jpg) are left
+    out with one warning line, listed in report.json, and absent from the predictions."""
+    ws = jobs.ws
+    adapt, predict, evaluated = jobs.result("skip_bad")
+    broken = [os.path.join("somebad", *name.split("/")) for name in SOMEBAD_BROKEN]
+    for r in (adapt, predict, evaluated):
+        warnings = [ln for ln in ok(r).stderr.splitlines() if "skipped" in ln]
+        assert len(warnings) == 1 and "warning: skipped 3 unreadable images" in warnings[0], r.stderr
+        assert broken[0] in warnings[0]
+    report = read_json(ws / "run_skip" / "report.json")
+    assert report["skipped_images"] == {"count": 3, "paths": broken}
+    assert report["images"] == 6
+    written = (ws / "run_skip" / "predictions.tsv").read_text()
+    assert [p for p, _ in parse_predictions(written)] == expected_paths("somebad",
+                                                                        {"cat": 3, "dog": 3})
+    assert predict.stdout == written
+    assert evaluated.stdout.strip().endswith("(6 images)"), evaluated.stdout
+
+
 # ----------------------------------------------------------------------------------- 6. resume
 
 
@@ -505,6 +634,37 @@ def _assert_one_line_error(r: subprocess.CompletedProcess, command: str, mention
 def test_bad_input_is_one_line_error(jobs, case, command, argv, mentions):
     _assert_one_line_error(jobs.result(case), command, mentions)
     assert not (jobs.ws / "r_bad" / "run.json").exists()
+
+
+@pytest.mark.parametrize("case", RUN_EDITS)
+def test_spoiled_run_is_one_line_error(jobs, case):
+    _assert_one_line_error(jobs.result(case), "predict", case)
+
+
+def test_internal_type_or_key_error_shows_its_traceback(monkeypatch, tmp_path):
+    """TypeError and KeyError inside reclip are bugs: main() must not turn them into a one-line
+    user error (a ValueError from the same place is one, the control)."""
+    from reclip import cli as reclip_cli
+    from reclip import prompts
+
+    argv = ["adapt", "--model", TINY_VIT, "--data", str(tmp_path), "--classes", "c.txt",
+            "--out", str(tmp_path / "run"), "--quiet"]
+    for error in (TypeError("a bug"), KeyError("a bug")):
+        def raise_(path, error=error):
+            raise error
+        monkeypatch.setattr(prompts, "read_classnames", raise_)
+        with pytest.raises(type(error), match="a bug"):
+            reclip_cli.main(argv)
+
+    def user_error(path):
+        raise ValueError(f"{path}: no class names")
+    monkeypatch.setattr(prompts, "read_classnames", user_error)
+    assert reclip_cli.main(argv) == 2
+
+
+def test_out_naming_a_file_leaves_it_alone(jobs):
+    _assert_one_line_error(jobs.result("out-is-a-file"), "adapt", "notes.txt")
+    assert (jobs.ws / "notes.txt").read_text() == NOTES
 
 
 def test_resume_with_other_class_list_is_refused(jobs):

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from reclip.data import (IMAGE_EXTENSIONS, ImageSet, array_image_set, image_set, load_cifar, load_mnist,
-                         loader, read_idx)
+from reclip.data import (IMAGE_EXTENSIONS, ImageSet, array_image_set, image_error, image_set,
+                         load_cifar, load_mnist, loader, read_idx)
 
 
 def _png(path, value, size=(5, 4), mode="RGB"):
@@ -122,6 +122,36 @@ def test_corrupt_image_named(tmp_path):
     with pytest.raises(ValueError) as e:
         ds[2]
     _one_line(e, trunc)
+
+
+def test_check_can_skip_unreadable_images(tmp_path):
+    _png(tmp_path / "a" / "1.png", 10)
+    _png(tmp_path / "b" / "2.png", 20)
+    _png(tmp_path / "b" / "4.png", 40)
+    (tmp_path / "a" / "0.png").write_bytes(b"")  # zero bytes
+    (tmp_path / "b" / "3.jpg").write_text("text, not a JPEG")
+    ds = image_set(tmp_path)
+    assert len(ds) == 5
+    assert image_error(ds.paths[0]) is not None and str(ds.paths[0]) in image_error(ds.paths[0])
+    assert image_error(ds.paths[1]) is None
+    with pytest.raises(ValueError) as e:
+        ds.check()  # the default stays: stop at the first, naming it
+    _one_line(e, ds.paths[0], "1 more")
+    seen = []
+    good = ds.check(progress=seen.append, skip_bad=True)
+    assert seen == [1] * 5
+    assert good.skipped == [ds.paths[0], ds.paths[3]] and ds.skipped == []
+    assert good.paths == [ds.paths[i] for i in (1, 2, 4)]
+    assert good.labels.tolist() == [0, 1, 1] and good.classes == ["a", "b"]
+    assert [good[i][2] for i in range(3)] == [0, 1, 2]  # items re-indexed, all loadable
+    assert abs(float(good[2][0][0, 0, 0]) - 40 / 255) < 1e-6
+    assert good.with_transform(lambda im: im.size).skipped == good.skipped
+    assert good.check(skip_bad=True) is good  # nothing more to skip
+    for p in good.paths:
+        Path(p).write_bytes(b"")
+    with pytest.raises(ValueError) as e:
+        good.check(skip_bad=True)
+    _one_line(e, tmp_path, "none of its 3 images")
 
 
 def test_tensor_source():

@@ -126,7 +126,9 @@ class ReCLIP:
         self.nodes_v = self._class_nodes(self.visual_copy)
         self.basis_v = projection.basis(self.nodes_v, self.config.projection)
         self.nodes_t = self.nodes_v.clone()
-        self.basis_t = self.basis_v
+        # a copy too: a saved run must not hold two views of one storage (safetensors refuses
+        # them), and the T side keeps this one until it rebuilds it (never, for ReCLIP-V)
+        self.basis_t = None if self.basis_v is None else self.basis_v.clone()
         self.centres = self.nodes_v.clone()
         self._opt_t = self._optimizer(self.text_params)
         self._opt_v = self._optimizer(self.visual_params)
@@ -186,6 +188,7 @@ class ReCLIP:
         c = self.config
         batch = c.batch_for(len(self.classnames))
         self._bars = progress
+        saved = False
         try:
             frozen = self._encode_images(self.text_copy, data)  # the T side's visual tower never trains
             for epoch in _progress(range(self.epoch, c.max_epochs), progress, "epochs"):
@@ -198,8 +201,13 @@ class ReCLIP:
                     log(entry)
                 if out_dir is not None:
                     self.save(out_dir)
+                    saved = True
         finally:
             self._bars = False
+        if out_dir is not None and not saved:
+            # No epoch ran (max_epochs 0: the zero-shot model, or a resumed run that is already
+            # complete): out_dir must still hold this model, not nothing or an older run.
+            self.save(out_dir)
         return self
 
     def _epoch(self, data, frozen: torch.Tensor, epoch: int, batch: int,
@@ -347,9 +355,16 @@ class ReCLIP:
     def load(cls, directory: str | Path) -> "ReCLIP":
         """Rebuild a saved run; reads only safetensors and JSON (never executes code)."""
         tensors, meta = checkpoint.read(directory)
-        loaded = model_from_spec(meta["model"])
+        check_meta(meta, directory)
+        try:
+            loaded = model_from_spec(meta["model"])
+        except ValueError as err:  # say which run holds the spec
+            raise ValueError(f"{directory}: {err}") from None
         fields = {f.name for f in dataclasses.fields(Config)}
-        config = Config(**{k: v for k, v in meta["config"].items() if k in fields})
+        try:
+            config = Config(**{k: v for k, v in meta["config"].items() if k in fields})
+        except (TypeError, ValueError) as err:  # a value of the wrong type fails a comparison
+            raise ValueError(f"{directory}: run.json config: {err}") from None
         obj = cls(loaded, meta["classnames"], meta["templates"], config)
         obj._restore((tensors, meta), directory)
         return obj
@@ -357,40 +372,71 @@ class ReCLIP:
     def _restore(self, saved: tuple[dict[str, torch.Tensor], dict[str, Any]], where, *,
                  rng: bool = False) -> None:
         tensors, meta = saved
-        check_classes(meta, self.classnames, where)
+        check_meta(meta, where, self.classnames)
+
+        def tensor(key: str, like: torch.Tensor | None, required: bool = True):
+            t = tensors.get(key)
+            if t is None and required:
+                raise ValueError(f"{where}: checkpoint lacks {key}; was it made for another model?")
+            if t is not None and like is not None and t.shape != like.shape:
+                raise ValueError(f"{where}: checkpoint {key} has shape {tuple(t.shape)}, the model "
+                                 f"needs {tuple(like.shape)}; was it made for another model?")
+            return t
+
         base = {k[len("base."):]: v for k, v in tensors.items() if k.startswith("base.")}
         if base:
             for model in (self.loaded.model, self.text_copy, self.visual_copy):
-                model.load_state_dict(base)
+                try:
+                    model.load_state_dict(base)
+                except RuntimeError as err:  # missing, unexpected or mis-shaped keys
+                    raise ValueError(f"{where}: checkpoint base weights do not fit the model: "
+                                     f"{str(err).splitlines()[0]}") from None
         with torch.no_grad():
             for side, params in (("text", self.text_params), ("visual", self.visual_params)):
                 for name, p in params.items():
-                    key = f"{side}.{name}"
-                    if key not in tensors:
-                        raise ValueError(f"{where}: checkpoint lacks {key}; was it made for another model?")
-                    p.copy_(tensors[key])
-        self.nodes_t, self.nodes_v = tensors["state.nodes_t"], tensors["state.nodes_v"]
-        self.centres = tensors["state.centres"]
-        self.basis_t = tensors.get("state.basis_t")
-        self.basis_v = tensors.get("state.basis_v")
+                    p.copy_(tensor(f"{side}.{name}", p))
+        self.nodes_t = tensor("state.nodes_t", self.nodes_t)
+        self.nodes_v = tensor("state.nodes_v", self.nodes_v)
+        self.centres = tensor("state.centres", self.centres)
+        # no shape for the bases: their width follows the rank of the class embeddings
+        self.basis_t = tensor("state.basis_t", None, required=False)
+        self.basis_v = tensor("state.basis_v", None, required=False)
         for side, opt, params in (("text", self._opt_t, self.text_params),
                                   ("visual", self._opt_v, self.visual_params)):
             for name, p in params.items():
-                buf = tensors.get(f"momentum.{side}.{name}")
+                buf = tensor(f"momentum.{side}.{name}", p, required=False)
                 if buf is not None:
                     opt.state[p]["momentum_buffer"] = buf.clone()
         if rng:
-            torch.set_rng_state(tensors["rng.torch"])
-        self.epoch, self.iterations = int(meta["epoch"]), int(meta["iterations"])
-        self.history = [EpochLog(**h) for h in meta["history"]]
+            state = tensor("rng.torch", None)
+            if state.dtype != torch.uint8:
+                raise ValueError(f"{where}: checkpoint rng.torch is {state.dtype}, not uint8")
+            torch.set_rng_state(state)
+        self.epoch, self.iterations = meta["epoch"], meta["iterations"]
+        try:
+            self.history = [EpochLog(**h) for h in meta["history"]]
+        except TypeError as err:  # an entry that is no object or has other fields
+            raise ValueError(f"{where}: run.json history: {err}") from None
 
 
 # ---------------------------------------------------------------------------------- helpers
 
 
-def check_classes(meta: dict[str, Any], classnames: list[str], where) -> None:
-    """A run may only be resumed with the class list (and order) it was made with."""
-    if meta["classnames"] != classnames:
+#: what run.json must hold for a run to be loaded or resumed, with the JSON types
+_META_TYPES = {"model": dict, "classnames": list, "templates": list, "config": dict,
+               "epoch": int, "iterations": int, "history": list}
+
+
+def check_meta(meta: dict[str, Any], where, classnames: list[str] | None = None) -> None:
+    """A run's metadata holds what a run needs (ValueError naming `where` otherwise: a
+    hand-edited run.json or one of another program), and, given `classnames`, was made with
+    exactly that class list and order: a run may only be resumed with its own classes."""
+    for key, kind in _META_TYPES.items():
+        value = meta.get(key)
+        if not isinstance(value, kind) or (key in ("classnames", "templates")
+                                           and not all(isinstance(v, str) for v in value)):
+            raise ValueError(f"{where}: run.json has no valid {key!r}; was it written by reclip?")
+    if classnames is not None and meta["classnames"] != classnames:
         raise ValueError(f"{where}: checkpoint classes {meta['classnames'][:5]}... do not match "
                          f"the requested classes {classnames[:5]}...")
 

@@ -52,12 +52,16 @@ def json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def write_json(path: str | Path, obj: Any, default=json_default) -> None:
-    """Atomically write `obj` as indented JSON (`default` as in json.dumps), creating the folder."""
+def write_text(path: str | Path, text: str) -> None:
+    """Atomically write `text` to `path`, creating the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=2, default=default) + "\n"
     _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path: str | Path, obj: Any, default=json_default) -> None:
+    """Atomically write `obj` as indented JSON (`default` as in json.dumps), creating the folder."""
+    write_text(path, json.dumps(obj, indent=2, default=default) + "\n")
 
 
 def write(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
@@ -90,9 +94,13 @@ def read(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     tensor_path = directory / meta["tensors"]
     if not tensor_path.is_file():
         raise FileNotFoundError(f"{tensor_path}: missing")
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(tensor_path)), meta
+    try:
+        return load_file(str(tensor_path)), meta
+    except SafetensorError as err:  # truncated or not a safetensors file
+        raise ValueError(f"{tensor_path}: unreadable ({err})") from None
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
@@ -103,8 +111,12 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{directory}: not a reclip run directory (no {META})")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{meta_path}: unreadable ({err})") from err
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{meta_path}: unreadable ({err})") from None
+    found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    if found != FORMAT:
+        raise ValueError(f"{meta_path}: unknown format {found!r}, expected {FORMAT!r}")
+    name = meta.get("tensors")
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise ValueError(f"{meta_path}: no valid 'tensors' (the name of the run's tensor file)")
     return meta

@@ -6,6 +6,9 @@
     reclip predict --run RUN --data DIR [--out FILE]      # path<TAB>class per image
     reclip eval    --run RUN --data DIR                   # ImageFolder labels -> accuracy
 
+An unreadable image stops adapt, predict and eval before any model loads; with
+--skip-bad-images it is left out instead (one warning line; adapt's report.json lists it).
+
 Every user error (a missing file, an empty folder, a class list that does not match a
 checkpoint) ends with one line on stderr and exit status 2, never a traceback.
 """
@@ -13,23 +16,47 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, TypeError, MemoryError,
-               PermissionError, KeyError)
+# Only the types reclip raises for what a user gave it: a TypeError or KeyError is a bug in
+# reclip (or a library), whose traceback must show.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, MemoryError, PermissionError)
+SKIP_HELP = "leave out unreadable images (one warning line) instead of stopping at the first"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one line like every other user error (sub-commands
+    get this class too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(minimum: int):
+    """An argparse type: an integer >= minimum, else a usage error naming the flag."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reclip", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="reclip", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="adapt the embedded digits model to scikit-learn's digits")
     d.add_argument("--out", default="reclip-demo", help="folder for report.json and plots")
-    d.add_argument("--epochs", type=int, default=10)
+    d.add_argument("--epochs", type=_at_least(0), default=10)
     d.add_argument("--model", default="reclip-digits", help=argparse.SUPPRESS)
     d.add_argument("--no-plots", action="store_true")
 
@@ -41,9 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--templates", help="prompt templates with {}, one per line")
     a.add_argument("--preset", help="class names and templates of a benchmark (e.g. cifar10)")
     a.add_argument("--out", required=True, help="run directory to write")
-    a.add_argument("--epochs", type=int, help="maximum epochs (default 50)")
-    a.add_argument("--iterations", type=int, help="maximum iterations (default 5000)")
-    a.add_argument("--batch-size", type=int, help="default 64, or 32 above 200 classes")
+    a.add_argument("--epochs", type=_at_least(0),
+                   help="maximum epochs (default 50); 0 saves the zero-shot model as the run")
+    a.add_argument("--iterations", type=_at_least(1), help="maximum iterations (default 5000)")
+    a.add_argument("--batch-size", type=_at_least(1), help="default 64, or 32 above 200 classes")
     a.add_argument("--projection", choices=("P0", "P1", "P2"), default="P2")
     a.add_argument("--sides", choices=("both", "text", "visual"), default="both",
                    help="ReCLIP (both), ReCLIP-T (text) or ReCLIP-V (visual)")
@@ -56,15 +84,30 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--inductive", action="store_true",
                    help="only adapt and save; do not predict the adaptation images")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.add_argument("--skip-bad-images", action="store_true", help=SKIP_HELP)
 
     for name, helptext in (("predict", "write the predicted class of every image"),
                            ("eval", "accuracy on an ImageFolder whose folders are class names")):
         q = sub.add_parser(name, help=helptext)
         q.add_argument("--run", required=True, help="run directory written by reclip adapt")
         q.add_argument("--data", required=True, help="image folder")
+        q.add_argument("--skip-bad-images", action="store_true", help=SKIP_HELP)
         if name == "predict":
             q.add_argument("--out", help="output file (default: stdout)")
     return p
+
+
+def _images(args):
+    """The images of --data, every file decoded once now so that an unreadable one stops the
+    command before any model loads (or, with --skip-bad-images, is left out with a warning)."""
+    from .data import image_set
+
+    data = image_set(args.data).check(skip_bad=args.skip_bad_images)
+    if data.skipped:
+        n = len(data.skipped)
+        _say(f"reclip: warning: skipped {n} unreadable image{'s' if n > 1 else ''} "
+             f"(first: {data.skipped[0]})")
+    return data
 
 
 def _class_lists(args) -> tuple[list[str], list[str] | None]:
@@ -100,16 +143,32 @@ def _folder_labels(data, classnames: list[str]) -> np.ndarray:
     return np.where(labels >= 0, remap[np.clip(labels, 0, None)], -1)
 
 
+def _check_output(path: str, flag: str, *, folder: bool) -> None:
+    """Refuse an output path that could only fail once the work is done: called before any
+    model loads, so a mistyped --out costs nothing."""
+    p = Path(path)
+    if p.exists() and p.is_dir() != folder:
+        raise ValueError(f"{flag}: {path} is a {'file' if folder else 'folder'}; "
+                         f"expected {'a folder' if folder else 'a file name'}")
+    # the nearest existing folder is where the output (or the folders above it) gets created
+    base = p if folder and p.exists() else p.parent
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise ValueError(f"{flag}: {base} is a file, so {path} cannot be created")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag}: cannot write in {base}")
+
+
 def _write_predictions(data, pred: np.ndarray, classnames: list[str], out: str | None) -> None:
     names = data.paths or [str(i) for i in range(len(pred))]
     lines = "".join(f"{p}\t{classnames[c]}\n" for p, c in zip(names, pred))
     if out is None:
         sys.stdout.write(lines)
     else:
-        from .checkpoint import _atomic_write
+        from .checkpoint import write_text
 
-        path = Path(out)
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(lines))
+        write_text(out, lines)
 
 
 def adapt(args) -> int:
@@ -118,17 +177,17 @@ def adapt(args) -> int:
     from . import adapt as adapt_mod
     from . import checkpoint
     from .checkpoint import write_json
-    from .data import image_set
     from .models import load_model
 
     start = time.time()
     classnames, templates = _class_lists(args)
+    _check_output(args.out, "--out", folder=True)
     if args.resume and checkpoint.exists(args.out):  # refuse a mismatch before any real work
-        adapt_mod.check_classes(checkpoint.read_meta(args.out), classnames, args.out)
+        adapt_mod.check_meta(checkpoint.read_meta(args.out), args.out, classnames)
+    data = _images(args)
     torch.manual_seed(args.seed)  # a config without weights starts from a seeded random init
     loaded = load_model(args.model, args.pretrained)
-    data = image_set(args.data, loaded.preprocess)
-    data.check()
+    data = data.with_transform(loaded.preprocess)
     config = adapt_mod.Config(projection=args.projection, sides=args.sides, seed=args.seed,
                               label_sharing=not args.no_label_sharing,
                               visual_loss=args.visual_loss)
@@ -155,6 +214,7 @@ def adapt(args) -> int:
     report = {"command": "adapt", "images": len(data), "classes": len(classnames),
               "config": dataclasses.asdict(config), "epochs": clf.epoch,
               "iterations": clf.iterations, "zero_shot_accuracy": zs_acc,
+              "skipped_images": {"count": len(data.skipped), "paths": data.skipped},
               "history": [dataclasses.asdict(h) for h in clf.history]}
     if not args.inductive:
         pred = clf.predict(data)
@@ -169,15 +229,15 @@ def adapt(args) -> int:
 
 def _load_run(args):
     from .adapt import ReCLIP
-    from .data import image_set
 
+    data = _images(args)
     clf = ReCLIP.load(args.run)
-    data = image_set(args.data, clf.loaded.preprocess)
-    data.check()
-    return clf, data
+    return clf, data.with_transform(clf.loaded.preprocess)
 
 
 def predict(args) -> int:
+    if args.out is not None:
+        _check_output(args.out, "--out", folder=False)
     clf, data = _load_run(args)
     _write_predictions(data, clf.predict(data), clf.classnames, args.out)
     return 0
@@ -197,6 +257,7 @@ def evaluate(args) -> int:
 def demo(args) -> int:
     from .demo import run_demo
 
+    _check_output(args.out, "--out", folder=True)
     run_demo(args.out, model=args.model, epochs=args.epochs, plots=not args.no_plots, say=_say)
     return 0
 

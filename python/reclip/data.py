@@ -15,7 +15,9 @@ back). Sources:
 - a DataLoader (its ``.dataset``), or an ImageSet (returned as is, or re-wrapped with ``transform``).
 
 Files are opened when an item is loaded; an unreadable one raises ValueError naming it.
-``ImageSet.check()`` opens every file up front (the CLI calls it before long work).
+``ImageSet.check()`` opens every file up front (the CLI calls it before long work);
+``check(skip_bad=True)`` returns the set without the unreadable files instead, listed in its
+``skipped``. ``image_error(path)`` is the per-file decision behind both.
 
 Loaders for the on-disk formats of two torchvision datasets, read from a local folder, never
 downloading: ``load_cifar`` (the CIFAR-10/100 python pickles) and ``load_mnist`` (idx files,
@@ -75,6 +77,19 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ValueError(f"{p}: cannot read image ({_one_line(e)})") from None
 
 
+def image_error(path: str | os.PathLike) -> str | None:
+    """Why an image file cannot be used (the one-line message of load_image), or None.
+
+    The per-file decision behind ``ImageSet.check``: it decodes the file exactly as loading the
+    item does, so a file it passes loads.
+    """
+    try:
+        load_image(path)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _label_of(x: Any) -> int:
     """An item's label as int, -1 when it is not a scalar integer."""
     if x is None or isinstance(x, bool):
@@ -128,6 +143,7 @@ class ImageSet(Dataset):
             the classes given to ``array_image_set``, else None.
         root: the folder of a folder source, else None.
         transform: applied to PIL images (never to tensor sources); None = ``to_tensor``.
+        skipped: the unreadable files ``check(skip_bad=True)`` left out, in path order.
     """
 
     def __init__(self, *, kind: str, n: int, paths: list[str] | None = None,
@@ -145,6 +161,7 @@ class ImageSet(Dataset):
         self._tensor = tensor
         self._dataset = dataset
         self._array = array
+        self.skipped: list[str] = []
 
     # -- sized dataset
     def __len__(self) -> int:
@@ -204,29 +221,38 @@ class ImageSet(Dataset):
             label = int(self._labels[i])
         return img, label, i
 
-    def check(self, progress: Callable[[int], Any] | None = None) -> "ImageSet":
+    def check(self, progress: Callable[[int], Any] | None = None, *,
+              skip_bad: bool = False) -> "ImageSet":
         """Open and decode every image file now; ValueError naming the first unreadable one.
 
+        With ``skip_bad`` the unreadable files are left out instead: the result is a new set
+        of the others (labels kept), whose ``skipped`` lists them; ValueError if none is left.
         No-op for in-memory sources. ``progress`` (e.g. a tqdm bar's ``update``) is called with 1
-        per file. Returns self.
+        per file. Returns self when every file is readable.
         """
         if self.kind != "files":
             return self
-        bad: list[str] = []
-        for p in self.paths:
-            try:
-                with open(p, "rb") as f:
-                    Image.open(f).load()
-            except MemoryError:
-                raise
-            except Exception as e:
-                bad.append(f"{p}: cannot read image ({_one_line(e)})")
+        bad: dict[int, str] = {}
+        for i, p in enumerate(self.paths):
+            error = image_error(p)
+            if error is not None:
+                bad[i] = error
             if progress is not None:
                 progress(1)
-        if bad:
+        if not bad:
+            return self
+        first = next(iter(bad.values()))
+        if not skip_bad:
             more = f" [and {len(bad) - 1} more unreadable image(s)]" if len(bad) > 1 else ""
-            raise ValueError(bad[0] + more)
-        return self
+            raise ValueError(first + more)
+        keep = [i for i in range(self._n) if i not in bad]
+        if not keep:
+            raise ValueError(f"{self.root}: none of its {self._n} images is readable ({first})")
+        new = self.with_transform(self.transform)
+        new._n, new.paths = len(keep), [self.paths[i] for i in keep]
+        new._labels = self._labels[keep]
+        new.skipped = self.skipped + [self.paths[i] for i in bad]
+        return new
 
     def with_transform(self, transform: Transform | None) -> "ImageSet":
         """A copy sharing the data, with another transform."""

@@ -526,8 +526,10 @@ def load_model(model: Union[str, "os.PathLike[str]", dict],
 
 def model_from_spec(spec: dict) -> LoadedModel:
     """Rebuild the architecture and base weights recorded in :attr:`LoadedModel.spec`."""
-    if not isinstance(spec, dict) or "model" not in spec:
-        raise ValueError("model spec must be a dict with a 'model' entry")
+    if (not isinstance(spec, dict) or not isinstance(spec.get("model"), (str, dict))
+            or not isinstance(spec.get("pretrained"), (str, type(None)))):
+        raise ValueError("model spec must be a dict with a 'model' entry (a name or a config) "
+                         "and a 'pretrained' entry (a path or null)")
     return load_model(spec["model"], spec.get("pretrained"))
 
 
