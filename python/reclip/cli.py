@@ -23,9 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .optional import MissingExtra
+
 # Only the types reclip raises for what a user gave it: a TypeError or KeyError is a bug in
 # reclip (or a library), whose traceback must show.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, MemoryError, PermissionError)
+# MissingExtra: an optional package (the demo's) is not installed; its message names the extra.
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, MemoryError, PermissionError,
+               MissingExtra)
 SKIP_HELP = "leave out unreadable images (one warning line) instead of stopping at the first"
 
 

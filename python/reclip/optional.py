@@ -19,8 +19,8 @@ class MissingExtra(ImportError):
 
 
 def require(module: str, purpose: str, extra: str = "demo") -> ModuleType:
-    """Import `module` (e.g. ``"sklearn.datasets"``) or raise MissingExtra naming `purpose`,
-    the distribution and the extra: ``pip install 'reclip[demo]'``."""
+    """Import `module` (e.g. ``"sklearn.datasets"``) or raise MissingExtra naming the
+    distribution, `purpose` and the extra: ``pip install 'reclip[demo]'``."""
     try:
         return importlib.import_module(module)
     except ImportError as err:
@@ -28,5 +28,5 @@ def require(module: str, purpose: str, extra: str = "demo") -> ModuleType:
         if err.name is not None and err.name.split(".")[0] != top:
             raise  # the package is there but itself failed to import: not ours to rename
         dist = _DISTRIBUTIONS.get(top, top)
-        raise MissingExtra(f"{purpose} needs {dist}, which is not installed: "
+        raise MissingExtra(f"{dist} is not installed (needed for {purpose}): "
                            f"pip install 'reclip[{extra}]'") from None
