@@ -9,8 +9,8 @@
 # Usage: .ci/build_wheels.sh [OUT]   (default OUT=dist; needs nvcc for the CUDA wheel)
 #
 # Why manylinux_2_34: auditwheel copies the OpenMP runtime (libgomp) of the build machine into
-# the wheel, and this machine's glibc 2.36 libgomp needs GLIBC_2.34. An older tag needs a build
-# inside an older-glibc manylinux container, which our build machines cannot run.
+# the wheel, and the build system's (glibc 2.36) libgomp needs GLIBC_2.34. An older tag needs a build
+# inside an older-glibc manylinux container image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-dist}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One script for the GPU machine (no network; torch, cupy, nvcc, cmake, pybind11 and
+# One script for a GPU machine (no network needed; torch, cupy, nvcc, cmake, pybind11 and
 # scikit-build-core are there, open_clip is not): build reclip_ext with its CUDA half for sm_90,
 # run the test suite on the GPU, then benchmark label_propagate against the torch and ZLaP
 # recipes (benchmarks/device_bench.py). Run from anywhere in the repository:
@@ -154,7 +154,7 @@ if not os.path.realpath(reclip_ext.__file__).startswith(os.path.realpath(venv) +
 if with_cuda.upper() != "OFF" and not reclip_ext.built_with_cuda():
     sys.exit("IMPORT CHECK FAILED: the CUDA half was not compiled")
 if device == "cuda" and count < 1:
-    sys.exit("IMPORT CHECK FAILED: cuda_device_count() == 0 on the GPU machine")
+    sys.exit("IMPORT CHECK FAILED: cuda_device_count() == 0 on a machine that should have a GPU")
 PY
 }
 

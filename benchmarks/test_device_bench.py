@@ -28,7 +28,7 @@ SMOKE = ["--device", "cpu", "--n", "2000", "--m", "10", "--d", "64", "--mm-repea
 
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory):
-    """device_bench.py as the GPU machine runs it (python -P, a fresh process), in CPU mode."""
+    """device_bench.py as device_check.sh runs it (python -P, a fresh process), in CPU mode."""
     out = tmp_path_factory.mktemp("device_bench") / "report.json"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_WAIT_POLICY="PASSIVE")
     proc = subprocess.run([sys.executable, "-P", str(HERE / "device_bench.py"), *SMOKE,

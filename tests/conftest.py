@@ -4,7 +4,7 @@
 - the hypothesis profiles ("ci" by default, "slow", "dev"; pick one with HYPOTHESIS_PROFILE)
   and the ``slow`` marker (skipped unless ``--runslow`` or ``-m slow``),
 - array kinds (numpy, torch) to parametrise over, skipped cleanly without torch,
-- the k-NN comparison rule of DESIGN §5 (neighbour sets + sorted weights, float32 judged
+- the k-NN comparison rule of docs/design.md, Testing (neighbour sets + sorted weights, float32 judged
   against a float32 numpy run of the same data).
 """
 from __future__ import annotations
@@ -145,7 +145,7 @@ def clip_data():
 
 
 # --------------------------------------------------------------------------------------------
-# the k-NN comparison rule (DESIGN §5)
+# the k-NN comparison rule (docs/design.md, Testing)
 
 
 def knn_tolerances(x, k, *, exclude_self, weight, gamma, normalize, ref=None):

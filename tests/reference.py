@@ -1,4 +1,4 @@
-"""Float64 dense numpy/scipy references of DESIGN §2, and the LP-DeepSSL recipe.
+"""Float64 dense numpy/scipy references of docs/mathematics.md §2, and the LP-DeepSSL recipe.
 
 Why this module exists: every kernel of reclip_ext is checked against something that is
 obviously correct. Nothing here is clever: the full N x N similarity is formed, sorted with
@@ -26,7 +26,7 @@ import scipy.sparse.linalg
 
 
 def weight_fn(s, weight: str = "relu", gamma: float = 1.0):
-    """f(s) of DESIGN §2 step 3, in the dtype of ``s``: relu max(s, 0)^gamma, shift
+    """f(s) of docs/mathematics.md §2, step 3, in the dtype of ``s``: relu max(s, 0)^gamma, shift
     ((1 + s) / 2)^gamma. The shift base is in [0, 1] for cosine similarities; for raw inner
     products below -1 it is clamped at 0 like relu's, so that every weight is >= 0 (what
     sym_normalize requires) and ^gamma is defined for any gamma > 0."""
@@ -46,7 +46,7 @@ def ref_similarity(x, normalize: bool = False, dtype=np.float64) -> np.ndarray:
     float64 (the reference): every S_ij is the same elementwise-product-and-sum of two rows,
     so identical rows give bitwise identical similarities and exact ties stay exact (a BLAS
     matmul does not promise that: its edge tiles take other code paths). Any other ``dtype``:
-    a plain numpy matmul in that precision (the same-precision baseline of DESIGN §5).
+    a plain numpy matmul in that precision (the same-precision baseline of docs/design.md, Testing).
     """
     a = np.asarray(x).astype(dtype)
     if normalize:
@@ -79,7 +79,7 @@ class KnnRef(NamedTuple):
 
 def ref_knn(x, k: int, exclude_self: bool = True, weight: str = "relu", gamma: float = 1.0,
             normalize: bool = False, dtype=np.float64) -> KnnRef:
-    """DESIGN §2 steps 1-3 with the full N x N similarity (float64 unless ``dtype`` says)."""
+    """docs/mathematics.md §2, steps 1-3 with the full N x N similarity (float64 unless ``dtype`` says)."""
     s = ref_similarity(x, normalize, dtype)
     n = s.shape[0]
     idx = np.stack([topk_order(s[i], k, i if exclude_self else None) for i in range(n)])
@@ -200,7 +200,7 @@ class LabelPropagationRef(NamedTuple):
 
 def ref_label_propagate(text, images, k: int = 20, alpha: float = 0.99, weight: str = "relu",
                         gamma: float = 1.0, normalize: bool = True) -> LabelPropagationRef:
-    """DESIGN §2 steps 1-6 in float64 with an exact (direct) solve."""
+    """docs/mathematics.md §2, steps 1-6 in float64 with an exact (direct) solve."""
     t = np.asarray(text, dtype=np.float64)
     v = np.asarray(images, dtype=np.float64)
     m = t.shape[0]

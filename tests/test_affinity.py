@@ -1,4 +1,4 @@
-"""knn_affinity against the float64 reference (DESIGN §2 steps 1-3, §5).
+"""knn_affinity against the float64 reference (docs/mathematics.md §2, steps 1-3; docs/design.md, Testing).
 
 Parametrised over dtype x shape x forced tiling (block_rows) x options; top-k compared by
 neighbour sets and sorted weights. Also: exact tie handling, strided / non-contiguous
@@ -409,7 +409,7 @@ def test_normalize_is_scale_invariant(dtype, scale):
 
 
 # --------------------------------------------------------------------------------------------
-# CUDA (the contract of DESIGN §2; skipped without a device)
+# CUDA (the contract of docs/mathematics.md §2; skipped without a device)
 
 
 @pytest.mark.parametrize("dtype", [

@@ -1,5 +1,5 @@
 """cg_solve against numpy.linalg.solve, scipy.sparse.linalg.cg and the textbook CG of
-reference.py (DESIGN §2 step 5): per-column convergence, stop rules, input forms."""
+reference.py (docs/mathematics.md §2, step 5): per-column convergence, stop rules, input forms."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""The CUDA backend (issue 3): kernels against the float64 reference and the CPU kernels.
+"""The CUDA backend: kernels against the float64 reference and the CPU kernels.
 
 Two halves. The first runs everywhere: the __host__ __device__ logic the GPU shares with the
 CPU (top-k insert and re-sort with int32 lists, the weight, the overflow-safe sqrt(d_i d_j),

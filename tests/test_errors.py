@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN §3 gets its typed error, and the message names the argument.
+"""Every bad input of docs/design.md (Errors) gets its typed error, and the message names the argument.
 
 TypeError for dtype / kind, ValueError for shape and value, RuntimeError for CUDA input that
 this build or version cannot run. Nothing aborts the interpreter.

@@ -1,4 +1,4 @@
-"""label_propagate against the float64 reference (DESIGN §2 steps 1-6) and against the
+"""label_propagate against the float64 reference (docs/mathematics.md §2, steps 1-6) and against the
 LP-DeepSSL recipe (float32 numpy kNN + scipy CSR + scipy.sparse.linalg.cg per class)."""
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def test_well_separated_labels_float32():
     ref = reference.ref_label_propagate(text, images, 10, 0.9)
     np.testing.assert_array_equal(res.labels, ref.labels)
     np.testing.assert_array_equal(res.labels, truth)
-    # float32 scores judged against the float32 recipe's error (DESIGN §5)
+    # float32 scores judged against the float32 recipe's error (docs/design.md, Testing)
     rec = reference.lp_deepssl_recipe(text, images, 10, 0.9, 500, 1e-6)
     scale = np.abs(ref.scores).max()
     err_lib = np.abs(res.scores - ref.scores).max() / scale
@@ -158,7 +158,7 @@ def test_unnormalized_shift_weight_runs(gamma):
 
 def test_memory_is_not_quadratic(tmp_path):
     """N = 30,010 rows: one N x N float32 matrix would be 3.6 GB; the whole propagation must
-    stay far below (DESIGN §2: memory O(N (k + d)))."""
+    stay far below (docs/mathematics.md §2: memory O(N (k + d)))."""
     code = (
         "import resource, numpy as np, reclip_ext\n"
         "rng = np.random.default_rng(0)\n"

@@ -1,4 +1,4 @@
-"""sym_normalize against the dense reference (DESIGN §2 step 4) and its CSR invariants."""
+"""sym_normalize against the dense reference (docs/mathematics.md §2, step 4) and its CSR invariants."""
 from __future__ import annotations
 
 import numpy as np

@@ -4,7 +4,7 @@
 
 namespace rext::cpu {
 
-// Batched conjugate gradient for (I - alpha W) X = B, all m columns at once (DESIGN §2 step 5).
+// Batched conjugate gradient for (I - alpha W) X = B, all m columns at once (docs/mathematics.md §2, step 5).
 // x: (N, m) output; iterations: (m,) per-column iteration count; residuals: (m,) final
 // ||r_j|| / ||b_j|| (0 for a zero right-hand side).
 template <class T>

@@ -15,7 +15,7 @@ and benchmark presets (``prompts``), image inputs (``data``) and the ``reclip`` 
 import importlib
 
 # name -> submodule. Imported on first use, so that a light submodule (reclip.checkpoint's JSON
-# writer) imports on machines without torch or open_clip, such as the GPU benchmark machine.
+# writer) imports on machines without torch or open_clip, such as a GPU box that only runs the benchmarks.
 _EXPORTS = {"Config": "adapt", "EpochLog": "adapt", "ReCLIP": "adapt", "LoadedModel": "models",
             "load_model": "models", "PRESETS": "prompts", "load_preset": "prompts"}
 __all__ = sorted(_EXPORTS)
