@@ -1,33 +1,45 @@
 #!/usr/bin/env bash
 # One script for a GPU machine (no network needed; torch, cupy, nvcc, cmake, pybind11 and
 # scikit-build-core are there, open_clip is not): build reclip_ext with its CUDA half for sm_90,
-# run the test suite on the GPU, then benchmark label_propagate against the torch and ZLaP
-# recipes (benchmarks/device_bench.py). Run from anywhere in the repository:
+# run the test suite on the GPU, run its small CUDA cases again under compute-sanitizer (memcheck
+# and racecheck), then benchmark label_propagate against the torch and ZLaP recipes
+# (benchmarks/device_bench.py). Run from anywhere in the repository:
 #
 #   OUT=/some/folder bash benchmarks/device_check.sh
 #
-# Everything lands in $OUT (default ./device-check-out), six files:
+# Everything lands in $OUT (default ./device-check-out), eight files:
 #   device_check.log   all output, step by step, with a summary at the end
 #   build.log          pip -v of the build (cmake, nvcc, ptxas resource usage)
 #   tests.log          pytest output;  tests-junit.xml  its JUnit report
+#   sanitize-memcheck.log, sanitize-racecheck.log   compute-sanitizer + pytest output per tool
 #   bench.log          device_bench.py output (the tables);  device_bench.json  all its numbers
 #
-# Time: the whole script stays under REXT_CHECK_BUDGET_S (default 465 s, i.e. < 8 min on one
-# H200); each step has its own cap below that (build 150 s, tests 150 s, benchmark the rest, at
-# most 300 s; the benchmark's own --budget-s ends 25 s before its cap, and its JSON is rewritten
-# after every case, so a cut leaves what was measured). A failed build stops the script; failed
-# tests are reported and the benchmark still runs.
+# Time: the whole script stays under REXT_CHECK_BUDGET_S (default 520 s, i.e. < 9 min on one
+# H200, build included); each step has its own cap below that (build 150 s, tests 120 s,
+# sanitizer 100 s for both tools, memcheck at most half of it; benchmark the rest, at most
+# 300 s). While the tests run, 60 s are kept back for the sanitizer and 130 s for the benchmark;
+# while the sanitizer runs, the 130 s. The benchmark's own --budget-s ends 25 s before its cap,
+# and its JSON is rewritten after every case, so a cut leaves what was measured. A failed build
+# stops the script; failed tests or sanitizer runs are reported and the later steps still run.
+#
+# Sanitizer step: `pytest -m "cuda and sanitize" tests/test_cuda.py` (a few dozen cases of a few
+# tiles each) under compute-sanitizer --tool memcheck, then --tool racecheck, with torch's
+# caching allocator off so that every array is its own allocation (an overrun into a cached
+# neighbour would go unseen). A tool FAILs on any "ERROR SUMMARY: N errors" with N > 0, a failed
+# or empty pytest run, or its time cap; it is SKIPPED, with the reason, when there is no device
+# (REXT_CHECK_DEVICE=cpu) or no compute-sanitizer (PATH, then /usr/local/cuda/bin).
 #
 # Exit status: 0 all passed; 1 build or import check failed; 2 tests failed or timed out;
-# 3 the benchmark reported errors or timed out (2 wins over 3).
+# 4 a sanitizer run failed; 3 the benchmark reported errors or timed out (2 wins over 4 over 3).
 #
 # Knobs (environment): PYTHON (python3), REXT_CHECK_VENV (/tmp/rext-device-venv),
-# REXT_CHECK_BUDGET_S, REXT_CHECK_BUILD_S, REXT_CHECK_TESTS_S, REXT_CHECK_BENCH_S (caps in s),
-# REXT_CHECK_BENCH_ARGS (extra device_bench.py arguments, e.g. "--quick"),
-# REXT_CHECK_PYTEST_ARGS (extra pytest arguments, e.g. "-x -k cuda"), REXT_CHECK_SKIP_TESTS=1,
-# REXT_CHECK_SKIP_BENCH=1, CMAKE_CUDA_ARCHITECTURES (90), REXT_WITH_CUDA (ON), and
-# REXT_CHECK_DEVICE=cpu: a dry run of this script on a machine without a GPU (no device check,
-# the benchmark in its CPU smoke mode).
+# REXT_CHECK_BUDGET_S, REXT_CHECK_BUILD_S, REXT_CHECK_TESTS_S, REXT_CHECK_SANITIZE_S,
+# REXT_CHECK_BENCH_S (caps in s), REXT_CHECK_BENCH_ARGS (extra device_bench.py arguments, e.g.
+# "--quick"), REXT_CHECK_PYTEST_ARGS (extra pytest arguments, e.g. "-x -k cuda"),
+# REXT_CHECK_SKIP_TESTS=1, REXT_CHECK_SKIP_SANITIZE=1, REXT_CHECK_SKIP_BENCH=1,
+# CMAKE_CUDA_ARCHITECTURES (90), REXT_WITH_CUDA (ON), and REXT_CHECK_DEVICE=cpu: a dry run of
+# this script on a machine without a GPU (no device check, no sanitizer, the benchmark in its
+# CPU smoke mode).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -38,17 +50,20 @@ OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 VENV=${REXT_CHECK_VENV:-/tmp/rext-device-venv}
 DEVICE=${REXT_CHECK_DEVICE:-cuda}
-BUDGET_S=${REXT_CHECK_BUDGET_S:-465}
+BUDGET_S=${REXT_CHECK_BUDGET_S:-520}
 BUILD_S=${REXT_CHECK_BUILD_S:-150}
-TESTS_S=${REXT_CHECK_TESTS_S:-150}
+TESTS_S=${REXT_CHECK_TESTS_S:-120}
+SANITIZE_S=${REXT_CHECK_SANITIZE_S:-100}
 BENCH_S=${REXT_CHECK_BENCH_S:-300}
-BENCH_MIN_S=180   # time kept back for the benchmark while the tests run
+BENCH_MIN_S=130     # time kept back for the benchmark while the tests and the sanitizer run
+SANITIZE_MIN_S=60   # time kept back for the sanitizer while the tests run
 IGNORED_TESTS=(tests/test_pipeline.py tests/test_cli.py tests/test_models.py tests/test_data.py
                tests/test_prompts.py tests/test_digits_model.py)  # the reclip package: open_clip
 
 deadline=$((SECONDS + BUDGET_S))
 declare -A STATUS=()
 declare -A TOOK=()
+declare -A SANITIZER=()   # per tool: PASS, FAIL (why) or SKIPPED (why)
 
 step() { printf '\n== [%s UTC, %d s] %s\n' "$(date -u +%H:%M:%S)" "$SECONDS" "$*"; }
 
@@ -169,7 +184,10 @@ tests() {
   for f in "${IGNORED_TESTS[@]}"; do ignores+=("--ignore=$f"); done
   # shellcheck disable=SC2206  # word splitting of the extra arguments is wanted
   extra=(${REXT_CHECK_PYTEST_ARGS:-})
-  if [[ ${REXT_CHECK_SKIP_BENCH:-0} == 1 ]]; then limit=$(cap "$TESTS_S"); else limit=$(cap "$TESTS_S" "$BENCH_MIN_S"); fi
+  local reserve=0
+  [[ ${REXT_CHECK_SKIP_BENCH:-0} == 1 ]] || reserve=$((reserve + BENCH_MIN_S))
+  [[ ${REXT_CHECK_SKIP_SANITIZE:-0} == 1 || $DEVICE != cuda ]] || reserve=$((reserve + SANITIZE_MIN_S))
+  limit=$(cap "$TESTS_S" "$reserve")
   echo "timeout ${limit} s, log $OUT/tests.log"
   timeout -k 10 "$limit" "$VENV/bin/python" -P -m pytest tests "${ignores[@]}" -q -rfEs \
     -p no:cacheprovider --durations=15 --junitxml="$OUT/tests-junit.xml" -o junit_family=xunit2 \
@@ -189,6 +207,65 @@ tests() {
     echo "WARNING: $cuda_skips skip lines mention a missing CUDA device on a machine that has one"
   fi
   return "$rc"
+}
+
+# sanitize: the small CUDA cases under compute-sanitizer memcheck and racecheck. Returns 0 when
+# every tool passed or the step was skipped, 1 when a tool failed.
+sanitize() {
+  step "compute-sanitizer memcheck and racecheck (pytest -m 'cuda and sanitize' tests/test_cuda.py)"
+  local t0=$SECONDS tool exe end limit rc errors passed log why failed=0
+  if [[ $DEVICE != cuda ]]; then
+    why="no CUDA device to check: REXT_CHECK_DEVICE=$DEVICE"
+  else
+    exe=$(command -v compute-sanitizer || true)
+    [[ -z $exe && -x /usr/local/cuda/bin/compute-sanitizer ]] && exe=/usr/local/cuda/bin/compute-sanitizer
+    [[ -z $exe ]] && why="compute-sanitizer not found on PATH or in /usr/local/cuda/bin"
+  fi
+  if [[ -n ${why:-} ]]; then
+    echo "SKIPPED: $why"
+    SANITIZER[memcheck]="SKIPPED ($why)"
+    SANITIZER[racecheck]="SKIPPED ($why)"
+    TOOK[sanitize]=0
+    return 0
+  fi
+  echo "$exe: $("$exe" --version 2>/dev/null | grep -m1 -iE 'version' || echo 'version ?')"
+  if [[ ${REXT_CHECK_SKIP_BENCH:-0} == 1 ]]; then limit=$(cap "$SANITIZE_S"); else limit=$(cap "$SANITIZE_S" "$BENCH_MIN_S"); fi
+  end=$((SECONDS + limit))
+  for tool in memcheck racecheck; do
+    # memcheck may take half of the step's time, racecheck what is left
+    limit=$((end - SECONDS))
+    [[ $tool == memcheck ]] && limit=$((limit / 2))
+    ((limit < 5)) && limit=5
+    log=$OUT/sanitize-$tool.log
+    echo "-- $tool: timeout ${limit} s, log $log"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "$limit" "$exe" --tool "$tool" \
+      --error-exitcode 86 "$VENV/bin/python" -P -m pytest tests/test_cuda.py -m "cuda and sanitize" \
+      -q -rfEs -p no:cacheprovider >"$log" 2>&1
+    rc=$?
+    errors=$(grep -oE "ERROR SUMMARY: [0-9]+ error" "$log" | awk '{n += $3} END {print n + 0}')
+    passed=$(grep -oE "[0-9]+ passed" "$log" | tail -n 1 | awk '{print $1 + 0}')
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|[0-9]+ (passed|failed)|^(FAILED|ERROR) " "$log" | tail -n 15
+    if ((errors > 0)); then
+      SANITIZER[$tool]="FAIL ($errors sanitizer errors)"
+    elif ((rc == 124 || rc == 137)); then
+      SANITIZER[$tool]="FAIL (timed out after ${limit} s)"
+    elif ((rc != 0)); then
+      SANITIZER[$tool]="FAIL (exit $rc)"
+    elif ! grep -q "ERROR SUMMARY" "$log"; then
+      SANITIZER[$tool]="FAIL (no ERROR SUMMARY line: did the sanitizer run?)"
+    elif ((${passed:-0} == 0)); then
+      SANITIZER[$tool]="FAIL (no test passed: every case skipped or deselected)"
+    else
+      SANITIZER[$tool]="PASS ($passed tests, 0 errors)"
+    fi
+    echo "$tool: ${SANITIZER[$tool]}"
+    if [[ ${SANITIZER[$tool]} == FAIL* ]]; then
+      failed=1
+      tail -n 40 "$log"
+    fi
+  done
+  TOOK[sanitize]=$((SECONDS - t0))
+  return "$failed"
 }
 
 bench() {
@@ -215,8 +292,11 @@ bench() {
 summary() {
   step "summary"
   local name
-  for name in machine build tests bench; do
+  for name in machine build tests sanitize bench; do
     printf '  %-8s %-28s %s\n' "$name" "${STATUS[$name]:-not run}" "${TOOK[$name]:+${TOOK[$name]} s}"
+  done
+  for name in memcheck racecheck; do
+    printf '    %-10s %s\n' "$name" "${SANITIZER[$name]:-not run}"
   done
   if [[ -f $OUT/tests-junit.xml ]]; then
     "$PY" - "$OUT/tests-junit.xml" <<'PY' || true
@@ -258,6 +338,14 @@ main() {
     STATUS[tests]=FAILED
     final=2
   fi
+  if [[ ${REXT_CHECK_SKIP_SANITIZE:-0} == 1 ]]; then
+    STATUS[sanitize]="skipped (REXT_CHECK_SKIP_SANITIZE)"
+  elif sanitize; then
+    if [[ ${SANITIZER[memcheck]} == SKIPPED* ]]; then STATUS[sanitize]=skipped; else STATUS[sanitize]=passed; fi
+  else
+    STATUS[sanitize]=FAILED
+    ((final == 0)) && final=4
+  fi
   if [[ ${REXT_CHECK_SKIP_BENCH:-0} == 1 ]]; then
     STATUS[bench]="skipped (REXT_CHECK_SKIP_BENCH)"
   elif bench; then
@@ -267,7 +355,8 @@ main() {
     ((final == 0)) && final=3
   fi
   summary
-  echo "RESULT: build ${STATUS[build]}, tests ${STATUS[tests]}, benchmark ${STATUS[bench]} (exit $final)"
+  echo "RESULT: build ${STATUS[build]}, tests ${STATUS[tests]}, sanitizer ${STATUS[sanitize]}," \
+       "benchmark ${STATUS[bench]} (exit $final)"
   return "$final"
 }
 

@@ -5,14 +5,21 @@ CPU (top-k insert and re-sort with int32 lists, the weight, the overflow-safe sq
 the CG scalar rules) through _core._selftest_*; the workspace-size functions; the `precision`
 argument's validation; CUDA input on a CPU-only build and mixed devices (simulated through
 _core). The second needs a device and is skipped visibly without one: knn_affinity over
-dtype x precision x shape x forced tiles x k (beyond the 64 kept in shared memory) x weight,
-sym_normalize, cg_solve and label_propagate against the reference and the CPU, torch streams,
-cupy inputs, device errors. A last part runs everywhere again: CPU torch tensors through the
+dtype x precision x shape x forced tiles x k (lists of 32 or 64 in shared memory, and beyond)
+x weight, ragged shapes with k = n - 1, two host threads at once, sym_normalize (also with
+sort keys past 32 bits), cg_solve (also with columns stopping far apart) and label_propagate
+against the reference and the CPU, torch streams, cupy inputs, device errors. Some device
+cases have a CPU twin (the same body on CPU tensors), so that their data and comparisons run
+everywhere; the cases marked `sanitize` also run under compute-sanitizer in
+benchmarks/device_check.sh. A last part runs everywhere again: CPU torch tensors through the
 public calls, which take the one array path of ops.py that CUDA arrays take.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -246,14 +253,42 @@ def _recall(idx, ref_idx):
     return hits / ref_idx.size
 
 
-KNN_SHAPES = [(2, 1, 1), (7, 3, 6), (130, 9, 10), (300, 20, 7), (257, 70, 65), (200, 33, 100),
-              (150, 768, 5)]
-KNN_SHAPE_IDS = ["N{}-d{}-k{}".format(*s) for s in KNN_SHAPES]
+#: a device case and its CPU twin: the same body through the one array path with CPU tensors,
+#: so that its data, comparisons and thresholds also run (and can fail) where there is no GPU
+ON_DEVICE_AND_CPU = [pytest.param("cuda", marks=NEEDS_CUDA, id="cuda"),
+                     pytest.param("cpu", marks=requires_torch, id="cpu")]
+
+
+def _on(dev, a):
+    return _cuda(a) if dev == "cuda" else torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _where(dev):
+    """The torch device _on(dev, ...) puts arrays on."""
+    if dev == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+#: small CUDA cases that benchmarks/device_check.sh also runs under compute-sanitizer (memcheck
+#: and racecheck instrument every access: only shapes of a few tiles finish in its time cap)
+SANITIZE = pytest.mark.sanitize
+
+
+def _shape(n, d, k, *marks):
+    return pytest.param((n, d, k), id=f"N{n}-d{d}-k{k}", marks=marks)
+
+
+# k = 33 and 64: lists of 64 in shared memory (the large configuration; k <= 32 takes lists of
+# 32, k > 64 global memory).
+KNN_SHAPES = [_shape(2, 1, 1), _shape(7, 3, 6), _shape(130, 9, 10), _shape(300, 20, 7),
+              _shape(257, 70, 65), _shape(200, 33, 100), _shape(150, 768, 5),
+              _shape(40, 17, 33, SANITIZE), _shape(300, 70, 64)]
 
 
 @pytest.mark.parametrize("weight", ["relu", "shift"])
 @pytest.mark.parametrize("block_rows", [None, 5, 37], ids=lambda b: f"br{b}")
-@pytest.mark.parametrize("shape", KNN_SHAPES, ids=KNN_SHAPE_IDS)
+@pytest.mark.parametrize("shape", KNN_SHAPES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
 def test_knn_exact_matches_reference_and_cpu(_, dtype, shape, block_rows, weight):
@@ -290,28 +325,115 @@ def test_round_mantissa_emulation():
     assert _round_mantissa(x, 13)[4] == 1.0 and _round_mantissa(x, 13)[1] == x[1]
 
 
-# Recall thresholds sit below what the emulated operand rounding reaches on these data
-# (tf32 >= 0.998, bf16 >= 0.985 against float64, measured on the CPU with _round_mantissa).
-@pytest.mark.parametrize("k", [5, 20, 70])
-@pytest.mark.parametrize("precision,recall", [("tf32", 0.995), ("bf16", 0.97)])
+def _assert_tensor_core_knn(x, k, idx, w, precision, recall, *, exclude_self=True,
+                            normalize=True):
+    """A tf32 / bf16 result against the float64 reference: neighbour recall >= `recall`,
+    near-complete agreement with the float64 neighbours of the rounded operands, valid distinct
+    indices, and weights that are the exact similarities of the neighbours returned (the
+    kernel re-scores them in float32), ranked."""
+    idx, w = _np(idx), _np(w)
+    n = len(x)
+    ref = reference.ref_knn(x, k, exclude_self, normalize=normalize)
+    assert _recall(idx, ref.indices) >= recall
+    # against the float64 neighbours of the rounded operands, only the float32 accumulation
+    # order differs: near-complete agreement
+    scale = np.float32(1)
+    if normalize:
+        scale = (1 / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)).astype(np.float32)
+    rounded = _round_mantissa(x * scale, 13 if precision == "tf32" else 16)
+    assert _recall(idx, reference.ref_knn(rounded, k, exclude_self).indices) >= 0.99
+    assert idx.shape == (n, k) and ((idx >= 0) & (idx < n)).all()
+    assert all(len(set(row.tolist())) == k for row in idx)
+    if exclude_self:
+        assert not (idx == np.arange(n)[:, None]).any()
+    # weights are the exact (float32-rounded) similarities of the neighbours returned; a float32
+    # dot product is off by a few ulps of the largest |similarity| (1 after normalising)
+    exact = np.take_along_axis(ref.sim, idx, axis=1)
+    atol = 2e-6 * max(1.0, float(np.abs(ref.sim).max()))
+    np.testing.assert_allclose(w, np.maximum(exact, 0), atol=atol)
+    assert (np.diff(w.astype(np.float64), axis=1) <= 0).all()
+    assert (np.diff(exact, axis=1) <= atol).all()
+
+
+#: the recall thresholds of the tensor-core precisions against float64
+TENSOR_CORE_RECALL = [("tf32", 0.995), ("bf16", 0.97)]
+
+
+# Recall thresholds sit below what the emulated operand rounding reaches on these data at every
+# k here (tf32 >= 0.998, bf16 >= 0.985 against float64, measured on the CPU with
+# _round_mantissa). k = 33 and 64 keep lists of 64 in shared memory, 70 in global memory.
+@pytest.mark.parametrize("k", [5, 20, pytest.param(33, marks=SANITIZE), 64, 70])
+@pytest.mark.parametrize("precision,recall", TENSOR_CORE_RECALL)
 @pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
 def test_knn_tensor_cores_recall_and_exact_weights(_, precision, recall, k):
     text, images, _labels = clip_like(600, 10, 64, seed=3)
     x = np.concatenate([text, images]).astype(np.float32)
     idx, w = reclip_ext.knn_affinity(_cuda(x), k, normalize=True, precision=precision)
-    idx, w = _np(idx), _np(w)
-    ref = reference.ref_knn(x, k, normalize=True)
-    assert _recall(idx, ref.indices) >= recall
-    # against the float64 neighbours of the rounded operands, only the float32 accumulation
-    # order differs: near-complete agreement
-    scale = (1 / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)).astype(np.float32)
-    rounded = _round_mantissa(x * scale, 13 if precision == "tf32" else 16)
-    assert _recall(idx, reference.ref_knn(rounded, k).indices) >= 0.99
-    assert ((idx >= 0) & (idx < len(x))).all() and not (idx == np.arange(len(x))[:, None]).any()
-    # weights are the exact (float32-rounded) similarities of the neighbours returned
-    exact = np.take_along_axis(ref.sim, idx, axis=1)
-    np.testing.assert_allclose(w, np.maximum(exact, 0), atol=2e-6)
-    assert (np.diff(w.astype(np.float64), axis=1) <= 0).all()
+    _assert_tensor_core_knn(x, k, idx, w, precision, recall)
+
+
+RAGGED = [pytest.param(n, d, id=f"N{n}-d{d}", marks=[SANITIZE] if n < 1000 else [])
+          for n in (2, 129, 1000) for d in (1, 17, 70)]
+
+
+@pytest.mark.parametrize("precision", ["exact", "tf32", "bf16"])
+@pytest.mark.parametrize("n,d", RAGGED)
+@pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
+def test_knn_ragged_shapes_all_but_one_neighbour(_, n, d, precision):
+    """k = n - 1 with self included (raw products): every row keeps all rows but its least
+    similar one. Row counts below, just above and far above a 128-row tile (one row in the last
+    CTA at 129); dimensions that leave the 32-deep K step, and the tensor cores' 8- and 16-deep
+    fragments, mostly padding; lists of 32 in shared memory (n = 2) or in global memory."""
+    x = random_points(n, d, seed=10 * n + d, dtype=np.float32)
+    k = n - 1
+    xt = _cuda(x)
+    idx, w = reclip_ext.knn_affinity(xt, k, exclude_self=False, precision=precision)
+    assert idx.device == xt.device and w.device == xt.device
+    if precision == "exact":
+        assert_knn_close(x, k, _np(idx), _np(w), exclude_self=False)
+    else:
+        recall = dict(TENSOR_CORE_RECALL)[precision]
+        _assert_tensor_core_knn(x, k, idx, w, precision, recall, exclude_self=False,
+                                normalize=False)
+
+
+@pytest.mark.parametrize("dev", ON_DEVICE_AND_CPU)
+def test_knn_two_host_threads(dev):
+    """Two host threads call knn_affinity on one device at once, k = 20 (lists of 32 in shared
+    memory) and k = 40 (lists of 64, a larger dynamic shared-memory size), each on its own
+    stream, many times, with a tensor-core precision in between on the GPU. The kernels'
+    shared-memory limit is a per-device attribute: if one call could change it between the
+    other's setting and launch, a launch would fail or read a wrong list size. Every result
+    must equal the single-threaded one (the kernels are deterministic)."""
+    x = random_points(600, 24, seed=12, dtype=np.float32)
+    xt = _on(dev, x)
+    ks = (20, 40)
+    precisions = ("exact", "bf16") if dev == "cuda" else ("exact",)
+    calls = 40 if dev == "cuda" else 6  # the CPU kernels take far longer per call
+    start = threading.Barrier(len(ks))
+
+    def worker(k):
+        stream = torch.cuda.Stream(xt.device) if dev == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            start.wait(timeout=60)
+            out = [reclip_ext.knn_affinity(xt, k, normalize=True, threads=1,
+                                           precision=precisions[c % len(precisions)])
+                   for c in range(calls)]
+            if stream is not None:
+                stream.synchronize()
+            return [(_np(i), _np(w)) for i, w in out]
+
+    with concurrent.futures.ThreadPoolExecutor(len(ks)) as pool:
+        results = [f.result(timeout=300) for f in [pool.submit(worker, k) for k in ks]]
+    for k, got in zip(ks, results):
+        assert len(got) == calls
+        want = {p: reclip_ext.knn_affinity(xt, k, normalize=True, threads=1, precision=p)
+                for p in precisions}
+        assert_knn_close(x, k, _np(want["exact"][0]), _np(want["exact"][1]), normalize=True)
+        for c, (idx, w) in enumerate(got):
+            p = precisions[c % len(precisions)]
+            np.testing.assert_array_equal(idx, _np(want[p][0]), err_msg=f"k={k} call {c} ({p})")
+            np.testing.assert_array_equal(w, _np(want[p][1]), err_msg=f"k={k} call {c} ({p})")
 
 
 @pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
@@ -360,6 +482,7 @@ def test_knn_on_a_side_stream(_):
     assert float(total) == pytest.approx(float(want[1].sum()), rel=1e-5)
 
 
+@SANITIZE
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", ["random", "duplicates", "zeros", "self-loops"])
 @pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
@@ -390,6 +513,40 @@ def test_normalize_matches_cpu(_, dtype, case):
     np.testing.assert_allclose(got_dense, dense, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("dev", ON_DEVICE_AND_CPU)
+def test_normalize_64_bit_sort_keys(dev):
+    """The CUDA sort keys are i N + j with the sentinel N^2 for zero weights, sorted on the
+    bits N^2 needs: past 65,536 nodes that is more than 32, and the rows above ~61,000 differ
+    from the first ones only in bit 32 (a 32-bit sort would interleave them). Checked as a CSR
+    (row-major strictly increasing keys, symmetric) and against the CPU and scipy."""
+    n, k = 70_000, 3
+    assert n * n > 2**32
+    rng = np.random.default_rng(70)
+    idx = rng.integers(0, n, size=(n, k))  # repeated pairs and self-loops included
+    w = rng.uniform(0.1, 1.0, size=(n, k)).astype(np.float32)
+    w[::7, 2] = 0
+    want = reclip_ext.sym_normalize(idx, w)
+    got = reclip_ext.sym_normalize(_on(dev, idx), _on(dev, w))
+    assert all(a.device == _where(dev) for a in got)
+    ptr, cols, data = (_np(a) for a in got)
+    assert ptr.shape == (n + 1,) and ptr[0] == 0 and ptr[-1] == len(cols) == len(data)
+    assert (np.diff(ptr) >= 0).all() and ((cols >= 0) & (cols < n)).all() and (data > 0).all()
+    rows = np.repeat(np.arange(n), np.diff(ptr))
+    keys = rows * n + cols
+    assert (np.diff(keys) > 0).all()
+    assert rows[-1] * n > 2**32  # entries whose keys need bit 32 are there
+    transposed = np.argsort(cols * n + rows)
+    np.testing.assert_array_equal((cols * n + rows)[transposed], keys)
+    np.testing.assert_allclose(data[transposed], data, rtol=1e-6)
+    np.testing.assert_array_equal(ptr, want.indptr)
+    np.testing.assert_array_equal(cols, want.indices)
+    np.testing.assert_allclose(data, want.data, rtol=1e-6)
+    ref = reference.ref_sym_normalize_csr(idx, w)
+    np.testing.assert_array_equal(ptr, ref.indptr)
+    np.testing.assert_array_equal(cols, ref.indices)
+    np.testing.assert_allclose(data, ref.data, rtol=1e-5)
+
+
 @pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
 def test_normalize_device_errors(_):
     idx = _cuda(np.array([[1], [0]]))
@@ -414,20 +571,61 @@ def test_cg_matches_cpu_and_reference(_, dtype, m):
     Wd = reclip_ext.ops.Csr(*(_cuda(a) for a in W))
     got = reclip_ext.cg_solve(Wd, _cuda(rhs), alpha=0.9, max_iter=60, tol=tol)
     assert got.x.is_cuda and got.iterations.is_cuda and got.residuals.is_cuda
+    its = _assert_cg_matches(got, want, W, rhs, 0.9, 60, tol)
+    if m > 2:
+        assert its[1] == 0 and _np(got.residuals)[1] == 0 and not _np(got.x)[:, 1].any()
+
+
+def _assert_cg_matches(got, want, W, rhs, alpha, max_iter, tol):
+    """A cg_solve result against the CPU's (`want`) and the direct float64 solve; returns the
+    iteration counts."""
     assert got.iterations.dtype == torch.int64 and got.residuals.dtype == torch.float64
     its = _np(got.iterations)
     # a column's stopping iteration may move by one when its residual lands within rounding
     # of tol (the device sums in another order)
-    assert np.abs(its - want.iterations).max() <= (1 if dtype == np.float64 else 2)
-    ref = reference.ref_solve(W.to_scipy(), rhs.astype(np.float64), 0.9)
-    scale = np.abs(ref).max()
-    # (I - 0.9 W) has condition number <= 19: x is within ~19 tol of the solution
-    atol = (1e-3 if dtype == np.float32 else 1e-8) * scale
-    np.testing.assert_allclose(_np(got.x), ref, atol=atol)
-    np.testing.assert_allclose(_np(got.x), want.x, atol=atol)
-    if m > 2:
-        assert its[1] == 0 and _np(got.residuals)[1] == 0 and not _np(got.x)[:, 1].any()
-    assert (_np(got.residuals)[its < 60] <= tol).all()
+    assert np.abs(its - want.iterations).max() <= (1 if rhs.dtype == np.float64 else 2)
+    ref = reference.ref_solve(W.to_scipy(), rhs.astype(np.float64), alpha)
+    # (I - 0.9 W) has condition number <= 19: each column of x is within ~19 tol of its
+    # solution, relative to that column's size
+    atol = (1e-3 if rhs.dtype == np.float32 else 1e-8) * np.abs(ref).max(axis=0)
+    x = _np(got.x).astype(np.float64)
+    assert (np.abs(x - ref).max(axis=0) <= atol).all(), np.abs(x - ref).max(axis=0) / atol
+    assert (np.abs(x - want.x).max(axis=0) <= atol).all(), np.abs(x - want.x).max(axis=0) / atol
+    assert (_np(got.residuals)[its < max_iter] <= tol).all()
+    return its
+
+
+@SANITIZE
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dev", ON_DEVICE_AND_CPU)
+def test_cg_columns_converging_apart(dev, dtype):
+    """65 columns (two full 32-column chunks and one alone) stopping between iteration 1 and ~27:
+    column j mixes c_j eigenvectors of W, and CG ends after at most c_j steps in exact
+    arithmetic. The slow columns come first, so the last chunks go idle while the first runs
+    on, each column with its own step, beta and stop."""
+    n, m, alpha = 400, 65, 0.9
+    x = random_points(n, 16, seed=m, dtype=dtype)
+    idx, w = reclip_ext.knn_affinity(x, 8, normalize=True)
+    W = reclip_ext.sym_normalize(idx, w)
+    _vals, vecs = np.linalg.eigh(W.to_scipy().toarray().astype(np.float64))
+    rng = np.random.default_rng(m)
+    counts = np.maximum(np.unique(np.geomspace(1, n, m).astype(int))[::-1], 1)
+    counts = np.concatenate([counts, np.ones(m - len(counts), int)])
+    rhs = np.stack([vecs[:, rng.choice(n, c, replace=False)] @ rng.uniform(0.5, 1.5, c)
+                    for c in counts], axis=1)
+    # scales far apart: the stop rule is relative to each column's own ||b||
+    rhs = (rhs * 10.0 ** rng.uniform(-2, 2, m)).astype(dtype)
+    tol = 1e-5 if dtype == np.float32 else 1e-10
+    want = reclip_ext.cg_solve(W, rhs, alpha=alpha, max_iter=100, tol=tol)
+    assert want.iterations[-1] == 1 and want.iterations.max() >= 12  # the spread is there
+    got = reclip_ext.cg_solve(reclip_ext.ops.Csr(*(_on(dev, a) for a in W)), _on(dev, rhs),
+                              alpha=alpha, max_iter=100, tol=tol)
+    assert got.x.device == got.iterations.device == got.residuals.device == _where(dev)
+    its = _assert_cg_matches(got, want, W, rhs, alpha, 100, tol)
+    if dtype == np.float64:
+        # and the textbook float64 CG stops each column at the same step, up to one
+        textbook = reference.ref_cg(W.to_scipy(), rhs, alpha, 100, tol)
+        assert np.abs(its - textbook.iterations).max() <= 1
 
 
 @pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
