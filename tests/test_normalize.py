@@ -198,7 +198,7 @@ def test_to_scipy_without_scipy_names_it(monkeypatch):
         csr.to_scipy()
 
 
-def test_reclip_ext_imports_with_numpy_only():
+def test_reclip_ext_imports_with_numpy_only(tmp_path):
     """A fresh interpreter that cannot import torch, scipy or cupy still runs the whole engine."""
     import subprocess
     import sys
@@ -208,6 +208,8 @@ def test_reclip_ext_imports_with_numpy_only():
             "import numpy as np, reclip_ext\n"
             "t = np.eye(3, 8, dtype=np.float32); v = np.repeat(t, 4, axis=0) + 0.01\n"
             "print(reclip_ext.label_propagate(t, v, k=3).labels.tolist())\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # -P and a neutral cwd: import the installed build, never the source tree's reclip_ext/
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str([0] * 4 + [1] * 4 + [2] * 4)
