@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -75,6 +76,32 @@ def test_flat_folder(tmp_path):
     assert [Path(p).name for p in ds.paths] == ["a.png", "b.bmp", "c.webp"]
     assert ds.labels.tolist() == [-1, -1, -1] and ds.classes is None and not ds.has_labels
     assert ds[0][1] == -1
+
+
+def test_folder_scan_rules(tmp_path):
+    """What the scan keeps: only one level below each class folder, hidden entries skipped,
+    extensions by name (any case), a folder named like an image is still a class folder, and
+    the paths are those of the root as given (with or without a trailing separator)."""
+    root = tmp_path / "imgs"
+    (root / "n02").mkdir(parents=True)
+    (root / "n02" / "n02_7.JPEG").write_bytes(b"")  # empty: the scan never opens a file
+    (root / "n02" / "n02_10.jpeg").write_bytes(b"")
+    (root / "n02" / "README").write_text("no extension")
+    (root / "n02" / "deeper").mkdir()
+    (root / "n02" / "deeper" / "x.png").write_bytes(b"")  # below a class folder: not read
+    (root / "n01.png").mkdir()  # a class folder despite its name
+    (root / "n01.png" / "a.PNG").write_bytes(b"")
+    (root / ".cache").mkdir()  # hidden: not a class
+    (root / ".cache" / "c.png").write_bytes(b"")
+    (root / "n03").mkdir()  # empty: keeps its label index
+    ds = image_set(root)
+    assert ds.classes == ["n01.png", "n02", "n03"]
+    assert [os.path.relpath(p, root) for p in ds.paths] == [
+        os.path.join("n01.png", "a.PNG"), os.path.join("n02", "n02_10.jpeg"),
+        os.path.join("n02", "n02_7.JPEG")]
+    assert ds.labels.tolist() == [0, 1, 1]
+    assert image_set(str(root) + os.sep).paths == [os.path.join(str(root), os.path.relpath(p, root))
+                                                   for p in ds.paths]
 
 
 def test_mixed_layout_refused(tmp_path):
