@@ -9,6 +9,8 @@ back). Sources:
   sorted sub-folder order, ``classes`` = the sub-folder names) or flat (images directly inside,
   labels -1). Only that one level is read; hidden files and folders are skipped, extensions are
   matched case-insensitively against IMAGE_EXTENSIONS, every order is sorted by name.
+  ``class_labels(data, classnames, folders)`` maps the folder labels onto a class list by
+  folder name (the class name, or an id such as ImageNet's ``n01440764`` given in ``folders``).
 - a torch.Tensor (N, C, H, W) of already-preprocessed images (``transform`` is not applied).
 - a torch Dataset returning ``(image, label, ...)`` or ``image``; ``transform`` is applied to PIL
   images (and uint8 numpy arrays), tensors pass through.
@@ -325,6 +327,32 @@ def folder_image_set(root: str | os.PathLike, transform: Transform | None = None
         return ImageSet(kind="files", n=len(top), paths=top, labels=np.full(len(top), -1, np.int64),
                         classes=None, transform=transform, root=r)
     raise ValueError(f"{r}: no images found (looked for {exts} directly inside it and in its sub-folders)")
+
+
+def class_labels(data: ImageSet, classnames: Sequence[str],
+                 folders: Sequence[str] | None = None) -> np.ndarray:
+    """The labels of ``data`` as indices into ``classnames``; -1 for every item when unknown.
+
+    An ImageFolder set is mapped by folder name: the folder ``folders[i]`` (an id such as
+    ImageNet's ``n01440764``) or, when those ids do not name every folder, the folder named
+    ``classnames[i]`` holds class ``i``. Only folders holding images count. When neither names
+    every one of them, no label is known: the set's own labels number its sorted folders, not
+    the classes, so any accuracy computed from them would be wrong. Other sets keep their
+    labels (class indices already, or -1).
+    """
+    labels = data.labels
+    if data.root is None or data.classes is None:
+        return labels.copy()
+    used = np.unique(labels[labels >= 0])
+    for names in (folders, classnames):
+        if names is None:
+            continue
+        position = {name: i for i, name in enumerate(names)}
+        if all(data.classes[k] in position for k in used):
+            remap = np.full(len(data.classes), -1, np.int64)
+            remap[used] = [position[data.classes[k]] for k in used]
+            return np.where(labels >= 0, remap[np.clip(labels, 0, None)], -1)
+    return np.full(len(data), -1, np.int64)
 
 
 def tensor_image_set(images: torch.Tensor, labels=None) -> ImageSet:
