@@ -45,6 +45,9 @@ TINY_VIT = str(ASSETS / "tiny-vit.json")
 
 CLASS_COUNTS = {"cat": 10, "dog": 12, "ship": 14}  # folder name -> images (sorted folder order)
 CLASSES = ["ship", "cat", "dog"]  # the classes file: deliberately not in sorted order
+# the same images in folders named by an id: sorted, the ids give a third order (dog, ship, cat)
+ID_FOLDERS = {"cat": "n0300", "dog": "n0100", "ship": "n0200"}
+RENAMED_COUNTS = {"cat": 10, "hound": 12, "ship": 14}  # the same images, "dog" is no class
 SEED = 5  # main / resume runs: training changes predictions between epochs 1 and 3
 KILL_SEED = 7
 KILL_EPOCHS = 6
@@ -198,6 +201,14 @@ def _kill_reference(ws: Path):
                                seed=KILL_SEED))
 
 
+def _ids_chain(ws: Path):
+    """adapt on id-named folders with a folder<TAB>class file, then eval on them (the run holds
+    the mapping) and on the same images in class-name folders."""
+    adapt = cli(ws, *adapt_args("iddata", "run_ids", "--epochs", "2", classes="classes.tsv"))
+    return (adapt, cli(ws, "eval", "--run", "run_ids", "--data", "iddata"),
+            cli(ws, "eval", "--run", "run_ids", "--data", "data"))
+
+
 def _zero_epochs_chain(ws: Path):
     adapt = cli(ws, *adapt_args("data", "run_zero", "--epochs", "0"))
     return adapt, cli(ws, "predict", "--run", "run_zero", "--data", "data")
@@ -249,6 +260,10 @@ RUN_EDITS = {
     "run-model-not-a-model": lambda run: _edit_json(
         run / "run.json", lambda m: m["model"].update(model=5)),
     "run-tensor-file-truncated": _corrupt_tensors,
+    "run-folders-not-strings": lambda run: _edit_json(
+        run / "run.json", lambda m: m.update(folders=[1, 2, 3])),
+    "run-folders-too-few": lambda run: _edit_json(
+        run / "run.json", lambda m: m.update(folders=["n0100", "n0200"])),
 }
 
 
@@ -289,6 +304,10 @@ BAD_INPUTS = [
       "--out", "r_bad", "--quiet"], "No-Such-Model-42"),
     ("run-is-not-a-run", "predict", ["predict", "--run", "notrun", "--data", "data"], "notrun"),
     ("eval-flat-folder", "eval", ["eval", "--run", "run_main", "--data", "flat"], None),
+    ("eval-unmapped-folder", "eval", ["eval", "--run", "run_main", "--data", "renamed"],
+     "--data: renamed"),
+    ("classes-file-mixed-columns", "adapt", adapt_args("data", "r_bad", classes="mixed.tsv"),
+     "mixed.tsv: line 2:"),
     # an unknown model / a folder that is no run: the --out error must come first, before any
     # model or run is loaded
     ("unreadable-images-not-skipped", "adapt", adapt_args("somebad", "r_bad"), "empty.png"),
@@ -314,6 +333,8 @@ JOBS = {
     "resume": (_resume_chain, False),
     "inductive": (_inductive_chain, False),
     "zero_epochs": (_zero_epochs_chain, False),
+    "ids": (_ids_chain, False),
+    "renamed": (lambda ws: cli(ws, *adapt_args("renamed", "run_renamed", "--epochs", "2")), False),
     "skip_bad": (_skip_bad_chain, False),
     "visual_only": (lambda ws: cli(ws, *adapt_args("data", "run_visual", "--epochs", "1",
                                                    "--sides", "visual", "--inductive")), False),
@@ -340,6 +361,8 @@ TEST_JOBS = {
     "test_preset_cifar10": ["preset"],
     "test_inductive_then_predict_other_folder": ["inductive"],
     "test_zero_epochs_saves_the_zero_shot_model": ["zero_epochs"],
+    "test_folders_named_by_id": ["ids"],
+    "test_unmapped_folders_report_no_accuracy": ["renamed"],
     "test_skip_bad_images": ["skip_bad"],
     "test_visual_side_only_run_is_saved": ["visual_only"],
     "test_resume_equals_uninterrupted": ["main", "resume"],
@@ -380,6 +403,8 @@ def _make_workspace(ws: Path) -> None:
     write_images(ws / "killdata", KILL_COUNTS, size=KILL_SIZE, seed=1)
     write_images(ws / "other", None, n_flat=5, seed=2)
     write_images(ws / "flat", None, n_flat=4, seed=3)
+    write_images(ws / "iddata", {ID_FOLDERS[c]: n for c, n in CLASS_COUNTS.items()})
+    write_images(ws / "renamed", RENAMED_COUNTS)
     write_images(ws / "baddata", {"cat": 3, "dog": 3}, seed=4)
     (ws / "baddata" / "dog" / "garbage.png").write_bytes(b"this is not a PNG file\n" * 8)
     write_images(ws / "somebad", {"cat": 3, "dog": 3}, seed=6)
@@ -393,6 +418,8 @@ def _make_workspace(ws: Path) -> None:
     (ws / "notrun" / "readme.txt").write_text("not a run\n")
     (ws / "notes.txt").write_text(NOTES)
     (ws / "classes.txt").write_text("".join(c + "\n" for c in CLASSES))
+    (ws / "classes.tsv").write_text("".join(f"{ID_FOLDERS[c]}\t{c}\n" for c in CLASSES))
+    (ws / "mixed.tsv").write_text("n0200\tship\ncat\nn0100\tdog\n")
     (ws / "reordered.txt").write_text("".join(c + "\n" for c in sorted(CLASSES)))
     (ws / "empty.txt").write_text("")
     (ws / "one.txt").write_text("cat\n")
@@ -483,6 +510,77 @@ def test_eval_accuracy_uses_folder_names_not_folder_order(jobs):
     wrong = float(np.mean([CLASSES[sorted_folders.index(Path(p).parent.name)] == name
                            for p, name in rows]))
     assert abs(wrong - expected) > 1e-3, "fixture cannot distinguish the folder mapping"
+
+
+def test_folders_named_by_id(jobs):
+    """Folders named by an id, mapped by a folder<TAB>class file: zero-shot, per-epoch and final
+    accuracies use the mapping, the run keeps it, and eval needs no file."""
+    ws = jobs.ws
+    adapt, eval_ids, eval_names = jobs.result("ids")
+    ok(adapt)
+    meta = read_json(ws / "run_ids" / "run.json")
+    assert meta["classnames"] == CLASSES and meta["folders"] == [ID_FOLDERS[c] for c in CLASSES]
+    rows = parse_predictions((ws / "run_ids" / "predictions.tsv").read_text())
+    assert [p for p, _ in rows] == expected_paths("iddata", {ID_FOLDERS[c]: n
+                                                             for c, n in CLASS_COUNTS.items()})
+    class_of = {i: c for c, i in ID_FOLDERS.items()}
+    expected = float(np.mean([class_of[Path(p).parent.name] == name for p, name in rows]))
+    # folder index i taken as class i would give another number: the check can tell them apart
+    ids = sorted(ID_FOLDERS.values())
+    wrong = float(np.mean([CLASSES[ids.index(Path(p).parent.name)] == name for p, name in rows]))
+    assert abs(wrong - expected) > 1e-3, "fixture cannot distinguish the folder mapping"
+
+    report = read_json(ws / "run_ids" / "report.json")
+    assert report["reclip_accuracy"] == pytest.approx(expected)
+    assert 0.0 <= report["zero_shot_accuracy"] <= 1.0
+    assert len(report["history"]) == 2
+    for h in report["history"]:
+        assert {"pseudo_text", "pseudo_visual", "combined"} <= h["accuracy"].keys(), h
+    epoch_lines = [ln for ln in adapt.stderr.splitlines() if ln.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and all("combined" in ln for ln in epoch_lines), adapt.stderr
+    assert "zero-shot accuracy" in adapt.stderr and "reclip: accuracy" in adapt.stderr
+
+    line = f"accuracy {expected:.4f} ({len(rows)} images)"
+    assert ok(eval_ids).stdout.strip() == line
+    assert ok(eval_names).stdout.strip() == line  # class-name folders of the same images
+
+
+def test_unmapped_folders_report_no_accuracy(jobs):
+    """One folder that is no class (nor an id): nothing can be scored, so no accuracy is
+    reported anywhere, rather than one computed from the sorted folder indices."""
+    ws = jobs.ws
+    adapt = ok(jobs.result("renamed"))
+    assert "accuracy" not in adapt.stderr, adapt.stderr
+    epoch_lines = [ln for ln in adapt.stderr.splitlines() if ln.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and all("agreement" in ln for ln in epoch_lines), adapt.stderr
+    assert not any(key in adapt.stderr for key in ("pseudo_text", "pseudo_visual", "combined"))
+    report = read_json(ws / "run_renamed" / "report.json")
+    assert report["zero_shot_accuracy"] is None and report["reclip_accuracy"] is None
+    assert len(report["history"]) == 2 and all(h["accuracy"] == {} for h in report["history"])
+    assert all(h["accuracy"] == {} for h in read_json(ws / "run_renamed" / "run.json")["history"])
+    assert "folders" not in read_json(ws / "run_renamed" / "run.json")
+
+
+def test_class_lists_carry_the_folders(tmp_path):
+    """--preset imagenet and a folder<TAB>class file give the folder of each class; class-name
+    lists give none."""
+    from argparse import Namespace
+
+    from reclip.cli import _class_lists
+
+    def lists(**kw):
+        return _class_lists(Namespace(**{"preset": None, "classes": None, "templates": None, **kw}))
+
+    names, templates, folders = lists(preset="imagenet")
+    assert len(names) == len(folders) == 1000 and len(templates) > 1
+    assert (names[0], folders[0]) == ("tench", "n01440764")
+    assert lists(preset="cifar10")[2] is None
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text("n2\tship\nn3\tcat\n")
+    assert lists(classes=str(tsv)) == (["ship", "cat"], None, ["n2", "n3"])
+    txt = tmp_path / "c.txt"
+    txt.write_text("ship\ncat\n")
+    assert lists(classes=str(txt)) == (["ship", "cat"], None, None)
 
 
 # ----------------------------------------------------------------------------------- 4. preset
@@ -652,13 +750,13 @@ def test_internal_type_or_key_error_shows_its_traceback(monkeypatch, tmp_path):
     for error in (TypeError("a bug"), KeyError("a bug")):
         def raise_(path, error=error):
             raise error
-        monkeypatch.setattr(prompts, "read_classnames", raise_)
+        monkeypatch.setattr(prompts, "read_classes", raise_)
         with pytest.raises(type(error), match="a bug"):
             reclip_cli.main(argv)
 
     def user_error(path):
         raise ValueError(f"{path}: no class names")
-    monkeypatch.setattr(prompts, "read_classnames", user_error)
+    monkeypatch.setattr(prompts, "read_classes", user_error)
     assert reclip_cli.main(argv) == 2
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -11,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from reclip.data import (IMAGE_EXTENSIONS, ImageSet, array_image_set, image_error, image_set,
-                         load_cifar, load_mnist, loader, read_idx)
+from reclip.data import (IMAGE_EXTENSIONS, ImageSet, array_image_set, class_labels, image_error,
+                         image_set, load_cifar, load_mnist, loader, read_idx, tensor_image_set)
 
 
 def _png(path, value, size=(5, 4), mode="RGB"):
@@ -75,6 +76,76 @@ def test_flat_folder(tmp_path):
     assert [Path(p).name for p in ds.paths] == ["a.png", "b.bmp", "c.webp"]
     assert ds.labels.tolist() == [-1, -1, -1] and ds.classes is None and not ds.has_labels
     assert ds[0][1] == -1
+
+
+def test_folder_scan_rules(tmp_path):
+    """What the scan keeps: only one level below each class folder, hidden entries skipped,
+    extensions by name (any case), a folder named like an image is still a class folder, and
+    the paths are those of the root as given (with or without a trailing separator)."""
+    root = tmp_path / "imgs"
+    (root / "n02").mkdir(parents=True)
+    (root / "n02" / "n02_7.JPEG").write_bytes(b"")  # empty: the scan never opens a file
+    (root / "n02" / "n02_10.jpeg").write_bytes(b"")
+    (root / "n02" / "README").write_text("no extension")
+    (root / "n02" / "deeper").mkdir()
+    (root / "n02" / "deeper" / "x.png").write_bytes(b"")  # below a class folder: not read
+    (root / "n01.png").mkdir()  # a class folder despite its name
+    (root / "n01.png" / "a.PNG").write_bytes(b"")
+    (root / ".cache").mkdir()  # hidden: not a class
+    (root / ".cache" / "c.png").write_bytes(b"")
+    (root / "n03").mkdir()  # empty: keeps its label index
+    ds = image_set(root)
+    assert ds.classes == ["n01.png", "n02", "n03"]
+    assert [os.path.relpath(p, root) for p in ds.paths] == [
+        os.path.join("n01.png", "a.PNG"), os.path.join("n02", "n02_10.jpeg"),
+        os.path.join("n02", "n02_7.JPEG")]
+    assert ds.labels.tolist() == [0, 1, 1]
+    assert image_set(str(root) + os.sep).paths == [os.path.join(str(root), os.path.relpath(p, root))
+                                                   for p in ds.paths]
+
+
+def test_class_labels_by_folder_name_or_id(tmp_path):
+    """Folder labels mapped onto a class list (not in sorted order) through the folder names,
+    or through folder ids; a layout they do not cover has no labels at all."""
+    counts = {"n0300": 1, "n0100": 2, "n0200": 3}  # sorted: n0100 (0), n0200 (1), n0300 (2)
+    ids = {"n0200": "ship", "n0300": "cat", "n0100": "dog"}
+    for folder, n in counts.items():
+        for i in range(n):
+            _png(tmp_path / "ids" / folder / f"{i}.png", i)
+            _png(tmp_path / "names" / ids[folder] / f"{i}.png", i)
+    classes = ["ship", "cat", "dog"]
+    folders = ["n0200", "n0300", "n0100"]
+    by_id = image_set(tmp_path / "ids")
+    assert by_id.labels.tolist() == [0, 0, 1, 1, 1, 2]
+    expected = [2, 2, 0, 0, 0, 1]  # dog dog ship ship ship cat
+    assert class_labels(by_id, classes, folders).tolist() == expected
+    by_name = image_set(tmp_path / "names")  # cat, dog, ship
+    assert class_labels(by_name, classes).tolist() == [1, 2, 2, 0, 0, 0]
+    # ids given, folders named by class: mapped by name
+    assert class_labels(by_name, classes, folders).tolist() == [1, 2, 2, 0, 0, 0]
+    # an empty folder holds no image to label, whatever its name
+    (tmp_path / "ids" / "misc").mkdir()
+    assert class_labels(image_set(tmp_path / "ids"), classes, folders).tolist() == expected
+
+    # one folder that is neither a class nor an id: no label, never the folder indices
+    (tmp_path / "names" / "dog").rename(tmp_path / "names" / "hound")
+    renamed = image_set(tmp_path / "names")
+    assert renamed.labels.tolist() == [0, 1, 1, 2, 2, 2]  # cat, hound, ship
+    assert class_labels(renamed, classes).tolist() == [-1] * 6
+    assert class_labels(renamed, classes, folders).tolist() == [-1] * 6
+    assert class_labels(by_id, classes).tolist() == [-1] * 6  # ids without the mapping
+    mixed = ["n0200", "cat", "dog"]  # ids for some folders, names for others: refused
+    assert class_labels(by_id, classes, mixed).tolist() == [-1] * 6
+
+
+def test_class_labels_of_other_sources(tmp_path):
+    for i in range(2):
+        _png(tmp_path / f"{i}.png", i)
+    assert class_labels(image_set(tmp_path), ["a", "b"]).tolist() == [-1, -1]  # flat folder
+    t = tensor_image_set(torch.zeros(3, 3, 2, 2), [2, 0, 1])
+    assert class_labels(t, ["a", "b", "c"]).tolist() == [2, 0, 1]
+    a = array_image_set(np.zeros((2, 4, 4), np.uint8), [1, 0], classes=["x", "y"])
+    assert class_labels(a, ["p", "q"]).tolist() == [1, 0]  # its labels are class indices
 
 
 def test_mixed_layout_refused(tmp_path):

@@ -257,3 +257,35 @@ def test_demo_writes_report_and_plots(tmp_path):
     assert set(saved["similarity"]) == {"P0", "P1", "P2"}
     for name in saved["plots"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_scores_image_folders_by_folder_name_or_id_only(tiny, images, tmp_path):
+    """Without `labels`, fit scores an ImageFolder through its folder names (the classes, or
+    the ids in `folders`); a folder that is neither leaves every epoch unscored, rather than
+    scored against the sorted folder indices. The run keeps `folders`."""
+    from PIL import Image
+
+    def folder(root, names):
+        for i, x in enumerate(images):
+            (root / names[i % 3]).mkdir(parents=True, exist_ok=True)
+            a = (x.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+            Image.fromarray(a).save(root / names[i % 3] / f"{i:02d}.png")
+        return root
+
+    ids = ["n3", "n1", "n2"]  # sorted folders: n1, n2, n3 = classes 1, 2, 0
+    renamed = ["red square", "green circle", "triangle"]  # sorted: green circle, red square, triangle
+
+    def fit(root, folders=None):
+        torch.manual_seed(0)
+        clf = reclip.ReCLIP(tiny, CLASSES, ["a {}."], reclip.Config(max_epochs=1), folders=folders)
+        return clf.fit(root)
+
+    by_id = fit(folder(tmp_path / "ids", ids), folders=ids)
+    by_name = fit(folder(tmp_path / "names", CLASSES))
+    assert by_id.history[0].accuracy and by_id.history[0].accuracy == by_name.history[0].accuracy
+    assert fit(folder(tmp_path / "renamed", renamed)).history[0].accuracy == {}
+    assert fit(tmp_path / "ids").history[0].accuracy == {}  # ids, but no mapping
+    by_id.save(tmp_path / "run")
+    assert reclip.ReCLIP.load(tmp_path / "run").folders == ids
+    with pytest.raises(ValueError, match="2 folders for 3 classes"):
+        reclip.ReCLIP(tiny, CLASSES, folders=ids[:2])

@@ -7,8 +7,8 @@ from importlib import resources
 import pytest
 
 from reclip import prompts
-from reclip.prompts import (DEFAULT_TEMPLATES, PRESETS, format_prompts, load_preset, read_classnames,
-                            read_templates)
+from reclip.prompts import (DEFAULT_TEMPLATES, PRESETS, format_prompts, load_preset, preset_folders,
+                            read_classes, read_classnames, read_templates)
 
 COUNTS = {
     "aid": 30, "birdsnap": 500, "caltech101": 101, "cifar10": 10, "cifar100": 100, "country211": 211,
@@ -33,7 +33,10 @@ def test_preset_contents(name):
     assert all(isinstance(c, str) and c == c.strip() and c for c in classnames)
     assert templates and all(t.count("{}") == 1 for t in templates)
     raw = json.loads(resources.files("reclip").joinpath("presets").joinpath(f"{name}.json").read_text("utf-8"))
-    assert raw["name"] == name and set(raw) == {"name", "classnames", "templates"}
+    assert raw["name"] == name and {"name", "classnames", "templates"} <= set(raw)
+    assert set(raw) <= {"name", "classnames", "templates", "folders"}
+    folders = preset_folders(name)
+    assert folders is None or (len(folders) == len(classnames) and len(set(folders)) == len(folders))
 
 
 def test_preset_label_order_spot_checks():
@@ -53,6 +56,21 @@ def test_preset_label_order_spot_checks():
     assert load_preset("sst2")[0] == ["negative", "positive"]
     assert load_preset("pcam")[0][0] == "lymph node"
     assert load_preset("fer2013")[0] == ["angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral"]
+
+
+def test_imagenet_preset_folder_ids():
+    """ImageNet's folders are WordNet ids; its canonical label order is the sorted id order, and
+    the class names are in that same order (anchors: the first, a few well-known, the last)."""
+    names, folders = load_preset("imagenet")[0], preset_folders("imagenet")
+    assert len(folders) == 1000 and folders == sorted(folders) and len(set(folders)) == 1000
+    assert all(len(f) == 9 and f[0] == "n" and f[1:].isdigit() for f in folders)
+    anchors = {0: ("n01440764", "tench"), 1: ("n01443537", "goldfish"),
+               2: ("n01484850", "great white shark"), 151: ("n02085620", "Chihuahua"),
+               281: ("n02123045", "tabby cat"), 999: ("n15075141", "toilet paper")}
+    for i, (wnid, name) in anchors.items():
+        assert (folders[i], names[i]) == (wnid, name), i
+    assert preset_folders("ImageNet-1k") == folders
+    assert preset_folders("cifar10") is None  # folders named by the class: nothing to map
 
 
 def test_preset_lookup_is_forgiving():
@@ -79,6 +97,30 @@ def test_read_classnames(tmp_path):
     p.write_text("\ufeff# digits\nzero\n\n  one  \n# comment\ntwo\n", encoding="utf-8")
     assert read_classnames(p) == ["zero", "one", "two"]
     assert read_classnames(str(p)) == ["zero", "one", "two"]
+
+
+def test_read_classes_two_columns(tmp_path):
+    p = tmp_path / "classes.tsv"
+    p.write_text("# id\tname\nn0002\tship\n\n n0003 \t  cat \nn0001\tdog\n", encoding="utf-8")
+    assert read_classes(p) == (["ship", "cat", "dog"], ["n0002", "n0003", "n0001"])
+    assert read_classnames(p) == ["ship", "cat", "dog"]
+    one = tmp_path / "classes.txt"
+    one.write_text("ship\n  cat\t\ndog\n")  # a tab at the end of a line is only whitespace
+    assert read_classes(one) == (["ship", "cat", "dog"], None)
+
+
+@pytest.mark.parametrize("text,line,mentions", [
+    ("n1\tcat\ndog\n", 2, "'dog'"),  # a one-column line in a tabbed file
+    ("cat\nn2\tdog\n", 1, "'cat'"),
+    ("n1\tcat\nn2\tdog\tdogs\n", 2, "folder<TAB>class name"),  # three fields
+    ("n1\tcat\nn2\t\tdog\n", 2, "folder<TAB>class name"),  # an empty middle field
+    ("n1\tcat\nn1\tdog\n", 2, "duplicate folder 'n1' (first on line 1)"),
+    ("n1\tcat\nn2\tcat\n", 2, "duplicate class name 'cat' (first on line 1)"),
+])
+def test_read_classes_errors(tmp_path, text, line, mentions):
+    p = tmp_path / "bad.tsv"
+    p.write_text(text)
+    _one_line_error(ValueError, read_classes, p, contains=[str(p), f"line {line}:", mentions])
 
 
 def _one_line_error(exc_type, fn, *args, contains=()):

@@ -24,7 +24,7 @@ from torch import nn
 from . import checkpoint, projection
 from .models import LoadedModel, freeze_except_norms, model_from_spec
 from .pseudo_labels import pseudo_labels
-from .prompts import DEFAULT_TEMPLATES, format_prompts
+from .prompts import DEFAULT_TEMPLATES, check_folders, format_prompts
 
 SIDES = ("both", "text", "visual")
 VISUAL_LOSSES = ("released", "mean")
@@ -103,16 +103,22 @@ class ReCLIP:
         clf.fit("/path/to/images")
         labels = clf.predict("/path/to/images")
         clf.save("run/")
+
+    ``folders`` (optional) names the image folder of each class when folders are named by an
+    id rather than by the class (``folders[i]`` holds ``classnames[i]``, e.g. ImageNet's
+    ``n01440764``); it is saved with the run so that accuracies on such folders need no mapping
+    file later.
     """
 
     def __init__(self, model: LoadedModel, classnames: list[str], templates: list[str] | None = None,
-                 config: Config | None = None) -> None:
+                 config: Config | None = None, *, folders: list[str] | None = None) -> None:
         if len(classnames) < 2:
             raise ValueError(f"classnames: need at least 2 classes, got {len(classnames)}")
         if len(set(classnames)) != len(classnames):
             raise ValueError("classnames: contains duplicates")
         self.loaded = model
         self.classnames = list(classnames)
+        self.folders = None if folders is None else check_folders(folders, self.classnames)
         self.templates = list(templates or DEFAULT_TEMPLATES)
         self.config = config or Config()
         self.text_copy = copy.deepcopy(model.model).eval()
@@ -173,12 +179,15 @@ class ReCLIP:
             log: Callable[[EpochLog], None] | None = None) -> "ReCLIP":
         """Adapt to `images` (a folder, tensor, Dataset or DataLoader) without their labels.
 
-        `labels` (or an ImageFolder layout) is used only to report accuracies per epoch.
+        `labels` (or an ImageFolder layout whose folders are the classes or `folders`) is used
+        only to report accuracies per epoch.
         With `out_dir` a checkpoint is written atomically after every epoch; `resume`
         continues from it and reaches the same result as an uninterrupted run.
         """
+        from .data import class_labels
+
         data = _images_arg(images, self.loaded.preprocess)
-        truth = labels if labels is not None else data.labels
+        truth = labels if labels is not None else class_labels(data, self.classnames, self.folders)
         known = truth is not None and len(truth) == len(data) and (np.asarray(truth) >= 0).all()
         if resume:
             if out_dir is None:
@@ -344,6 +353,8 @@ class ReCLIP:
                 "templates": self.templates, "config": dataclasses.asdict(self.config),
                 "epoch": self.epoch, "iterations": self.iterations,
                 "history": [dataclasses.asdict(h) for h in self.history]}
+        if self.folders is not None:
+            meta["folders"] = self.folders
         return tensors, meta
 
     def save(self, directory: str | Path) -> Path:
@@ -365,7 +376,7 @@ class ReCLIP:
             config = Config(**{k: v for k, v in meta["config"].items() if k in fields})
         except (TypeError, ValueError) as err:  # a value of the wrong type fails a comparison
             raise ValueError(f"{directory}: run.json config: {err}") from None
-        obj = cls(loaded, meta["classnames"], meta["templates"], config)
+        obj = cls(loaded, meta["classnames"], meta["templates"], config, folders=meta.get("folders"))
         obj._restore((tensors, meta), directory)
         return obj
 
@@ -439,6 +450,11 @@ def check_meta(meta: dict[str, Any], where, classnames: list[str] | None = None)
     if classnames is not None and meta["classnames"] != classnames:
         raise ValueError(f"{where}: checkpoint classes {meta['classnames'][:5]}... do not match "
                          f"the requested classes {classnames[:5]}...")
+    if "folders" in meta:  # optional: runs on class-name folders have none
+        folders = meta["folders"]
+        if not isinstance(folders, list) or not all(isinstance(v, str) for v in folders):
+            raise ValueError(f"{where}: run.json has no valid 'folders'; was it written by reclip?")
+        check_folders(folders, meta["classnames"], source=f"{where}: run.json folders")
 
 
 def _tower_params(model: nn.Module, *, visual: bool) -> dict[str, nn.Parameter]:

@@ -6,6 +6,10 @@
     reclip predict --run RUN --data DIR [--out FILE]      # path<TAB>class per image
     reclip eval    --run RUN --data DIR                   # ImageFolder labels -> accuracy
 
+Class folders are named by the class, or by an id that --classes (lines folder<TAB>class
+name) or --preset (ImageNet's WordNet ids) maps to a class; the run keeps that mapping for eval.
+A layout that neither names gets no accuracy at all.
+
 An unreadable image stops adapt, predict and eval before any model loads; with
 --skip-bad-images it is left out instead (one warning line; adapt's report.json lists it).
 
@@ -68,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--model", required=True, help="open_clip model name or model-config JSON")
     a.add_argument("--pretrained", help="local weights file for --model")
     a.add_argument("--data", required=True, help="image folder (ImageFolder layout or flat)")
-    a.add_argument("--classes", help="class names, one per line")
+    a.add_argument("--classes", help="class names, one per line (or folder<TAB>class name lines "
+                                     "for folders named by an id)")
     a.add_argument("--templates", help="prompt templates with {}, one per line")
     a.add_argument("--preset", help="class names and templates of a benchmark (e.g. cifar10)")
     a.add_argument("--out", required=True, help="run directory to write")
@@ -91,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--skip-bad-images", action="store_true", help=SKIP_HELP)
 
     for name, helptext in (("predict", "write the predicted class of every image"),
-                           ("eval", "accuracy on an ImageFolder whose folders are class names")):
+                           ("eval", "accuracy on an ImageFolder whose folders are class names "
+                                    "or the run's folder ids")):
         q = sub.add_parser(name, help=helptext)
         q.add_argument("--run", required=True, help="run directory written by reclip adapt")
         q.add_argument("--data", required=True, help="image folder")
@@ -114,18 +120,19 @@ def _images(args):
     return data
 
 
-def _class_lists(args) -> tuple[list[str], list[str] | None]:
+def _class_lists(args) -> tuple[list[str], list[str] | None, list[str] | None]:
+    """(class names, templates, the folder of each class or None) of --preset or --classes."""
     from . import prompts
 
     if args.preset:
         if args.classes or args.templates:
             raise ValueError("--preset: give either --preset or --classes/--templates, not both")
-        return prompts.load_preset(args.preset)
+        return (*prompts.load_preset(args.preset), prompts.preset_folders(args.preset))
     if not args.classes:
         raise ValueError("--classes: required (or --preset)")
-    classnames = prompts.read_classnames(args.classes)
+    classnames, folders = prompts.read_classes(args.classes)
     templates = prompts.read_templates(args.templates) if args.templates else None
-    return classnames, templates
+    return classnames, templates, folders
 
 
 def _say(text: str) -> None:
@@ -134,17 +141,6 @@ def _say(text: str) -> None:
 
 def _accuracy(pred: np.ndarray, labels: np.ndarray) -> float | None:
     return float((pred == labels).mean()) if len(labels) and (labels >= 0).all() else None
-
-
-def _folder_labels(data, classnames: list[str]) -> np.ndarray:
-    """ImageFolder labels mapped onto the run's class order by folder name; -1 for all when
-    the folders are not exactly class names (then no accuracy can be reported)."""
-    position = {name: i for i, name in enumerate(classnames)}
-    if not data.classes or any(c not in position for c in data.classes):
-        return np.full(len(data), -1, np.int64)
-    remap = np.array([position[c] for c in data.classes], np.int64)
-    labels = np.asarray(data.labels)
-    return np.where(labels >= 0, remap[np.clip(labels, 0, None)], -1)
 
 
 def _check_output(path: str, flag: str, *, folder: bool) -> None:
@@ -181,10 +177,11 @@ def adapt(args) -> int:
     from . import adapt as adapt_mod
     from . import checkpoint
     from .checkpoint import write_json
+    from .data import class_labels
     from .models import load_model
 
     start = time.time()
-    classnames, templates = _class_lists(args)
+    classnames, templates, folders = _class_lists(args)
     _check_output(args.out, "--out", folder=True)
     if args.resume and checkpoint.exists(args.out):  # refuse a mismatch before any real work
         adapt_mod.check_meta(checkpoint.read_meta(args.out), args.out, classnames)
@@ -200,8 +197,8 @@ def adapt(args) -> int:
         if value is not None:
             setattr(config, field, value)
     config.__post_init__()
-    labels = _folder_labels(data, classnames)
-    clf = adapt_mod.ReCLIP(loaded, classnames, templates, config)
+    labels = class_labels(data, classnames, folders)
+    clf = adapt_mod.ReCLIP(loaded, classnames, templates, config, folders=folders)
     zero_shot = clf.zero_shot_predict(data)
     zs_acc = _accuracy(zero_shot, labels)
     _say(f"reclip: {len(data)} images, {len(classnames)} classes"
@@ -213,8 +210,9 @@ def adapt(args) -> int:
                         if v is not None)
         _say(f"epoch {e.epoch + 1}: agreement {e.agreement:.3f} trained {e.trained} {loss} {acc}")
 
-    clf.fit(data, out_dir=args.out, resume=args.resume, labels=labels if zs_acc is not None else None,
-            progress=not args.quiet, log=log)
+    # the same labels as the zero-shot and final accuracies: all -1 (no accuracy) when unknown
+    clf.fit(data, out_dir=args.out, resume=args.resume, labels=labels, progress=not args.quiet,
+            log=log)
     report = {"command": "adapt", "images": len(data), "classes": len(classnames),
               "config": dataclasses.asdict(config), "epochs": clf.epoch,
               "iterations": clf.iterations, "zero_shot_accuracy": zs_acc,
@@ -248,11 +246,14 @@ def predict(args) -> int:
 
 
 def evaluate(args) -> int:
+    from .data import class_labels
+
     clf, data = _load_run(args)
-    labels = _folder_labels(data, clf.classnames)
+    labels = class_labels(data, clf.classnames, clf.folders)
     if (labels < 0).any():
+        ids = f" or its folder ids ({', '.join(clf.folders[:3])}, ...)" if clf.folders else ""
         raise ValueError(f"--data: {args.data} needs an ImageFolder layout whose folders are "
-                         f"among the run's classes ({', '.join(clf.classnames[:5])}, ...)")
+                         f"among the run's classes ({', '.join(clf.classnames[:5])}, ...){ids}")
     acc = _accuracy(clf.predict(data), labels)
     print(f"accuracy {acc:.4f} ({len(data)} images)")
     return 0

@@ -3,10 +3,14 @@
 Presets: the class names and prompt templates of the 22 benchmarks of the ReCLIP paper ship as
 JSON data files in ``reclip/presets/`` (``{"name", "classnames", "templates"}``), read through
 ``importlib.resources`` so they work from an installed wheel as well as from a source tree.
-Label index ``i`` of a dataset's canonical label order is ``classnames[i]``.
+Label index ``i`` of a dataset's canonical label order is ``classnames[i]``. A benchmark whose
+images are stored in folders named by an id rather than by the class (ImageNet's WordNet ids,
+``n01440764/``) also ships those ids as ``"folders"``: ``folders[i]`` holds class ``i``
+(``preset_folders``).
 
-Custom lists come from plain text files, one entry per line (``read_classnames``,
-``read_templates``). A template holds exactly one ``{}``, replaced by the class name.
+Custom lists come from plain text files, one entry per line (``read_classes``,
+``read_templates``). A class file may give each line as ``folder<TAB>class name`` instead.
+A template holds exactly one ``{}``, replaced by the class name.
 
 Every error is one line that names the offending file (and line), so a command-line front end
 can print it as is.
@@ -52,37 +56,63 @@ def load_preset(name: str) -> tuple[list[str], list[str]]:
     Case and separators are ignored ("CIFAR-10", "FGVC Aircraft"); a few common aliases are
     accepted ("pets", "cars", "flowers", ...). Raises ValueError listing the valid names.
     """
-    key = _preset_key(name)
-    if key is None:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
-    ref = resources.files(__package__).joinpath("presets").joinpath(f"{key}.json")
-    try:
-        data = json.loads(ref.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"preset {key!r}: data file presets/{key}.json is missing from the installed package") from None
+    key, data = _preset_data(name)
     classnames = check_classnames(data["classnames"], source=f"preset {key!r}")
     templates = check_templates(data["templates"], source=f"preset {key!r}")
     return classnames, templates
 
 
-def check_classnames(classnames: Iterable[str], source: str = "class names") -> list[str]:
-    """Validate a class-name list (non-empty, strings, no blanks, no duplicates); returns a stripped copy."""
+def preset_folders(name: str) -> list[str] | None:
+    """The folder ids of a preset's classes in label order (ImageNet: ``n01440764``, ...), or
+    None for a benchmark whose folders are not named by a canonical id."""
+    key, data = _preset_data(name)
+    if "folders" not in data:
+        return None
+    return check_folders(data["folders"], data["classnames"], source=f"preset {key!r}")
+
+
+def _preset_data(name: str) -> tuple[str, dict]:
+    key = _preset_key(name)
+    if key is None:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    ref = resources.files(__package__).joinpath("presets").joinpath(f"{key}.json")
+    try:
+        return key, json.loads(ref.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"preset {key!r}: data file presets/{key}.json is missing from the installed package") from None
+
+
+def check_classnames(classnames: Iterable[str], source: str = "class names", *,
+                     what: str = "class name") -> list[str]:
+    """Validate a class-name list (non-empty, strings, no blanks, no duplicates); returns a stripped copy.
+
+    ``what`` names an entry in the messages (``check_folders`` checks folder names with it).
+    """
     if isinstance(classnames, (str, bytes)):
-        raise TypeError(f"{source}: expected a list of class names, got a single string")
+        raise TypeError(f"{source}: expected a list of {what}s, got a single string")
     names = []
     seen: dict[str, int] = {}
     for i, c in enumerate(classnames):
         if not isinstance(c, str):
-            raise TypeError(f"{source}: class name {i} is {type(c).__name__}, not str")
+            raise TypeError(f"{source}: {what} {i} is {type(c).__name__}, not str")
         c = c.strip()
         if not c:
-            raise ValueError(f"{source}: class name {i} is blank")
+            raise ValueError(f"{source}: {what} {i} is blank")
         if c in seen:
-            raise ValueError(f"{source}: duplicate class name {c!r} (entries {seen[c]} and {i})")
+            raise ValueError(f"{source}: duplicate {what} {c!r} (entries {seen[c]} and {i})")
         seen[c] = i
         names.append(c)
     if not names:
-        raise ValueError(f"{source}: no class names")
+        raise ValueError(f"{source}: no {what}s")
+    return names
+
+
+def check_folders(folders: Iterable[str], classnames: Sequence[str], source: str = "folders") -> list[str]:
+    """Validate the folder names of the classes (``folders[i]`` holds ``classnames[i]``): one
+    per class, strings, no blanks, no duplicates; returns a stripped copy."""
+    names = check_classnames(folders, source, what="folder")
+    if len(names) != len(classnames):
+        raise ValueError(f"{source}: {len(names)} folders for {len(classnames)} classes")
     return names
 
 
@@ -127,17 +157,36 @@ def _read_lines(path: str | os.PathLike, what: str) -> list[tuple[int, str]]:
     return lines
 
 
-def read_classnames(path: str | os.PathLike) -> list[str]:
-    """Class names from a text file: one per line, stripped; blank lines and ``#`` comment lines skipped.
+def read_classes(path: str | os.PathLike) -> tuple[list[str], list[str] | None]:
+    """(class names, their folders or None) from a class file.
 
-    Line order is label order. Errors (one line, naming the file): FileNotFoundError for a missing
-    file, ValueError for an empty file ("...: no class names") or a repeated name.
+    One class per line, in label order; blank lines and ``#`` comment lines skipped, entries
+    stripped. A line is either the class name, or ``folder<TAB>class name`` for image folders
+    named by an id rather than by the class (ImageNet's ``n01440764``): a file is one or the
+    other, never a mix. Errors (one line, naming the file and line): FileNotFoundError for a
+    missing file, ValueError for an empty file ("...: no class names"), a line of a tabbed file
+    without exactly two non-empty fields, or a repeated name or folder.
     """
     lines = _read_lines(path, "class-name")
     p = os.fspath(path)
     if not lines:
         raise ValueError(f"{p}: no class names")
-    return _unique(lines, p, "class name")
+    if not any("\t" in text for _, text in lines):
+        return _unique(lines, p, "class name"), None
+    folders, names = [], []
+    for n, text in lines:
+        fields = [f.strip() for f in text.split("\t")]
+        if len(fields) != 2 or not all(fields):
+            raise ValueError(f"{p}: line {n}: expected 'folder<TAB>class name' (the file has tabs, "
+                             f"so every line needs both fields and no other tab), got {text!r}")
+        folders.append((n, fields[0]))
+        names.append((n, fields[1]))
+    return _unique(names, p, "class name"), _unique(folders, p, "folder")
+
+
+def read_classnames(path: str | os.PathLike) -> list[str]:
+    """The class names of a class file (``read_classes`` without the folders)."""
+    return read_classes(path)[0]
 
 
 def read_templates(path: str | os.PathLike) -> list[str]:
