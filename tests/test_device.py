@@ -124,6 +124,25 @@ def test_config_validates_runtime_settings():
     reclip.Config(device="cpu", amp="bf16")  # CPU autocast supports bf16
 
 
+def test_device_names_resolve_against_the_devices_there_are(monkeypatch):
+    from reclip import device as devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert devices.resolve("auto") == torch.device("cuda")
+    assert devices.resolve("cuda:1") == torch.device("cuda", 1)
+    assert devices.resolve("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"^--device: 'cuda:2' does not exist \(2 CUDA devices"):
+        devices.resolve("cuda:2", "--device")
+    assert devices.amp_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert devices.amp_dtype("auto", torch.device("cpu")) is None
+    assert devices.amp_dtype("fp16", torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert devices.resolve("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA device is available"):
+        devices.resolve("cuda")
+
+
 # ---------------------------------------------------------------------------------- persistence
 
 

@@ -35,7 +35,8 @@ def resolve(device: str, name: str = "device") -> torch.device:
     if index and int(index) >= count:
         raise ValueError(f"{name}: {device!r} does not exist ({count} CUDA device"
                          f"{'s' if count > 1 else ''}: cuda:0..cuda:{count - 1})")
-    return torch.device("cuda", int(index) if index else torch.cuda.current_device())
+    # plain "cuda" stays torch's current device; asking which one would initialise CUDA
+    return torch.device(device)
 
 
 def amp_dtype(amp: str, device: torch.device, name: str = "amp") -> torch.dtype | None:
