@@ -225,6 +225,32 @@ def test_check_can_skip_unreadable_images(tmp_path):
     _one_line(e, tmp_path, "none of its 3 images")
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_check_in_first_pass(tmp_path, workers):
+    """The deferred check: one pass decodes each image once (in the workers), stops at an
+    unreadable one naming it, or leaves it out of the set for every later pass."""
+    _png(tmp_path / "a" / "1.png", 10)
+    _png(tmp_path / "b" / "2.png", 20)
+    _png(tmp_path / "b" / "4.png", 40)
+    (tmp_path / "a" / "0.png").write_bytes(b"")
+    (tmp_path / "b" / "3.jpg").write_text("text, not a JPEG")
+    listed = image_set(tmp_path)
+    stop = listed.check_in_first_pass()
+    assert stop.unchecked == "stop" and listed.unchecked is None
+    with pytest.raises(ValueError) as e:
+        list(stop.checking_batches(2, num_workers=workers))
+    _one_line(e, listed.paths[0])
+    skip = listed.check_in_first_pass(skip_bad=True)
+    batches = list(skip.checking_batches(2, num_workers=workers))
+    assert [b[2].tolist() for b in batches] == [[1], [2], [4]]  # readable items, in order
+    assert [b[1].tolist() for b in batches] == [[0], [1], [1]]
+    assert skip.skipped == [listed.paths[0], listed.paths[3]] and skip.unchecked is None
+    assert skip.paths == [listed.paths[i] for i in (1, 2, 4)] and len(skip) == 3
+    assert torch.cat([b[2] for b in loader(skip, 2, num_workers=workers)]).tolist() == [0, 1, 2]
+    x = torch.zeros(2, 3, 4, 4)
+    assert image_set(x).check_in_first_pass().unchecked is None  # nothing to decode
+
+
 def test_tensor_source():
     x = torch.randn(6, 3, 8, 8)
     ds = image_set(x, transform=lambda im: 1 / 0)  # never applied to tensors

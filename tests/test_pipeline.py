@@ -116,10 +116,11 @@ def test_label_sharing_trains_on_agreeing_images(tiny, images, monkeypatch, shar
     seen_idx, seen_y = [], []
     original = adapt.ReCLIP._step_visual
 
-    def spy(self, data, idx, y):
-        seen_idx.extend(idx.tolist())
+    def spy(self, x, y):
+        # which images: the rows of the (distinct) image tensor that the batch holds
+        seen_idx.extend(int((images == row).flatten(1).all(1).nonzero()) for row in x)
         seen_y.extend(y.tolist())
-        return original(self, data, idx, y)
+        return original(self, x, y)
 
     monkeypatch.setattr(adapt.ReCLIP, "_step_visual", spy)
     clf = _fit(tiny, images, max_epochs=1, label_sharing=sharing)

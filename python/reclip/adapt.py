@@ -7,6 +7,13 @@ template, with gradients). ReCLIP-V adapts the visual encoder: pseudo labels com
 propagation of its current features with the initial projection and class nodes, and the loss
 is cross-entropy against the pseudo-label class centres. With label sharing each epoch trains
 both on the images whose two pseudo labels agree. Prediction averages both sides' logits.
+
+Everything runs on ``Config.device``: both model copies, every image and text pass, the class
+embeddings and projections, and label propagation (features stay there; only the pseudo labels
+come back to the host, as int64 numpy arrays). Forward passes run under ``torch.autocast`` in
+``Config.amp``; trainable norm parameters, their gradients and the optimiser state stay
+float32, and features are cast to float32 before anything else uses them. Image passes go
+through DataLoaders with ``Config.workers`` worker processes, built once per ``fit``.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint, projection
+from . import checkpoint, device as devices, projection
 from .models import LoadedModel, freeze_except_norms, model_from_spec
 from .pseudo_labels import pseudo_labels
 from .prompts import DEFAULT_TEMPLATES, check_folders, format_prompts
@@ -53,7 +60,18 @@ class Config:
     visual_loss: str = "released"
     logit_scale: float = 100.0
     seed: int = 0
+    #: images or prompts per forward pass; also the prompt chunk of ReCLIP-T's training step,
+    #: which bounds its memory (see docs/design.md, "Memory")
     encode_batch_size: int = 256
+    #: "auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N"
+    device: str = "auto"
+    #: autocast of forward passes: "auto" (bf16 on CUDA, off on the CPU), "bf16", "fp16", "off"
+    amp: str = "auto"
+    #: image-loading worker processes; None: one per usable core, at most 8
+    workers: int | None = None
+    #: operand precision of label propagation's k-NN search: "exact", or "tf32" / "bf16"
+    #: (CUDA only)
+    lp_precision: str = "exact"
 
     def __post_init__(self) -> None:
         if self.projection not in projection.MODES:
@@ -69,9 +87,22 @@ class Config:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if not 0 <= self.alpha < 1:
             raise ValueError(f"alpha must be in [0, 1), got {self.alpha}")
+        if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 0):
+            raise ValueError(f"workers must be >= 0 or None, got {self.workers}")
+        where = self.torch_device()
+        devices.amp_dtype(self.amp, where)
+        devices.check_lp_precision(self.lp_precision, where)
+
+    def torch_device(self) -> torch.device:
+        return devices.resolve(self.device)
 
     def batch_for(self, classes: int) -> int:
         return self.batch_size or (32 if classes > 200 else 64)
+
+
+#: settings of the machine that runs a model rather than of the run: ReCLIP.load takes them
+#: anew instead of from run.json (a run trained on CUDA loads on a CPU-only machine)
+RUNTIME = ("device", "amp", "workers", "lp_precision")
 
 
 @dataclass
@@ -121,8 +152,11 @@ class ReCLIP:
         self.folders = None if folders is None else check_folders(folders, self.classnames)
         self.templates = list(templates or DEFAULT_TEMPLATES)
         self.config = config or Config()
-        self.text_copy = copy.deepcopy(model.model).eval()
-        self.visual_copy = copy.deepcopy(model.model).eval()
+        self.device = self.config.torch_device()
+        self._amp = devices.amp_dtype(self.config.amp, self.device)
+        # the caller's model stays where it is (load_model leaves it on the CPU)
+        self.text_copy = copy.deepcopy(model.model).eval().to(self.device)
+        self.visual_copy = copy.deepcopy(model.model).eval().to(self.device)
         self.text_params = _tower_params(self.text_copy, visual=False)
         self.visual_params = _tower_params(self.visual_copy, visual=True)
         self.history: list[EpochLog] = []
@@ -138,6 +172,9 @@ class ReCLIP:
         self.centres = self.nodes_v.clone()
         self._opt_t = self._optimizer(self.text_params)
         self._opt_v = self._optimizer(self.visual_params)
+        # fp16 gradients underflow without loss scaling; bf16 has float32's exponent range
+        self._scalers = {side: torch.amp.GradScaler(self.device.type)
+                         if self._amp == torch.float16 else None for side in ("text", "visual")}
         self._bars = False  # progress bars inside an epoch, while fit(progress=True) runs
 
     # ------------------------------------------------------------------------------ encoders
@@ -151,11 +188,17 @@ class ReCLIP:
         templates = self.templates[:1] if first_only else self.templates
         return [p for per_class in format_prompts(self.classnames, templates) for p in per_class]
 
+    def _autocast(self):
+        return devices.autocast(self.device, self._amp)
+
     def _encode_text(self, model: nn.Module, prompts: list[str]) -> torch.Tensor:
+        """float32 features of `prompts`, encode_batch_size per forward pass."""
         out = []
         for i in range(0, len(prompts), self.config.encode_batch_size):
             tokens = self.loaded.tokenizer(prompts[i : i + self.config.encode_batch_size])
-            out.append(model.encode_text(tokens, normalize=True))
+            with self._autocast():
+                feats = model.encode_text(tokens.to(self.device), normalize=True)
+            out.append(feats.float())
         return torch.cat(out)
 
     @torch.no_grad()
@@ -163,14 +206,46 @@ class ReCLIP:
         feats = self._encode_text(model, self._prompts(first_only=False))
         return projection.class_nodes(feats.view(len(self.classnames), len(self.templates), -1))
 
-    @torch.no_grad()
-    def _encode_images(self, model: nn.Module, images) -> torch.Tensor:
+    def _workers(self, data) -> int:
+        # an in-memory tensor's items are slices: handing them through worker processes
+        # only adds copies
+        if data.kind == "tensor":
+            return 0
+        return devices.default_workers() if self.config.workers is None else self.config.workers
+
+    def _loader(self, data, batch_sampler=None):
+        """A DataLoader over `data`: in order, encode_batch_size per batch, or the batches of
+        `batch_sampler`. On CUDA batches come in pinned memory, so copies can be asynchronous."""
         from .data import loader
 
-        batches = _progress(loader(images, self.config.encode_batch_size), self._bars, "encode",
-                            leave=False)
-        feats = [model.encode_image(x, normalize=True).float() for x, _, _ in batches]
-        return torch.cat(feats)
+        return loader(data, self.config.encode_batch_size, num_workers=self._workers(data),
+                      batch_sampler=batch_sampler, pin_memory=self.device.type == "cuda")
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, non_blocking=True)
+
+    @torch.no_grad()
+    def _encode_images(self, model: nn.Module, images, dl=None) -> torch.Tensor:
+        """(n, d) float32 features on the device, in item order. Uses the DataLoader `dl`
+        over `images` when given; the first pass over a set with a deferred check does it."""
+        from .data import image_set
+
+        data = image_set(images)
+        if data.unchecked is not None:
+            batches = data.checking_batches(self.config.encode_batch_size, self._workers(data),
+                                            pin_memory=self.device.type == "cuda")
+        else:
+            batches = dl if dl is not None else self._loader(data)
+        # filled in place: concatenating per-batch pieces would hold the features twice
+        out, rows = None, 0
+        for x, _, _ in _progress(batches, self._bars, "encode", leave=False):
+            with self._autocast():
+                f = model.encode_image(self._to_device(x), normalize=True)
+            if out is None:
+                out = torch.empty(len(data), f.shape[1], dtype=torch.float32, device=self.device)
+            out[rows : rows + len(f)] = f
+            rows += len(f)
+        return out[:rows]  # fewer rows than the set had when a deferred check left some out
 
     # ------------------------------------------------------------------------------ training
 
@@ -187,8 +262,6 @@ class ReCLIP:
         from .data import class_labels
 
         data = _images_arg(images, self.loaded.preprocess)
-        truth = labels if labels is not None else class_labels(data, self.classnames, self.folders)
-        known = truth is not None and len(truth) == len(data) and (np.asarray(truth) >= 0).all()
         if resume:
             if out_dir is None:
                 raise ValueError("resume: needs out_dir")
@@ -199,11 +272,23 @@ class ReCLIP:
         self._bars = progress
         saved = False
         try:
-            frozen = self._encode_images(self.text_copy, data)  # the T side's visual tower never trains
+            # the T side's visual tower never trains; a deferred image check happens here,
+            # before any training step
+            frozen = self._encode_images(self.text_copy, data)
+            # of the readable images: folder indices count only when they map to classes
+            truth = labels if labels is not None else class_labels(data, self.classnames,
+                                                                   self.folders)
+            known = truth is not None and len(truth) == len(data) and (np.asarray(truth) >= 0).all()
+            # built once: with workers they stay alive across epochs
+            from .data import BatchList
+
+            order = BatchList()
+            loaders = {"encode": self._loader(data),
+                       "train": self._loader(data, batch_sampler=order), "order": order}
             for epoch in _progress(range(self.epoch, c.max_epochs), progress, "epochs"):
                 if self.iterations >= c.max_iterations:
                     break
-                entry = self._epoch(data, frozen, epoch, batch, truth if known else None)
+                entry = self._epoch(data, frozen, epoch, batch, truth if known else None, loaders)
                 self.history.append(entry)
                 self.epoch = epoch + 1
                 if log:
@@ -220,7 +305,7 @@ class ReCLIP:
         return self
 
     def _epoch(self, data, frozen: torch.Tensor, epoch: int, batch: int,
-               truth: np.ndarray | None) -> EpochLog:
+               truth: np.ndarray | None, loaders: dict) -> EpochLog:
         c = self.config
         use_t, use_v = c.sides in ("both", "text"), c.sides in ("both", "visual")
         labels_t = labels_v = None
@@ -229,7 +314,7 @@ class ReCLIP:
             self.basis_t = projection.basis(self.nodes_t, c.projection)
             labels_t = self._pseudo(frozen, self.nodes_t, self.basis_t)
         if use_v:
-            feats_v = self._encode_images(self.visual_copy, data)
+            feats_v = self._encode_images(self.visual_copy, data, loaders["encode"])
             labels_v = self._pseudo(feats_v, self.nodes_v, self.basis_v)
             self.centres = _centres(feats_v, labels_v, self.nodes_v)
         if use_t and use_v:
@@ -239,24 +324,28 @@ class ReCLIP:
             agree = np.ones(len(data), bool)
             keep = agree
         target = labels_t if labels_t is not None else labels_v
-        # The models' own predictions as they enter this epoch, from features computed anyway.
-        side_logits = {}
-        if use_t:
-            side_logits["text"] = frozen @ self.nodes_t.T
-        if use_v:
-            side_logits["visual"] = feats_v @ self.centres.T
         index = np.flatnonzero(keep)
         g = torch.Generator().manual_seed(c.seed * 100_003 + epoch)
         order = index[torch.randperm(len(index), generator=g).numpy()]
         steps = min(math.ceil(len(order) / batch), c.max_iterations - self.iterations)
+        batches = [order[s * batch : (s + 1) * batch] for s in range(steps)]
+        images = None
+        if use_v and steps:
+            loaders["order"].batches = [b.tolist() for b in batches]
+            images = iter(loaders["train"])
         loss_t = loss_v = 0.0
-        for s in _progress(range(steps), self._bars, "train", leave=False):
-            idx = order[s * batch : (s + 1) * batch]
-            y = torch.as_tensor(target[idx])
+        for idx in _progress(batches, self._bars, "train", leave=False):
+            y = torch.as_tensor(target[idx]).to(self.device)
             if use_t:
-                loss_t += self._step_text(frozen[idx], y)
+                loss_t += self._step_text(frozen[torch.as_tensor(idx).to(self.device)], y)
             if use_v:
-                loss_v += self._step_visual(data, idx, y)
+                x, _, got = next(images)
+                # y holds the pseudo labels of idx: a loader yielding other items would
+                # train on wrong targets without any other sign
+                if not np.array_equal(got.numpy(), idx):
+                    raise RuntimeError(f"training batch holds items {got[:5].tolist()}..., "
+                                       f"expected {idx[:5].tolist()}...")
+                loss_v += self._step_visual(self._to_device(x), y)
         self.iterations += steps
         entry = EpochLog(epoch=epoch, iterations=self.iterations, agreement=float(agree.mean()),
                          trained=int(min(len(order), steps * batch)),
@@ -269,6 +358,14 @@ class ReCLIP:
             if labels_v is not None:
                 entry.accuracy["pseudo_visual"] = float((labels_v == truth).mean())
             entry.accuracy["pseudo_shared"] = float((target[keep] == truth[keep]).mean()) if keep.any() else 0.0
+            # The models' own predictions as they entered this epoch, from features computed
+            # anyway (training changed neither the features nor the class embeddings below).
+            # Only with labels: these are n x m matrices.
+            side_logits = {}
+            if use_t:
+                side_logits["text"] = frozen @ self.nodes_t.T
+            if use_v:
+                side_logits["visual"] = feats_v @ self.centres.T
             for name, logits in side_logits.items():
                 entry.accuracy[name] = _accuracy(logits, truth)
             entry.accuracy["combined"] = _accuracy(sum(side_logits.values()), truth)
@@ -277,40 +374,79 @@ class ReCLIP:
     def _pseudo(self, feats: torch.Tensor, nodes: torch.Tensor, u) -> np.ndarray:
         c = self.config
         return pseudo_labels(feats, nodes, u, method=c.pseudo_labels, many_classes=c.many_classes,
-                             k=c.k, alpha=c.alpha, weight=c.weight)
+                             k=c.k, alpha=c.alpha, weight=c.weight, precision=c.lp_precision)
 
     def _step_text(self, feats: torch.Tensor, y: torch.Tensor) -> float:
         # As in the authors' code, the projection only shapes the pseudo labels: the loss
         # uses plain image . text logits.
-        text = self._encode_text(self.text_copy, self._prompts(first_only=True))
-        logits = self.config.logit_scale * feats @ text.T
-        return _sgd_step(self._opt_t, nn.functional.cross_entropy(logits, y))
+        prompts = self._prompts(first_only=True)
+        size = self.config.encode_batch_size
+        if len(prompts) <= size:  # one chunk: one graph
+            text = self._encode_text(self.text_copy, prompts)
+            return self._sgd_step("text", self._text_loss(feats, text, y))
+        # Many classes: the graph of all m prompts at once would hold m prompts' activations.
+        # The same loss and gradient in bounded memory: the loss's gradient with respect to
+        # the text features first, then each chunk re-encoded with a graph and backpropagated
+        # with its rows of that gradient (the encoder's gradients add up over the chunks).
+        with torch.no_grad():
+            text = self._encode_text(self.text_copy, prompts)
+        text.requires_grad_(True)
 
-    def _step_visual(self, data, idx: np.ndarray, y: torch.Tensor) -> float:
-        x = torch.stack([data[int(i)][0] for i in idx])
-        feats = self.visual_copy.encode_image(x, normalize=True)
-        logits = self.config.logit_scale * feats @ self.centres.to(feats.dtype).T
+        def through_the_encoder() -> None:
+            for i in range(0, len(prompts), size):
+                part = self._encode_text(self.text_copy, prompts[i : i + size])
+                part.backward(text.grad[i : i + size])
+
+        return self._sgd_step("text", self._text_loss(feats, text, y), then=through_the_encoder)
+
+    def _text_loss(self, feats: torch.Tensor, text: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = self.config.logit_scale * feats @ text.T
+        return nn.functional.cross_entropy(logits, y)
+
+    def _step_visual(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        with self._autocast():
+            feats = self.visual_copy.encode_image(x, normalize=True)
+        feats = feats.float()
+        logits = self.config.logit_scale * feats @ self.centres.T
         loss = nn.functional.cross_entropy(logits, y)
         if self.config.visual_loss == "released":
             # The released code computes mean(CE * agree) / sum(agree) over its batch: the
             # visual encoder moves about batch-size times more slowly than the text side. On
             # reclip-digits this keeps ReCLIP-V from drifting with its own pseudo-label errors.
-            loss = loss / len(idx)
-        return _sgd_step(self._opt_v, loss)
+            loss = loss / len(x)
+        return self._sgd_step("visual", loss)
+
+    def _sgd_step(self, side: str, loss: torch.Tensor, then: Callable[[], None] | None = None) -> float:
+        """One SGD step of `side` on `loss` (then `then`, which may add more gradients), with
+        fp16 loss scaling when amp is fp16."""
+        opt = self._opt_t if side == "text" else self._opt_v
+        scaler = self._scalers[side]
+        opt.zero_grad(set_to_none=True)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if then is not None:
+            then()
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
+        return float(loss.detach())
 
     # ------------------------------------------------------------------------------ inference
 
     @torch.no_grad()
     def logits(self, images: Any) -> torch.Tensor:
-        """(n, m) combined logits: the mean of the T and V sides' (per Config.sides)."""
+        """(n, m) combined logits on the device: the mean of the T and V sides' (per
+        Config.sides)."""
         data = _images_arg(images, self.loaded.preprocess)
         sides = []
-        if self.config.sides in ("both", "text"):
-            feats = self._encode_images(self.text_copy, data)
-            sides.append(feats @ self.nodes_t.T)
-        if self.config.sides in ("both", "visual"):
-            feats = self._encode_images(self.visual_copy, data)
-            sides.append(feats @ self.centres.T)
+        dl = None  # one loader (one set of workers) for both passes
+        for side, model, classes in (("text", self.text_copy, self.nodes_t),
+                                     ("visual", self.visual_copy, self.centres)):
+            if self.config.sides in ("both", side):
+                if dl is None and data.unchecked is None:
+                    dl = self._loader(data)
+                sides.append(self._encode_images(model, data, dl) @ classes.T)
         return self.config.logit_scale * torch.stack(sides).mean(dim=0)
 
     @torch.no_grad()
@@ -319,15 +455,15 @@ class ReCLIP:
         and `nodes_v` come from the original text encoder, so this holds before and after fit."""
         data = _images_arg(images, self.loaded.preprocess)
         feats = self._encode_images(self.text_copy, data)
-        return (feats @ self.nodes_v.T).argmax(dim=1).numpy().astype(np.int64)
+        return (feats @ self.nodes_v.T).argmax(dim=1).cpu().numpy().astype(np.int64)
 
     def predict(self, images: Any) -> np.ndarray:
         """Class index per image (int64)."""
-        return self.logits(images).argmax(dim=1).numpy().astype(np.int64)
+        return self.logits(images).argmax(dim=1).cpu().numpy().astype(np.int64)
 
     def predict_proba(self, images: Any) -> np.ndarray:
         """(n, m) class probabilities (softmax of the combined logits)."""
-        return torch.softmax(self.logits(images), dim=1).numpy()
+        return torch.softmax(self.logits(images), dim=1).cpu().numpy()
 
     # ------------------------------------------------------------------------------ persistence
 
@@ -355,16 +491,24 @@ class ReCLIP:
                 "history": [dataclasses.asdict(h) for h in self.history]}
         if self.folders is not None:
             meta["folders"] = self.folders
+        scalers = {side: s.state_dict() for side, s in self._scalers.items() if s is not None}
+        if scalers:  # fp16: resuming must continue with the same loss scale
+            meta["grad_scalers"] = scalers
         return tensors, meta
 
     def save(self, directory: str | Path) -> Path:
-        """Write the run (trainable tensors + metadata) atomically into `directory`."""
+        """Write the run (trainable tensors + metadata) atomically into `directory`; the
+        tensors are written from CPU copies, so a run is the same file wherever it trained."""
         tensors, meta = self.state()
         return checkpoint.write(directory, tensors, meta)
 
     @classmethod
-    def load(cls, directory: str | Path) -> "ReCLIP":
-        """Rebuild a saved run; reads only safetensors and JSON (never executes code)."""
+    def load(cls, directory: str | Path, device: str = "auto", *, amp: str = "auto",
+             workers: int | None = None, lp_precision: str = "exact") -> "ReCLIP":
+        """Rebuild a saved run on `device`; reads only safetensors and JSON (never executes
+        code). The settings of RUNTIME come from the arguments, not from the run."""
+        runtime = {"device": device, "amp": amp, "workers": workers, "lp_precision": lp_precision}
+        Config(**runtime)  # a device that does not exist fails before any model loads
         tensors, meta = checkpoint.read(directory)
         check_meta(meta, directory)
         try:
@@ -373,7 +517,8 @@ class ReCLIP:
             raise ValueError(f"{directory}: {err}") from None
         fields = {f.name for f in dataclasses.fields(Config)}
         try:
-            config = Config(**{k: v for k, v in meta["config"].items() if k in fields})
+            config = Config(**{k: v for k, v in meta["config"].items()
+                               if k in fields and k not in RUNTIME}, **runtime)
         except (TypeError, ValueError) as err:  # a value of the wrong type fails a comparison
             raise ValueError(f"{directory}: run.json config: {err}") from None
         obj = cls(loaded, meta["classnames"], meta["templates"], config, folders=meta.get("folders"))
@@ -406,18 +551,26 @@ class ReCLIP:
             for side, params in (("text", self.text_params), ("visual", self.visual_params)):
                 for name, p in params.items():
                     p.copy_(tensor(f"{side}.{name}", p))
-        self.nodes_t = tensor("state.nodes_t", self.nodes_t)
-        self.nodes_v = tensor("state.nodes_v", self.nodes_v)
-        self.centres = tensor("state.centres", self.centres)
+
+        def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(self.device)
+
+        self.nodes_t = on_device(tensor("state.nodes_t", self.nodes_t))
+        self.nodes_v = on_device(tensor("state.nodes_v", self.nodes_v))
+        self.centres = on_device(tensor("state.centres", self.centres))
         # no shape for the bases: their width follows the rank of the class embeddings
-        self.basis_t = tensor("state.basis_t", None, required=False)
-        self.basis_v = tensor("state.basis_v", None, required=False)
+        self.basis_t = on_device(tensor("state.basis_t", None, required=False))
+        self.basis_v = on_device(tensor("state.basis_v", None, required=False))
         for side, opt, params in (("text", self._opt_t, self.text_params),
                                   ("visual", self._opt_v, self.visual_params)):
             for name, p in params.items():
                 buf = tensor(f"momentum.{side}.{name}", p, required=False)
                 if buf is not None:
-                    opt.state[p]["momentum_buffer"] = buf.clone()
+                    opt.state[p]["momentum_buffer"] = buf.to(p.device, copy=True)
+        for side, scaler in self._scalers.items():
+            saved_scaler = meta.get("grad_scalers", {}).get(side)
+            if scaler is not None and saved_scaler:
+                scaler.load_state_dict(saved_scaler)
         if rng:
             state = tensor("rng.torch", None)
             if state.dtype != torch.uint8:
@@ -471,22 +624,15 @@ def _tower_params(model: nn.Module, *, visual: bool) -> dict[str, nn.Parameter]:
 def _centres(feats: torch.Tensor, labels: np.ndarray, fallback: torch.Tensor) -> torch.Tensor:
     """Normalised mean feature per pseudo class; a class with no images keeps `fallback`."""
     m = fallback.shape[0]
-    y = torch.as_tensor(labels)
-    sums = torch.zeros(m, feats.shape[1], dtype=feats.dtype).index_add_(0, y, feats)
+    y = torch.as_tensor(labels).to(feats.device)
+    sums = torch.zeros(m, feats.shape[1], dtype=feats.dtype, device=feats.device).index_add_(0, y, feats)
     counts = torch.bincount(y, minlength=m)
     centres = torch.where(counts[:, None] > 0, sums, fallback.to(feats.dtype))
     return nn.functional.normalize(centres, dim=1)
 
 
 def _accuracy(logits: torch.Tensor, truth: np.ndarray) -> float:
-    return float((logits.argmax(dim=1).numpy() == truth).mean())
-
-
-def _sgd_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
+    return float((logits.argmax(dim=1).cpu().numpy() == truth).mean())
 
 
 def _progress(it, enabled: bool, desc: str, *, leave: bool = True):

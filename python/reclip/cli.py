@@ -10,8 +10,12 @@ Class folders are named by the class, or by an id that --classes (lines folder<T
 name) or --preset (ImageNet's WordNet ids) maps to a class; the run keeps that mapping for eval.
 A layout that neither names gets no accuracy at all.
 
-An unreadable image stops adapt, predict and eval before any model loads; with
+Images are checked by the first pass over them (decoded in the DataLoader's workers, once):
+an unreadable image stops adapt, predict and eval there, before any training step; with
 --skip-bad-images it is left out instead (one warning line; adapt's report.json lists it).
+
+--device (auto: CUDA when available), --amp (auto: bf16 on CUDA, off on the CPU), --workers
+and --lp-precision are checked first, before any model loads.
 
 Every user error (a missing file, an empty folder, a class list that does not match a
 checkpoint) ends with one line on stderr and exit status 2, never a traceback.
@@ -35,6 +39,7 @@ from .optional import MissingExtra
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, MemoryError, PermissionError,
                MissingExtra)
 SKIP_HELP = "leave out unreadable images (one warning line) instead of stopping at the first"
+WORKERS_HELP = "image-loading worker processes (default: one per usable core, at most 8)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=_at_least(0), default=10)
     d.add_argument("--model", default="reclip-digits", help=argparse.SUPPRESS)
     d.add_argument("--no-plots", action="store_true")
+    _runtime_flags(d, lp=True, workers=False)  # the demo's images are one in-memory tensor
 
     a = sub.add_parser("adapt", help="adapt a model to unlabelled images and save the run")
     a.add_argument("--model", required=True, help="open_clip model name or model-config JSON")
@@ -94,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="only adapt and save; do not predict the adaptation images")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.add_argument("--skip-bad-images", action="store_true", help=SKIP_HELP)
+    _runtime_flags(a, lp=True)
 
     for name, helptext in (("predict", "write the predicted class of every image"),
                            ("eval", "accuracy on an ImageFolder whose folders are class names "
@@ -102,22 +109,50 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--run", required=True, help="run directory written by reclip adapt")
         q.add_argument("--data", required=True, help="image folder")
         q.add_argument("--skip-bad-images", action="store_true", help=SKIP_HELP)
+        _runtime_flags(q, lp=False)
         if name == "predict":
             q.add_argument("--out", help="output file (default: stdout)")
     return p
 
 
+def _runtime_flags(p: argparse.ArgumentParser, *, lp: bool, workers: bool = True) -> None:
+    from .device import AMP_MODES, LP_PRECISIONS
+
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available, else the CPU), cpu, cuda or cuda:N")
+    p.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="autocast of forward passes (auto: bf16 on CUDA, off on the CPU)")
+    if workers:
+        p.add_argument("--workers", type=_at_least(0), help=WORKERS_HELP)
+    if lp:
+        p.add_argument("--lp-precision", choices=LP_PRECISIONS, default="exact",
+                       help="label propagation's k-NN operands (tf32, bf16: CUDA only)")
+
+
+def _check_runtime(args) -> None:
+    """--device, --amp and --lp-precision, before anything else: a device that does not exist
+    must not cost a model load."""
+    from . import device as devices
+
+    where = devices.resolve(args.device, "--device")
+    devices.amp_dtype(args.amp, where, "--amp")
+    if getattr(args, "lp_precision", None) is not None:
+        devices.check_lp_precision(args.lp_precision, where, "--lp-precision")
+
+
 def _images(args):
-    """The images of --data, every file decoded once now so that an unreadable one stops the
-    command before any model loads (or, with --skip-bad-images, is left out with a warning)."""
+    """The images of --data, listed; the first pass over them checks them (see the module
+    docstring), after which ``_warn_skipped`` reports what --skip-bad-images left out."""
     from .data import image_set
 
-    data = image_set(args.data).check(skip_bad=args.skip_bad_images)
+    return image_set(args.data).check_in_first_pass(skip_bad=args.skip_bad_images)
+
+
+def _warn_skipped(data) -> None:
     if data.skipped:
         n = len(data.skipped)
         _say(f"reclip: warning: skipped {n} unreadable image{'s' if n > 1 else ''} "
              f"(first: {data.skipped[0]})")
-    return data
 
 
 def _class_lists(args) -> tuple[list[str], list[str] | None, list[str] | None]:
@@ -191,15 +226,17 @@ def adapt(args) -> int:
     data = data.with_transform(loaded.preprocess)
     config = adapt_mod.Config(projection=args.projection, sides=args.sides, seed=args.seed,
                               label_sharing=not args.no_label_sharing,
-                              visual_loss=args.visual_loss)
+                              visual_loss=args.visual_loss, device=args.device, amp=args.amp,
+                              workers=args.workers, lp_precision=args.lp_precision)
     for field, value in (("max_epochs", args.epochs), ("max_iterations", args.iterations),
                          ("batch_size", args.batch_size)):
         if value is not None:
             setattr(config, field, value)
     config.__post_init__()
-    labels = class_labels(data, classnames, folders)
     clf = adapt_mod.ReCLIP(loaded, classnames, templates, config, folders=folders)
-    zero_shot = clf.zero_shot_predict(data)
+    zero_shot = clf.zero_shot_predict(data)  # the first pass: it checks the images
+    _warn_skipped(data)
+    labels = class_labels(data, classnames, folders)
     zs_acc = _accuracy(zero_shot, labels)
     _say(f"reclip: {len(data)} images, {len(classnames)} classes"
          + (f", zero-shot accuracy {zs_acc:.4f}" if zs_acc is not None else ""))
@@ -233,7 +270,7 @@ def _load_run(args):
     from .adapt import ReCLIP
 
     data = _images(args)
-    clf = ReCLIP.load(args.run)
+    clf = ReCLIP.load(args.run, device=args.device, amp=args.amp, workers=args.workers)
     return clf, data.with_transform(clf.loaded.preprocess)
 
 
@@ -241,7 +278,9 @@ def predict(args) -> int:
     if args.out is not None:
         _check_output(args.out, "--out", folder=False)
     clf, data = _load_run(args)
-    _write_predictions(data, clf.predict(data), clf.classnames, args.out)
+    pred = clf.predict(data)
+    _warn_skipped(data)
+    _write_predictions(data, pred, clf.classnames, args.out)
     return 0
 
 
@@ -249,12 +288,13 @@ def evaluate(args) -> int:
     from .data import class_labels
 
     clf, data = _load_run(args)
-    labels = class_labels(data, clf.classnames, clf.folders)
-    if (labels < 0).any():
+    if (class_labels(data, clf.classnames, clf.folders) < 0).any():  # before the images' pass
         ids = f" or its folder ids ({', '.join(clf.folders[:3])}, ...)" if clf.folders else ""
         raise ValueError(f"--data: {args.data} needs an ImageFolder layout whose folders are "
                          f"among the run's classes ({', '.join(clf.classnames[:5])}, ...){ids}")
-    acc = _accuracy(clf.predict(data), labels)
+    pred = clf.predict(data)
+    _warn_skipped(data)
+    acc = _accuracy(pred, class_labels(data, clf.classnames, clf.folders))
     print(f"accuracy {acc:.4f} ({len(data)} images)")
     return 0
 
@@ -263,7 +303,8 @@ def demo(args) -> int:
     from .demo import run_demo
 
     _check_output(args.out, "--out", folder=True)
-    run_demo(args.out, model=args.model, epochs=args.epochs, plots=not args.no_plots, say=_say)
+    run_demo(args.out, model=args.model, epochs=args.epochs, plots=not args.no_plots, say=_say,
+             device=args.device, amp=args.amp, lp_precision=args.lp_precision)
     return 0
 
 
@@ -271,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"demo": demo, "adapt": adapt, "predict": predict, "eval": evaluate}
+        _check_runtime(args)
         return commands[args.command](args)
     except USER_ERRORS as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -17,9 +17,11 @@ back). Sources:
 - a DataLoader (its ``.dataset``), or an ImageSet (returned as is, or re-wrapped with ``transform``).
 
 Files are opened when an item is loaded; an unreadable one raises ValueError naming it.
-``ImageSet.check()`` opens every file up front (the CLI calls it before long work);
-``check(skip_bad=True)`` returns the set without the unreadable files instead, listed in its
-``skipped``. ``image_error(path)`` is the per-file decision behind both.
+``ImageSet.check()`` opens every file up front, in this process; ``check(skip_bad=True)``
+returns the set without the unreadable files instead, listed in its ``skipped``.
+``check_in_first_pass()`` defers the same check to the first pass that loads every image
+(``checking_batches``, decoded in the DataLoader's workers), so that each image is decoded once
+per pass; the CLI does this. ``image_error(path)`` is the per-file decision behind all of them.
 
 Loaders for the on-disk formats of two torchvision datasets, read from a local folder, never
 downloading: ``load_cifar`` (the CIFAR-10/100 python pickles) and ``load_mnist`` (idx files,
@@ -38,7 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import default_collate
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -146,6 +149,8 @@ class ImageSet(Dataset):
         root: the folder of a folder source, else None.
         transform: applied to PIL images (never to tensor sources); None = ``to_tensor``.
         skipped: the unreadable files ``check(skip_bad=True)`` left out, in path order.
+        unchecked: None, or how the first pass is to treat an unreadable file ("stop" or
+            "skip"), set by ``check_in_first_pass``.
     """
 
     def __init__(self, *, kind: str, n: int, paths: list[str] | None = None,
@@ -164,6 +169,7 @@ class ImageSet(Dataset):
         self._dataset = dataset
         self._array = array
         self.skipped: list[str] = []
+        self.unchecked: str | None = None
 
     # -- sized dataset
     def __len__(self) -> int:
@@ -243,18 +249,56 @@ class ImageSet(Dataset):
                 progress(1)
         if not bad:
             return self
-        first = next(iter(bad.values()))
         if not skip_bad:
             more = f" [and {len(bad) - 1} more unreadable image(s)]" if len(bad) > 1 else ""
-            raise ValueError(first + more)
+            raise ValueError(next(iter(bad.values())) + more)
+        return self._without(bad)
+
+    def _without(self, bad: dict[int, str]) -> "ImageSet":
+        """A copy without the items `bad` (index -> why unreadable), which join ``skipped``;
+        ValueError if none is left."""
         keep = [i for i in range(self._n) if i not in bad]
         if not keep:
+            first = bad[min(bad)]
             raise ValueError(f"{self.root}: none of its {self._n} images is readable ({first})")
         new = self.with_transform(self.transform)
         new._n, new.paths = len(keep), [self.paths[i] for i in keep]
         new._labels = self._labels[keep]
-        new.skipped = self.skipped + [self.paths[i] for i in bad]
+        new.skipped = self.skipped + [self.paths[i] for i in sorted(bad)]
         return new
+
+    def check_in_first_pass(self, *, skip_bad: bool = False) -> "ImageSet":
+        """A copy to be checked by its first pass (``checking_batches``) instead of now: the
+        images are decoded once, in the loader's workers, rather than once here and again by
+        that pass. That pass stops at an unreadable file (ValueError naming it) or, with
+        `skip_bad`, leaves it out: the set then holds only the readable files (changed in
+        place, so every later pass and ``skipped`` see the result). No-op for in-memory sources.
+        """
+        if self.kind != "files":
+            return self
+        new = self.with_transform(self.transform)
+        new.unchecked = "skip" if skip_bad else "stop"
+        return new
+
+    def checking_batches(self, batch_size: int, num_workers: int = 0, pin_memory: bool = False):
+        """The ``(images, labels, indices)`` batches of one pass in order, doing the deferred
+        check of ``check_in_first_pass`` (see there); the readable items only. The set's
+        unreadable items are dropped once the pass is complete, so consume it to the end."""
+        if self.unchecked is None:
+            raise ValueError("checking_batches: the set has no deferred check")
+        dl = loader(_Tolerant(self), batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                    collate_fn=_collate_tolerant)
+        bad: dict[int, str] = {}
+        for batch, errors in dl:
+            for i, error in errors:
+                if self.unchecked == "stop":
+                    raise ValueError(error)
+                bad[i] = error
+            if batch is not None:
+                yield batch
+        if bad:
+            self.__dict__.update(self._without(bad).__dict__)
+        self.unchecked = None
 
     def with_transform(self, transform: Transform | None) -> "ImageSet":
         """A copy sharing the data, with another transform."""
@@ -267,6 +311,46 @@ class ImageSet(Dataset):
         where = f", root={self.root!r}" if self.root is not None else ""
         cls = f", classes={len(self.classes)}" if self.classes is not None else ""
         return f"ImageSet({self.kind}, n={self._n}{where}{cls})"
+
+
+class _Tolerant(Dataset):
+    """Items ``(image, label, index, None)`` of a file set, or ``(None, label, index, why)`` for
+    a file load_image refuses: a worker reports the file instead of raising (a worker's
+    exception reaches the main process as a many-line traceback that hides the path)."""
+
+    def __init__(self, images: ImageSet):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        try:
+            img = load_image(self.images.paths[i])
+        except ValueError as e:
+            return None, int(self.images.labels[i]), i, str(e)
+        return self.images._apply(img), int(self.images.labels[i]), i, None
+
+
+def _collate_tolerant(items):
+    """(the batch of the readable items or None, [(index, why) of the others])."""
+    good = [item[:3] for item in items if item[3] is None]
+    errors = [(item[2], item[3]) for item in items if item[3] is not None]
+    return (default_collate(good) if good else None), errors
+
+
+class BatchList(Sampler):
+    """A batch sampler over given batches of indices, replaceable between passes: a DataLoader
+    with persistent workers keeps its sampler, so each epoch sets its own order here."""
+
+    def __init__(self, batches: list[list[int]] | None = None):
+        self.batches = batches or []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,7 +465,10 @@ def image_set(source: Any, transform: Transform | None = None) -> ImageSet:
     See the module docstring for the layouts and what ``transform`` applies to.
     """
     if isinstance(source, ImageSet):
-        return source if transform is None else source.with_transform(transform)
+        # the very set when its transform is already that one: a deferred check then filters
+        # the caller's set, not a copy
+        return source if transform is None or transform is source.transform else \
+            source.with_transform(transform)
     if isinstance(source, (str, os.PathLike)):
         return folder_image_set(source, transform)
     if isinstance(source, torch.Tensor):
@@ -423,16 +510,30 @@ def array_image_set(images: np.ndarray, labels=None, transform: Transform | None
                     array=np.ascontiguousarray(a))
 
 
-def loader(images: Any, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-           num_workers: int = 0) -> DataLoader:
-    """A DataLoader of ``(images, labels, indices)`` batches over an ImageSet (or any image source)."""
-    if not isinstance(images, ImageSet):
+def loader(images: Any, batch_size: int | None = 1, shuffle: bool = False,
+           generator: torch.Generator | None = None, num_workers: int = 0, *,
+           batch_sampler: Sampler | None = None, pin_memory: bool = False,
+           collate_fn: Callable | None = None) -> DataLoader:
+    """A DataLoader of ``(images, labels, indices)`` batches over an ImageSet (or any image source).
+
+    `batch_sampler` (e.g. a ``BatchList``) replaces `batch_size` / `shuffle`. With workers the
+    loader is persistent: the processes (each holding a copy of the set) live as long as the
+    loader, so build it once and iterate it once per pass. `generator` defaults to a private
+    one: creating the workers' seeds must not draw from torch's global random state.
+    """
+    if not isinstance(images, (ImageSet, _Tolerant)):
         images = image_set(images)
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return DataLoader(images, batch_size=int(batch_size), shuffle=shuffle, generator=generator,
-                      num_workers=int(num_workers), drop_last=False,
-                      persistent_workers=False)
+    kw: dict[str, Any] = {"batch_sampler": batch_sampler}
+    if batch_sampler is None:
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        kw = {"batch_size": int(batch_size), "shuffle": shuffle, "drop_last": False}
+    workers = int(num_workers)
+    if generator is None:
+        generator = torch.Generator()
+    return DataLoader(images, generator=generator, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=pin_memory,
+                      collate_fn=collate_fn, **kw)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -116,8 +116,10 @@ def _plots(out: Path, before: torch.Tensor, after: torch.Tensor, nodes_before: t
 
 
 def run_demo(out_dir: str | Path, *, model: str = "reclip-digits", epochs: int = 10,
-             seed: int = 0, plots: bool = True, say: Callable[[str], None] = print) -> dict:
-    """Adapt `model` to scikit-learn's digits without labels; write report.json and plots."""
+             seed: int = 0, plots: bool = True, say: Callable[[str], None] = print,
+             device: str = "auto", amp: str = "auto", lp_precision: str = "exact") -> dict:
+    """Adapt `model` to scikit-learn's digits without labels on `device`; write report.json
+    and plots."""
     start = time.time()
     if plots:  # refuse a missing plotting package before minutes of work, not after
         require("matplotlib", "the demo's plots")
@@ -128,13 +130,15 @@ def run_demo(out_dir: str | Path, *, model: str = "reclip-digits", epochs: int =
     loaded = load_model(model)
     raw, labels = load_sklearn_digits()
     images = preprocessed(raw, loaded)
-    config = Config(max_epochs=epochs, seed=seed)
+    config = Config(max_epochs=epochs, seed=seed, device=device, amp=amp,
+                    lp_precision=lp_precision)
     clf = ReCLIP(loaded, DIGIT_NAMES, DIGIT_TEMPLATES, config)
 
     zero_shot = float((clf.zero_shot_predict(images) == labels).mean())
     frozen = clf._encode_images(clf.text_copy, images)
     lp_only = float((propagate(frozen, clf.nodes_v, clf.basis_v, k=config.k, alpha=config.alpha,
-                               weight=config.weight) == labels).mean())
+                               weight=config.weight, precision=lp_precision) == labels).mean())
+    frozen = frozen.cpu()  # for the statistics and plots
     say(f"target: scikit-learn digits, {len(labels)} images, 10 classes (labels used only to score)")
     say(f"zero-shot accuracy {zero_shot:.4f} | label propagation only {lp_only:.4f}")
 
@@ -153,15 +157,15 @@ def run_demo(out_dir: str | Path, *, model: str = "reclip-digits", epochs: int =
         f"{(1 - (1 - final) / max(1 - zero_shot, 1e-12)):.1%}; label propagation only "
         f"{lp_only:.4f}, {final - lp_only:+.4f})")
 
-    stats = similarity_stats(frozen, labels, clf.nodes_v)
+    stats = similarity_stats(frozen, labels, clf.nodes_v.cpu())
     report = {"model": model, "target": "sklearn-digits", "images": int(len(labels)),
               "zero_shot_accuracy": zero_shot, "label_propagation_accuracy": lp_only,
               "reclip_accuracy": final, "per_epoch": curve, "similarity": stats,
               "config": dataclasses.asdict(config)}
     if plots:
-        after = clf._encode_images(clf.visual_copy, images)
-        report["plots"] = _plots(out, frozen, after, clf.nodes_v, clf.centres, labels, stats,
-                                 curve, zero_shot, lp_only)
+        after = clf._encode_images(clf.visual_copy, images).cpu()
+        report["plots"] = _plots(out, frozen, after, clf.nodes_v.cpu(), clf.centres.cpu(), labels,
+                                 stats, curve, zero_shot, lp_only)
     report["seconds"] = round(time.time() - start, 1)
     write_json(out / "report.json", report)
     say(f"wrote {out / 'report.json'}" + (f" and {', '.join(report['plots'])}" if plots else ""))
