@@ -43,8 +43,9 @@ def folder(tmp_path_factory):
     for i in range(24):
         a = rng.integers(0, 128, (32, 32, 3))
         a[..., i % 3] += 120
-        (root / f"c{i % 3}").mkdir(exist_ok=True)
-        Image.fromarray(a.astype(np.uint8)).save(root / f"c{i % 3}" / f"{i:02d}.png")
+        # folders named by the classes: the layout maps, so accuracies are reported
+        (root / CLASSES[i % 3]).mkdir(exist_ok=True)
+        Image.fromarray(a.astype(np.uint8)).save(root / CLASSES[i % 3] / f"{i:02d}.png")
     return root
 
 
@@ -244,7 +245,7 @@ def somebad(folder, tmp_path):
 
     root = tmp_path / "somebad"
     shutil.copytree(folder, root)
-    (root / "c2" / "05.png").write_bytes(b"not a PNG\n")
+    (root / CLASSES[2] / "05.png").write_bytes(b"not a PNG\n")
     return root
 
 
@@ -256,15 +257,15 @@ def test_unreadable_image_stops_the_first_pass_before_training(tiny, somebad, mo
     data = image_set(somebad, tiny.preprocess).check_in_first_pass()
     with pytest.raises(ValueError) as e:
         _clf(tiny, workers=workers).fit(data)
-    assert "\n" not in str(e.value) and str(somebad / "c2" / "05.png") in str(e.value)
+    assert "\n" not in str(e.value) and str(somebad / CLASSES[2] / "05.png") in str(e.value)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_skip_bad_drops_unreadable_images_in_the_first_pass(tiny, somebad, folder, workers):
     data = image_set(somebad, tiny.preprocess).check_in_first_pass(skip_bad=True)
     clf = _clf(tiny, workers=workers, max_epochs=1).fit(data)
-    assert data.skipped == [str(somebad / "c2" / "05.png")] and data.unchecked is None
-    assert len(data) == 23 and data.labels.tolist().count(2) == 7
+    assert data.skipped == [str(somebad / CLASSES[2] / "05.png")] and data.unchecked is None
+    assert len(data) == 23 and data.labels.tolist().count(data.classes.index(CLASSES[2])) == 7
     assert "pseudo_text" in clf.history[0].accuracy  # the labels of the readable images
     assert len(clf.predict(data)) == 23
 
