@@ -1,33 +1,46 @@
 #!/usr/bin/env bash
 # One script for the GPU machine (no network; torch, cupy, nvcc, cmake, pybind11 and
 # scikit-build-core are there, open_clip is not): build reclip_ext with its CUDA half for sm_90,
-# run the test suite on the GPU, then benchmark label_propagate against the torch and ZLaP
-# recipes (benchmarks/device_bench.py). Run from anywhere in the repository:
+# run the test suite on the GPU, measure the ReCLIP pipeline against its model-time floor
+# (benchmarks/pipeline_bench.py: ViT-B-32, random init, 50,000 JPEGs, bf16, one epoch), then
+# benchmark label_propagate against the torch and ZLaP recipes (benchmarks/device_bench.py).
+# The pipeline step needs open_clip: it is installed offline from the wheels folder
+# REXT_CHECK_WHEELS (default .device-wheels in the repository, filled beforehand on a machine
+# with network by benchmarks/device_wheels.sh); without them the step is skipped, saying why.
+# Run from anywhere in the repository:
 #
 #   OUT=/some/folder bash benchmarks/device_check.sh
 #
-# Everything lands in $OUT (default ./device-check-out), six files:
+# Everything lands in $OUT (default ./device-check-out), eight files:
 #   device_check.log   all output, step by step, with a summary at the end
 #   build.log          pip -v of the build (cmake, nvcc, ptxas resource usage)
 #   tests.log          pytest output;  tests-junit.xml  its JUnit report
+#   pipeline.log       pipeline_bench.py output (the table);  pipeline_bench.json  its numbers
 #   bench.log          device_bench.py output (the tables);  device_bench.json  all its numbers
 #
-# Time: the whole script stays under REXT_CHECK_BUDGET_S (default 465 s, i.e. < 8 min on one
-# H200); each step has its own cap below that (build 150 s, tests 150 s, benchmark the rest, at
-# most 300 s; the benchmark's own --budget-s ends 25 s before its cap, and its JSON is rewritten
-# after every case, so a cut leaves what was measured). A failed build stops the script; failed
-# tests are reported and the benchmark still runs.
+# Time: the whole script stays under REXT_CHECK_BUDGET_S (default 530 s, under 9 min on one
+# H200 with the build); each step has its own cap below that: build 150 s, tests 110 s,
+# pipeline 150 s (the wheels install, building the 50,000-JPEG folder on all cores in ~10 s,
+# two encode passes, 782 V + T steps, the floor, a ~600 MB checkpoint: about 60-90 s expected),
+# device_bench the rest, at most 300 s, at least 120 s kept back for it while the earlier steps
+# run (its own --budget-s ends 25 s before its cap and skips what would overrun, and its JSON
+# is rewritten after every case, so a cut leaves what was measured). A failed build stops the
+# script; failed tests or a failed pipeline step are reported and the next steps still run.
 #
 # Exit status: 0 all passed; 1 build or import check failed; 2 tests failed or timed out;
-# 3 the benchmark reported errors or timed out (2 wins over 3).
+# 3 a benchmark (pipeline or device_bench) reported errors or timed out (2 wins over 3). A
+# pipeline step skipped for want of open_clip is not a failure.
 #
 # Knobs (environment): PYTHON (python3), REXT_CHECK_VENV (/tmp/rext-device-venv),
 # REXT_CHECK_BUDGET_S, REXT_CHECK_BUILD_S, REXT_CHECK_TESTS_S, REXT_CHECK_BENCH_S (caps in s),
 # REXT_CHECK_BENCH_ARGS (extra device_bench.py arguments, e.g. "--quick"),
 # REXT_CHECK_PYTEST_ARGS (extra pytest arguments, e.g. "-x -k cuda"), REXT_CHECK_SKIP_TESTS=1,
-# REXT_CHECK_SKIP_BENCH=1, CMAKE_CUDA_ARCHITECTURES (90), REXT_WITH_CUDA (ON), and
-# REXT_CHECK_DEVICE=cpu: a dry run of this script on a machine without a GPU (no device check,
-# the benchmark in its CPU smoke mode).
+# REXT_CHECK_SKIP_BENCH=1, REXT_CHECK_PIPELINE_S (cap in s), REXT_CHECK_SKIP_PIPELINE=1,
+# REXT_CHECK_PIPELINE_ARGS (extra pipeline_bench.py arguments, e.g. "--n 20000"),
+# REXT_CHECK_WHEELS (the wheels folder), CMAKE_CUDA_ARCHITECTURES (90), REXT_WITH_CUDA (ON),
+# and REXT_CHECK_DEVICE=cpu: a dry run of this script on a machine without a GPU (no device
+# check, both benchmarks in their CPU smoke modes: the pipeline with the tiny test model on 64
+# images).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -38,11 +51,13 @@ OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 VENV=${REXT_CHECK_VENV:-/tmp/rext-device-venv}
 DEVICE=${REXT_CHECK_DEVICE:-cuda}
-BUDGET_S=${REXT_CHECK_BUDGET_S:-465}
+BUDGET_S=${REXT_CHECK_BUDGET_S:-530}
 BUILD_S=${REXT_CHECK_BUILD_S:-150}
-TESTS_S=${REXT_CHECK_TESTS_S:-150}
+TESTS_S=${REXT_CHECK_TESTS_S:-110}
+PIPELINE_S=${REXT_CHECK_PIPELINE_S:-150}
 BENCH_S=${REXT_CHECK_BENCH_S:-300}
-BENCH_MIN_S=180   # time kept back for the benchmark while the tests run
+BENCH_MIN_S=120   # time kept back for device_bench while the tests and the pipeline run
+WHEELS=${REXT_CHECK_WHEELS:-$ROOT/.device-wheels}
 IGNORED_TESTS=(tests/test_pipeline.py tests/test_cli.py tests/test_models.py tests/test_data.py
                tests/test_prompts.py tests/test_digits_model.py)  # the reclip package: open_clip
 
@@ -169,7 +184,7 @@ tests() {
   for f in "${IGNORED_TESTS[@]}"; do ignores+=("--ignore=$f"); done
   # shellcheck disable=SC2206  # word splitting of the extra arguments is wanted
   extra=(${REXT_CHECK_PYTEST_ARGS:-})
-  if [[ ${REXT_CHECK_SKIP_BENCH:-0} == 1 ]]; then limit=$(cap "$TESTS_S"); else limit=$(cap "$TESTS_S" "$BENCH_MIN_S"); fi
+  limit=$(cap "$TESTS_S" "$(reserve tests)")
   echo "timeout ${limit} s, log $OUT/tests.log"
   timeout -k 10 "$limit" "$VENV/bin/python" -P -m pytest tests "${ignores[@]}" -q -rfEs \
     -p no:cacheprovider --durations=15 --junitxml="$OUT/tests-junit.xml" -o junit_family=xunit2 \
@@ -188,6 +203,73 @@ tests() {
   if [[ $DEVICE == cuda ]] && ((cuda_skips > 0)); then
     echo "WARNING: $cuda_skips skip lines mention a missing CUDA device on a machine that has one"
   fi
+  return "$rc"
+}
+
+# reserve STEP: seconds the steps after STEP keep back (their minimum, or their cap)
+reserve() {
+  local r=0
+  if [[ $1 == tests && ${REXT_CHECK_SKIP_PIPELINE:-0} != 1 ]]; then r=$((r + PIPELINE_S)); fi
+  if [[ ${REXT_CHECK_SKIP_BENCH:-0} != 1 ]]; then r=$((r + BENCH_MIN_S)); fi
+  echo "$r"
+}
+
+# open_clip for the pipeline step, from the wheels folder when the venv lacks it; the reason
+# on stdout and status 1 when it stays unavailable
+open_clip_ready() {
+  if "$VENV/bin/python" -c "import open_clip" 2>/dev/null; then return 0; fi
+  if [[ ! -d $WHEELS ]]; then
+    echo "open_clip is not installed and there is no wheels folder $WHEELS" \
+         "(fill one with benchmarks/device_wheels.sh, or set REXT_CHECK_WHEELS)"
+    return 1
+  fi
+  echo "pip install --no-index --find-links $WHEELS open_clip_torch (log $OUT/pipeline.log)"
+  if ! PIP_DISABLE_PIP_VERSION_CHECK=1 timeout -k 10 120 "$VENV/bin/python" -m pip install \
+       --no-index --find-links "$WHEELS" open_clip_torch >>"$OUT/pipeline.log" 2>&1; then
+    tail -n 20 "$OUT/pipeline.log"
+    echo "open_clip could not be installed from $WHEELS (see pipeline.log)"
+    return 1
+  fi
+  if ! "$VENV/bin/python" -c "import open_clip" >>"$OUT/pipeline.log" 2>&1; then
+    tail -n 5 "$OUT/pipeline.log"
+    echo "open_clip was installed from $WHEELS but does not import (see pipeline.log)"
+    return 1
+  fi
+}
+
+pipeline() {
+  step "pipeline (benchmarks/pipeline_bench.py: ReCLIP on a JPEG folder against the in-memory floor)"
+  local t0=$SECONDS limit rc why args=()
+  : >"$OUT/pipeline.log"
+  if ! why=$(open_clip_ready); then
+    echo "$why"
+    STATUS[pipeline]="skipped (no open_clip)"
+    TOOK[pipeline]=$((SECONDS - t0))
+    return 0
+  fi
+  [[ -n $why ]] && echo "$why"
+  limit=$(cap "$PIPELINE_S" "$(reserve pipeline)")
+  if [[ $DEVICE == cpu ]]; then
+    args=(--device cpu --model tests/assets/tiny-vit.json --n 64 --encode-batch-size 16
+          --batch-size 16 --workers 2)
+  else
+    args=(--device cuda --model ViT-B-32 --n 50000 --amp bf16)
+  fi
+  # shellcheck disable=SC2206  # word splitting of the extra arguments is wanted
+  args+=(${REXT_CHECK_PIPELINE_ARGS:-})
+  echo "timeout ${limit} s, log $OUT/pipeline.log"
+  # the JPEG folder goes to the machine's scratch space, not into the repository copy
+  PYTHONUNBUFFERED=1 timeout -k 10 "$limit" "$VENV/bin/python" -P benchmarks/pipeline_bench.py \
+    --epochs 1 --cache "${TMPDIR:-/tmp}/reclip-bench" --json "$OUT/pipeline_bench.json" \
+    "${args[@]}" 2>&1 | tee -a "$OUT/pipeline.log"
+  rc=${PIPESTATUS[0]}
+  TOOK[pipeline]=$((SECONDS - t0))
+  if ((rc == 124 || rc == 137)); then
+    echo "PIPELINE BENCHMARK TIMED OUT after ${limit} s (no JSON: it is written at the end)"
+  elif ((rc != 0)); then
+    echo "PIPELINE BENCHMARK FAILED (exit $rc)"
+  fi
+  STATUS[pipeline]=$([[ $rc == 0 ]] && echo ok || echo FAILED)
   return "$rc"
 }
 
@@ -215,7 +297,7 @@ bench() {
 summary() {
   step "summary"
   local name
-  for name in machine build tests bench; do
+  for name in machine build tests pipeline bench; do
     printf '  %-8s %-28s %s\n' "$name" "${STATUS[$name]:-not run}" "${TOOK[$name]:+${TOOK[$name]} s}"
   done
   if [[ -f $OUT/tests-junit.xml ]]; then
@@ -258,6 +340,11 @@ main() {
     STATUS[tests]=FAILED
     final=2
   fi
+  if [[ ${REXT_CHECK_SKIP_PIPELINE:-0} == 1 ]]; then
+    STATUS[pipeline]="skipped (REXT_CHECK_SKIP_PIPELINE)"
+  elif ! pipeline; then
+    ((final == 0)) && final=3
+  fi
   if [[ ${REXT_CHECK_SKIP_BENCH:-0} == 1 ]]; then
     STATUS[bench]="skipped (REXT_CHECK_SKIP_BENCH)"
   elif bench; then
@@ -267,7 +354,8 @@ main() {
     ((final == 0)) && final=3
   fi
   summary
-  echo "RESULT: build ${STATUS[build]}, tests ${STATUS[tests]}, benchmark ${STATUS[bench]} (exit $final)"
+  echo "RESULT: build ${STATUS[build]}, tests ${STATUS[tests]}, pipeline ${STATUS[pipeline]}," \
+       "benchmark ${STATUS[bench]} (exit $final)"
   return "$final"
 }
 
