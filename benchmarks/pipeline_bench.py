@@ -492,6 +492,11 @@ def clf_data_kind_files():
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
+    if args.device == "cpu" and "torch" not in sys.modules:
+        # torch's and reclip_ext's OpenMP pools in one process: with the default active
+        # spin-wait each starves the other on a small machine, by up to 75x for a small model
+        # (device_bench.py and tests/conftest.py do the same)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     import reclip
