@@ -1,45 +1,73 @@
 #!/usr/bin/env bash
-# One script for a GPU machine (no network needed; torch, cupy, nvcc, cmake, pybind11 and
-# scikit-build-core are there, open_clip is not): build reclip_ext with its CUDA half for sm_90,
-# run the test suite on the GPU, run its small CUDA cases again under compute-sanitizer (memcheck
-# and racecheck), then benchmark label_propagate against the torch and ZLaP recipes
+# The one script to run on a GPU machine (no network needed; torch, cupy, nvcc, cmake, pybind11
+# and scikit-build-core are there, open_clip need not be): build reclip_ext with its CUDA half
+# for sm_90, run the test suite on the GPU, run its small CUDA cases again under
+# compute-sanitizer (memcheck and racecheck), measure the ReCLIP pipeline against its
+# model-time floor (benchmarks/pipeline_bench.py: ViT-B-32, random init, 50,000 JPEGs, bf16, one
+# epoch), then benchmark label_propagate against the torch and ZLaP recipes
 # (benchmarks/device_bench.py). Run from anywhere in the repository:
 #
 #   OUT=/some/folder bash benchmarks/device_check.sh
 #
-# Everything lands in $OUT (default ./device-check-out), eight files:
+# Everything lands in $OUT (default ./device-check-out), ten files:
 #   device_check.log   all output, step by step, with a summary at the end
 #   build.log          pip -v of the build (cmake, nvcc, ptxas resource usage)
 #   tests.log          pytest output;  tests-junit.xml  its JUnit report
 #   sanitize-memcheck.log, sanitize-racecheck.log   compute-sanitizer + pytest output per tool
+#   pipeline.log       open_clip install + pipeline_bench.py output;  pipeline_bench.json  its numbers
 #   bench.log          device_bench.py output (the tables);  device_bench.json  all its numbers
 #
-# Time: the whole script stays under REXT_CHECK_BUDGET_S (default 520 s, i.e. < 9 min on one
-# H200, build included); each step has its own cap below that (build 150 s, tests 120 s,
-# sanitizer 100 s for both tools, memcheck at most half of it; benchmark the rest, at most
-# 300 s). While the tests run, 60 s are kept back for the sanitizer and 130 s for the benchmark;
-# while the sanitizer runs, the 130 s. The benchmark's own --budget-s ends 25 s before its cap,
-# and its JSON is rewritten after every case, so a cut leaves what was measured. A failed build
-# stops the script; failed tests or sanitizer runs are reported and the later steps still run.
+# Time: the whole script stays under REXT_CHECK_BUDGET_S (default 540 s, i.e. 9 min on one
+# H200, build included). Each step has its own cap below that, and while a step runs the later
+# steps' guaranteed shares are kept back from it (the reserve helper), so a slow early step
+# squeezes itself, never a later one below its share:
+#   step        cap    guaranteed   why
+#   build       150 s  150 s        nvcc for sm_90 on all cores; first, nothing to squeeze
+#   tests       100 s  100 s        the CPU-side suite takes well under a minute, which leaves
+#                                   the CUDA cases most of the cap
+#   sanitizer    90 s   60 s        both tools, memcheck at most half of what the step gets; a
+#                                   few dozen cases of a few tiles each
+#   pipeline    120 s  120 s        the wheels install, building the 50,000-JPEG folder on all
+#                                   cores (~10 s), two encode passes, 782 V + T steps, the floor,
+#                                   a ~600 MB checkpoint: about 60-90 s expected; kept back in
+#                                   full because a cut run writes no JSON
+#   device_bench the rest, at most 300 s; 80 s kept back: its own --budget-s ends 25 s before
+#                                   its cap, runs n ascending and skips what would overrun, and
+#                                   its JSON is rewritten after every case, so a squeezed run still
+#                                   leaves the small cases measured
+# The guaranteed shares add up to 510 s; the other 30 s cover what no cap times (the machine
+# probe, the venv, the import check, the kill grace of a timeout). A step that is skipped (its
+# knob, or the sanitizer on REXT_CHECK_DEVICE=cpu) keeps nothing back. A failed build stops the
+# script; failed tests, sanitizer runs or pipeline step are reported and the later steps still
+# run.
 #
-# Sanitizer step: `pytest -m "cuda and sanitize" tests/test_cuda.py` (a few dozen cases of a few
-# tiles each) under compute-sanitizer --tool memcheck, then --tool racecheck, with torch's
-# caching allocator off so that every array is its own allocation (an overrun into a cached
-# neighbour would go unseen). A tool FAILs on any "ERROR SUMMARY: N errors" with N > 0, a failed
-# or empty pytest run, or its time cap; it is SKIPPED, with the reason, when there is no device
-# (REXT_CHECK_DEVICE=cpu) or no compute-sanitizer (PATH, then /usr/local/cuda/bin).
+# Sanitizer step: `pytest -m "cuda and sanitize" tests/test_cuda.py` under compute-sanitizer
+# --tool memcheck, then --tool racecheck, with torch's caching allocator off so that every array
+# is its own allocation (an overrun into a cached neighbour would go unseen). A tool FAILs on
+# any "ERROR SUMMARY: N errors" with N > 0, a failed or empty pytest run, or its time cap; it is
+# SKIPPED, with the reason, when there is no device (REXT_CHECK_DEVICE=cpu) or no
+# compute-sanitizer (PATH, then /usr/local/cuda/bin).
+#
+# Pipeline step: needs open_clip, which the machine lacks: it is installed offline from the
+# wheels folder REXT_CHECK_WHEELS (default .device-wheels in the repository, filled beforehand on
+# a machine with network by benchmarks/device_wheels.sh); without them the step is skipped,
+# saying why. The install counts against the step's cap.
 #
 # Exit status: 0 all passed; 1 build or import check failed; 2 tests failed or timed out;
-# 4 a sanitizer run failed; 3 the benchmark reported errors or timed out (2 wins over 4 over 3).
+# 4 a sanitizer run failed; 3 a benchmark (pipeline or device_bench) reported errors or timed
+# out (2 wins over 4 over 3). A step skipped for want of its tool (compute-sanitizer, open_clip)
+# is not a failure.
 #
 # Knobs (environment): PYTHON (python3), REXT_CHECK_VENV (/tmp/rext-device-venv),
 # REXT_CHECK_BUDGET_S, REXT_CHECK_BUILD_S, REXT_CHECK_TESTS_S, REXT_CHECK_SANITIZE_S,
-# REXT_CHECK_BENCH_S (caps in s), REXT_CHECK_BENCH_ARGS (extra device_bench.py arguments, e.g.
-# "--quick"), REXT_CHECK_PYTEST_ARGS (extra pytest arguments, e.g. "-x -k cuda"),
-# REXT_CHECK_SKIP_TESTS=1, REXT_CHECK_SKIP_SANITIZE=1, REXT_CHECK_SKIP_BENCH=1,
-# CMAKE_CUDA_ARCHITECTURES (90), REXT_WITH_CUDA (ON), and REXT_CHECK_DEVICE=cpu: a dry run of
-# this script on a machine without a GPU (no device check, no sanitizer, the benchmark in its
-# CPU smoke mode).
+# REXT_CHECK_PIPELINE_S, REXT_CHECK_BENCH_S (caps in s), REXT_CHECK_PYTEST_ARGS (extra pytest
+# arguments, e.g. "-x -k cuda"), REXT_CHECK_PIPELINE_ARGS (extra pipeline_bench.py arguments,
+# e.g. "--n 20000"), REXT_CHECK_BENCH_ARGS (extra device_bench.py arguments, e.g. "--quick"),
+# REXT_CHECK_WHEELS (the wheels folder), REXT_CHECK_SKIP_TESTS=1, REXT_CHECK_SKIP_SANITIZE=1,
+# REXT_CHECK_SKIP_PIPELINE=1, REXT_CHECK_SKIP_BENCH=1, CMAKE_CUDA_ARCHITECTURES (90),
+# REXT_WITH_CUDA (ON), and REXT_CHECK_DEVICE=cpu: a dry run of this script on a machine without
+# a GPU (no device check, no sanitizer, both benchmarks in their CPU smoke modes: the pipeline
+# with the tiny test model on 64 images).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -50,13 +78,19 @@ OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 VENV=${REXT_CHECK_VENV:-/tmp/rext-device-venv}
 DEVICE=${REXT_CHECK_DEVICE:-cuda}
-BUDGET_S=${REXT_CHECK_BUDGET_S:-520}
+BUDGET_S=${REXT_CHECK_BUDGET_S:-540}
 BUILD_S=${REXT_CHECK_BUILD_S:-150}
-TESTS_S=${REXT_CHECK_TESTS_S:-120}
-SANITIZE_S=${REXT_CHECK_SANITIZE_S:-100}
+TESTS_S=${REXT_CHECK_TESTS_S:-100}
+SANITIZE_S=${REXT_CHECK_SANITIZE_S:-90}
+PIPELINE_S=${REXT_CHECK_PIPELINE_S:-120}
 BENCH_S=${REXT_CHECK_BENCH_S:-300}
-BENCH_MIN_S=130     # time kept back for the benchmark while the tests and the sanitizer run
-SANITIZE_MIN_S=60   # time kept back for the sanitizer while the tests run
+# Guaranteed shares, kept back for a step while the steps before it run (see reserve): the
+# sanitizer still gets 30 s per tool from 60 s; the pipeline gets its whole cap, since a cut
+# run leaves no JSON; device_bench gets its n = 100k cases from 80 s.
+SANITIZE_MIN_S=60
+PIPELINE_MIN_S=$PIPELINE_S
+BENCH_MIN_S=80
+WHEELS=${REXT_CHECK_WHEELS:-$ROOT/.device-wheels}
 IGNORED_TESTS=(tests/test_pipeline.py tests/test_cli.py tests/test_models.py tests/test_data.py
                tests/test_prompts.py tests/test_digits_model.py)  # the reclip package: open_clip
 
@@ -184,10 +218,7 @@ tests() {
   for f in "${IGNORED_TESTS[@]}"; do ignores+=("--ignore=$f"); done
   # shellcheck disable=SC2206  # word splitting of the extra arguments is wanted
   extra=(${REXT_CHECK_PYTEST_ARGS:-})
-  local reserve=0
-  [[ ${REXT_CHECK_SKIP_BENCH:-0} == 1 ]] || reserve=$((reserve + BENCH_MIN_S))
-  [[ ${REXT_CHECK_SKIP_SANITIZE:-0} == 1 || $DEVICE != cuda ]] || reserve=$((reserve + SANITIZE_MIN_S))
-  limit=$(cap "$TESTS_S" "$reserve")
+  limit=$(cap "$TESTS_S" "$(reserve tests)")
   echo "timeout ${limit} s, log $OUT/tests.log"
   timeout -k 10 "$limit" "$VENV/bin/python" -P -m pytest tests "${ignores[@]}" -q -rfEs \
     -p no:cacheprovider --durations=15 --junitxml="$OUT/tests-junit.xml" -o junit_family=xunit2 \
@@ -207,6 +238,25 @@ tests() {
     echo "WARNING: $cuda_skips skip lines mention a missing CUDA device on a machine that has one"
   fi
   return "$rc"
+}
+
+# reserve STEP: seconds kept back for the steps after STEP (each one's guaranteed share), in the
+# order tests, sanitize, pipeline, bench; a step that will not run keeps nothing back.
+reserve() {
+  local r=0 later=0 name
+  for name in tests sanitize pipeline bench; do
+    if ((later)); then
+      case $name in
+        sanitize)
+          # on REXT_CHECK_DEVICE=cpu the sanitizer skips at once
+          [[ ${REXT_CHECK_SKIP_SANITIZE:-0} == 1 || $DEVICE != cuda ]] || r=$((r + SANITIZE_MIN_S)) ;;
+        pipeline) [[ ${REXT_CHECK_SKIP_PIPELINE:-0} == 1 ]] || r=$((r + PIPELINE_MIN_S)) ;;
+        bench) [[ ${REXT_CHECK_SKIP_BENCH:-0} == 1 ]] || r=$((r + BENCH_MIN_S)) ;;
+      esac
+    fi
+    [[ $name == "$1" ]] && later=1
+  done
+  echo "$r"
 }
 
 # sanitize: the small CUDA cases under compute-sanitizer memcheck and racecheck. Returns 0 when
@@ -229,7 +279,7 @@ sanitize() {
     return 0
   fi
   echo "$exe: $("$exe" --version 2>/dev/null | grep -m1 -iE 'version' || echo 'version ?')"
-  if [[ ${REXT_CHECK_SKIP_BENCH:-0} == 1 ]]; then limit=$(cap "$SANITIZE_S"); else limit=$(cap "$SANITIZE_S" "$BENCH_MIN_S"); fi
+  limit=$(cap "$SANITIZE_S" "$(reserve sanitize)")
   end=$((SECONDS + limit))
   for tool in memcheck racecheck; do
     # memcheck may take half of the step's time, racecheck what is left
@@ -268,6 +318,73 @@ sanitize() {
   return "$failed"
 }
 
+# open_clip_ready [SECONDS]: open_clip for the pipeline step, from the wheels folder when the
+# venv lacks it, the install given at most SECONDS (120); the reason on stdout and status 1
+# when it stays unavailable
+open_clip_ready() {
+  local t=${1:-120}
+  ((t > 120)) && t=120
+  ((t < 5)) && t=5   # timeout 0 would mean no limit at all
+  if "$VENV/bin/python" -c "import open_clip" 2>/dev/null; then return 0; fi
+  if [[ ! -d $WHEELS ]]; then
+    echo "open_clip is not installed and there is no wheels folder $WHEELS" \
+         "(fill one with benchmarks/device_wheels.sh, or set REXT_CHECK_WHEELS)"
+    return 1
+  fi
+  echo "pip install --no-index --find-links $WHEELS open_clip_torch (log $OUT/pipeline.log)"
+  if ! PIP_DISABLE_PIP_VERSION_CHECK=1 timeout -k 10 "$t" "$VENV/bin/python" -m pip install \
+       --no-index --find-links "$WHEELS" open_clip_torch >>"$OUT/pipeline.log" 2>&1; then
+    tail -n 20 "$OUT/pipeline.log"
+    echo "open_clip could not be installed from $WHEELS (see pipeline.log)"
+    return 1
+  fi
+  if ! "$VENV/bin/python" -c "import open_clip" >>"$OUT/pipeline.log" 2>&1; then
+    tail -n 5 "$OUT/pipeline.log"
+    echo "open_clip was installed from $WHEELS but does not import (see pipeline.log)"
+    return 1
+  fi
+}
+
+pipeline() {
+  step "pipeline (benchmarks/pipeline_bench.py: ReCLIP on a JPEG folder against the in-memory floor)"
+  local t0=$SECONDS end limit rc why args=()
+  : >"$OUT/pipeline.log"
+  # The step's share is fixed before the install, so that a slow install comes out of the
+  # pipeline's cap rather than out of device_bench's reserve.
+  end=$((SECONDS + $(cap "$PIPELINE_S" "$(reserve pipeline)")))
+  if ! why=$(open_clip_ready "$((end - SECONDS))"); then
+    echo "$why"
+    STATUS[pipeline]="skipped (no open_clip)"
+    TOOK[pipeline]=$((SECONDS - t0))
+    return 0
+  fi
+  [[ -n $why ]] && echo "$why"
+  limit=$((end - SECONDS))
+  ((limit < 5)) && limit=5
+  if [[ $DEVICE == cpu ]]; then
+    args=(--device cpu --model tests/assets/tiny-vit.json --n 64 --encode-batch-size 16
+          --batch-size 16 --workers 2)
+  else
+    args=(--device cuda --model ViT-B-32 --n 50000 --amp bf16)
+  fi
+  # shellcheck disable=SC2206  # word splitting of the extra arguments is wanted
+  args+=(${REXT_CHECK_PIPELINE_ARGS:-})
+  echo "timeout ${limit} s, log $OUT/pipeline.log"
+  # the JPEG folder goes to the machine's scratch space, not into the repository copy
+  PYTHONUNBUFFERED=1 timeout -k 10 "$limit" "$VENV/bin/python" -P benchmarks/pipeline_bench.py \
+    --epochs 1 --cache "${TMPDIR:-/tmp}/reclip-bench" --json "$OUT/pipeline_bench.json" \
+    "${args[@]}" 2>&1 | tee -a "$OUT/pipeline.log"
+  rc=${PIPESTATUS[0]}
+  TOOK[pipeline]=$((SECONDS - t0))
+  if ((rc == 124 || rc == 137)); then
+    echo "PIPELINE BENCHMARK TIMED OUT after ${limit} s (no JSON: it is written at the end)"
+  elif ((rc != 0)); then
+    echo "PIPELINE BENCHMARK FAILED (exit $rc)"
+  fi
+  STATUS[pipeline]=$([[ $rc == 0 ]] && echo ok || echo FAILED)
+  return "$rc"
+}
+
 bench() {
   step "benchmark (benchmarks/device_bench.py)"
   local t0=$SECONDS limit rc args=()
@@ -292,7 +409,7 @@ bench() {
 summary() {
   step "summary"
   local name
-  for name in machine build tests sanitize bench; do
+  for name in machine build tests sanitize pipeline bench; do
     printf '  %-8s %-28s %s\n' "$name" "${STATUS[$name]:-not run}" "${TOOK[$name]:+${TOOK[$name]} s}"
   done
   for name in memcheck racecheck; do
@@ -346,6 +463,11 @@ main() {
     STATUS[sanitize]=FAILED
     ((final == 0)) && final=4
   fi
+  if [[ ${REXT_CHECK_SKIP_PIPELINE:-0} == 1 ]]; then
+    STATUS[pipeline]="skipped (REXT_CHECK_SKIP_PIPELINE)"
+  elif ! pipeline; then
+    ((final == 0)) && final=3
+  fi
   if [[ ${REXT_CHECK_SKIP_BENCH:-0} == 1 ]]; then
     STATUS[bench]="skipped (REXT_CHECK_SKIP_BENCH)"
   elif bench; then
@@ -356,7 +478,7 @@ main() {
   fi
   summary
   echo "RESULT: build ${STATUS[build]}, tests ${STATUS[tests]}, sanitizer ${STATUS[sanitize]}," \
-       "benchmark ${STATUS[bench]} (exit $final)"
+       "pipeline ${STATUS[pipeline]}, benchmark ${STATUS[bench]} (exit $final)"
   return "$final"
 }
 
