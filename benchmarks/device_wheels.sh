@@ -7,7 +7,7 @@
 #
 # pip resolves open_clip_torch for that platform (metadata only), then everything the
 # resolution picked is downloaded except torch's own stack (torch, torchvision, triton,
-# nvidia-*, numpy and torch-only dependencies), which the GPU machine has at its own versions.
+# nvidia-*, numpy and torch-only dependencies), which a GPU machine with torch installed has at its own versions.
 # Knobs: PYTHON (python3), OPEN_CLIP_SPEC (open_clip_torch==3.3.0, the version tested here).
 set -euo pipefail
 
@@ -27,7 +27,7 @@ trap 'rm -rf "$report" "$target"' EXIT
   "${PLATFORM[@]}" "$SPEC" safetensors tqdm pillow
 mapfile -t wanted < <("$PY" - "$report" <<'PY'
 import json, re, sys
-# the GPU machine's own torch stack: never replaced from here
+# the target machine's own torch stack: never replaced from here
 skip = {"torch", "torchvision", "triton", "numpy", "sympy", "mpmath", "networkx", "jinja2",
         "markupsafe", "setuptools"}
 for item in json.load(open(sys.argv[1]))["install"]:

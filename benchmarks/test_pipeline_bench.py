@@ -1,5 +1,5 @@
 """CPU smoke tests of benchmarks/pipeline_bench.py: with the tiny test model on a 64-image JPEG
-folder, without and with loader workers, the script runs as the GPU machine runs it (python -P,
+folder, without and with loader workers, the script runs as device_check.sh runs it (python -P,
 a fresh process) and reports every stage of the pipeline and of the floor. No timing is
 asserted beyond being measured (positive)."""
 from __future__ import annotations
