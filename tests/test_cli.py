@@ -274,7 +274,7 @@ def _spoiled_run(ws: Path, case: str):
 
 
 def _digits_chain(ws: Path):
-    """The issue's workflow with the shipped model on an ImageFolder of real digits."""
+    """A user's first workflow with the shipped model on an ImageFolder of real digits."""
     adapt = cli(ws, "adapt", "--model", "reclip-digits", "--data", "digits", "--classes",
                 "digit-names.txt", "--out", "run_digits", "--epochs", "1", "--quiet")
     return adapt, cli(ws, "eval", "--run", "run_digits", "--data", "digits")
@@ -351,6 +351,9 @@ JOBS = {
     "digits": (_digits_chain, False),
     "help": (_help, False),
     "adapt_help": (lambda ws: cli(ws, "adapt", "--help"), False),
+    "module_help": (lambda ws: subprocess.run([sys.executable, "-m", "reclip", "--help"], cwd=ws,
+                                              env=ENV, capture_output=True, text=True,
+                                              timeout=TIMEOUT), False),
 }
 
 # test -> the jobs it reads (test_bad_input_is_one_line_error: the job named by its case)
@@ -369,7 +372,7 @@ TEST_JOBS = {
     "test_sigkill_mid_run_then_resume_equals_uninterrupted": ["kill", "kill_ref"],
     "test_resume_with_other_class_list_is_refused": ["mismatch"],
     "test_out_naming_a_file_leaves_it_alone": ["out-is-a-file"],
-    "test_help": ["help", "adapt_help"],
+    "test_help": ["help", "adapt_help", "module_help"],
     "test_shipped_digits_model_on_a_digit_folder": ["digits"],
 }
 
@@ -780,6 +783,7 @@ def test_help(jobs):
     top = jobs.result("help")
     assert top.returncode == 0, top.stderr
     assert "usage:" in top.stdout and all(c in top.stdout for c in ("adapt", "predict", "eval"))
+    assert jobs.result("module_help").stdout == top.stdout  # python -m reclip: the same CLI
     sub = jobs.result("adapt_help")
     assert sub.returncode == 0, sub.stderr
     assert all(opt in sub.stdout for opt in ("--model", "--data", "--classes", "--out",
