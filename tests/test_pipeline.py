@@ -173,6 +173,9 @@ def test_zero_shot_is_unadapted_clip(tiny, images):
     nodes = torch.nn.functional.normalize(text + text2, dim=-1)
     want = (feats @ nodes.T).argmax(1).numpy()
     assert (clf.zero_shot_predict(images) == want).all()
+    # the logits behind them (and behind report.json's zero-shot ECE): logit_scale x cosine
+    torch.testing.assert_close(clf.zero_shot_logits(images),
+                               clf.config.logit_scale * feats @ nodes.T, atol=1e-4, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- persistence
