@@ -255,7 +255,8 @@ def test_demo_writes_report_and_plots(tmp_path):
 
     report = run_demo(tmp_path, epochs=1, say=lambda _: None)
     saved = __import__("json").loads((tmp_path / "report.json").read_text())
-    for key in ("zero_shot_accuracy", "reclip_accuracy", "label_propagation_accuracy"):
+    for key in ("zero_shot_accuracy", "reclip_accuracy", "label_propagation_accuracy",
+                "zero_shot_ece", "reclip_ece"):
         assert 0 <= saved[key] <= 1 and saved[key] == report[key]
     assert len(saved["per_epoch"]) == 1
     assert set(saved["similarity"]) == {"P0", "P1", "P2"}
