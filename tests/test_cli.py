@@ -61,6 +61,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TIMEOUT = 300
 NOTES = "a file of the user's that --out must not replace\n"
+PEAK_KEYS = ("final_accuracy", "peak_accuracy", "peak_epoch", "peak_uses_labels", "note")
 SOMEBAD_BROKEN = ["cat/empty.png", "dog/notes.jpg", "dog/truncated.jpg"]  # in sorted order
 
 
@@ -140,6 +141,14 @@ def accuracy_of(rows: list[tuple[str, str]]) -> float:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def parse_eval(text: str) -> tuple[float, float, int]:
+    """(accuracy, ECE, images) of eval's one line "accuracy A ECE E (N images)"."""
+    words = text.strip().split()
+    assert len(words) == 6 and words[0] == "accuracy" and words[2] == "ECE", text
+    assert words[4].startswith("(") and words[5] == "images)", text
+    return float(words[1]), float(words[3]), int(words[4][1:])
 
 
 # ----------------------------------------------------------------------------------- the jobs
@@ -361,6 +370,7 @@ TEST_JOBS = {
     "test_adapt_writes_run_report_and_predictions": ["main"],
     "test_predict_matches_adapt_and_is_stable": ["predict_stdout", "predict_file"],
     "test_eval_accuracy_uses_folder_names_not_folder_order": ["predict_stdout", "eval"],
+    "test_report_calibration_and_peak_epoch": ["main", "eval", "renamed"],
     "test_preset_cifar10": ["preset"],
     "test_inductive_then_predict_other_folder": ["inductive"],
     "test_zero_epochs_saves_the_zero_shot_model": ["zero_epochs"],
@@ -501,18 +511,44 @@ def test_predict_matches_adapt_and_is_stable(jobs):
 def test_eval_accuracy_uses_folder_names_not_folder_order(jobs):
     ok(jobs.result("main"))
     rows = parse_predictions(ok(jobs.result("predict_stdout")).stdout)
-    out = ok(jobs.result("eval")).stdout.strip()
-    assert out.startswith("accuracy "), out
-    reported = float(out.split()[1])
+    out = ok(jobs.result("eval")).stdout
+    reported, _, images = parse_eval(out)
     expected = accuracy_of(rows)
     assert reported == pytest.approx(expected, abs=5e-5), (out, expected)
-    assert out.endswith(f"({len(rows)} images)"), out
+    assert images == len(rows), out
     # The classes file is not in sorted order and the class sizes differ, so mapping folder
     # i to classes[i] would give another accuracy: the comparison above can tell them apart.
     sorted_folders = sorted(CLASS_COUNTS)
     wrong = float(np.mean([CLASSES[sorted_folders.index(Path(p).parent.name)] == name
                            for p, name in rows]))
     assert abs(wrong - expected) > 1e-3, "fixture cannot distinguish the folder mapping"
+
+
+def test_report_calibration_and_peak_epoch(jobs):
+    """With labels, report.json holds both ECEs and the oracle peak of the per-epoch combined
+    accuracies and the final one; eval's ECE on the adaptation images is the report's."""
+    ok(jobs.result("main"))
+    report = read_json(jobs.ws / "run_main" / "report.json")
+    for key in ("zero_shot_ece", "reclip_ece"):
+        assert isinstance(report[key], float) and 0.0 <= report[key] <= 1.0, report[key]
+    final = report["final_accuracy"]
+    assert final == report["reclip_accuracy"]
+    # what the lines "epoch 1..3" score (the models after 0, 1, 2 epochs), then the final model
+    scored = [h["accuracy"]["combined"] for h in report["history"]] + [final]
+    assert len(scored) == 4
+    assert report["peak_accuracy"] == max(scored) >= final
+    assert report["peak_epoch"] == scored.index(max(scored))  # the first of equal ones
+    assert report["peak_uses_labels"] is True
+    assert isinstance(report["note"], str) and "oracle" in report["note"]
+    assert "\n" not in report["note"]
+
+    accuracy, ece, _ = parse_eval(ok(jobs.result("eval")).stdout)
+    assert accuracy == pytest.approx(final, abs=5e-5)
+    assert ece == pytest.approx(report["reclip_ece"], abs=5e-5)
+
+    # folders that are not all classes: no labels, so no ECE and no peak
+    renamed = read_json(jobs.ws / "run_renamed" / "report.json")
+    assert not {"zero_shot_ece", "reclip_ece", *PEAK_KEYS} & renamed.keys(), renamed.keys()
 
 
 def test_folders_named_by_id(jobs):
@@ -543,9 +579,11 @@ def test_folders_named_by_id(jobs):
     assert len(epoch_lines) == 2 and all("combined" in ln for ln in epoch_lines), adapt.stderr
     assert "zero-shot accuracy" in adapt.stderr and "reclip: accuracy" in adapt.stderr
 
-    line = f"accuracy {expected:.4f} ({len(rows)} images)"
-    assert ok(eval_ids).stdout.strip() == line
-    assert ok(eval_names).stdout.strip() == line  # class-name folders of the same images
+    by_ids = parse_eval(ok(eval_ids).stdout)
+    assert by_ids[0] == pytest.approx(expected, abs=5e-5) and by_ids[2] == len(rows)
+    assert by_ids[1] == pytest.approx(report["reclip_ece"], abs=5e-5)
+    # class-name folders of the same images: the same scores
+    assert ok(eval_names).stdout == ok(eval_ids).stdout
 
 
 def test_unmapped_folders_report_no_accuracy(jobs):
@@ -619,6 +657,9 @@ def test_inductive_then_predict_other_folder(jobs):
     report = read_json(run / "report.json")
     assert "reclip_accuracy" not in report
     assert 0.0 <= report["zero_shot_accuracy"] <= 1.0
+    assert 0.0 <= report["zero_shot_ece"] <= 1.0
+    # no final model was scored, so there is nothing to compare a peak with
+    assert "reclip_ece" not in report and not set(PEAK_KEYS) & report.keys()
     assert len(report["history"]) == 2
     rows = parse_predictions(ok(predict).stdout)
     assert [p for p, _ in rows] == [os.path.join("other", f"img{i:03d}.png") for i in range(5)]
@@ -637,6 +678,8 @@ def test_zero_epochs_saves_the_zero_shot_model(jobs):
     assert report["epochs"] == 0 and report["iterations"] == 0 and report["history"] == []
     # before any training both sides score with the original class embeddings: zero-shot CLIP
     assert report["reclip_accuracy"] == report["zero_shot_accuracy"]
+    assert report["reclip_ece"] == pytest.approx(report["zero_shot_ece"], abs=1e-6)
+    assert (report["peak_accuracy"], report["peak_epoch"]) == (report["final_accuracy"], 0)
     written = (run / "predictions.tsv").read_text()
     rows = parse_predictions(written)
     assert [p for p, _ in rows] == expected_paths("data", CLASS_COUNTS)
@@ -688,7 +731,10 @@ def test_resume_equals_uninterrupted(jobs):
     assert read_json(ws / "run_resume" / "run.json")["epoch"] == 3
     report = read_json(ws / "run_resume" / "report.json")
     assert [h["epoch"] for h in report["history"]] == [0, 1, 2]
-    assert report["history"] == read_json(ws / "run_main" / "report.json")["history"]
+    main = read_json(ws / "run_main" / "report.json")
+    assert report["history"] == main["history"]
+    # the peak ranges over the whole run, the epochs before the resume included
+    assert {k: report[k] for k in PEAK_KEYS} == {k: main[k] for k in PEAK_KEYS}
     assert [ln.split(":")[0] for ln in second.stderr.splitlines() if ln.startswith("epoch ")] \
         == ["epoch 2", "epoch 3"], second.stderr
 
@@ -803,5 +849,6 @@ def test_shipped_digits_model_on_a_digit_folder(jobs):
     rows = parse_predictions((jobs.ws / "run_digits" / "predictions.tsv").read_text())
     assert len(rows) == 10 * DIGITS_PER_CLASS
     assert report["reclip_accuracy"] == pytest.approx(accuracy_of(rows))
-    out = ok(evaluated).stdout.strip()
-    assert out == f"accuracy {accuracy_of(rows):.4f} ({len(rows)} images)", out
+    accuracy, ece, images = parse_eval(ok(evaluated).stdout)
+    assert accuracy == pytest.approx(accuracy_of(rows), abs=5e-5) and images == len(rows)
+    assert ece == pytest.approx(report["reclip_ece"], abs=5e-5)

@@ -173,6 +173,9 @@ def test_zero_shot_is_unadapted_clip(tiny, images):
     nodes = torch.nn.functional.normalize(text + text2, dim=-1)
     want = (feats @ nodes.T).argmax(1).numpy()
     assert (clf.zero_shot_predict(images) == want).all()
+    # the logits behind them (and behind report.json's zero-shot ECE): logit_scale x cosine
+    torch.testing.assert_close(clf.zero_shot_logits(images),
+                               clf.config.logit_scale * feats @ nodes.T, atol=1e-4, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- persistence
@@ -252,7 +255,8 @@ def test_demo_writes_report_and_plots(tmp_path):
 
     report = run_demo(tmp_path, epochs=1, say=lambda _: None)
     saved = __import__("json").loads((tmp_path / "report.json").read_text())
-    for key in ("zero_shot_accuracy", "reclip_accuracy", "label_propagation_accuracy"):
+    for key in ("zero_shot_accuracy", "reclip_accuracy", "label_propagation_accuracy",
+                "zero_shot_ece", "reclip_ece"):
         assert 0 <= saved[key] <= 1 and saved[key] == report[key]
     assert len(saved["per_epoch"]) == 1
     assert set(saved["similarity"]) == {"P0", "P1", "P2"}

@@ -450,20 +450,29 @@ class ReCLIP:
         return self.config.logit_scale * torch.stack(sides).mean(dim=0)
 
     @torch.no_grad()
-    def zero_shot_predict(self, images: Any) -> np.ndarray:
-        """Plain CLIP's predictions (P0, no adaptation): the T copy's visual tower never trains
-        and `nodes_v` come from the original text encoder, so this holds before and after fit."""
+    def zero_shot_logits(self, images: Any) -> torch.Tensor:
+        """(n, m) logits of plain CLIP (P0, no adaptation) on the device: the T copy's visual
+        tower never trains and `nodes_v` come from the original text encoder, so these hold
+        before and after fit."""
         data = _images_arg(images, self.loaded.preprocess)
-        feats = self._encode_images(self.text_copy, data)
-        return (feats @ self.nodes_v.T).argmax(dim=1).cpu().numpy().astype(np.int64)
+        return self._zero_shot_logits_of(self._encode_images(self.text_copy, data))
+
+    def _zero_shot_logits_of(self, frozen: torch.Tensor) -> torch.Tensor:
+        """Zero-shot logits of the T copy's image features: logit_scale x cosine with the
+        original class embeddings."""
+        return self.config.logit_scale * frozen @ self.nodes_v.T
+
+    def zero_shot_predict(self, images: Any) -> np.ndarray:
+        """Plain CLIP's class index per image (int64)."""
+        return predictions(self.zero_shot_logits(images))
 
     def predict(self, images: Any) -> np.ndarray:
         """Class index per image (int64)."""
-        return self.logits(images).argmax(dim=1).cpu().numpy().astype(np.int64)
+        return predictions(self.logits(images))
 
     def predict_proba(self, images: Any) -> np.ndarray:
         """(n, m) class probabilities (softmax of the combined logits)."""
-        return torch.softmax(self.logits(images), dim=1).cpu().numpy()
+        return probabilities(self.logits(images))
 
     # ------------------------------------------------------------------------------ persistence
 
@@ -631,8 +640,28 @@ def _centres(feats: torch.Tensor, labels: np.ndarray, fallback: torch.Tensor) ->
     return nn.functional.normalize(centres, dim=1)
 
 
+def predictions(logits: torch.Tensor) -> np.ndarray:
+    """The class index (int64, on the host) of each row of `logits`."""
+    return logits.argmax(dim=1).cpu().numpy().astype(np.int64)
+
+
+def probabilities(logits: torch.Tensor) -> np.ndarray:
+    """The softmax of each row of `logits`, on the host."""
+    return torch.softmax(logits, dim=1).cpu().numpy()
+
+
+def scores(logits: torch.Tensor, labels: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """The predictions of `logits` (n x m), their accuracy against `labels` and the expected
+    calibration error of their softmax (see reclip.metrics)."""
+    from .metrics import expected_calibration_error
+
+    pred = predictions(logits)
+    return (pred, float((pred == labels).mean()),
+            expected_calibration_error(probabilities(logits), labels))
+
+
 def _accuracy(logits: torch.Tensor, truth: np.ndarray) -> float:
-    return float((logits.argmax(dim=1).cpu().numpy() == truth).mean())
+    return float((predictions(logits) == truth).mean())
 
 
 def _progress(it, enabled: bool, desc: str, *, leave: bool = True):

@@ -10,6 +10,14 @@ Class folders are named by the class, or by an id that --classes (lines folder<T
 name) or --preset (ImageNet's WordNet ids) maps to a class; the run keeps that mapping for eval.
 A layout that neither names gets no accuracy at all.
 
+With known labels, adapt's report.json also holds the expected calibration error (15 bins) of
+the zero-shot and the final softmax (zero_shot_ece, reclip_ece), and, unless --inductive,
+final_accuracy (= reclip_accuracy), peak_accuracy and peak_epoch: the best combined-model
+accuracy of the run, over the models each "epoch k" line scores (as they enter epoch k, after
+k - 1 epochs) and the final model. peak_epoch counts the epochs that model had trained, as the
+lines number them: 0 is the model the "epoch 1" line scores, the run's epoch count the final
+model. Choosing it needs the labels (peak_uses_labels, note). eval prints the ECE too.
+
 Images are checked by the first pass over them (decoded in the DataLoader's workers, once):
 an unreadable image stops adapt, predict and eval there, before any training step; with
 --skip-bad-images it is left out instead (one warning line; adapt's report.json lists it).
@@ -40,6 +48,9 @@ USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, MemoryError, P
                MissingExtra)
 SKIP_HELP = "leave out unreadable images (one warning line) instead of stopping at the first"
 WORKERS_HELP = "image-loading worker processes (default: one per usable core, at most 8)"
+PEAK_NOTE = ("peak_accuracy and peak_epoch pick the best epoch by the target labels (an oracle "
+             "choice, as in the paper's Table 1), which no user without labels can reproduce; "
+             "final_accuracy is the model this run saved")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -174,8 +185,27 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _accuracy(pred: np.ndarray, labels: np.ndarray) -> float | None:
-    return float((pred == labels).mean()) if len(labels) and (labels >= 0).all() else None
+def _scores(logits, labels: np.ndarray) -> tuple[np.ndarray, float | None, float | None]:
+    """The predictions of `logits` (n x m, a torch tensor) with their accuracy and the
+    expected calibration error of their softmax; both None unless every label is known."""
+    from .adapt import predictions, scores
+
+    if not (len(labels) and (labels >= 0).all()):
+        return predictions(logits), None, None
+    return scores(logits, labels)
+
+
+def _peak(history, final: float, epochs: int) -> tuple[float, int]:
+    """The best combined-model accuracy of a run and how many epochs its model had trained.
+
+    history[e] scores the models as they entered epoch e + 1 (the line "epoch e+1"): the
+    encoders after e epochs, with class embeddings and visual centres rebuilt from them. The
+    final model (the saved run, `epochs` epochs) is scored separately: its class embeddings
+    are those its last epoch started with, so it is none of the history's models. The first
+    of equal accuracies wins.
+    """
+    scored = [(h.accuracy["combined"], h.epoch) for h in history if "combined" in h.accuracy]
+    return max([*scored, (final, epochs)], key=lambda item: item[0])
 
 
 def _check_output(path: str, flag: str, *, folder: bool) -> None:
@@ -234,10 +264,11 @@ def adapt(args) -> int:
             setattr(config, field, value)
     config.__post_init__()
     clf = adapt_mod.ReCLIP(loaded, classnames, templates, config, folders=folders)
-    zero_shot = clf.zero_shot_predict(data)  # the first pass: it checks the images
+    zs_logits = clf.zero_shot_logits(data)  # the first pass: it checks the images
     _warn_skipped(data)
     labels = class_labels(data, classnames, folders)
-    zs_acc = _accuracy(zero_shot, labels)
+    _, zs_acc, zs_ece = _scores(zs_logits, labels)
+    del zs_logits  # n x m on the device, through all of training otherwise
     _say(f"reclip: {len(data)} images, {len(classnames)} classes"
          + (f", zero-shot accuracy {zs_acc:.4f}" if zs_acc is not None else ""))
 
@@ -253,14 +284,18 @@ def adapt(args) -> int:
     report = {"command": "adapt", "images": len(data), "classes": len(classnames),
               "config": dataclasses.asdict(config), "epochs": clf.epoch,
               "iterations": clf.iterations, "zero_shot_accuracy": zs_acc,
+              **({"zero_shot_ece": zs_ece} if zs_ece is not None else {}),
               "skipped_images": {"count": len(data.skipped), "paths": data.skipped},
               "history": [dataclasses.asdict(h) for h in clf.history]}
     if not args.inductive:
-        pred = clf.predict(data)
-        report["reclip_accuracy"] = _accuracy(pred, labels)
+        pred, acc, ece = _scores(clf.logits(data), labels)
+        report["reclip_accuracy"] = acc
         _write_predictions(data, pred, classnames, str(Path(args.out) / "predictions.tsv"))
-        if report["reclip_accuracy"] is not None:
-            _say(f"reclip: accuracy {report['reclip_accuracy']:.4f} (zero-shot {zs_acc:.4f})")
+        if acc is not None:
+            peak, peak_epoch = _peak(clf.history, acc, clf.epoch)
+            report |= {"reclip_ece": ece, "final_accuracy": acc, "peak_accuracy": peak,
+                       "peak_epoch": peak_epoch, "peak_uses_labels": True, "note": PEAK_NOTE}
+            _say(f"reclip: accuracy {acc:.4f} (zero-shot {zs_acc:.4f})")
     report["seconds"] = round(time.time() - start, 2)
     write_json(Path(args.out) / "report.json", report)
     return 0
@@ -292,10 +327,10 @@ def evaluate(args) -> int:
         ids = f" or its folder ids ({', '.join(clf.folders[:3])}, ...)" if clf.folders else ""
         raise ValueError(f"--data: {args.data} needs an ImageFolder layout whose folders are "
                          f"among the run's classes ({', '.join(clf.classnames[:5])}, ...){ids}")
-    pred = clf.predict(data)
+    logits = clf.logits(data)
     _warn_skipped(data)
-    acc = _accuracy(pred, class_labels(data, clf.classnames, clf.folders))
-    print(f"accuracy {acc:.4f} ({len(data)} images)")
+    _, acc, ece = _scores(logits, class_labels(data, clf.classnames, clf.folders))
+    print(f"accuracy {acc:.4f} ECE {ece:.4f} ({len(data)} images)")
     return 0
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import projection
-from .adapt import Config, ReCLIP
+from .adapt import Config, ReCLIP, scores
 from .checkpoint import write_json
 from .models import LoadedModel, load_model
 from .optional import require
@@ -134,8 +134,9 @@ def run_demo(out_dir: str | Path, *, model: str = "reclip-digits", epochs: int =
                     lp_precision=lp_precision)
     clf = ReCLIP(loaded, DIGIT_NAMES, DIGIT_TEMPLATES, config)
 
-    zero_shot = float((clf.zero_shot_predict(images) == labels).mean())
+    # one pass of the unadapted encoder serves the zero-shot scores and label propagation
     frozen = clf._encode_images(clf.text_copy, images)
+    _, zero_shot, zero_shot_ece = scores(clf._zero_shot_logits_of(frozen), labels)
     lp_only = float((propagate(frozen, clf.nodes_v, clf.basis_v, k=config.k, alpha=config.alpha,
                                weight=config.weight, precision=lp_precision) == labels).mean())
     frozen = frozen.cpu()  # for the statistics and plots
@@ -152,7 +153,7 @@ def run_demo(out_dir: str | Path, *, model: str = "reclip-digits", epochs: int =
             f"{entry.accuracy.get('pseudo_shared', float('nan')):.4f}  agreement {entry.agreement:.3f}")
 
     clf.fit(images, labels=labels, log=log)
-    final = float((clf.predict(images) == labels).mean())
+    _, final, final_ece = scores(clf.logits(images), labels)
     say(f"ReCLIP accuracy {final:.4f} (zero-shot {zero_shot:.4f}, error reduced by "
         f"{(1 - (1 - final) / max(1 - zero_shot, 1e-12)):.1%}; label propagation only "
         f"{lp_only:.4f}, {final - lp_only:+.4f})")
@@ -160,7 +161,8 @@ def run_demo(out_dir: str | Path, *, model: str = "reclip-digits", epochs: int =
     stats = similarity_stats(frozen, labels, clf.nodes_v.cpu())
     report = {"model": model, "target": "sklearn-digits", "images": int(len(labels)),
               "zero_shot_accuracy": zero_shot, "label_propagation_accuracy": lp_only,
-              "reclip_accuracy": final, "per_epoch": curve, "similarity": stats,
+              "zero_shot_ece": zero_shot_ece, "reclip_accuracy": final,
+              "reclip_ece": final_ece, "per_epoch": curve, "similarity": stats,
               "config": dataclasses.asdict(config)}
     if plots:
         after = clf._encode_images(clf.visual_copy, images).cpu()
