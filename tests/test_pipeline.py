@@ -21,12 +21,6 @@ CLASSES = ["red square", "green circle", "blue triangle"]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return reclip.load_model(str(ASSETS / "tiny-vit.json"))
-
-
-@pytest.fixture(scope="module")
 def images():
     """24 preprocessed 32x32 images with a class-dependent colour."""
     g = torch.Generator().manual_seed(1)
@@ -161,6 +155,25 @@ def test_prediction_is_mean_of_both_sides(tiny, images):
     proba = clf.predict_proba(images)
     np.testing.assert_allclose(proba.sum(1), 1, atol=1e-5)
     assert (proba.argmax(1) == clf.predict(images)).all()
+
+
+def test_the_frozen_tower_encodes_one_image_set_once(tiny, images):
+    """The zero-shot pass, fit and prediction of one ImageSet share the T copy's features (its
+    visual tower never trains) and give what separate encodings give."""
+    from reclip.data import image_set
+
+    data = image_set(images)
+    torch.manual_seed(0)
+    clf = reclip.ReCLIP(tiny, CLASSES, ["a photo of a {}.", "a {}."], reclip.Config(max_epochs=2))
+    calls = []
+    original = clf.text_copy.encode_image
+    clf.text_copy.encode_image = lambda x, **k: (calls.append(len(x)), original(x, **k))[1]
+    zero_shot = clf.zero_shot_logits(data)
+    logits = clf.fit(data).logits(data)
+    assert sum(calls) == len(images)  # one pass, not three
+    ref = _fit(tiny, images)  # a tensor: a new set, so new encodings, on every call
+    torch.testing.assert_close(zero_shot, ref.zero_shot_logits(images))
+    torch.testing.assert_close(logits, ref.logits(images))
 
 
 def test_zero_shot_is_unadapted_clip(tiny, images):

@@ -176,6 +176,9 @@ class ReCLIP:
         self._scalers = {side: torch.amp.GradScaler(self.device.type)
                          if self._amp == torch.float16 else None for side in ("text", "visual")}
         self._bars = False  # progress bars inside an epoch, while fit(progress=True) runs
+        # (image set, its features) of the T copy, whose visual tower never trains: the
+        # zero-shot pass, fit and the final prediction of one set then encode it once
+        self._frozen: tuple[Any, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------------------ encoders
 
@@ -231,6 +234,10 @@ class ReCLIP:
         from .data import image_set
 
         data = image_set(images)
+        frozen = model is self.text_copy
+        if frozen and self._frozen is not None and self._frozen[0] is data \
+                and data.unchecked is None:
+            return self._frozen[1]
         if data.unchecked is not None:
             batches = data.checking_batches(self.config.encode_batch_size, self._workers(data),
                                             pin_memory=self.device.type == "cuda")
@@ -245,7 +252,10 @@ class ReCLIP:
                 out = torch.empty(len(data), f.shape[1], dtype=torch.float32, device=self.device)
             out[rows : rows + len(f)] = f
             rows += len(f)
-        return out[:rows]  # fewer rows than the set had when a deferred check left some out
+        out = out[:rows]  # fewer rows than the set had when a deferred check left some out
+        if frozen:
+            self._frozen = (data, out)
+        return out
 
     # ------------------------------------------------------------------------------ training
 
@@ -333,7 +343,8 @@ class ReCLIP:
         if use_v and steps:
             loaders["order"].batches = [b.tolist() for b in batches]
             images = iter(loaders["train"])
-        loss_t = loss_v = 0.0
+        # summed on the device: a float() per step would make the host wait for every step
+        loss_t = loss_v = torch.zeros((), device=self.device)
         for idx in _progress(batches, self._bars, "train", leave=False):
             y = torch.as_tensor(target[idx]).to(self.device)
             if use_t:
@@ -349,8 +360,8 @@ class ReCLIP:
         self.iterations += steps
         entry = EpochLog(epoch=epoch, iterations=self.iterations, agreement=float(agree.mean()),
                          trained=int(min(len(order), steps * batch)),
-                         loss_text=loss_t / steps if use_t and steps else None,
-                         loss_visual=loss_v / steps if use_v and steps else None)
+                         loss_text=float(loss_t) / steps if use_t and steps else None,
+                         loss_visual=float(loss_v) / steps if use_v and steps else None)
         if truth is not None:
             truth = np.asarray(truth)
             if labels_t is not None:
@@ -376,7 +387,7 @@ class ReCLIP:
         return pseudo_labels(feats, nodes, u, method=c.pseudo_labels, many_classes=c.many_classes,
                              k=c.k, alpha=c.alpha, weight=c.weight, precision=c.lp_precision)
 
-    def _step_text(self, feats: torch.Tensor, y: torch.Tensor) -> float:
+    def _step_text(self, feats: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # As in the authors' code, the projection only shapes the pseudo labels: the loss
         # uses plain image . text logits.
         prompts = self._prompts(first_only=True)
@@ -403,7 +414,7 @@ class ReCLIP:
         logits = self.config.logit_scale * feats @ text.T
         return nn.functional.cross_entropy(logits, y)
 
-    def _step_visual(self, x: torch.Tensor, y: torch.Tensor) -> float:
+    def _step_visual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self._autocast():
             feats = self.visual_copy.encode_image(x, normalize=True)
         feats = feats.float()
@@ -416,9 +427,10 @@ class ReCLIP:
             loss = loss / len(x)
         return self._sgd_step("visual", loss)
 
-    def _sgd_step(self, side: str, loss: torch.Tensor, then: Callable[[], None] | None = None) -> float:
+    def _sgd_step(self, side: str, loss: torch.Tensor,
+                  then: Callable[[], None] | None = None) -> torch.Tensor:
         """One SGD step of `side` on `loss` (then `then`, which may add more gradients), with
-        fp16 loss scaling when amp is fp16."""
+        fp16 loss scaling when amp is fp16; returns the detached loss, still on the device."""
         opt = self._opt_t if side == "text" else self._opt_v
         scaler = self._scalers[side]
         opt.zero_grad(set_to_none=True)
@@ -430,7 +442,7 @@ class ReCLIP:
         else:
             scaler.step(opt)
             scaler.update()
-        return float(loss.detach())
+        return loss.detach()
 
     # ------------------------------------------------------------------------------ inference
 
@@ -538,6 +550,7 @@ class ReCLIP:
                  rng: bool = False) -> None:
         tensors, meta = saved
         check_meta(meta, where, self.classnames)
+        self._frozen = None  # base weights below may replace the T copy's visual tower
 
         def tensor(key: str, like: torch.Tensor | None, required: bool = True):
             t = tensors.get(key)

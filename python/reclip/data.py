@@ -465,10 +465,12 @@ def image_set(source: Any, transform: Transform | None = None) -> ImageSet:
     See the module docstring for the layouts and what ``transform`` applies to.
     """
     if isinstance(source, ImageSet):
-        # the very set when its transform is already that one: a deferred check then filters
-        # the caller's set, not a copy
-        return source if transform is None or transform is source.transform else \
-            source.with_transform(transform)
+        # the very set when its transform is already that one, or is never applied (tensor
+        # items are stored preprocessed): a deferred check then filters the caller's set, and
+        # features computed for it can be recognised, instead of a copy's
+        if transform is None or transform is source.transform or source.kind == "tensor":
+            return source
+        return source.with_transform(transform)
     if isinstance(source, (str, os.PathLike)):
         return folder_image_set(source, transform)
     if isinstance(source, torch.Tensor):
