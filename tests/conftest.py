@@ -213,3 +213,16 @@ def assert_knn_close(x, k, indices, weights, *, exclude_self=True, weight="relu"
     assert (np.diff(sims, axis=1) <= tol_s).all(), "neighbours not ranked by similarity"
     err = np.abs(np.sort(w.astype(np.float64), axis=1) - np.sort(ref.weights, axis=1))
     assert err.max() <= tol_w, f"weights off by {err.max()} > {tol_w}"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny open_clip model of tests/assets (seeded random weights); skipped where open_clip
+    is not installed (a GPU machine that runs only reclip_ext's tests)."""
+    pytest.importorskip("open_clip")
+    import torch
+
+    import reclip
+
+    torch.manual_seed(0)
+    return reclip.load_model(str(Path(__file__).parent / "assets" / "tiny-vit.json"))

