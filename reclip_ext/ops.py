@@ -25,7 +25,7 @@ from . import _core
 
 _WEIGHTS = ("relu", "shift")
 _PRECISIONS = ("exact", "tf32", "bf16")
-_CHUNK_ROWS = 1 << 16  # rows per chunk of row-wise scans (bounds their temporaries)
+_CHUNK_ELEMENTS = 1 << 24  # elements per chunk of the scans below (bounds their temporaries)
 _HALF_FLOATS = ("float16", "bfloat16")  # CUDA only: computed in float32, results cast back
 
 
@@ -390,19 +390,27 @@ def _row_blocks(ns: _Arrays, arrays: list, names: list[str]):
     return blocks, dt
 
 
-# Row chunks bound the temporaries of these scans (host or device memory alike); each chunk
-# costs one small read back to Python.
+# Chunks of whole rows bound the temporaries of these scans (host or device memory alike);
+# each chunk costs one small read back to Python (a sync on CUDA), so they are sized by
+# elements: a few per call even for a graph's millions of values.
+
+
+def _chunk_rows(a) -> int:
+    width = math.prod(a.shape[1:]) if a.ndim > 1 else 1
+    return max(1, _CHUNK_ELEMENTS // max(1, width))
 
 
 def _check_finite(ns: _Arrays, a, name: str) -> None:
-    for start in range(0, max(a.shape[0], 1), _CHUNK_ROWS):
-        if not bool(ns.xp.isfinite(a[start : start + _CHUNK_ROWS]).all()):
+    rows = _chunk_rows(a)
+    for start in range(0, max(a.shape[0], 1), rows):
+        if not bool(ns.xp.isfinite(a[start : start + rows]).all()):
             raise ValueError(f"{name}: contains NaN or Inf")
 
 
 def _check_nonzero_rows(ns: _Arrays, a, name: str) -> None:
-    for start in range(0, a.shape[0], _CHUNK_ROWS):
-        nonzeros = (a[start : start + _CHUNK_ROWS] != 0).sum(1)
+    rows = _chunk_rows(a)
+    for start in range(0, a.shape[0], rows):
+        nonzeros = (a[start : start + rows] != 0).sum(1)
         if bool((nonzeros == 0).any()):
             row = start + int(nonzeros.argmin())  # the first all-zero row
             raise ValueError(f"{name}: row {row} is all zeros and cannot be L2-normalised")
@@ -591,8 +599,9 @@ def _readout(ns: _Arrays, scores):
     labels = ns.astype(xp.argmax(scores, 1), "int64")
     confidence = ns.zeros((n,), dt)
     # Row chunks keep the float64 temporaries small next to the O(N k) graph.
-    for start in range(0, n, _CHUNK_ROWS):
-        chunk = scores[start : start + _CHUNK_ROWS]
+    rows = _chunk_rows(scores)
+    for start in range(0, n, rows):
+        chunk = scores[start : start + rows]
         positive = ns.astype(xp.maximum(chunk, xp.zeros_like(chunk)), "float64")
         total = positive.sum(1)
         p = positive / xp.where(total > 0, total, xp.ones_like(total))[:, None]
