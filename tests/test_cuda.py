@@ -840,6 +840,15 @@ def test_knn_overflow_is_refused_like_the_cpu(_, precision):
         reclip_ext.knn_affinity(_cuda(cube), 3, gamma=3.0, precision=precision)
     idx, w = reclip_ext.knn_affinity(_cuda(cube), 3, precision=precision)
     assert torch.isfinite(w).all()
+    # Unit rows: a similarity a rounding above 1 overflows only for an enormous gamma, and
+    # then it is refused as on the CPU, never returned as inf.
+    unit = rng.standard_normal((50, 7)).astype(np.float32)
+    try:
+        w = reclip_ext.knn_affinity(_cuda(unit), 3, normalize=True, exclude_self=False,
+                                    gamma=1e9, precision=precision)[1]
+        assert torch.isfinite(w).all()
+    except ValueError as err:
+        assert str(err).startswith("gamma: the weights")
     # A call refused mid-stream leaves the device usable and the guards reset.
     ok = reclip_ext.knn_affinity(_cuda(cube * np.float32(1e-4)), 3, gamma=3.0, precision=precision)
     assert torch.isfinite(ok[1]).all()

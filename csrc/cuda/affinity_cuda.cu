@@ -113,7 +113,7 @@ __device__ __forceinline__ Op to_operand(double v, bool) {
 template <class T, class Op>
 __global__ void pack_rows(StackedRows<T> x, bool normalize, bool tf32, T* scale, Op* xp,
                           int64_t n, int64_t n_pad, int64_t d, int64_t d_pad,
-                          unsigned long long* largest_norm) {
+                          double norm_limit, unsigned long long* largest_norm) {
   const int lane = threadIdx.x & 31;
   const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (i >= n_pad) return;
@@ -135,7 +135,9 @@ __global__ void pack_rows(StackedRows<T> x, bool normalize, bool tf32, T* scale,
     if (normalize) {
       // A zero row is refused by ops.py; a zero scale keeps it harmless if one slips through.
       s = big > 0 ? T(1.0 / (big * ::sqrt(ss))) : T(0);
-    } else if (lane == 0) {
+    } else if (lane == 0 && big * ::sqrt(ss) > norm_limit) {
+      // only rows over the limit raise the guard: ordinary input costs no contended atomics,
+      // and the largest offending norm is still the largest norm
       atomicMax(largest_norm, static_cast<unsigned long long>(__double_as_longlong(big * ::sqrt(ss))));
     }
   }
@@ -528,7 +530,8 @@ void run(const StackedRows<T>& x, MatrixView<int64_t> indices, MatrixView<T> wei
   auto* guard = reinterpret_cast<unsigned long long*>(ws + l.guard);
   REXT_CUDA_CHECK(cudaMemsetAsync(guard, 0, 2 * sizeof(unsigned long long), stream));
   pack_rows<T, Op><<<blocks_for(l.n_pad, kWarps), kThreads, 0, stream>>>(
-      x, p.normalize, M == Mma::Tf32, scale, xp, n, l.n_pad, d, l.d_pad, guard);
+      x, p.normalize, M == Mma::Tf32, scale, xp, n, l.n_pad, d, l.d_pad,
+      similarity_norm_limit(double(std::numeric_limits<T>::max())), guard);
   REXT_CUDA_CHECK(cudaGetLastError());
 
   KernelArgs<Acc> a;
@@ -550,9 +553,13 @@ void run(const StackedRows<T>& x, MatrixView<int64_t> indices, MatrixView<T> wei
       x, scale, a.cand_v, a.cand_i, n, k, M != Mma::Simt, p.weight, p.gamma, indices, weights,
       guard + 1);
   REXT_CUDA_CHECK(cudaGetLastError());
-  // Unit rows give similarities in [-1, 1] and weights of at most 1, so only unnormalised
-  // input can overflow; only then does the call wait for the guards (one stream sync).
-  if (!p.normalize) check_guards<T>(guard, stream, p.gamma);
+  // Unit rows give similarities within rounding of [-1, 1]: |s| <= 1 + (d + 2) eps, whose
+  // gamma-th power overflows only for an enormous gamma. Only then, or for unnormalised
+  // input, does the call wait for the guards (one stream sync); the CPU checks always.
+  const double eps = std::numeric_limits<T>::epsilon();
+  const bool may_overflow = !p.normalize ||
+      p.gamma * std::log1p(double(d + 2) * eps) >= std::log(double(std::numeric_limits<T>::max()));
+  if (may_overflow) check_guards<T>(guard, stream, p.gamma);
 }
 
 }  // namespace
