@@ -224,14 +224,13 @@ class TimedLoader:
             self.passes.append((self.clock.now() - t0, images))
 
 
-def timed_method(obj, name: str, record: list, *, sync_first: bool = False,
+def timed_method(obj, name: str, record: list, clock, *, sync_first: bool = False,
                  size_arg: int | None = None) -> None:
     """Replace `obj.name` on this instance by a wrapper that records (seconds, rows of
     argument `size_arg` or 0) per call, synchronised at the end (and at the start with
     `sync_first`, for calls that follow unsynchronised device work); same arguments, same
     result."""
     fn = getattr(obj, name)
-    clock = obj._bench_clock
 
     def wrapper(*a, **kw):
         t0 = clock.now() if sync_first else time.perf_counter()
@@ -296,10 +295,6 @@ def measure_floor(torch, clf, loaded, args, clock: Clock) -> dict:
     d = feats.shape[1]
     del feats, x
 
-    def sgd(params):
-        return torch.optim.SGD(list(params.values()), lr=c.lr, momentum=c.momentum,
-                               weight_decay=c.weight_decay)
-
     def steps(loss_of, opt) -> float:
         scaler = torch.amp.GradScaler(dev.type) if scaler_on else None
         for i in range(timed_steps + 1):
@@ -327,7 +322,7 @@ def measure_floor(torch, clf, loaded, args, clock: Clock) -> dict:
         loss = nn.functional.cross_entropy(logits, y)
         return loss / len(xv) if c.visual_loss == "released" else loss
 
-    out["v_step_img_s"] = steps(visual_loss, sgd(_tower_params(model, visual=True)))
+    out["v_step_img_s"] = steps(visual_loss, clf._optimizer(_tower_params(model, visual=True)))
     del xv
 
     tokens = loaded.tokenizer(clf._prompts(first_only=True)).to(dev)
@@ -336,9 +331,9 @@ def measure_floor(torch, clf, loaded, args, clock: Clock) -> dict:
     def text_loss():
         with autocast():
             text = model.encode_text(tokens, normalize=True)
-        return nn.functional.cross_entropy(c.logit_scale * image_feats @ text.float().T, y)
+        return clf._text_loss(image_feats, text.float(), y)
 
-    out["t_step_img_s"] = steps(text_loss, sgd(_tower_params(model, visual=False)))
+    out["t_step_img_s"] = steps(text_loss, clf._optimizer(_tower_params(model, visual=False)))
     if clock.cuda:
         out["peak_device_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
     del model
@@ -388,12 +383,11 @@ def measure_pipeline(torch, clf, data, args, clock: Clock, out_dir: Path) -> dic
         return dl
 
     clf._loader = loader
-    clf._bench_clock = clock
     pseudo, text, visual, save = [], [], [], []
-    timed_method(clf, "_pseudo", pseudo, sync_first=True)
-    timed_method(clf, "_step_text", text, size_arg=0)
-    timed_method(clf, "_step_visual", visual, size_arg=0)
-    timed_method(clf, "save", save)
+    timed_method(clf, "_pseudo", pseudo, clock, sync_first=True)
+    timed_method(clf, "_step_text", text, clock, size_arg=0)
+    timed_method(clf, "_step_visual", visual, clock, size_arg=0)
+    timed_method(clf, "save", save, clock)
     peak = recipes.PeakMemory()
     if clock.cuda:
         torch.cuda.reset_peak_memory_stats(clf.device)
@@ -470,23 +464,18 @@ def print_report(r: dict) -> None:
     print(mem)
 
 
-def environment(torch, clf) -> dict:
+def environment(torch, clf, data) -> dict:
     dev = clf.device
     return {"python": platform.python_version(), "torch": torch.__version__,
             "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
             else f"cpu ({_cores()} cores)",
             "amp": str(clf._amp).replace("torch.", "") if clf._amp else "off",
-            "workers": clf._workers(clf_data_kind_files()),
+            "workers": clf._workers(data),
             "torch_threads": torch.get_num_threads(), "cores": _cores(),
             "encode_batch": clf.config.encode_batch_size,
             "train_batch": clf.config.batch_for(len(clf.classnames)),
             "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None}
-
-
-def clf_data_kind_files():
-    """Something ReCLIP._workers takes for a file set (it only asks for .kind)."""
-    return argparse.Namespace(kind="files")
 
 
 def main(argv=None) -> int:
@@ -516,7 +505,7 @@ def main(argv=None) -> int:
         scans.append(time.perf_counter() - t0)
     clf = reclip.ReCLIP(loaded, list(data.classes), config=config)
     clock = Clock(torch, clf.device)
-    env = environment(torch, clf)
+    env = environment(torch, clf, data)
     _log(f"pipeline_bench: {env['device_name']}, amp {env['amp']}, workers {env['workers']}")
     loader_cost = measure_loader_cost(torch, data, min(args.n, 128))
     per_image = (loader_cost["decode_ms"] + loader_cost["preprocess_ms"]) / 1e3
@@ -533,8 +522,7 @@ def main(argv=None) -> int:
     report = {
         "command": [sys.executable, *sys.argv] if argv is None else ["pipeline_bench.py", *argv],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                   if k != "json"},
+        "config": {k: v for k, v in vars(args).items() if k != "json"},  # write_json: paths
         "environment": env, "folder": folder_info, "scan_s": statistics.median(scans),
         "scan_runs_s": scans, "loader_cost": loader_cost, "floor": floor,
         "pipeline": pipeline, "ratios": ratios, "target": TARGET,

@@ -711,7 +711,7 @@ def test_skip_bad_images(jobs):
     assert [p for p, _ in parse_predictions(written)] == expected_paths("somebad",
                                                                         {"cat": 3, "dog": 3})
     assert predict.stdout == written
-    assert evaluated.stdout.strip().endswith("(6 images)"), evaluated.stdout
+    assert parse_eval(evaluated.stdout)[2] == 6, evaluated.stdout
 
 
 # ----------------------------------------------------------------------------------- 6. resume

@@ -141,7 +141,7 @@ def test_device_names_resolve_against_the_devices_there_are(monkeypatch):
 def test_load_onto_a_device_ignores_where_the_run_trained(tiny, folder, tmp_path):
     """A run records no device: its tensors are saved from CPU copies, and a run.json that
     names a device this machine lacks still loads where it is asked to."""
-    clf = _clf(tiny, device="cpu", max_epochs=1).fit(str(folder))
+    clf = _clf(tiny, device="cpu", max_epochs=1, workers=0).fit(str(folder))
     clf.save(tmp_path / "run")
     meta = json.loads((tmp_path / "run" / "run.json").read_text())
     meta["config"].update(device="cuda:99", amp="fp16", lp_precision="tf32", workers=3)
