@@ -3,12 +3,13 @@
     python benchmarks/ablations.py [--targets sklearn-digits,opencv-lowres] [--epochs 10]
                                    [--json PATH]
 
-Targets (labels are used only to score):
+Targets (labels are used only to score; reclip.sources.TARGETS describes them):
   sklearn-digits   scikit-learn's 1,797 8x8 digits: other writers, 8x8 pixels, 16 grey levels.
   opencv-lowres    the 1,000 OpenCV digits held out from the source training, box-downsampled
                    from 20x20 to 8x8 and quantised to 17 grey levels: the same writers as the
                    source, only sklearn's resolution and quantisation, so it isolates that part of
                    the shift. Needs digits.png (see reclip.sources.find_opencv_digits).
+  printed-digits   1,680 digits typeset in matplotlib's 21 bundled text faces.
 
 Table 2: accuracy of zero-shot CLIP, label propagation alone, ReCLIP-V, ReCLIP-T, ReCLIP
 without and with label sharing. Table 3: pseudo-label accuracy of clustering (hierarchical,
@@ -43,21 +44,6 @@ TABLE2 = [
     ("ReCLIP w/o label sharing", dict(label_sharing=False)),
     ("ReCLIP (label sharing)", dict()),
 ]
-
-
-def target(name: str) -> tuple[np.ndarray, np.ndarray]:
-    if name == "sklearn-digits":
-        return sources.load_sklearn_digits()
-    if name == "opencv-lowres":
-        from PIL import Image
-
-        images, labels = sources.load_opencv_digits()
-        _, held_out = sources.split_indices(labels)
-        small = np.stack([np.asarray(Image.fromarray(a).resize((8, 8), Image.BOX))
-                          for a in images[held_out]]).astype(np.float64)
-        levels = np.rint(small / 255.0 * 16.0) * (255.0 / 16.0)
-        return levels.astype(np.uint8), labels[held_out]
-    raise SystemExit(f"--targets: unknown target {name!r}")
 
 
 def name_clusters(assign: np.ndarray, feats: torch.Tensor, nodes: torch.Tensor, u) -> np.ndarray:
@@ -97,7 +83,7 @@ def table3(feats: torch.Tensor, nodes: torch.Tensor, labels: np.ndarray, config)
 def run_target(name: str, epochs: int, seed: int) -> dict:
     torch.manual_seed(seed)
     loaded = reclip.load_model("reclip-digits")
-    raw, labels = target(name)
+    raw, labels = sources.load_target(name)
     images = preprocessed(raw, loaded)
     base = reclip.ReCLIP(loaded, sources.DIGIT_NAMES, DIGIT_TEMPLATES,
                          reclip.Config(max_epochs=epochs, seed=seed))

@@ -8,6 +8,16 @@ default target.
   :func:`split_indices` makes the seeded, stratified held-out split.
 - **scikit-learn's ``digits``** (a target domain): 1797 8x8 UCI digits by other writers, values
   0..16, white on black; :func:`load_sklearn_digits` returns them as uint8 0..255.
+- **Printed digits** (a target domain): the ten digits typeset in the 21 text faces that ship
+  with matplotlib (DejaVu Sans, Sans Mono and Serif, STIX General and five Computer Modern
+  faces, each in its weights and slants), rendered white on black into 20x20 cells with a
+  seeded jitter of size, angle and position; :func:`render_printed_digits`. Typeset glyphs
+  against a model that only saw handwriting: the printed-vs-handwritten shift of the digit
+  adaptation benchmarks (synthetic digits to street numbers), built from fonts every install
+  of the demo extra has, so the same images come out everywhere.
+
+:func:`load_target` names the three targets ReCLIP is evaluated on (:data:`TARGETS`) and
+:func:`target_split` gives each its fixed train / test split for the inductive protocol.
 
 Both come as uint8 arrays ``[N, H, W]`` (white on black) and int64 labels 0..9; a model's own
 ``preprocess`` turns :func:`to_pil` of one image into its input (resizing it to the model's
@@ -30,7 +40,11 @@ __all__ = [
     "find_opencv_digits",
     "load_opencv_digits",
     "load_sklearn_digits",
+    "load_target",
+    "render_printed_digits",
     "split_indices",
+    "TARGETS",
+    "target_split",
     "to_pil",
 ]
 
@@ -133,3 +147,87 @@ def to_pil(image: np.ndarray) -> Image.Image:
     if a.ndim != 2 or a.dtype != np.uint8:
         raise ValueError(f"expected a uint8 [H, W] image, got {a.dtype} {a.shape}")
     return Image.fromarray(np.ascontiguousarray(a))
+
+
+#: matplotlib's bundled text faces (file stems under mpl-data/fonts/ttf) that have digits; its
+#: STIX size-variant and math-symbol files hold no ordinary digits and are left out
+PRINTED_FACES = (
+    "DejaVuSans", "DejaVuSans-Bold", "DejaVuSans-Oblique", "DejaVuSans-BoldOblique",
+    "DejaVuSansMono", "DejaVuSansMono-Bold", "DejaVuSansMono-Oblique", "DejaVuSansMono-BoldOblique",
+    "DejaVuSerif", "DejaVuSerif-Bold", "DejaVuSerif-Italic", "DejaVuSerif-BoldItalic",
+    "STIXGeneral", "STIXGeneralBol", "STIXGeneralItalic", "STIXGeneralBolIta",
+    "cmr10", "cmb10", "cmss10", "cmti10", "cmtt10",
+)
+
+
+def render_printed_digits(per_face: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Typeset digits: uint8 images ``[21 * 10 * per_face, 20, 20]`` (white on black) and int64
+    labels, face by face, digit by digit.
+
+    Each glyph is drawn at 44..63 pt, turned by up to 12 degrees either way, cropped to its ink,
+    scaled so its longer side is 13..17 px (the size of the source's handwritten digits in
+    their 20x20 cells) and centred with up to one pixel of shift. ``seed`` fixes the jitter.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    faces = Path(require("matplotlib", "the printed-digits target").get_data_path()) / "fonts" / "ttf"
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for face in PRINTED_FACES:
+        for digit in range(10):
+            for _ in range(per_face):
+                font = ImageFont.truetype(str(faces / f"{face}.ttf"), int(rng.integers(44, 64)))
+                canvas = Image.new("L", (80, 80), 0)
+                ImageDraw.Draw(canvas).text((40, 40), str(digit), fill=255, font=font, anchor="mm")
+                canvas = canvas.rotate(float(rng.uniform(-12, 12)), resample=Image.BILINEAR)
+                ink = np.asarray(canvas)
+                rows, cols = np.flatnonzero(ink.max(1)), np.flatnonzero(ink.max(0))
+                glyph = Image.fromarray(ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+                scale = float(rng.uniform(13, 17)) / max(glyph.size)
+                glyph = glyph.resize((max(1, round(glyph.width * scale)),
+                                      max(1, round(glyph.height * scale))), Image.LANCZOS)
+                cell = Image.new("L", (_CELL, _CELL), 0)
+                shift = rng.integers(-1, 2, size=2)
+                cell.paste(glyph, ((_CELL - glyph.width) // 2 + int(shift[0]),
+                                   (_CELL - glyph.height) // 2 + int(shift[1])))
+                images.append(np.asarray(cell))
+                labels.append(digit)
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def _opencv_lowres() -> tuple[np.ndarray, np.ndarray]:
+    """The OpenCV digits held out from the source model's training (the 20% test side of
+    ``split_indices(labels, 0.2, seed=0)``), box-downsampled from 20x20 to 8x8 and quantised to
+    17 grey levels: the source's writers at scikit-learn's resolution and quantisation."""
+    images, labels = load_opencv_digits()
+    _, held_out = split_indices(labels, 0.2, seed=0)
+    small = np.stack([np.asarray(Image.fromarray(a).resize((8, 8), Image.BOX))
+                      for a in images[held_out]]).astype(np.float64)
+    levels = np.rint(small / 255.0 * 16.0) * (255.0 / 16.0)
+    return levels.astype(np.uint8), labels[held_out]
+
+
+#: the real targets of the shipped ``reclip-digits`` model: name -> loader of (images, labels)
+TARGETS = {
+    "sklearn-digits": load_sklearn_digits,
+    "opencv-lowres": _opencv_lowres,
+    "printed-digits": render_printed_digits,
+}
+
+#: the inductive protocol's split of every target: this share of each class is the test side
+TEST_FRACTION = 0.3
+
+
+def load_target(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images ``[N, H, W]`` (white on black) and int64 labels of the target `name` (one
+    of :data:`TARGETS`)."""
+    if name not in TARGETS:
+        raise ValueError(f"target: unknown target {name!r}; choose from {', '.join(TARGETS)}")
+    return TARGETS[name]()
+
+
+def target_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed train / test split of a target for the inductive protocol: (train indices,
+    test indices), stratified, ``TEST_FRACTION`` of each class on the test side, seed 0 for
+    every target, whatever seed the adaptation runs with."""
+    return split_indices(labels, TEST_FRACTION, seed=0)
