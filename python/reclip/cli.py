@@ -75,6 +75,8 @@ def _at_least(minimum: int):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .sources import TARGETS
+
     p = _Parser(prog="reclip", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -83,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=_at_least(0), default=10)
     d.add_argument("--model", default="reclip-digits", help=argparse.SUPPRESS)
     d.add_argument("--no-plots", action="store_true")
+    d.add_argument("--target", default="sklearn-digits", choices=tuple(TARGETS),
+                   help="the target domain (opencv-lowres needs OpenCV's digits.png; see "
+                        "reclip.sources)")
+    d.add_argument("--export-split", metavar="DIR",
+                   help="instead of the demo, write the target's fixed train/test split as "
+                        "image folders (for reclip adapt --inductive, then reclip eval)")
     _runtime_flags(d, lp=True, workers=False)  # the demo's images are one in-memory tensor
 
     a = sub.add_parser("adapt", help="adapt a model to unlabelled images and save the run")
@@ -337,9 +345,22 @@ def evaluate(args) -> int:
 def demo(args) -> int:
     from .demo import run_demo
 
+    if args.export_split:
+        from .demo import export_split
+
+        _check_output(args.export_split, "--export-split", folder=True)
+        counts = export_split(args.target, args.export_split)
+        where = Path(args.export_split)
+        _say(f"wrote {counts['train']} train and {counts['test']} test images of {args.target} "
+             f"to {where / 'train'} and {where / 'test'}; for example:\n"
+             f"  reclip adapt --model {args.model} --data {where / 'train'} --classes "
+             f"{where / 'classes.txt'} --templates {where / 'templates.txt'} --inductive --out run\n"
+             f"  reclip eval --run run --data {where / 'test'}")
+        return 0
     _check_output(args.out, "--out", folder=True)
     run_demo(args.out, model=args.model, epochs=args.epochs, plots=not args.no_plots, say=_say,
-             device=args.device, amp=args.amp, lp_precision=args.lp_precision)
+             device=args.device, amp=args.amp, lp_precision=args.lp_precision,
+             target=args.target)
     return 0
 
 

@@ -1,10 +1,15 @@
 """``reclip demo``: ReCLIP on real images with the embedded model, end to end, offline.
 
 The shipped ``reclip-digits`` model learned digits from OpenCV's handwritten digits (its
-source domain). The target is scikit-learn's bundled ``digits``: other writers, 8x8 pixels,
-16 grey levels. The demo adapts the model to them without their labels and reports
-zero-shot, label-propagation-only and ReCLIP accuracy, the per-epoch curve, and the plots of
-the paper's Figures 1 and 2, into ``DIR/report.json`` and ``DIR/*.png``.
+source domain). The default target is scikit-learn's bundled ``digits``: other writers, 8x8
+pixels, 16 grey levels (``--target`` picks another of ``reclip.sources.TARGETS``). The demo
+adapts the model to them without their labels and reports zero-shot, label-propagation-only
+and ReCLIP accuracy, the per-epoch curve, and the plots of the paper's Figures 1 and 2, into
+``DIR/report.json`` and ``DIR/*.png``.
+
+``export_split`` writes a target's fixed train / test split as image folders, for the
+inductive protocol through the command line (``reclip adapt --inductive`` on the train side,
+``reclip eval`` on the test side).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from .checkpoint import write_json
 from .models import LoadedModel, load_model
 from .optional import require
 from .pseudo_labels import propagate
-from .sources import DIGIT_NAMES, load_sklearn_digits
+from .sources import DIGIT_NAMES, load_target, target_split, to_pil
 
 DIGIT_TEMPLATES = ["a photo of the number {}.", "a handwritten digit {}.", "the digit {}"]
 
@@ -115,20 +120,45 @@ def _plots(out: Path, before: torch.Tensor, after: torch.Tensor, nodes_before: t
     return written
 
 
+def export_split(target: str, out_dir: str | Path) -> dict[str, int]:
+    """Write the target's fixed split (``reclip.sources.target_split``) as two image folders,
+    ``out_dir/train/<class>/NNNN.png`` and ``out_dir/test/<class>/NNNN.png`` (NNNN: the image's
+    index in the target), plus ``classes.txt`` and ``templates.txt`` for ``reclip adapt``.
+    Returns the number of images on each side."""
+    from .checkpoint import write_text
+
+    images, labels = load_target(target)
+    out = Path(out_dir)
+    counts = {}
+    for side, index in zip(("train", "test"), target_split(labels)):
+        for name in DIGIT_NAMES:
+            (out / side / name).mkdir(parents=True, exist_ok=True)
+        for i in index:
+            path = out / side / DIGIT_NAMES[labels[i]] / f"{i:04d}.png"
+            tmp = path.with_name(f".{path.name}.tmp")
+            to_pil(images[i]).save(tmp, format="png")
+            os.replace(tmp, path)
+        counts[side] = int(len(index))
+    write_text(out / "classes.txt", "".join(f"{n}\n" for n in DIGIT_NAMES))
+    write_text(out / "templates.txt", "".join(f"{t}\n" for t in DIGIT_TEMPLATES))
+    return counts
+
+
 def run_demo(out_dir: str | Path, *, model: str = "reclip-digits", epochs: int = 10,
              seed: int = 0, plots: bool = True, say: Callable[[str], None] = print,
-             device: str = "auto", amp: str = "auto", lp_precision: str = "exact") -> dict:
-    """Adapt `model` to scikit-learn's digits without labels on `device`; write report.json
-    and plots."""
+             device: str = "auto", amp: str = "auto", lp_precision: str = "exact",
+             target: str = "sklearn-digits") -> dict:
+    """Adapt `model` to `target` (one of reclip.sources.TARGETS) without labels on `device`;
+    write report.json and plots."""
     start = time.time()
     if plots:  # refuse a missing plotting package before minutes of work, not after
         require("matplotlib", "the demo's plots")
         require("sklearn.manifold", "the demo's t-SNE plot")
+    raw, labels = load_target(target)  # an unknown target costs no model load
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     loaded = load_model(model)
-    raw, labels = load_sklearn_digits()
     images = preprocessed(raw, loaded)
     config = Config(max_epochs=epochs, seed=seed, device=device, amp=amp,
                     lp_precision=lp_precision)
@@ -140,7 +170,7 @@ def run_demo(out_dir: str | Path, *, model: str = "reclip-digits", epochs: int =
     lp_only = float((propagate(frozen, clf.nodes_v, clf.basis_v, k=config.k, alpha=config.alpha,
                                weight=config.weight, precision=lp_precision) == labels).mean())
     frozen = frozen.cpu()  # for the statistics and plots
-    say(f"target: scikit-learn digits, {len(labels)} images, 10 classes (labels used only to score)")
+    say(f"target: {target}, {len(labels)} images, 10 classes (labels used only to score)")
     say(f"zero-shot accuracy {zero_shot:.4f} | label propagation only {lp_only:.4f}")
 
     curve: list[dict] = []
@@ -159,7 +189,7 @@ def run_demo(out_dir: str | Path, *, model: str = "reclip-digits", epochs: int =
         f"{lp_only:.4f}, {final - lp_only:+.4f})")
 
     stats = similarity_stats(frozen, labels, clf.nodes_v.cpu())
-    report = {"model": model, "target": "sklearn-digits", "images": int(len(labels)),
+    report = {"model": model, "target": target, "images": int(len(labels)),
               "zero_shot_accuracy": zero_shot, "label_propagation_accuracy": lp_only,
               "zero_shot_ece": zero_shot_ece, "reclip_accuracy": final,
               "reclip_ece": final_ece, "per_epoch": curve, "similarity": stats,
