@@ -878,16 +878,28 @@ def label_propagate(text, images, *, k=20, alpha=0.99, max_iter=20, tol=1e-6, we
             _check_nonzero_rows(ns, t, "text")
             _check_nonzero_rows(ns, v, "images")
         nthreads = _threads(threads)
-        indices, weights = _run_affinity(ns, [t, v], opts, bool(normalize), nthreads, precision)
-        w = _run_normalize(ns, indices, weights, nthreads)
-        del indices, weights
-        rhs = ns.zeros((m + n, m), ns.dtype_name(t))
-        diagonal = ns.arange(m)
-        rhs[diagonal, diagonal] = 1
-        solve = _run_cg(ns, w, rhs, cg_opts, nthreads)
-        del w, rhs
-        scores = solve.x[m:]
-        labels, confidence = _readout(ns, scores)
-        return LabelPropagation(*(ns.result(a) for a in (
-            labels, ns.astype(scores, dt), ns.astype(confidence, dt), solve.iterations,
-            solve.residuals)))
+        graph = list(_run_affinity(ns, [t, v], opts, bool(normalize), nthreads, precision))
+        return _propagate_graph(ns, graph, m, dt, cg_opts, nthreads)
+
+
+def _propagate_graph(ns: _Arrays, graph: list, m: int, dt: str, cg_opts: dict,
+                     nthreads: int) -> LabelPropagation:
+    """Steps 4-6 on the k-NN lists [indices, weights] of [text; images] (the first m rows are
+    the classes): normalise, solve, read out. `graph` is emptied, so that the lists are freed
+    before the solve unless the caller keeps other references. reclip_ext.distributed runs
+    the very same code on the gathered graph."""
+    indices, weights = graph
+    graph.clear()
+    n = int(indices.shape[0]) - m
+    w = _run_normalize(ns, indices, weights, nthreads)
+    del indices, weights
+    rhs = ns.zeros((m + n, m), ns.dtype_name(w.data))
+    diagonal = ns.arange(m)
+    rhs[diagonal, diagonal] = 1
+    solve = _run_cg(ns, w, rhs, cg_opts, nthreads)
+    del w, rhs
+    scores = solve.x[m:]
+    labels, confidence = _readout(ns, scores)
+    return LabelPropagation(*(ns.result(a) for a in (
+        labels, ns.astype(scores, dt), ns.astype(confidence, dt), solve.iterations,
+        solve.residuals)))
