@@ -626,8 +626,6 @@ def test_cuda_blocks_concatenate_to_the_whole_call(precision):
              for a, b in zip(cuts[:-1], cuts[1:])]
     assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
     torch.testing.assert_close(torch.cat([p[1] for p in parts]), whole[1], rtol=0, atol=0)
-    cpu = reclip_ext.knn_affinity(x.cpu(), 8, rows=(128, 200), normalize=True)
-    assert torch.equal(parts[2][0].cpu(), cpu[0]) or precision != "exact"
     q = x[5:40].clone()
     got = reclip_ext.knn_affinity(x, 8, queries=q, exclude_self=False, normalize=True,
                                   precision=precision)
