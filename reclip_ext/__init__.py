@@ -7,6 +7,8 @@ them. Every function takes numpy arrays, torch tensors, cupy arrays or any objec
 their GPU, on the framework's current stream, with outputs and workspace allocated through the
 caller's framework. ``knn_affinity`` / ``label_propagate`` take ``precision="exact"`` (default),
 or ``"tf32"`` / ``"bf16"`` tensor-core operands for float32 CUDA input.
+``reclip_ext.distributed.label_propagate`` runs label propagation over torch.distributed ranks
+that each hold a shard of the images.
 
 >>> import numpy as np, reclip_ext
 >>> rng = np.random.default_rng(0)
@@ -33,6 +35,7 @@ from .ops import (
     sym_normalize,
 )
 
+from . import distributed  # torch is imported only when it is called
 from ._version import __version__
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "built_with_cuda",
     "cg_solve",
     "cuda_device_count",
+    "distributed",
     "knn_affinity",
     "label_propagate",
     "simd_level",

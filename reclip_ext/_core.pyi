@@ -7,12 +7,15 @@ __version__: str
 def knn_affinity(
     sources: Sequence[Any], out_indices: Any, out_weights: Any, k: int, exclude_self: bool,
     normalize: bool, weight: str, gamma: float, block_rows: int, threads: int, stream: int,
-    precision: str = "exact", workspace: Any = None,
+    precision: str = "exact", workspace: Any = None, query_start: int = 0,
+    query_stop: int = -1, queries: Any = None,
 ) -> None:
     """Top-k affinity of the stacked rows of `sources` (1 or 2 DLPack capsules) into the
-    caller-allocated (N, k) outputs. precision: 'exact' | 'tf32' | 'bf16' (the last two:
-    float32 on CUDA). workspace: a uint8 device buffer of knn_affinity_workspace_bytes
-    (CUDA only)."""
+    caller-allocated (Q, k) outputs, for the query rows [query_start, query_stop) of the
+    sources (query_stop = -1: all), or for the rows of `queries` (a DLPack capsule, not rows of
+    the sources: exclude_self must be False); indices are rows of the sources. precision:
+    'exact' | 'tf32' | 'bf16' (the last two: float32 on CUDA). workspace: a uint8 device
+    buffer of knn_affinity_workspace_bytes (CUDA only)."""
 
 def sym_normalize(
     indices: Any, weights: Any, out_indptr: Any, out_indices: Any, out_data: Any, threads: int,
@@ -29,8 +32,10 @@ def cg_solve(
     """Batched CG for (I - alpha W) X = rhs into caller-allocated outputs. workspace: a uint8
     device buffer of cg_solve_workspace_bytes (CUDA only)."""
 
-def knn_affinity_workspace_bytes(n: int, d: int, k: int, dtype: str, precision: str = "exact") -> int:
-    """Bytes of CUDA workspace knn_affinity needs for N rows of d columns and k neighbours."""
+def knn_affinity_workspace_bytes(n: int, d: int, k: int, dtype: str, precision: str = "exact",
+                                 queries: int = -1, separate: bool = False) -> int:
+    """Bytes of CUDA workspace knn_affinity needs for N rows of d columns and k neighbours,
+    for `queries` query rows (-1: all N), `separate` when they are not rows of x."""
 
 def sym_normalize_workspace_bytes(n: int, k: int, dtype: str, device: int) -> int:
     """Bytes of CUDA workspace sym_normalize needs for (N, k) inputs on CUDA device `device`

@@ -355,7 +355,7 @@ def _namespace(items: list[tuple[Any, str]], like: Any) -> _Arrays:
 # Argument checks
 
 
-def _float_matrix(ns: _Arrays, x: Any, name: str):
+def _float_matrix(ns: _Arrays, x: Any, name: str, min_rows: int = 1):
     """(x in the kernels' layout and compute dtype, the dtype name of x)."""
     a = ns.array(x, name)
     dt = ns.dtype_name(a)
@@ -364,8 +364,8 @@ def _float_matrix(ns: _Arrays, x: Any, name: str):
         raise TypeError(f"{name}: dtype must be float32 or float64{also}, got {dt}")
     if a.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array (rows, dims), got shape {tuple(a.shape)}")
-    if a.shape[0] < 1:
-        raise ValueError(f"{name}: needs at least 1 rows, got shape {tuple(a.shape)}")
+    if a.shape[0] < min_rows:
+        raise ValueError(f"{name}: needs at least {min_rows} rows, got shape {tuple(a.shape)}")
     if a.shape[1] < 1:
         raise ValueError(f"{name}: needs at least 1 column, got shape {tuple(a.shape)}")
     _check_finite(ns, a, name)
@@ -436,6 +436,20 @@ def _real_arg(value: Any, name: str) -> float:
 
 
 _MAX_THREADS = 1024
+
+
+def _rows_arg(rows: Any, n: int) -> tuple[int, int]:
+    """The query block (start, stop) of knn_affinity: None is every row."""
+    if rows is None:
+        return 0, n
+    if (not isinstance(rows, (tuple, list)) or len(rows) != 2
+            or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in rows)):
+        raise TypeError(f"rows must be a pair (start, stop) of integers, got {rows!r}")
+    start, stop = int(rows[0]), int(rows[1])
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"rows: (start, stop) must satisfy 0 <= start <= stop <= N = {n}, "
+                         f"got ({start}, {stop})")
+    return start, stop
 
 
 def _threads(threads: Any) -> int:
@@ -549,17 +563,24 @@ def _workspace(ns: _Arrays, op: str, nbytes, *args):
     return ns.capsule(buffer)  # the capsule keeps the buffer alive until the kernel is done
 
 
-def _run_affinity(ns: _Arrays, blocks, opts, normalize: bool, threads: int, precision: str):
+def _run_affinity(ns: _Arrays, blocks, opts, normalize: bool, threads: int, precision: str,
+                  rows: tuple[int, int] | None = None, queries=None):
+    """The graph's rows of rows [start, stop) of the stacked blocks (rows=None: all), or of
+    the separate `queries`, against every stacked row."""
     n = sum(int(b.shape[0]) for b in blocks)
     d, k = int(blocks[0].shape[1]), opts["k"]
     dt = ns.dtype_name(blocks[0])
-    indices = ns.empty((n, k), "int64")
-    weights = ns.empty((n, k), dt)
+    start, stop = rows if rows is not None else (0, n)
+    nq = int(queries.shape[0]) if queries is not None else stop - start
+    indices = ns.empty((nq, k), "int64")
+    weights = ns.empty((nq, k), dt)
     workspace = _workspace(ns, "knn_affinity", _core.knn_affinity_workspace_bytes, n, d, k, dt,
-                           precision)
+                           precision, nq, queries is not None)
     _core.knn_affinity([ns.capsule(b) for b in blocks], ns.capsule(indices), ns.capsule(weights),
                        normalize=normalize, threads=threads, stream=ns.stream(),
-                       precision=precision, workspace=workspace, **opts)
+                       precision=precision, workspace=workspace, query_start=start,
+                       query_stop=stop,
+                       queries=None if queries is None else ns.capsule(queries), **opts)
     return indices, weights
 
 
@@ -616,23 +637,40 @@ def _readout(ns: _Arrays, scores):
 # Public API
 
 
-def knn_affinity(x, k, *, exclude_self=True, weight="relu", gamma=1.0, normalize=False,
-                 block_rows=None, threads=None, precision="exact"):
+def knn_affinity(x, k, *, rows=None, queries=None, exclude_self=None, weight="relu", gamma=1.0,
+                 normalize=False, block_rows=None, threads=None, precision="exact"):
     """k-nearest-neighbour affinities by inner product, never forming the N x N matrix.
 
     For each row i the k rows j (j != i when ``exclude_self``) with the largest s_ij = x_i . x_j
     are found (ties go to the smaller j) and weighted by f(s): ``"relu"`` max(s, 0)^gamma or
     ``"shift"`` ((1 + s) / 2)^gamma.
 
+    A block of the graph's rows (e.g. one shard's rows, for a sharded graph) is computed by the
+    same kernels without the rest: ``rows=(start, stop)`` returns the rows start..stop-1 of the
+    whole call's result, each searched against every row of x, with global column indices
+    (row i of the block leaves out column start + i when ``exclude_self``). In ``"exact"``
+    precision they are bitwise the rows of the whole graph, so the blocks of a partition of
+    [0, N) concatenate to the whole call. ``queries=`` searches other points against x as the
+    database: they are not rows of x, so no column is their own and ``exclude_self`` cannot be
+    True (a query that is a row of x is what ``rows=`` is for).
+
     Args:
         x: (N, d) float32 or float64 array (numpy, torch, anything with ``__dlpack__``), or a
             pair of arrays (e.g. ``(text, images)``) taken as their row-wise concatenation
             without copying it.
-        k: neighbours per row, 1 <= k <= N - 1 (N with ``exclude_self=False``).
-        exclude_self: leave i out of its own neighbours.
+        k: neighbours per row, 1 <= k <= N - 1 (N with ``exclude_self=False`` or ``queries``).
+        rows: ``(start, stop)`` with 0 <= start <= stop <= N: only those rows of the graph.
+            An empty block gives (0, k) results.
+        queries: (Q, d) array of x's dtype, kind and device (Q may be 0): the graph's rows for
+            these points against the rows of x. Not together with ``rows``.
+        exclude_self: leave i out of its own neighbours; default True, and False for
+            ``queries`` (True there is a ValueError).
         weight: ``"relu"`` (Iscen et al.) or ``"shift"`` (the ReCLIP authors' code).
         gamma: exponent of the weight, > 0.
-        normalize: L2-normalise rows first (cosine similarity); a zero row is an error.
+        normalize: L2-normalise rows first (cosine similarity); a zero row is an error. It is
+            per row, so a block means the same as in the whole call: every row of x (the
+            database) and every query row is normalised. (The graph's symmetric normalisation,
+            which needs the whole graph, is :func:`sym_normalize`'s, not this.)
         block_rows: similarity tile size (rows and columns); default from cache sizes (CPU)
             or the kernel's 128-row tile (CUDA; smaller values force smaller tiles, for tests).
         threads: CPU threads; default all cores.
@@ -646,7 +684,8 @@ def knn_affinity(x, k, *, exclude_self=True, weight="relu", gamma=1.0, normalize
     producers get torch tensors); float16 / bfloat16 inputs are computed in float32.
 
     Returns:
-        (indices (N, k) int64, weights (N, k) of x's dtype), sorted by similarity, descending.
+        (indices (Q, k) int64, weights (Q, k) of x's dtype), sorted by similarity, descending;
+        Q = N, stop - start, or the number of queries. Indices are rows of x.
 
     Example:
         >>> import numpy as np, reclip_ext
@@ -654,25 +693,54 @@ def knn_affinity(x, k, *, exclude_self=True, weight="relu", gamma=1.0, normalize
         >>> idx, w = reclip_ext.knn_affinity(x, 1)
         >>> idx[:, 0].tolist()
         [1, 0, 1]
+        >>> reclip_ext.knn_affinity(x, 1, rows=(1, 3))[0][:, 0].tolist()
+        [0, 1]
     """
     stacked = isinstance(x, (tuple, list))
     arrays = list(x) if stacked else [x]
     names = [f"x[{i}]" for i in range(len(arrays))] if stacked else ["x"]
     if len(arrays) not in (1, 2):
         raise ValueError(f"x: expected an array or a pair of arrays, got {len(arrays)} arrays")
-    ns = _namespace(list(zip(arrays, names)), arrays[0])
+    if rows is not None and queries is not None:
+        raise ValueError("rows: pass rows=(start, stop) for rows of x or queries= for other "
+                         "points, not both")
+    if queries is not None and exclude_self:
+        raise ValueError("exclude_self: queries are not rows of x, so none of x's rows is "
+                         "their own; pass exclude_self=False, or rows=(start, stop) for rows "
+                         "of x")
+    items = list(zip(arrays, names)) + ([(queries, "queries")] if queries is not None else [])
+    ns = _namespace(items, arrays[0])
     with ns.guard:
         blocks, dt = _row_blocks(ns, arrays, names)
-        n = sum(int(b.shape[0]) for b in blocks)
-        if n < 2:
-            raise ValueError(f"x: needs at least 2 rows, got {n}")
-        opts = _affinity_options(k, n, exclude_self, weight, gamma, block_rows)
+        n, d = sum(int(b.shape[0]) for b in blocks), int(blocks[0].shape[1])
+        q, block = None, None
+        if queries is None:
+            if n < 2:
+                raise ValueError(f"x: needs at least 2 rows, got {n}")
+            excl = True if exclude_self is None else bool(exclude_self)
+            block = _rows_arg(rows, n)
+            nq = block[1] - block[0]
+        else:
+            excl = False
+            q, q_dt = _float_matrix(ns, queries, "queries", min_rows=0)
+            if q_dt != dt:
+                raise TypeError(f"queries: dtype {q_dt} differs from {names[0]} dtype {dt}")
+            if int(q.shape[1]) != d:
+                raise ValueError(f"queries: has {int(q.shape[1])} columns but x has {d}")
+            nq = int(q.shape[0])
+        opts = _affinity_options(k, n, excl, weight, gamma, block_rows)
         precision = _precision_arg(precision, ns.on_cuda, dt)
+        nthreads = _threads(threads)
         if normalize:
             for b, name in zip(blocks, names):
                 _check_nonzero_rows(ns, b, name)
-        indices, weights = _run_affinity(ns, blocks, opts, bool(normalize), _threads(threads),
-                                         precision)
+            if q is not None:
+                _check_nonzero_rows(ns, q, "queries")
+        if nq == 0:
+            indices, weights = ns.empty((0, opts["k"]), "int64"), ns.empty((0, opts["k"]), dt)
+            return ns.result(indices), ns.result(weights)
+        indices, weights = _run_affinity(ns, blocks, opts, bool(normalize), nthreads, precision,
+                                         rows=block, queries=q)
         return ns.result(indices), ns.result(ns.astype(weights, dt))
 
 
@@ -810,16 +878,28 @@ def label_propagate(text, images, *, k=20, alpha=0.99, max_iter=20, tol=1e-6, we
             _check_nonzero_rows(ns, t, "text")
             _check_nonzero_rows(ns, v, "images")
         nthreads = _threads(threads)
-        indices, weights = _run_affinity(ns, [t, v], opts, bool(normalize), nthreads, precision)
-        w = _run_normalize(ns, indices, weights, nthreads)
-        del indices, weights
-        rhs = ns.zeros((m + n, m), ns.dtype_name(t))
-        diagonal = ns.arange(m)
-        rhs[diagonal, diagonal] = 1
-        solve = _run_cg(ns, w, rhs, cg_opts, nthreads)
-        del w, rhs
-        scores = solve.x[m:]
-        labels, confidence = _readout(ns, scores)
-        return LabelPropagation(*(ns.result(a) for a in (
-            labels, ns.astype(scores, dt), ns.astype(confidence, dt), solve.iterations,
-            solve.residuals)))
+        graph = list(_run_affinity(ns, [t, v], opts, bool(normalize), nthreads, precision))
+        return _propagate_graph(ns, graph, m, dt, cg_opts, nthreads)
+
+
+def _propagate_graph(ns: _Arrays, graph: list, m: int, dt: str, cg_opts: dict,
+                     nthreads: int) -> LabelPropagation:
+    """Steps 4-6 on the k-NN lists [indices, weights] of [text; images] (the first m rows are
+    the classes): normalise, solve, read out. `graph` is emptied, so that the lists are freed
+    before the solve unless the caller keeps other references. reclip_ext.distributed runs
+    the very same code on the gathered graph."""
+    indices, weights = graph
+    graph.clear()
+    n = int(indices.shape[0]) - m
+    w = _run_normalize(ns, indices, weights, nthreads)
+    del indices, weights
+    rhs = ns.zeros((m + n, m), ns.dtype_name(w.data))
+    diagonal = ns.arange(m)
+    rhs[diagonal, diagonal] = 1
+    solve = _run_cg(ns, w, rhs, cg_opts, nthreads)
+    del w, rhs
+    scores = solve.x[m:]
+    labels, confidence = _readout(ns, scores)
+    return LabelPropagation(*(ns.result(a) for a in (
+        labels, ns.astype(scores, dt), ns.astype(confidence, dt), solve.iterations,
+        solve.residuals)))

@@ -5,6 +5,7 @@ obviously correct. Nothing here is clever: the full N x N similarity is formed, 
 an explicit stable tie rule, densified and solved directly. It is only meant for test sizes.
 
 - ``ref_knn``              steps 1-3 (top-k by similarity, ties to the smaller index, weights)
+- ``ref_knn_queries``      the same for other points searched against x
 - ``ref_sym_normalize``    step 4 (dense W = D^-1/2 (A + A^T) D^-1/2; ``_csr``: scipy CSR)
 - ``ref_solve``/``ref_cg`` step 5 (dense direct solve; textbook CG with the same stop rule)
 - ``ref_label_propagate``  steps 1-6
@@ -85,6 +86,21 @@ def ref_knn(x, k: int, exclude_self: bool = True, weight: str = "relu", gamma: f
     idx = np.stack([topk_order(s[i], k, i if exclude_self else None) for i in range(n)])
     sims = np.take_along_axis(s, idx, axis=1)
     return KnnRef(idx.astype(np.int64), weight_fn(sims, weight, gamma).astype(dtype), s)
+
+
+def ref_knn_queries(x, queries, k: int, weight: str = "relu", gamma: float = 1.0,
+                    normalize: bool = False) -> KnnRef:
+    """Steps 1-3 for points that are not rows of x: every query against every row of x
+    (nothing excluded), in float64; ``sim`` is the (Q, N) similarity."""
+    a = np.asarray(x).astype(np.float64)
+    q = np.asarray(queries).astype(np.float64)
+    if normalize:
+        a = a / np.linalg.norm(a, axis=1, keepdims=True)
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    s = (q[:, None, :] * a[None, :, :]).sum(axis=-1)
+    idx = np.stack([topk_order(s[i], k) for i in range(len(q))]).reshape(len(q), k)
+    sims = np.take_along_axis(s, idx, axis=1)
+    return KnnRef(idx.astype(np.int64), weight_fn(sims, weight, gamma), s)
 
 
 # --------------------------------------------------------------------------------------------

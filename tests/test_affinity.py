@@ -11,8 +11,8 @@ import pytest
 
 import reclip_ext
 import reference
-from conftest import (ARRAY_KINDS, NEEDS_CUDA, assert_knn_close, is_kind, random_points,
-                      requires_torch, to_kind, to_numpy)
+from conftest import (ARRAY_KINDS, NEEDS_CUDA, assert_knn_close, is_kind, knn_tolerances,
+                      random_points, requires_torch, to_kind, to_numpy)
 
 # (N, d, k): N = 2 with k = 1, k = N - 1, small d (1, 3), d = 9, 99, and d = 300 crossing the
 # kernel's 256-deep K blocking; N not a multiple of 6 / 8 / 16; N = 131 > the default row tile.
@@ -454,3 +454,181 @@ def test_overflowing_gamma_weights_are_refused(weight):
     assert np.isfinite(reclip_ext.knn_affinity(x, 3, weight=weight)[1]).all()
     with pytest.raises(ValueError, match=r"^gamma: the weights .* must fit in float32"):
         reclip_ext.knn_affinity(x, 3, weight=weight, gamma=3.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Query blocks: rows=(start, stop) and queries=
+
+BLOCK_OPTIONS = [
+    dict(exclude_self=e, weight=w, normalize=nz)
+    for e in (True, False) for w in ("relu", "shift") for nz in (False, True)
+]
+
+
+def _blocks(n):
+    """Blocks at both edges, a single row, an interior block, everything and empty ones."""
+    return [(0, 5), (n - 5, n), (0, 1), (n - 1, n), (13, 14), (7, n - 9), (0, n), (0, 0),
+            (n, n), (11, 11)]
+
+
+@pytest.mark.parametrize("opts", BLOCK_OPTIONS,
+                         ids=lambda o: f"{'excl' if o['exclude_self'] else 'incl'}-{o['weight']}"
+                                       f"-{'norm' if o['normalize'] else 'raw'}")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_row_block_matches_reference(dtype, opts):
+    n, d, k = 61, 9, 7  # odd N, not a multiple of any tile
+    x = grid_points(n, d, dtype, dict(opts, gamma=1.0))
+    ref = reference.ref_knn(x.astype(np.float64), k, **opts)
+    tol_s, tol_w = knn_tolerances(x, k, gamma=1.0, ref=ref, **opts)
+    for start, stop in _blocks(n):
+        idx, w = reclip_ext.knn_affinity(x, k, rows=(start, stop), block_rows=16, **opts)
+        assert idx.shape == (stop - start, k) and idx.dtype == np.int64
+        assert w.shape == (stop - start, k) and w.dtype == dtype
+        for r in range(stop - start):
+            i = start + r
+            if opts["exclude_self"]:
+                assert i not in idx[r]
+            want = ref.indices[i]
+            if dtype == np.float64:
+                np.testing.assert_array_equal(idx[r], want)
+            else:  # float32 may reorder neighbours whose float64 similarities are that close
+                kth = ref.sim[i, want[-1]]
+                assert all(j in want or ref.sim[i, j] >= kth - tol_s for j in idx[r]), (i, idx[r])
+            np.testing.assert_allclose(w[r].astype(np.float64), ref.weights[i], rtol=0,
+                                       atol=tol_w)
+
+
+@pytest.mark.parametrize("kind", ARRAY_KINDS)
+@pytest.mark.parametrize("block_rows", [None, 1, 6, 37], ids=lambda b: f"br{b}")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_partition_blocks_concatenate_to_the_whole_call(dtype, block_rows, kind):
+    n, d, k = 143, 300, 10  # d > the 256-deep K blocking
+    x = random_points(n, d, seed=3, dtype=dtype)
+    xk = to_kind(x, kind)
+    for opts in BLOCK_OPTIONS[::3]:
+        whole = reclip_ext.knn_affinity(xk, k, block_rows=block_rows, **opts)
+        for cuts in ([0, 1, 70, 71, 142, 143], [0, 48, 96, 143], [0, 0, 143, 143]):
+            parts = [reclip_ext.knn_affinity(xk, k, rows=(a, b), block_rows=block_rows, **opts)
+                     for a, b in zip(cuts[:-1], cuts[1:])]
+            assert all(is_kind(p[0], kind) and is_kind(p[1], kind) for p in parts)
+            for got, want in zip(zip(*parts), whole):
+                np.testing.assert_array_equal(np.concatenate([to_numpy(g) for g in got]),
+                                              to_numpy(want))
+
+
+def test_row_block_of_a_pair_uses_global_rows():
+    text, images = random_points(5, 8, seed=1), random_points(30, 8, seed=2)
+    whole = reclip_ext.knn_affinity((text, images), 4, normalize=True)
+    for start, stop in [(0, 5), (3, 9), (5, 35), (34, 35)]:
+        idx, w = reclip_ext.knn_affinity((text, images), 4, rows=(start, stop), normalize=True)
+        np.testing.assert_array_equal(idx, whole[0][start:stop])
+        np.testing.assert_array_equal(w, whole[1][start:stop])
+
+
+@pytest.mark.parametrize("weight", ["relu", "shift"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_queries_match_reference(dtype, normalize, weight):
+    x = random_points(45, 11, seed=5, dtype=dtype)
+    q = random_points(9, 11, seed=6, dtype=dtype)
+    if weight == "shift" and not normalize:
+        x, q = x / 4, q / 4  # keeps s >= -1, where the shift weight is meant to be used
+    idx, w = reclip_ext.knn_affinity(x, 6, queries=q, weight=weight, normalize=normalize,
+                                     block_rows=8)
+    ref = reference.ref_knn_queries(x, q, 6, weight=weight, normalize=normalize)
+    np.testing.assert_array_equal(idx, ref.indices)
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(w.astype(np.float64), ref.weights, rtol=rtol, atol=rtol)
+    # k may reach N: nothing is excluded
+    idx, _ = reclip_ext.knn_affinity(x, 45, queries=q)
+    assert (np.sort(idx, 1) == np.arange(45)).all()
+
+
+def test_queries_that_are_rows_equal_the_row_block_without_exclusion():
+    x = random_points(50, 7, seed=8, dtype=np.float32)
+    got = reclip_ext.knn_affinity(x, 5, queries=x[10:30], exclude_self=False, normalize=True)
+    want = reclip_ext.knn_affinity(x, 5, rows=(10, 30), exclude_self=False, normalize=True)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_empty_queries_give_empty_results():
+    x = random_points(10, 3, dtype=np.float32)
+    idx, w = reclip_ext.knn_affinity(x, 4, queries=np.zeros((0, 3), np.float32))
+    assert idx.shape == (0, 4) and idx.dtype == np.int64 and w.shape == (0, 4)
+    assert w.dtype == np.float32
+
+
+def test_block_arguments_are_checked():
+    x = random_points(10, 3, dtype=np.float32)
+    q = random_points(4, 3, dtype=np.float32)
+    bad = [
+        (dict(rows=(0, 11)), ValueError, r"^rows: \(start, stop\) must satisfy 0 <= start"),
+        (dict(rows=(-1, 3)), ValueError, r"^rows: "),
+        (dict(rows=(5, 4)), ValueError, r"^rows: "),
+        (dict(rows=(0.0, 3)), TypeError, r"^rows must be a pair"),
+        (dict(rows=(1, 2, 3)), TypeError, r"^rows must be a pair"),
+        (dict(rows=3), TypeError, r"^rows must be a pair"),
+        (dict(rows=(True, 3)), TypeError, r"^rows must be a pair"),
+        (dict(rows=(0, 3), queries=q, exclude_self=False), ValueError, r"^rows: .*not both"),
+        (dict(queries=q, exclude_self=True), ValueError, r"^exclude_self: queries are not rows"),
+        (dict(queries=q.astype(np.float64), exclude_self=False), TypeError,
+         r"^queries: dtype float64 differs from x dtype float32"),
+        (dict(queries=q[:, :2], exclude_self=False), ValueError,
+         r"^queries: has 2 columns but x has 3"),
+        (dict(queries=q[0], exclude_self=False), ValueError, r"^queries: expected a 2-D"),
+        (dict(queries=q.astype(np.int32), exclude_self=False), TypeError, r"^queries: dtype"),
+        (dict(queries=[[1.0, 2.0, 3.0]], exclude_self=False), TypeError, r"^queries: expected"),
+        (dict(queries=np.full((2, 3), np.nan, np.float32), exclude_self=False), ValueError,
+         r"^queries: contains NaN"),
+        (dict(queries=np.zeros((2, 3), np.float32), exclude_self=False, normalize=True),
+         ValueError, r"^queries: row 0 is all zeros"),
+    ]
+    for kwargs, exc, pattern in bad:
+        with pytest.raises(exc, match=pattern):
+            reclip_ext.knn_affinity(x, 4, **kwargs)
+    with pytest.raises(ValueError, match=r"^k must be <= N = 10"):
+        reclip_ext.knn_affinity(x, 11, queries=q)  # exclude_self defaults to False for queries
+    with pytest.raises(ValueError, match=r"^k must be < N = 10"):
+        reclip_ext.knn_affinity(x, 10, rows=(0, 2))
+
+
+@requires_torch
+def test_torch_queries_must_match_x_kind_and_dtype():
+    import torch
+
+    x = torch.from_numpy(random_points(12, 4, dtype=np.float32))
+    idx, w = reclip_ext.knn_affinity(x, 3, queries=x[:2].clone(), exclude_self=False)
+    assert isinstance(idx, torch.Tensor) and idx.shape == (2, 3)
+    with pytest.raises(TypeError, match=r"^queries: dtype float64 differs"):
+        reclip_ext.knn_affinity(x, 3, queries=x[:2].double(), exclude_self=False)
+
+
+def test_block_workspace_sizes():
+    core = reclip_ext._core
+    whole = core.knn_affinity_workspace_bytes(1000, 64, 10, "float32")
+    assert core.knn_affinity_workspace_bytes(1000, 64, 10, "float32", "exact", 1000) == whole
+    assert core.knn_affinity_workspace_bytes(1000, 64, 10, "float32", "exact", 100) < whole
+    # separate queries carry their own packed copy
+    assert (core.knn_affinity_workspace_bytes(1000, 64, 10, "float32", "exact", 100, True)
+            > core.knn_affinity_workspace_bytes(1000, 64, 10, "float32", "exact", 100))
+
+
+@pytest.mark.parametrize("precision", [pytest.param(p, marks=NEEDS_CUDA)
+                                       for p in ("exact", "tf32")])
+def test_cuda_blocks_concatenate_to_the_whole_call(precision):
+    import torch
+
+    x = torch.from_numpy(random_points(301, 40, seed=9, dtype=np.float32)).cuda()
+    whole = reclip_ext.knn_affinity(x, 8, normalize=True, precision=precision)
+    cuts = [0, 1, 128, 200, 301]
+    parts = [reclip_ext.knn_affinity(x, 8, rows=(a, b), normalize=True, precision=precision)
+             for a, b in zip(cuts[:-1], cuts[1:])]
+    assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
+    torch.testing.assert_close(torch.cat([p[1] for p in parts]), whole[1], rtol=0, atol=0)
+    q = x[5:40].clone()
+    got = reclip_ext.knn_affinity(x, 8, queries=q, exclude_self=False, normalize=True,
+                                  precision=precision)
+    want = reclip_ext.knn_affinity(x, 8, rows=(5, 40), exclude_self=False, normalize=True,
+                                   precision=precision)
+    assert torch.equal(got[0], want[0])

@@ -84,3 +84,30 @@ def test_doctests_ops():
 def test_doctests_package():
     result = doctest.testmod(reclip_ext, verbose=False)
     assert result.attempted > 0 and result.failed == 0, result
+
+
+def test_import_needs_only_numpy():
+    """reclip_ext (distributed included) imports with torch unavailable, and the distributed
+    function says what it needs when called."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch is blocked here')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import numpy as np, reclip_ext, reclip_ext.distributed\n"
+        "assert 'torch' not in sys.modules\n"
+        "x = np.eye(3, dtype=np.float32)\n"
+        "assert reclip_ext.knn_affinity(x, 1, rows=(1, 3))[0].shape == (2, 1)\n"
+        "try:\n"
+        "    reclip_ext.distributed.label_propagate(x, x)\n"
+        "except ImportError as err:\n"
+        "    assert 'needs torch' in str(err), err\n"
+        "else:\n"
+        "    raise AssertionError('no ImportError')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)

@@ -78,7 +78,8 @@ void knn_affinity_binding(std::vector<py::object> sources, py::object out_indice
                           py::object out_weights, int64_t k, bool exclude_self, bool normalize,
                           const std::string& weight, double gamma, int64_t block_rows,
                           int threads, uintptr_t stream, const std::string& precision,
-                          py::object workspace) {
+                          py::object workspace, int64_t query_start, int64_t query_stop,
+                          py::object queries) {
   REXT_CHECK(sources.size() == 1 || sources.size() == 2, "x: expected 1 or 2 row blocks");
   std::vector<std::unique_ptr<DlArray>> xs;
   const char* names[] = {"x", "images"};
@@ -89,6 +90,13 @@ void knn_affinity_binding(std::vector<py::object> sources, py::object out_indice
     require_float(*x);
     require_dtype(*x, xs[0]->dtype());
     require_same_device(*x, *xs[0]);
+  }
+  std::unique_ptr<DlArray> q;
+  if (!queries.is_none()) {
+    q = std::make_unique<DlArray>(queries.ptr(), "queries");
+    require_float(*q);
+    require_dtype(*q, xs[0]->dtype());
+    require_same_device(*q, *xs[0]);
   }
   require_dtype(idx, DType::I64);
   require_dtype(w, xs[0]->dtype());
@@ -105,6 +113,8 @@ void knn_affinity_binding(std::vector<py::object> sources, py::object out_indice
   p.threads = threads;
   p.stream = reinterpret_cast<void*>(stream);
   p.precision = parse_precision(precision);
+  p.query_start = query_start;
+  p.query_stop = query_stop;
   const Device dev = xs[0]->device();
   REXT_CHECK(p.precision == Precision::Exact ||
                  (dev.kind == DeviceKind::CUDA && xs[0]->dtype() == DType::F32),
@@ -122,10 +132,15 @@ void knn_affinity_binding(std::vector<py::object> sources, py::object out_indice
     } else {
       rows.bottom = MatrixView<const T>{rows.top.ptr, 0, rows.top.cols, rows.top.cols};
     }
+    StackedRows<T> qrows;
+    if (q) {
+      qrows.top = q->matrix<const T>(false);
+      qrows.bottom = MatrixView<const T>{qrows.top.ptr, 0, qrows.top.cols, qrows.top.cols};
+    }
     auto iv = idx.matrix<int64_t>(true);
     auto wv = w.matrix<T>(true);
     py::gil_scoped_release nogil;
-    knn_affinity<T>(dev, rows, iv, wv, p);
+    knn_affinity<T>(dev, rows, q ? &qrows : nullptr, iv, wv, p);
   });
 }
 
@@ -266,10 +281,13 @@ PYBIND11_MODULE(_core, m) {
         py::arg("out_weights"), py::arg("k"), py::arg("exclude_self"), py::arg("normalize"),
         py::arg("weight"), py::arg("gamma"), py::arg("block_rows"), py::arg("threads"),
         py::arg("stream"), py::arg("precision") = "exact", py::arg("workspace") = py::none(),
+        py::arg("query_start") = 0, py::arg("query_stop") = -1, py::arg("queries") = py::none(),
         "Top-k affinity of the stacked rows of `sources` (1 or 2 DLPack capsules) into the "
-        "caller-allocated (N, k) outputs. precision: 'exact' | 'tf32' | 'bf16' (the last two: "
-        "float32 on CUDA). workspace: a uint8 device buffer of knn_affinity_workspace_bytes "
-        "(CUDA only).");
+        "caller-allocated (Q, k) outputs, for the query rows [query_start, query_stop) of the "
+        "sources (query_stop = -1: all), or for the rows of `queries` (a DLPack capsule, not "
+        "rows of the sources: exclude_self must be False); indices are rows of the sources. "
+        "precision: 'exact' | 'tf32' | 'bf16' (the last two: float32 on CUDA). workspace: a "
+        "uint8 device buffer of knn_affinity_workspace_bytes (CUDA only).");
   m.def("sym_normalize", &sym_normalize_binding, py::arg("indices"), py::arg("weights"),
         py::arg("out_indptr"), py::arg("out_indices"), py::arg("out_data"), py::arg("threads"),
         py::arg("stream"), py::arg("workspace") = py::none(),
@@ -283,13 +301,17 @@ PYBIND11_MODULE(_core, m) {
         "device buffer of cg_solve_workspace_bytes (CUDA only).");
   m.def(
       "knn_affinity_workspace_bytes",
-      [](int64_t n, int64_t d, int64_t k, const std::string& dtype, const std::string& precision) {
+      [](int64_t n, int64_t d, int64_t k, const std::string& dtype, const std::string& precision,
+         int64_t queries, bool separate) {
         REXT_CHECK(n >= 1 && d >= 1 && k >= 1, "n, d and k must be >= 1");
+        REXT_CHECK(queries >= -1, "queries must be >= 0, or -1 for all n rows");
         return knn_affinity_workspace_bytes(n, d, k, parse_float_dtype(dtype),
-                                            parse_precision(precision));
+                                            parse_precision(precision), queries, separate);
       },
       py::arg("n"), py::arg("d"), py::arg("k"), py::arg("dtype"), py::arg("precision") = "exact",
-      "Bytes of CUDA workspace knn_affinity needs for N rows of d columns and k neighbours.");
+      py::arg("queries") = -1, py::arg("separate") = false,
+      "Bytes of CUDA workspace knn_affinity needs for N rows of d columns and k neighbours, "
+      "for `queries` query rows (-1: all N), `separate` when they are not rows of x.");
   m.def(
       "sym_normalize_workspace_bytes",
       [](int64_t n, int64_t k, const std::string& dtype, int device) {

@@ -29,6 +29,11 @@ struct AffinityParams {
   void* stream = nullptr;   // CUDA stream (cudaStream_t), ignored on CPU
   Precision precision = Precision::Exact;
   Workspace workspace;
+  // The query block: the graph's rows [query_start, query_stop) of x, each searched against
+  // every row of x, with global column indices (query_stop = -1: all rows, the whole graph).
+  // Ignored when the kernel is given separate query rows, which are not rows of x.
+  int64_t query_start = 0;
+  int64_t query_stop = -1;
 };
 
 struct NormalizeParams {

@@ -41,6 +41,22 @@ struct StackedRows {
   }
 };
 
+// Rows [start, stop) of `x` as a StackedRows of their own, without copying: the part of the
+// range inside `top` stays in `top`, the rest is taken from `bottom`.
+template <class T>
+StackedRows<T> row_range(const StackedRows<T>& x, int64_t start, int64_t stop) {
+  const int64_t t = x.top.rows;
+  const int64_t top_lo = start < t ? start : t, top_hi = stop < t ? stop : t;
+  const int64_t bot_lo = (start > t ? start : t) - t, bot_hi = (stop > t ? stop : t) - t;
+  StackedRows<T> r;
+  r.top = MatrixView<const T>{x.top.ptr + top_lo * x.top.row_stride, top_hi - top_lo, x.top.cols,
+                              x.top.row_stride};
+  r.bottom = MatrixView<const T>{x.bottom.ptr ? x.bottom.ptr + bot_lo * x.bottom.row_stride
+                                              : x.bottom.ptr,
+                                 bot_hi - bot_lo, x.top.cols, x.bottom.row_stride};
+  return r;
+}
+
 // Compressed sparse rows of a square matrix; column indices sorted within each row.
 template <class T>
 struct CsrView {

@@ -24,11 +24,13 @@ struct Carve {
 
 // knn_affinity: the packed operand copy of X (rows padded to the tile, plus one tile of slack
 // so that tiles starting at any row stay in bounds; depth padded to the 32-deep K step, zero
-// filled), the per-row scale (1/||x_i|| or 1), and the final k-lists (similarity, int32 column).
+// filled), the per-row scale (1/||x_i|| or 1), and the final k-lists (similarity, int32 column)
+// of the nq query rows (nq < 0: all n rows). Separate queries (not rows of X) get a packed copy
+// and scales of their own (xq, q_scale); query rows of X use X's.
 struct AffinityLayout {
-  int64_t n_pad = 0, d_pad = 0;
+  int64_t n_pad = 0, d_pad = 0, nq = 0, nq_pad = 0;
   int64_t op_bytes = 0, acc_bytes = 0;
-  int64_t xp = 0, scale = 0, cand_v = 0, cand_i = 0, total = 0;
+  int64_t xp = 0, scale = 0, xq = 0, q_scale = 0, cand_v = 0, cand_i = 0, total = 0;
   // Two 64-bit slots the kernels raise with atomicMax and the host reads back: the largest
   // row norm (checked when not normalising) and the largest similarity whose weight
   // overflowed; both are non-negative doubles, which order like their bit patterns.
@@ -36,17 +38,21 @@ struct AffinityLayout {
 };
 
 inline AffinityLayout affinity_layout(int64_t n, int64_t d, int64_t k, int64_t elem_bytes,
-                                      Precision prec) {
+                                      Precision prec, int64_t nq = -1, bool separate = false) {
   AffinityLayout l;
   l.n_pad = round_up_to(n, 128) + 128;
   l.d_pad = round_up_to(d, 32);
+  l.nq = nq < 0 ? n : nq;
+  l.nq_pad = separate ? round_up_to(l.nq, 128) + 128 : 0;
   l.op_bytes = elem_bytes == 8 ? 8 : (prec == Precision::Bf16 ? 2 : 4);
   l.acc_bytes = elem_bytes == 8 ? 8 : 4;
   Carve c;
   l.xp = c.take(l.n_pad * l.d_pad * l.op_bytes);
   l.scale = c.take(n * elem_bytes);
-  l.cand_v = c.take(n * k * l.acc_bytes);
-  l.cand_i = c.take(n * k * 4);
+  l.xq = c.take(l.nq_pad * l.d_pad * l.op_bytes);
+  l.q_scale = c.take(separate ? l.nq * elem_bytes : 0);
+  l.cand_v = c.take(l.nq * k * l.acc_bytes);
+  l.cand_i = c.take(l.nq * k * 4);
   l.guard = c.take(2 * 8);
   l.total = c.offset;
   return l;

@@ -18,6 +18,12 @@
 // 3. finalize: for bf16 / tf32 the k neighbours are re-scored in fp32 from the original rows
 //    and re-sorted (so weights are exact dot products; the neighbour set may differ slightly
 //    from fp32); then f(s) is applied and int64 indices written. Tie rule: core/topk.h.
+//
+// A query block (the graph's rows for some queries only) changes only which operand rows the
+// CTAs own: rows [q0, q0 + nq) of the packed X (an offset into it, no copy), or a second packed
+// copy for separate query rows. The column walk, the products (each entry the same ordered FMA
+// chain wherever its tile sits) and the lists are those of the whole graph, so in "exact"
+// precision a block's rows are the whole graph's rows.
 #include <cuda_bf16.h>
 #include <cuda_pipeline.h>
 #include <cuda_runtime.h>
@@ -78,17 +84,19 @@ struct Cfg {
 
 template <class Acc>
 struct KernelArgs {
-  const void* xp;       // packed operands, n_pad x d_pad
+  const void* xp;       // packed database operands, n_pad x d_pad
+  const void* xq;       // packed query operands: row 0 is query 0 (may point into xp)
   int64_t d_pad;
-  int64_t n;
+  int64_t n;            // database rows (columns of S)
+  int64_t nq;           // query rows (rows of S computed here)
+  int64_t self0;        // column of query 0's own row when it is excluded, else -1
   int k;
   int kcap;             // list pitch in shared memory (32 or 64)
   int eff_rows;         // rows per CTA actually owned (block_rows forces fewer)
   int eff_cols;         // columns per tile actually consumed
-  bool exclude_self;
   bool global_lists;
-  Acc* cand_v;          // n x k
-  int* cand_i;          // n x k
+  Acc* cand_v;          // nq x k
+  int* cand_i;          // nq x k
 };
 
 // Convert one input value to the operand type.
@@ -162,10 +170,11 @@ __device__ __forceinline__ void load_stage(Op* stage, const Op* a_rows, const Op
   }
 }
 
-// S tile (BM x BN, pitch LDS) of rows [row0, ...) against rows [col0, ...) into `tile`.
+// S tile (BM x BN, pitch LDS) of query rows [row0, ...) of xa against rows [col0, ...) of xb
+// into `tile`.
 template <class C, class Op, class Acc, Mma M>
-__device__ void compute_tile(Op* stages, Acc* tile, const Op* xp, int64_t d_pad, int64_t row0,
-                             int64_t col0) {
+__device__ void compute_tile(Op* stages, Acc* tile, const Op* xa, const Op* xb, int64_t d_pad,
+                             int64_t row0, int64_t col0) {
   const int steps = int(d_pad / kBK);
   const int warp = threadIdx.x >> 5;
   (void)warp;
@@ -207,8 +216,8 @@ __device__ void compute_tile(Op* stages, Acc* tile, const Op* xp, int64_t d_pad,
     static_assert(16 * C::LDS * sizeof(Acc) % 32 == 0 && 16 * sizeof(Acc) % 32 == 0 &&
                   C::LDS * sizeof(Acc) % 16 == 0);
   }
-  const Op* a_rows = xp + row0 * d_pad;
-  const Op* b_rows = xp + col0 * d_pad;
+  const Op* a_rows = xa + row0 * d_pad;
+  const Op* b_rows = xb + col0 * d_pad;
 #pragma unroll
   for (int g = 0; g < S - 1; ++g) {
     if (g < steps)
@@ -343,7 +352,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<M>) topk_tiles(KernelArgs
   int* thr_i = reinterpret_cast<int*>(after + sizeof(Acc) * C::BM);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t n = args.n, i0 = int64_t(blockIdx.x) * args.eff_rows;
+  const int64_t n = args.n, nq = args.nq, i0 = int64_t(blockIdx.x) * args.eff_rows;
   const int k = args.k;
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   auto row_list = [&](int r, Acc*& lv, int*& li) {
@@ -358,7 +367,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<M>) topk_tiles(KernelArgs
 
   // Each warp owns rows warp, warp + 8, ...: their lists and thresholds are only ever touched
   // by that warp, so no block-level synchronisation protects them.
-  for (int r = warp; r < args.eff_rows && i0 + r < n; r += kWarps) {
+  for (int r = warp; r < args.eff_rows && i0 + r < nq; r += kWarps) {
     Acc* lv;
     int* li;
     row_list(r, lv, li);
@@ -374,9 +383,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<M>) topk_tiles(KernelArgs
   __syncwarp();
 
   const Op* xp = static_cast<const Op*>(args.xp);
+  const Op* xq = static_cast<const Op*>(args.xq);
   for (int64_t j0 = 0; j0 < n; j0 += args.eff_cols) {
-    compute_tile<C, Op, Acc, M>(stages, tile, xp, args.d_pad, i0, j0);
-    for (int r = warp; r < args.eff_rows && i0 + r < n; r += kWarps) {
+    compute_tile<C, Op, Acc, M>(stages, tile, xq, xp, args.d_pad, i0, j0);
+    for (int r = warp; r < args.eff_rows && i0 + r < nq; r += kWarps) {
       const int64_t i = i0 + r;
       Acc* lv;
       int* li;
@@ -386,7 +396,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<M>) topk_tiles(KernelArgs
       for (int c0 = 0; c0 < args.eff_cols; c0 += 32) {
         const int c = c0 + lane;
         const int64_t j = j0 + c;
-        const bool ok = c < args.eff_cols && j < n && !(args.exclude_self && j == i);
+        const bool ok = c < args.eff_cols && j < n && !(args.self0 >= 0 && j == args.self0 + i);
         const Acc s = ok ? tile[r * C::LDS + c] : Acc(0);
         unsigned mask = __ballot_sync(kFullMask, ok && topk_beats_slot(s, j, tv, int64_t(ti)));
         while (mask) {
@@ -410,7 +420,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<M>) topk_tiles(KernelArgs
   }
 
   if (!args.global_lists) {
-    for (int r = warp; r < args.eff_rows && i0 + r < n; r += kWarps) {
+    for (int r = warp; r < args.eff_rows && i0 + r < nq; r += kWarps) {
       const Acc* lv = list_v + r * args.kcap;
       const int* li = list_i + r * args.kcap;
       for (int e = lane; e < k; e += 32) {
@@ -421,21 +431,22 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<M>) topk_tiles(KernelArgs
   }
 }
 
-// One warp per row: optional fp32 re-score of the k neighbours (then re-sort), weight, output.
+// One warp per query row: optional fp32 re-score of the k neighbours (then re-sort), weight,
+// output. Query i is q.row(i) scaled by q_scale[i]; its neighbours are rows of x.
 template <class T, class Acc>
-__global__ void finalize(StackedRows<T> x, const T* scale, Acc* cand_v, int* cand_i, int64_t n,
-                         int64_t k, bool rescore, Weight weight, double gamma,
-                         MatrixView<int64_t> out_i, MatrixView<T> out_w,
-                         unsigned long long* overflowed) {
+__global__ void finalize(StackedRows<T> q, const T* q_scale, StackedRows<T> x, const T* scale,
+                         Acc* cand_v, int* cand_i, int64_t nq, int64_t k, bool rescore,
+                         Weight weight, double gamma, MatrixView<int64_t> out_i,
+                         MatrixView<T> out_w, unsigned long long* overflowed) {
   const int lane = threadIdx.x & 31;
   const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (i >= n) return;
+  if (i >= nq) return;
   Acc* v = cand_v + i * k;
   int* id = cand_i + i * k;
   if (rescore) {
     const int64_t d = x.cols();
-    const T* xi = x.row(i);
-    const T si = scale[i];
+    const T* xi = q.row(i);
+    const T si = q_scale[i];
     for (int64_t e = 0; e < k; ++e) {
       const int j = id[e];
       if (j < 0) continue;  // uniform across the warp
@@ -520,38 +531,57 @@ void launch_tiles(const KernelArgs<Acc>& args, int64_t n, cudaStream_t stream) {
   REXT_CUDA_CHECK(cudaGetLastError());
 }
 
+// queries: separate query rows, or null for rows [q0, q0 + nq) of x.
 template <class Op, class Acc, Mma M, class T>
-void run(const StackedRows<T>& x, MatrixView<int64_t> indices, MatrixView<T> weights,
-         const AffinityParams& p, const AffinityLayout& l, char* ws, cudaStream_t stream) {
+void run(const StackedRows<T>& x, const StackedRows<T>* queries, int64_t q0, int64_t nq,
+         MatrixView<int64_t> indices, MatrixView<T> weights, const AffinityParams& p,
+         const AffinityLayout& l, char* ws, cudaStream_t stream) {
   using C = Cfg<Op, Acc, M>;
   const int64_t n = x.rows(), d = x.cols(), k = p.k;
+  const double norm_limit = similarity_norm_limit(double(std::numeric_limits<T>::max()));
   T* scale = reinterpret_cast<T*>(ws + l.scale);
   Op* xp = reinterpret_cast<Op*>(ws + l.xp);
   auto* guard = reinterpret_cast<unsigned long long*>(ws + l.guard);
   REXT_CUDA_CHECK(cudaMemsetAsync(guard, 0, 2 * sizeof(unsigned long long), stream));
   pack_rows<T, Op><<<blocks_for(l.n_pad, kWarps), kThreads, 0, stream>>>(
-      x, p.normalize, M == Mma::Tf32, scale, xp, n, l.n_pad, d, l.d_pad,
-      similarity_norm_limit(double(std::numeric_limits<T>::max())), guard);
+      x, p.normalize, M == Mma::Tf32, scale, xp, n, l.n_pad, d, l.d_pad, norm_limit, guard);
   REXT_CUDA_CHECK(cudaGetLastError());
+  // The query operands: an offset into the packed X for rows of X, a packing of their own
+  // (same scaling, same guard) for separate queries.
+  StackedRows<T> q = queries ? *queries : row_range(x, q0, q0 + nq);
+  const T* q_scale = scale + q0;
+  const Op* xq = xp + q0 * l.d_pad;
+  if (queries) {
+    T* own_scale = reinterpret_cast<T*>(ws + l.q_scale);
+    Op* own = reinterpret_cast<Op*>(ws + l.xq);
+    pack_rows<T, Op><<<blocks_for(l.nq_pad, kWarps), kThreads, 0, stream>>>(
+        q, p.normalize, M == Mma::Tf32, own_scale, own, nq, l.nq_pad, d, l.d_pad, norm_limit,
+        guard);
+    REXT_CUDA_CHECK(cudaGetLastError());
+    q_scale = own_scale;
+    xq = own;
+  }
 
   KernelArgs<Acc> a;
   a.xp = xp;
+  a.xq = xq;
   a.d_pad = l.d_pad;
   a.n = n;
+  a.nq = nq;
+  a.self0 = !queries && p.exclude_self ? q0 : -1;
   a.k = int(k);
   a.global_lists = k > kListCap;
   a.kcap = k <= 32 ? 32 : kListCap;
   const int64_t forced = p.block_rows > 0 ? p.block_rows : C::BM;
   a.eff_rows = int(forced < C::BM ? forced : C::BM);
   a.eff_cols = int(forced < C::BN ? forced : C::BN);
-  a.exclude_self = p.exclude_self;
   a.cand_v = reinterpret_cast<Acc*>(ws + l.cand_v);
   a.cand_i = reinterpret_cast<int*>(ws + l.cand_i);
-  launch_tiles<Op, Acc, M>(a, n, stream);
+  launch_tiles<Op, Acc, M>(a, nq, stream);
 
-  finalize<T, Acc><<<blocks_for(n, kWarps), kThreads, 0, stream>>>(
-      x, scale, a.cand_v, a.cand_i, n, k, M != Mma::Simt, p.weight, p.gamma, indices, weights,
-      guard + 1);
+  finalize<T, Acc><<<blocks_for(nq, kWarps), kThreads, 0, stream>>>(
+      q, q_scale, x, scale, a.cand_v, a.cand_i, nq, k, M != Mma::Simt, p.weight, p.gamma,
+      indices, weights, guard + 1);
   REXT_CUDA_CHECK(cudaGetLastError());
   // Unit rows give similarities within rounding of [-1, 1]: |s| <= 1 + (d + 2) eps, whose
   // gamma-th power overflows only for an enormous gamma. Only then, or for unnormalised
@@ -565,33 +595,40 @@ void run(const StackedRows<T>& x, MatrixView<int64_t> indices, MatrixView<T> wei
 }  // namespace
 
 template <class T>
-void knn_affinity_cuda(Device dev, const StackedRows<T>& x, MatrixView<int64_t> indices,
-                       MatrixView<T> weights, const AffinityParams& p) {
+void knn_affinity_cuda(Device dev, const StackedRows<T>& x, const StackedRows<T>* queries,
+                       MatrixView<int64_t> indices, MatrixView<T> weights,
+                       const AffinityParams& p) {
   const int64_t n = x.rows(), d = x.cols(), k = p.k;
   REXT_CHECK(n < (int64_t(1) << 31) - 256, "x: the CUDA kernel takes fewer than 2^31 rows");
+  const int64_t q0 = queries ? 0 : p.query_start;
+  const int64_t nq = queries ? queries->rows() : (p.query_stop < 0 ? n : p.query_stop) - q0;
+  REXT_CHECK(nq < (int64_t(1) << 31) - 256, "queries: the CUDA kernel takes fewer than 2^31 rows");
   constexpr bool dbl = sizeof(T) == 8;
   REXT_CHECK(!dbl || p.precision == Precision::Exact,
              "precision: 'tf32' and 'bf16' need float32 input; float64 runs 'exact'");
   DeviceGuard guard(dev.index);
-  const AffinityLayout l = affinity_layout(n, d, k, sizeof(T), p.precision);
+  const AffinityLayout l =
+      affinity_layout(n, d, k, sizeof(T), p.precision, nq, queries != nullptr);
   char* ws = workspace_base(p.workspace, l.total, "knn_affinity");
   cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   if constexpr (dbl) {
-    run<double, double, Mma::Simt>(x, indices, weights, p, l, ws, stream);
+    run<double, double, Mma::Simt>(x, queries, q0, nq, indices, weights, p, l, ws, stream);
   } else {
     switch (p.precision) {
-      case Precision::Exact: run<float, float, Mma::Simt>(x, indices, weights, p, l, ws, stream); break;
-      case Precision::Tf32: run<float, float, Mma::Tf32>(x, indices, weights, p, l, ws, stream); break;
+      case Precision::Exact: run<float, float, Mma::Simt>(x, queries, q0, nq, indices, weights, p, l, ws, stream); break;
+      case Precision::Tf32: run<float, float, Mma::Tf32>(x, queries, q0, nq, indices, weights, p, l, ws, stream); break;
       case Precision::Bf16:
-        run<__nv_bfloat16, float, Mma::Bf16>(x, indices, weights, p, l, ws, stream);
+        run<__nv_bfloat16, float, Mma::Bf16>(x, queries, q0, nq, indices, weights, p, l, ws, stream);
         break;
     }
   }
 }
 
-template void knn_affinity_cuda<float>(Device, const StackedRows<float>&, MatrixView<int64_t>,
+template void knn_affinity_cuda<float>(Device, const StackedRows<float>&,
+                                       const StackedRows<float>*, MatrixView<int64_t>,
                                        MatrixView<float>, const AffinityParams&);
-template void knn_affinity_cuda<double>(Device, const StackedRows<double>&, MatrixView<int64_t>,
+template void knn_affinity_cuda<double>(Device, const StackedRows<double>&,
+                                        const StackedRows<double>*, MatrixView<int64_t>,
                                         MatrixView<double>, const AffinityParams&);
 
 }  // namespace rext::cuda

@@ -19,8 +19,9 @@ bool built_with_cuda() { return false; }
 int cuda_device_count() { return 0; }
 #endif
 
-int64_t knn_affinity_workspace_bytes(int64_t n, int64_t d, int64_t k, bool dbl, Precision prec) {
-  return affinity_layout(n, d, k, dbl ? 8 : 4, prec).total;
+int64_t knn_affinity_workspace_bytes(int64_t n, int64_t d, int64_t k, bool dbl, Precision prec,
+                                     int64_t nq, bool separate) {
+  return affinity_layout(n, d, k, dbl ? 8 : 4, prec, nq, separate).total;
 }
 
 int64_t cg_solve_workspace_bytes(int64_t n, int64_t m, bool dbl) {

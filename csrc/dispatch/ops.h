@@ -5,9 +5,11 @@
 
 namespace rext {
 
+// The graph's rows for the query rows (all of x, rows [p.query_start, p.query_stop) of x, or
+// `*queries` when not null) against every row of x; indices are global rows of x.
 template <class T>
-void knn_affinity(Device dev, const StackedRows<T>& x, MatrixView<int64_t> indices,
-                  MatrixView<T> weights, const AffinityParams& p);
+void knn_affinity(Device dev, const StackedRows<T>& x, const StackedRows<T>* queries,
+                  MatrixView<int64_t> indices, MatrixView<T> weights, const AffinityParams& p);
 
 template <class T>
 int64_t sym_normalize(Device dev, MatrixView<const int64_t> indices, MatrixView<const T> weights,
@@ -22,7 +24,9 @@ void cg_solve(Device dev, const CsrView<T>& w, MatrixView<const T> rhs, MatrixVi
 // affinity and CG sizes are plain arithmetic (core/workspace_layout.h) and work in every build;
 // the normalisation adds CUB's temporary storage, which CUB sizes for a given device, so it
 // needs a CUDA build and device.
-int64_t knn_affinity_workspace_bytes(int64_t n, int64_t d, int64_t k, bool dbl, Precision prec);
+// knn_affinity: nq query rows (-1: all n), `separate` when they are not rows of x.
+int64_t knn_affinity_workspace_bytes(int64_t n, int64_t d, int64_t k, bool dbl, Precision prec,
+                                     int64_t nq = -1, bool separate = false);
 int64_t sym_normalize_workspace_bytes(Device dev, int64_t n, int64_t k, bool dbl);
 int64_t cg_solve_workspace_bytes(int64_t n, int64_t m, bool dbl);
 
