@@ -212,7 +212,13 @@ def setup(device: str, name: str = "--device") -> str:
     else:
         raise ValueError(f"{name}: expected auto, cpu or cuda under torchrun, got {device!r}")
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method="env://", world_size=size, rank=rank,
+        # torch's env:// rendezvous, with the group's keys under a prefix naming the attempt:
+        # torchrun's agent keeps one store across --max-restarts, and a restarted group
+        # would otherwise read the dead processes' addresses from the previous attempt
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=size))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"reclip/attempt-{attempt}", store),
+                                world_size=size, rank=rank,
                                 **({"device_id": where} if backend == "nccl" else {}))
     _WORLD = World(size, rank, local, where, backend)
     return "cpu" if backend == "gloo" else str(where)
