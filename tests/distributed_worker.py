@@ -6,7 +6,8 @@ environment, gloo on the CPU).
 
 Each process writes OUT/rank<r>.npz: the visual copy's features of DATA (a sharded,
 all-gathered pass), the features and skipped paths of BADDATA read with a deferred
-skip-bad-images check, and the pseudo labels of one epoch of fit on DATA.
+skip-bad-images check, the pseudo labels of one epoch of fit on DATA and the trained norm
+parameters after it.
 """
 from __future__ import annotations
 
@@ -29,8 +30,11 @@ def main(out: str, data_dir: str, bad_dir: str, model: str) -> None:
     world = distributed.current()
     torch.manual_seed(4)
     loaded = load_model(model)
-    # encode batches smaller than a shard: a shard is several batches
-    config = Config(device="cpu", workers=0, max_epochs=1, seed=2, encode_batch_size=16)
+    # encode batches smaller than a shard (a shard is several batches) and than the class
+    # list (ReCLIP-T's step backpropagates its prompts in chunks, under DDP's no_sync); a
+    # global batch of 50 leaves a last batch of one item of 151: one rank's part is empty
+    config = Config(device="cpu", workers=0, max_epochs=1, seed=2, encode_batch_size=4,
+                    batch_size=50)
     clf = ReCLIP(loaded, CLASSES, config=config)
     data = image_set(data_dir, loaded.preprocess)
     feats = clf._encode_images(clf.visual_copy, data)
@@ -40,7 +44,9 @@ def main(out: str, data_dir: str, bad_dir: str, model: str) -> None:
     Path(out).mkdir(parents=True, exist_ok=True)
     np.savez(Path(out) / f"rank{world.rank}.npz", world=world.size, feats=feats.numpy(),
              bad_feats=bad_feats.numpy(), skipped=np.array(bad.skipped), kept=len(bad),
-             pseudo_text=clf.last_pseudo["text"], pseudo_visual=clf.last_pseudo["visual"])
+             pseudo_text=clf.last_pseudo["text"], pseudo_visual=clf.last_pseudo["visual"],
+             **{f"param.{k}": v.detach().numpy() for k, v in
+                [*clf.text_params.items(), *clf.visual_params.items()]})
     distributed.shutdown()
 
 

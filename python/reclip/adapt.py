@@ -14,6 +14,10 @@ come back to the host, as int64 numpy arrays). Forward passes run under ``torch.
 ``Config.amp``; trainable norm parameters, their gradients and the optimiser state stay
 float32, and features are cast to float32 before anything else uses them. Image passes go
 through DataLoaders with ``Config.workers`` worker processes, built once per ``fit``.
+
+Started by torchrun (see reclip.distributed), every image pass is sharded over the ranks and
+all-gathered, rank 0's pseudo labels are broadcast, and both copies train under
+DistributedDataParallel on contiguous parts of each global batch.
 """
 from __future__ import annotations
 
