@@ -414,9 +414,11 @@ class ReCLIP:
         for (idx, weight), whole in _progress(list(zip(parts, batches)), self._bars, "train",
                                               leave=False):
             y = torch.as_tensor(target[idx]).to(self.device)
+            # the step's signature is a single process's unless the batch is split
+            part = {} if weight is None else {"weight": weight, "count": len(whole)}
             if use_t:
                 loss_t += self._step_text(frozen[torch.as_tensor(idx).to(self.device)], y,
-                                          weight, len(whole))
+                                          **part)
             if use_v:
                 x, _, got = next(images)
                 # y holds the pseudo labels of idx: a loader yielding other items would
@@ -424,7 +426,7 @@ class ReCLIP:
                 if not np.array_equal(got.numpy(), idx):
                     raise RuntimeError(f"training batch holds items {got[:5].tolist()}..., "
                                        f"expected {idx[:5].tolist()}...")
-                loss_v += self._step_visual(self._to_device(x), y, weight, len(whole))
+                loss_v += self._step_visual(self._to_device(x), y, **part)
             trained += len(idx) if weight is None else int(weight.sum())
         if self.world.active:
             # each rank's losses are world_size times its share of the batch means
