@@ -14,12 +14,18 @@ come back to the host, as int64 numpy arrays). Forward passes run under ``torch.
 ``Config.amp``; trainable norm parameters, their gradients and the optimiser state stay
 float32, and features are cast to float32 before anything else uses them. Image passes go
 through DataLoaders with ``Config.workers`` worker processes, built once per ``fit``.
+
+Started by torchrun (see reclip.distributed), every image pass is sharded over the ranks and
+all-gathered, rank 0's pseudo labels are broadcast, and both copies train under
+DistributedDataParallel on contiguous parts of each global batch.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint, device as devices, projection
+from . import checkpoint, device as devices, distributed, projection
 from .models import LoadedModel, freeze_except_norms, model_from_spec
 from .pseudo_labels import pseudo_labels
 from .prompts import DEFAULT_TEMPLATES, check_folders, format_prompts
@@ -179,6 +185,14 @@ class ReCLIP:
         # (image set, its features) of the T copy, whose visual tower never trains: the
         # zero-shot pass, fit and the final prediction of one set then encode it once
         self._frozen: tuple[Any, torch.Tensor] | None = None
+        # torchrun's process group, if this process is one of several (see distributed.py)
+        self.world = distributed.current()
+        # what trains: the copies themselves, or in a distributed run their DDP-wrapped
+        # towers (set up by fit), whose forward passes all-reduce the gradients
+        self._train_t: Any = self.text_copy
+        self._train_v: Any = self.visual_copy
+        #: the pseudo labels of the last epoch ("text" / "visual": n int64, or None)
+        self.last_pseudo: dict[str, np.ndarray | None] = {}
 
     # ------------------------------------------------------------------------------ encoders
 
@@ -217,10 +231,15 @@ class ReCLIP:
         return devices.default_workers() if self.config.workers is None else self.config.workers
 
     def _loader(self, data, batch_sampler=None):
-        """A DataLoader over `data`: in order, encode_batch_size per batch, or the batches of
-        `batch_sampler`. On CUDA batches come in pinned memory, so copies can be asynchronous."""
-        from .data import loader
+        """A DataLoader over `data`: in order, encode_batch_size per batch (in a distributed
+        run: over this rank's shard only), or the batches of `batch_sampler`. On CUDA batches
+        come in pinned memory, so copies can be asynchronous."""
+        from .data import BatchList, loader
 
+        if batch_sampler is None and self.world.active:
+            mine, size = self.world.shard(len(data)), self.config.encode_batch_size
+            batch_sampler = BatchList([list(mine[i : i + size])
+                                       for i in range(0, len(mine), size)])
         return loader(data, self.config.encode_batch_size, num_workers=self._workers(data),
                       batch_sampler=batch_sampler, pin_memory=self.device.type == "cuda")
 
@@ -230,7 +249,12 @@ class ReCLIP:
     @torch.no_grad()
     def _encode_images(self, model: nn.Module, images, dl=None) -> torch.Tensor:
         """(n, d) float32 features on the device, in item order. Uses the DataLoader `dl`
-        over `images` when given; the first pass over a set with a deferred check does it."""
+        over `images` when given; the first pass over a set with a deferred check does it.
+
+        In a distributed run each rank encodes its shard and the blocks are all-gathered, so
+        every rank ends with all n rows in item order. A deferred check is settled for all
+        ranks at once: the unreadable items any rank found are merged, then every rank stops
+        with the same error or drops the same items."""
         from .data import image_set
 
         data = image_set(images)
@@ -238,21 +262,40 @@ class ReCLIP:
         if frozen and self._frozen is not None and self._frozen[0] is data \
                 and data.unchecked is None:
             return self._frozen[1]
+        world = self.world
+        mine = world.shard(len(data))
+        found: dict[int, str] | None = None
         if data.unchecked is not None:
+            found = {} if world.active else None
             batches = data.checking_batches(self.config.encode_batch_size, self._workers(data),
-                                            pin_memory=self.device.type == "cuda")
+                                            pin_memory=self.device.type == "cuda",
+                                            indices=mine if world.active else None, found=found)
         else:
             batches = dl if dl is not None else self._loader(data)
-        # filled in place: concatenating per-batch pieces would hold the features twice
-        out, rows = None, 0
+        # filled in place: concatenating per-batch pieces would hold the features twice; the
+        # width is the class embeddings' (a rank may get no image at all)
+        out = torch.empty(len(mine), self.nodes_v.shape[1], dtype=torch.float32,
+                          device=self.device)
+        rows = 0
+        start = time.perf_counter()
         for x, _, _ in _progress(batches, self._bars, "encode", leave=False):
             with self._autocast():
                 f = model.encode_image(self._to_device(x), normalize=True)
-            if out is None:
-                out = torch.empty(len(data), f.shape[1], dtype=torch.float32, device=self.device)
             out[rows : rows + len(f)] = f
             rows += len(f)
         out = out[:rows]  # fewer rows than the set had when a deferred check left some out
+        if world.active:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the clock below times finished work
+            world.work["encode_images"] += rows
+            world.work["encode_seconds"] += time.perf_counter() - start
+            blocks = [distributed.shard(len(data), world.size, r) for r in range(world.size)]
+            counts = [len(b) for b in blocks]
+            if found is not None:
+                bad = {i: why for part in world.gather_objects(found) for i, why in part.items()}
+                counts = [len(b) - sum(i in b for i in bad) for b in blocks]
+                data.settle_check(bad)  # the same on every rank: raise, or drop the same items
+            out = world.gather_rows(out, counts)
         if frozen:
             self._frozen = (data, out)
         return out
@@ -295,6 +338,7 @@ class ReCLIP:
             order = BatchList()
             loaders = {"encode": self._loader(data),
                        "train": self._loader(data, batch_sampler=order), "order": order}
+            self._wrap_for_ddp()
             for epoch in _progress(range(self.epoch, c.max_epochs), progress, "epochs"):
                 if self.iterations >= c.max_iterations:
                     break
@@ -304,15 +348,32 @@ class ReCLIP:
                 if log:
                     log(entry)
                 if out_dir is not None:
-                    self.save(out_dir)
+                    self._checkpoint(out_dir)
                     saved = True
         finally:
             self._bars = False
         if out_dir is not None and not saved:
             # No epoch ran (max_epochs 0: the zero-shot model, or a resumed run that is already
             # complete): out_dir must still hold this model, not nothing or an older run.
-            self.save(out_dir)
+            self._checkpoint(out_dir)
         return self
+
+    def _checkpoint(self, out_dir) -> None:
+        """Save the run; in a distributed run rank 0 writes (every rank holds the same state)
+        and the others wait for it, so none runs ahead of the checkpoint a restart reads."""
+        if self.world.main:
+            self.save(out_dir)
+        self.world.barrier()
+
+    def _wrap_for_ddp(self) -> None:
+        """In a distributed run, train each copy's tower through DistributedDataParallel over
+        its norm parameters (the only ones with requires_grad). DDP's hooks fire only for
+        graphs built by its forward, so a small module whose forward is the tower's encoder
+        is wrapped; constructing DDP broadcasts rank 0's parameters once."""
+        if not self.world.active or isinstance(self._train_t, _DDPTower):
+            return
+        self._train_t = _DDPTower(self.text_copy, visual=False, device=self.device)
+        self._train_v = _DDPTower(self.visual_copy, visual=True, device=self.device)
 
     def _epoch(self, data, frozen: torch.Tensor, epoch: int, batch: int,
                truth: np.ndarray | None, loaders: dict) -> EpochLog:
@@ -327,6 +388,7 @@ class ReCLIP:
             feats_v = self._encode_images(self.visual_copy, data, loaders["encode"])
             labels_v = self._pseudo(feats_v, self.nodes_v, self.basis_v)
             self.centres = _centres(feats_v, labels_v, self.nodes_v)
+        self.last_pseudo = {"text": labels_t, "visual": labels_v}
         if use_t and use_v:
             agree = labels_t == labels_v
             keep = agree if c.label_sharing else np.ones(len(data), bool)
@@ -339,16 +401,24 @@ class ReCLIP:
         order = index[torch.randperm(len(index), generator=g).numpy()]
         steps = min(math.ceil(len(order) / batch), c.max_iterations - self.iterations)
         batches = [order[s * batch : (s + 1) * batch] for s in range(steps)]
+        # this rank's contiguous part of each global batch, and the weight of its items (see
+        # _rank_parts); a single process takes the whole batch with weight None
+        parts = self._rank_parts(batches)
         images = None
         if use_v and steps:
-            loaders["order"].batches = [b.tolist() for b in batches]
+            loaders["order"].batches = [idx.tolist() for idx, _ in parts]
             images = iter(loaders["train"])
         # summed on the device: a float() per step would make the host wait for every step
         loss_t = loss_v = torch.zeros((), device=self.device)
-        for idx in _progress(batches, self._bars, "train", leave=False):
+        start, trained = time.perf_counter(), 0
+        for (idx, weight), whole in _progress(list(zip(parts, batches)), self._bars, "train",
+                                              leave=False):
             y = torch.as_tensor(target[idx]).to(self.device)
+            # the step's signature is a single process's unless the batch is split
+            part = {} if weight is None else {"weight": weight, "count": len(whole)}
             if use_t:
-                loss_t += self._step_text(frozen[torch.as_tensor(idx).to(self.device)], y)
+                loss_t += self._step_text(frozen[torch.as_tensor(idx).to(self.device)], y,
+                                          **part)
             if use_v:
                 x, _, got = next(images)
                 # y holds the pseudo labels of idx: a loader yielding other items would
@@ -356,7 +426,17 @@ class ReCLIP:
                 if not np.array_equal(got.numpy(), idx):
                     raise RuntimeError(f"training batch holds items {got[:5].tolist()}..., "
                                        f"expected {idx[:5].tolist()}...")
-                loss_v += self._step_visual(self._to_device(x), y)
+                loss_v += self._step_visual(self._to_device(x), y, **part)
+            trained += len(idx) if weight is None else int(weight.sum())
+        if self.world.active:
+            # each rank's losses are world_size times its share of the batch means
+            # (_rank_parts): summed over ranks and divided by the world size they are the
+            # single-process sums (the one all-reduce of the epoch's losses; it also waits
+            # for the last step, so the clock below times finished work)
+            losses = self.world.sum(torch.stack([loss_t, loss_v])) / self.world.size
+            loss_t, loss_v = losses[0], losses[1]
+            self.world.work["train_images"] += trained
+            self.world.work["train_seconds"] += time.perf_counter() - start
         self.iterations += steps
         entry = EpochLog(epoch=epoch, iterations=self.iterations, agreement=float(agree.mean()),
                          trained=int(min(len(order), steps * batch)),
@@ -383,18 +463,61 @@ class ReCLIP:
         return entry
 
     def _pseudo(self, feats: torch.Tensor, nodes: torch.Tensor, u) -> np.ndarray:
-        c = self.config
-        return pseudo_labels(feats, nodes, u, method=c.pseudo_labels, many_classes=c.many_classes,
-                             k=c.k, alpha=c.alpha, weight=c.weight, precision=c.lp_precision)
+        """Pseudo labels of `feats` (every rank holds the same, all-gathered features).
 
-    def _step_text(self, feats: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        In a distributed run rank 0 computes them and broadcasts them: label propagation's
+        reductions (OpenMP on the CPU, atomics on CUDA) need not be bitwise reproducible from
+        one process to the next, and ranks that disagree on a single label would train on
+        different targets without any error. n int64 labels are a cheap broadcast, and the
+        other ranks would only wait at the next collective anyway."""
+        c = self.config
+        labels = None
+        if self.world.main:
+            labels = pseudo_labels(feats, nodes, u, method=c.pseudo_labels,
+                                   many_classes=c.many_classes, k=c.k, alpha=c.alpha,
+                                   weight=c.weight, precision=c.lp_precision)
+        return self.world.broadcast_labels(labels, len(feats))
+
+    def _rank_parts(self, batches: list[np.ndarray]) -> list[tuple[np.ndarray, torch.Tensor | None]]:
+        """(items, weights) of this rank for each global batch: a contiguous part of it
+        (some ranks get one item more when the batch does not divide evenly).
+
+        DDP averages gradients over ranks, so each rank's loss is the sum of its items'
+        losses times world_size / global count: the average over ranks is then exactly the
+        batch-mean gradient of a single process, however unevenly the batch splits. A rank
+        whose part is empty (a last batch shorter than the world) still has to run a forward
+        and backward pass for the all-reduce: it takes the batch's first item with weight 0."""
+        world = self.world
+        if not world.active:
+            return [(idx, None) for idx in batches]
+        out = []
+        for idx in batches:
+            part = idx[distributed.split(len(idx), world.size, world.rank)]
+            weight = torch.ones(len(part), device=self.device)
+            if not len(part):
+                part, weight = idx[:1], torch.zeros(1, device=self.device)
+            out.append((part, weight))
+        return out
+
+    def _batch_loss(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None,
+                    count: int) -> torch.Tensor:
+        """Cross-entropy of this rank's part of a global batch of `count` items: the batch
+        mean in a single process, else the weighted sum scaled as _rank_parts says."""
+        if weight is None:
+            return nn.functional.cross_entropy(logits, y)
+        each = nn.functional.cross_entropy(logits, y, reduction="none")
+        return (each * weight).sum() * (self.world.size / count)
+
+    def _step_text(self, feats: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
+                   count: int | None = None) -> torch.Tensor:
         # As in the authors' code, the projection only shapes the pseudo labels: the loss
-        # uses plain image . text logits.
+        # uses plain image . text logits. `weight` / `count`: this rank's part of a global
+        # batch of `count` items (see _rank_parts); None in a single process.
         prompts = self._prompts(first_only=True)
         size = self.config.encode_batch_size
         if len(prompts) <= size:  # one chunk: one graph
-            text = self._encode_text(self.text_copy, prompts)
-            return self._sgd_step("text", self._text_loss(feats, text, y))
+            text = self._encode_text(self._train_t, prompts)
+            return self._sgd_step("text", self._text_loss(feats, text, y, weight, count))
         # Many classes: the graph of all m prompts at once would hold m prompts' activations.
         # The same loss and gradient in bounded memory: the loss's gradient with respect to
         # the text features first, then each chunk re-encoded with a graph and backpropagated
@@ -404,27 +527,37 @@ class ReCLIP:
         text.requires_grad_(True)
 
         def through_the_encoder() -> None:
-            for i in range(0, len(prompts), size):
-                part = self._encode_text(self.text_copy, prompts[i : i + size])
-                part.backward(text.grad[i : i + size])
+            starts = range(0, len(prompts), size)
+            for i in starts:
+                # under DDP the chunks' gradients accumulate locally and the last chunk's
+                # backward all-reduces the sum (one all-reduce per step, as with one chunk)
+                last = i == starts[-1]
+                with contextlib.nullcontext() if last else _no_sync(self._train_t):
+                    part = self._encode_text(self._train_t, prompts[i : i + size])
+                    part.backward(text.grad[i : i + size])
 
-        return self._sgd_step("text", self._text_loss(feats, text, y), then=through_the_encoder)
+        return self._sgd_step("text", self._text_loss(feats, text, y, weight, count),
+                              then=through_the_encoder)
 
-    def _text_loss(self, feats: torch.Tensor, text: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _text_loss(self, feats: torch.Tensor, text: torch.Tensor, y: torch.Tensor,
+                   weight: torch.Tensor | None = None, count: int | None = None) -> torch.Tensor:
         logits = self.config.logit_scale * feats @ text.T
-        return nn.functional.cross_entropy(logits, y)
+        return self._batch_loss(logits, y, weight, count or len(y))
 
-    def _step_visual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _step_visual(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
+                     count: int | None = None) -> torch.Tensor:
         with self._autocast():
-            feats = self.visual_copy.encode_image(x, normalize=True)
+            feats = self._train_v.encode_image(x, normalize=True)
         feats = feats.float()
         logits = self.config.logit_scale * feats @ self.centres.T
-        loss = nn.functional.cross_entropy(logits, y)
+        count = count or len(x)
+        loss = self._batch_loss(logits, y, weight, count)
         if self.config.visual_loss == "released":
             # The released code computes mean(CE * agree) / sum(agree) over its batch: the
             # visual encoder moves about batch-size times more slowly than the text side. On
             # reclip-digits this keeps ReCLIP-V from drifting with its own pseudo-label errors.
-            loss = loss / len(x)
+            # The global batch's count: a rank holds only part of it.
+            loss = loss / count
         return self._sgd_step("visual", loss)
 
     def _sgd_step(self, side: str, loss: torch.Tensor,
@@ -641,6 +774,51 @@ def _tower_params(model: nn.Module, *, visual: bool) -> dict[str, nn.Parameter]:
     if not keep:
         raise ValueError(f"the model's {'visual' if visual else 'text'} tower has no norm layers to tune")
     return keep
+
+
+class _Encoder(nn.Module):
+    """One tower of a model copy as a module whose forward is its encoder: what
+    DistributedDataParallel wraps, since its hooks fire only for graphs built by forward()."""
+
+    def __init__(self, model: nn.Module, visual: bool) -> None:
+        super().__init__()
+        self.model, self.visual = model, visual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.visual:
+            return self.model.encode_image(x, normalize=True)
+        return self.model.encode_text(x, normalize=True)
+
+
+class _DDPTower:
+    """A copy's tower under DistributedDataParallel, standing in for the copy where training
+    encodes (``encode_text`` / ``encode_image``, always normalised)."""
+
+    def __init__(self, model: nn.Module, *, visual: bool, device: torch.device) -> None:
+        # no buffer of the towers changes in training: syncing them every forward pass would
+        # only cost time (the flag was renamed in newer torch, which warns about the old one)
+        import inspect
+
+        ddp = nn.parallel.DistributedDataParallel
+        flag = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                else "broadcast_buffers")
+        self.ddp = ddp(_Encoder(model, visual),
+                       device_ids=[device.index] if device.type == "cuda" else None,
+                       **{flag: False})
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.ddp(tokens)
+
+    def encode_image(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.ddp(x)
+
+    def no_sync(self):
+        return self.ddp.no_sync()
+
+
+def _no_sync(model) -> contextlib.AbstractContextManager:
+    """DDP's no_sync() of a wrapped tower; nothing for a plain copy."""
+    return model.no_sync() if isinstance(model, _DDPTower) else contextlib.nullcontext()
 
 
 def _centres(feats: torch.Tensor, labels: np.ndarray, fallback: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,11 @@ an unreadable image stops adapt, predict and eval there, before any training ste
 --device (auto: CUDA when available), --amp (auto: bf16 on CUDA, off on the CPU), --workers
 and --lp-precision are checked first, before any model loads.
 
+Under torchrun (``torchrun --nproc_per_node=N -m reclip adapt ...``) adapt runs data-parallel
+on torch.distributed (see reclip.distributed): rank 0 prints, writes the checkpoints,
+predictions.tsv and report.json; an error line of another rank names the rank. predict and
+eval run in one process.
+
 Every user error (a missing file, an empty folder, a class list that does not match a
 checkpoint) ends with one line on stderr and exit status 2, never a traceback.
 """
@@ -190,7 +195,11 @@ def _class_lists(args) -> tuple[list[str], list[str] | None, list[str] | None]:
 
 
 def _say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    """A message of the run, from one process only: rank 0 of a distributed run."""
+    from .distributed import current
+
+    if current().main:
+        print(text, file=sys.stderr, flush=True)
 
 
 def _scores(logits, labels: np.ndarray) -> tuple[np.ndarray, float | None, float | None]:
@@ -287,8 +296,9 @@ def adapt(args) -> int:
         _say(f"epoch {e.epoch + 1}: agreement {e.agreement:.3f} trained {e.trained} {loss} {acc}")
 
     # the same labels as the zero-shot and final accuracies: all -1 (no accuracy) when unknown
-    clf.fit(data, out_dir=args.out, resume=args.resume, labels=labels, progress=not args.quiet,
-            log=log)
+    main = clf.world.main
+    clf.fit(data, out_dir=args.out, resume=args.resume, labels=labels,
+            progress=not args.quiet and main, log=log)
     report = {"command": "adapt", "images": len(data), "classes": len(classnames),
               "config": dataclasses.asdict(config), "epochs": clf.epoch,
               "iterations": clf.iterations, "zero_shot_accuracy": zs_acc,
@@ -298,14 +308,20 @@ def adapt(args) -> int:
     if not args.inductive:
         pred, acc, ece = _scores(clf.logits(data), labels)
         report["reclip_accuracy"] = acc
-        _write_predictions(data, pred, classnames, str(Path(args.out) / "predictions.tsv"))
+        if main:
+            _write_predictions(data, pred, classnames, str(Path(args.out) / "predictions.tsv"))
         if acc is not None:
             peak, peak_epoch = _peak(clf.history, acc, clf.epoch)
             report |= {"reclip_ece": ece, "final_accuracy": acc, "peak_accuracy": peak,
                        "peak_epoch": peak_epoch, "peak_uses_labels": True, "note": PEAK_NOTE}
             _say(f"reclip: accuracy {acc:.4f} (zero-shot {zs_acc:.4f})")
+    if clf.world.active:  # a collective: every rank hands its numbers to the report
+        report["distributed"] = clf.world.report()
+    report["world_size"] = clf.world.size
     report["seconds"] = round(time.time() - start, 2)
-    write_json(Path(args.out) / "report.json", report)
+    if main:
+        write_json(Path(args.out) / "report.json", report)
+    clf.world.barrier()  # no rank leaves (and tears the group down) before the report exists
     return 0
 
 
@@ -364,19 +380,42 @@ def demo(args) -> int:
     return 0
 
 
+def _join_torchrun(args) -> None:
+    """Under torchrun with more than one process, join its process group (adapt only):
+    --device then becomes this rank's device (see reclip.distributed.setup)."""
+    from . import distributed
+
+    size = distributed.requested_world()[0]
+    if size <= 1:
+        return
+    if args.command != "adapt":
+        raise ValueError(f"{args.command}: runs in one process; start it without torchrun "
+                         f"(WORLD_SIZE is {size})")
+    args.device = distributed.setup(args.device, "--device")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from . import distributed
+
     args = _parser().parse_args(argv)
     try:
         commands = {"demo": demo, "adapt": adapt, "predict": predict, "eval": evaluate}
         _check_runtime(args)
+        _join_torchrun(args)
         return commands[args.command](args)
     except USER_ERRORS as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"reclip {args.command}: error: {message}", file=sys.stderr)
+        world = distributed.current()
+        # every rank that fails says so: an error only one rank meets (a file missing on
+        # one node) must not go unexplained
+        rank = f" (rank {world.rank} of {world.size})" if world.active else ""
+        print(f"reclip {args.command}{rank}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"reclip {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -280,22 +280,43 @@ class ImageSet(Dataset):
         new.unchecked = "skip" if skip_bad else "stop"
         return new
 
-    def checking_batches(self, batch_size: int, num_workers: int = 0, pin_memory: bool = False):
+    def checking_batches(self, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
+                         *, indices: Sequence[int] | None = None,
+                         found: dict[int, str] | None = None):
         """The ``(images, labels, indices)`` batches of one pass in order, doing the deferred
         check of ``check_in_first_pass`` (see there); the readable items only. The set's
-        unreadable items are dropped once the pass is complete, so consume it to the end."""
+        unreadable items are dropped once the pass is complete, so consume it to the end.
+
+        A distributed pass reads only its rank's `indices` and collects the unreadable ones in
+        `found` (index -> why) instead of acting on them: every rank must stop, or drop the
+        same items, so the caller merges all ranks' findings and hands them to
+        ``settle_check``."""
         if self.unchecked is None:
             raise ValueError("checking_batches: the set has no deferred check")
+        sampler = None
+        if indices is not None:
+            items = list(indices)
+            sampler = BatchList([items[i : i + batch_size]
+                                 for i in range(0, len(items), batch_size)])
         dl = loader(_Tolerant(self), batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                    collate_fn=_collate_tolerant)
-        bad: dict[int, str] = {}
+                    collate_fn=_collate_tolerant, batch_sampler=sampler)
+        bad: dict[int, str] = {} if found is None else found
         for batch, errors in dl:
             for i, error in errors:
-                if self.unchecked == "stop":
+                if self.unchecked == "stop" and found is None:
                     raise ValueError(error)
                 bad[i] = error
             if batch is not None:
                 yield batch
+        if found is None:
+            self.settle_check(bad)
+
+    def settle_check(self, bad: dict[int, str]) -> None:
+        """End a deferred check that found `bad` (index -> why unreadable): ValueError naming
+        the first of them unless unreadable images are skipped, else drop them (in place)."""
+        if bad and self.unchecked == "stop":
+            more = f" [and {len(bad) - 1} more unreadable image(s)]" if len(bad) > 1 else ""
+            raise ValueError(bad[min(bad)] + more)
         if bad:
             self.__dict__.update(self._without(bad).__dict__)
         self.unchecked = None
