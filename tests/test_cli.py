@@ -16,6 +16,11 @@ period and colour, plus noise) with unequal counts (10 / 12 / 14), so that a wro
 folder-name -> class mapping changes the accuracy; the classes file lists them in another
 order than sorted. The seeds are chosen so that training really moves the predictions
 (non-zero losses, T / V disagreement), which keeps the resume tests from being vacuous.
+
+The adapt, report, resume, SIGKILL and bad-input tests run for both methods (``--method
+reclip`` and ``--method shot``): the jobs of a method other than ReCLIP are keyed and their
+runs named with a suffix (``job_key``). SHOT runs at a larger learning rate than its paper's
+1e-6, which would leave the tiny random ViT's predictions where they are.
 """
 from __future__ import annotations
 
@@ -63,6 +68,13 @@ TIMEOUT = 300
 NOTES = "a file of the user's that --out must not replace\n"
 PEAK_KEYS = ("final_accuracy", "peak_accuracy", "peak_epoch", "peak_uses_labels", "note")
 SOMEBAD_BROKEN = ["cat/empty.png", "dog/notes.jpg", "dog/truncated.jpg"]  # in sorted order
+# SHOT's learning rate here: its predictions on `data` move in each of the first 3 epochs
+# (larger ones collapse them to one class after an epoch, making epoch 1 equal epoch 3)
+SHOT_LR = "0.003"
+# method -> adapt's extra arguments
+METHODS = {"reclip": [], "shot": ["--method", "shot", "--lr", SHOT_LR]}
+# the jobs run once per method (the others only for ReCLIP)
+PER_METHOD = ("main", "resume", "kill", "kill_ref", "eval")
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -115,6 +127,21 @@ def adapt_args(data: str, out: str, *extra: str, classes: str = "classes.txt",
             "--seed", str(seed), "--quiet", *extra]
 
 
+def job_key(name: str, method: str = "reclip") -> str:
+    """The job (and run directory) `name` of `method`: ReCLIP's keep the plain name."""
+    return name if method == "reclip" or name not in PER_METHOD else f"{name}_{method}"
+
+
+def run_dir(name: str, method: str = "reclip") -> str:
+    """The run directory `name` of `method`: run_<name>, suffixed for other methods."""
+    return f"run_{name}" if method == "reclip" else f"run_{name}_{method}"
+
+
+def bad_key(case: str, method: str) -> str:
+    """The job of bad-input `case` run with `method`."""
+    return case if method == "reclip" else f"{case}_{method}"
+
+
 def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert r.returncode == 0, f"{r.args}\nexit {r.returncode}\nstderr:\n{r.stderr}"
     assert "Traceback" not in r.stderr
@@ -154,17 +181,19 @@ def parse_eval(text: str) -> tuple[float, float, int]:
 # ----------------------------------------------------------------------------------- the jobs
 
 
-def _main_run(ws: Path):
-    return cli(ws, *adapt_args("data", "run_main", "--epochs", "3"))
+def _main_run(ws: Path, method: str = "reclip"):
+    return cli(ws, *adapt_args("data", run_dir("main", method), "--epochs", "3",
+                               *METHODS[method]))
 
 
-def _resume_chain(ws: Path):
-    first = cli(ws, *adapt_args("data", "run_resume", "--epochs", "1"))
+def _resume_chain(ws: Path, method: str = "reclip"):
+    run = run_dir("resume", method)
+    first = cli(ws, *adapt_args("data", run, "--epochs", "1", *METHODS[method]))
     after_first = None
     if first.returncode == 0:
-        after_first = {"run": read_json(ws / "run_resume" / "run.json"),
-                       "predictions": (ws / "run_resume" / "predictions.tsv").read_text()}
-    second = cli(ws, *adapt_args("data", "run_resume", "--epochs", "3", "--resume"))
+        after_first = {"run": read_json(ws / run / "run.json"),
+                       "predictions": (ws / run / "predictions.tsv").read_text()}
+    second = cli(ws, *adapt_args("data", run, "--epochs", "3", "--resume", *METHODS[method]))
     return first, after_first, second
 
 
@@ -174,11 +203,14 @@ def _inductive_chain(ws: Path):
     return adapt, predict
 
 
-def _kill_chain(ws: Path):
-    """Start a 6-epoch run, SIGKILL it once its first checkpoint exists, resume it."""
-    run = ws / "run_killed"
-    args = adapt_args("killdata", "run_killed", "--epochs", str(KILL_EPOCHS), seed=KILL_SEED)
-    with open(ws / "killed.stderr", "w") as err:
+def _kill_chain(ws: Path, method: str = "reclip"):
+    """Start a 6-epoch run, SIGKILL it once its first checkpoint exists, keep a copy of that
+    checkpoint, resume the run."""
+    name = run_dir("killed", method)
+    run = ws / name
+    args = adapt_args("killdata", name, "--epochs", str(KILL_EPOCHS), *METHODS[method],
+                      seed=KILL_SEED)
+    with open(ws / f"{name}.stderr", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "reclip.cli", *args], cwd=ws, env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.monotonic() + TIMEOUT
@@ -195,19 +227,21 @@ def _kill_chain(ws: Path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    if (run / "run.json").exists():
+        shutil.copytree(run, ws / f"{name}_at_kill")
     state = {"alive_at_kill": alive, "returncode": returncode,
-             "stderr": (ws / "killed.stderr").read_text(),
+             "stderr": (ws / f"{name}.stderr").read_text(),
              "run_json": read_json(run / "run.json") if (run / "run.json").exists() else None,
              "finished_files": sorted(p.name for p in run.glob("*")
                                       if p.name in ("predictions.tsv", "report.json"))}
-    resumed = cli(ws, *adapt_args("killdata", "run_killed", "--epochs", str(KILL_EPOCHS),
-                                  "--resume", seed=KILL_SEED))
+    resumed = cli(ws, *adapt_args("killdata", name, "--epochs", str(KILL_EPOCHS), "--resume",
+                                  *METHODS[method], seed=KILL_SEED))
     return state, resumed
 
 
-def _kill_reference(ws: Path):
-    return cli(ws, *adapt_args("killdata", "run_kill_ref", "--epochs", str(KILL_EPOCHS),
-                               seed=KILL_SEED))
+def _kill_reference(ws: Path, method: str = "reclip"):
+    return cli(ws, *adapt_args("killdata", run_dir("kill_ref", method), "--epochs",
+                               str(KILL_EPOCHS), *METHODS[method], seed=KILL_SEED))
 
 
 def _ids_chain(ws: Path):
@@ -332,40 +366,63 @@ BAD_INPUTS = [
     ("predict-out-is-a-folder", "predict",
      ["predict", "--run", "notrun", "--data", "data", "--out", "emptydir"], "--out"),
 ]
+# adapt with a flag of the other method (every one is checked in process by
+# test_flags_of_the_other_method_are_refused), or a bad method or learning rate
+METHOD_INPUTS = [
+    ("shot-with-sides", "adapt", adapt_args("data", "r_bad", "--method", "shot", "--sides",
+                                            "visual"), "--sides"),
+    ("shot-with-no-label-sharing", "adapt",
+     adapt_args("data", "r_bad", "--method", "shot", "--no-label-sharing"), "--no-label-sharing"),
+    ("reclip-with-shot-beta", "adapt", adapt_args("data", "r_bad", "--shot-beta", "0.5"),
+     "--shot-beta"),
+    ("method-unknown", "adapt", adapt_args("data", "r_bad", "--method", "tent"), "--method"),
+    ("lr-zero", "adapt", adapt_args("data", "r_bad", "--lr", "0"), "--lr"),
+]
+# (id, command, arguments, text, method): every case of BAD_INPUTS, and its adapt cases once
+# more with --method shot
+BAD_CASES = [(case, command, argv, mentions, "reclip")
+             for case, command, argv, mentions in BAD_INPUTS + METHOD_INPUTS] + [
+    (case, command, [*argv, *METHODS["shot"]], mentions, "shot")
+    for case, command, argv, mentions in BAD_INPUTS if command == "adapt"]
 
-# Every job: key -> (function of the workspace, whether it reads run_main). In submission
-# order: the longest chains first, run_main before anything that reads it.
+# Every job: key -> (function of the workspace, the job whose run it reads or None). In
+# submission order: the longest chains first, a run before anything that reads it.
 JOBS = {
-    "kill": (_kill_chain, False),
-    "main": (_main_run, False),
-    "kill_ref": (_kill_reference, False),
-    "resume": (_resume_chain, False),
-    "inductive": (_inductive_chain, False),
-    "zero_epochs": (_zero_epochs_chain, False),
-    "ids": (_ids_chain, False),
-    "renamed": (lambda ws: cli(ws, *adapt_args("renamed", "run_renamed", "--epochs", "2")), False),
-    "skip_bad": (_skip_bad_chain, False),
+    **{job_key(name, method): (lambda ws, fn=fn, method=method: fn(ws, method), None)
+       for method in METHODS
+       for name, fn in (("kill", _kill_chain), ("main", _main_run),
+                        ("kill_ref", _kill_reference), ("resume", _resume_chain))},
+    "inductive": (_inductive_chain, None),
+    "zero_epochs": (_zero_epochs_chain, None),
+    "ids": (_ids_chain, None),
+    "renamed": (lambda ws: cli(ws, *adapt_args("renamed", "run_renamed", "--epochs", "2")), None),
+    "skip_bad": (_skip_bad_chain, None),
     "visual_only": (lambda ws: cli(ws, *adapt_args("data", "run_visual", "--epochs", "1",
-                                                   "--sides", "visual", "--inductive")), False),
-    "predict_stdout": (lambda ws: cli(ws, "predict", "--run", "run_main", "--data", "data"), True),
+                                                   "--sides", "visual", "--inductive")), None),
+    "predict_stdout": (lambda ws: cli(ws, "predict", "--run", "run_main", "--data", "data"),
+                       "main"),
     "predict_file": (lambda ws: cli(ws, "predict", "--run", "run_main", "--data", "data",
-                                    "--out", "pred.tsv"), True),
-    "eval": (lambda ws: cli(ws, "eval", "--run", "run_main", "--data", "data"), True),
-    "mismatch": (_mismatch, True),
+                                    "--out", "pred.tsv"), "main"),
+    **{job_key("eval", method): (lambda ws, method=method: cli(
+        ws, "eval", "--run", run_dir("main", method), "--data", "data"), job_key("main", method))
+       for method in METHODS},
+    "mismatch": (_mismatch, "main"),
     "preset": (lambda ws: cli(ws, "adapt", "--model", TINY_VIT, "--data", "data", "--preset",
-                              "cifar10", "--out", "run_preset", "--epochs", "2", "--quiet"), False),
-    **{case: ((lambda ws, argv=argv: cli(ws, *argv)), "run_main" in argv)
-       for case, _, argv, _ in BAD_INPUTS},
-    **{case: ((lambda ws, case=case: _spoiled_run(ws, case)), True) for case in RUN_EDITS},
-    "digits": (_digits_chain, False),
-    "help": (_help, False),
-    "adapt_help": (lambda ws: cli(ws, "adapt", "--help"), False),
+                              "cifar10", "--out", "run_preset", "--epochs", "2", "--quiet"), None),
+    **{bad_key(case, method): ((lambda ws, argv=argv: cli(ws, *argv)),
+                               "main" if "run_main" in argv else None)
+       for case, _, argv, _, method in BAD_CASES},
+    **{case: ((lambda ws, case=case: _spoiled_run(ws, case)), "main") for case in RUN_EDITS},
+    "digits": (_digits_chain, None),
+    "help": (_help, None),
+    "adapt_help": (lambda ws: cli(ws, "adapt", "--help"), None),
     "module_help": (lambda ws: subprocess.run([sys.executable, "-m", "reclip", "--help"], cwd=ws,
                                               env=ENV, capture_output=True, text=True,
-                                              timeout=TIMEOUT), False),
+                                              timeout=TIMEOUT), None),
 }
 
-# test -> the jobs it reads (test_bad_input_is_one_line_error: the job named by its case)
+# test -> the jobs it reads (test_bad_input_is_one_line_error: the job named by its case; a
+# test with a `method` parameter: that method's jobs, see job_key)
 TEST_JOBS = {
     "test_adapt_writes_run_report_and_predictions": ["main"],
     "test_predict_matches_adapt_and_is_stable": ["predict_stdout", "predict_file"],
@@ -381,6 +438,7 @@ TEST_JOBS = {
     "test_resume_equals_uninterrupted": ["main", "resume"],
     "test_sigkill_mid_run_then_resume_equals_uninterrupted": ["kill", "kill_ref"],
     "test_resume_with_other_class_list_is_refused": ["mismatch"],
+    "test_resume_with_the_other_method_is_refused": ["main_shot"],
     "test_out_naming_a_file_leaves_it_alone": ["out-is-a-file"],
     "test_help": ["help", "adapt_help", "module_help"],
     "test_shipped_digits_model_on_a_digit_folder": ["digits"],
@@ -394,17 +452,16 @@ class Jobs:
         self.ws = ws
         self.pool = ThreadPoolExecutor(max_workers=3)
         self.futures = {}
-        if any(JOBS[k][1] for k in wanted):
-            wanted = wanted | {"main"}
-        for key, (fn, reads_main) in JOBS.items():  # dict order = submission order
+        wanted = wanted | {JOBS[k][1] for k in wanted if JOBS[k][1]}
+        for key, (fn, reads) in JOBS.items():  # dict order = submission order
             if key in wanted:
-                self.futures[key] = (self.pool.submit(self._after_main, ws, fn) if reads_main
+                self.futures[key] = (self.pool.submit(self._after, reads, ws, fn) if reads
                                      else self.pool.submit(fn, ws))
 
-    def _after_main(self, ws: Path, fn):
-        # "main" was submitted before every job that reads it, so it is running or done when
-        # this starts: waiting for it cannot deadlock the pool.
-        self.futures["main"].result()
+    def _after(self, reads: str, ws: Path, fn):
+        # the run a job reads was submitted before it, so it is running or done when this
+        # starts: waiting for it cannot deadlock the pool.
+        self.futures[reads].result()
         return fn(ws)
 
     def result(self, key):
@@ -447,8 +504,13 @@ def jobs(request, tmp_path_factory):
     for item in request.session.items:
         if getattr(item, "module", None) is request.module:
             callspec = getattr(item, "callspec", None)
-            case = callspec.params.get("case") if callspec else None
-            wanted.update([case] if case else TEST_JOBS.get(item.originalname, []))
+            params = callspec.params if callspec else {}
+            method = params.get("method", "reclip")
+            if "case" in params:
+                wanted.add(bad_key(params["case"], method) if "command" in params
+                           else params["case"])
+            else:
+                wanted.update(job_key(k, method) for k in TEST_JOBS.get(item.originalname, []))
     ws = tmp_path_factory.mktemp("cli")
     _make_workspace(ws)
     j = Jobs(ws, wanted)
@@ -459,30 +521,39 @@ def jobs(request, tmp_path_factory):
 # ----------------------------------------------------------------------------------- 1. adapt
 
 
-def test_adapt_writes_run_report_and_predictions(jobs):
+@pytest.mark.parametrize("method", METHODS)
+def test_adapt_writes_run_report_and_predictions(jobs, method):
     ws = jobs.ws
-    r = ok(jobs.result("main"))
-    run = ws / "run_main"
+    r = ok(jobs.result(job_key("main", method)))
+    run = ws / run_dir("main", method)
     meta = read_json(run / "run.json")
     assert meta["classnames"] == CLASSES
-    assert meta["epoch"] == 3
+    assert meta["epoch"] == 3 and meta["config"]["method"] == method
 
     report = read_json(run / "report.json")
-    assert {"zero_shot_accuracy", "reclip_accuracy", "history"} <= report.keys()
+    accuracy = f"{method}_accuracy"  # reclip_accuracy or shot_accuracy
+    assert {"zero_shot_accuracy", accuracy, "history"} <= report.keys()
+    assert report["method"] == method and not {"reclip_accuracy", "shot_accuracy"} - {accuracy} \
+        & report.keys()
+    assert report["learning_rate"] == (1e-3 if method == "reclip" else float(SHOT_LR))
     assert len(report["history"]) == 3
     assert [h["epoch"] for h in report["history"]] == [0, 1, 2]
-    fractions = [report["zero_shot_accuracy"], report["reclip_accuracy"]]
+    fractions = [report["zero_shot_accuracy"], report[accuracy]]
     for h in report["history"]:
         fractions.append(h["agreement"])
         fractions.extend(h["accuracy"].values())
     assert all(isinstance(f, float) and 0.0 <= f <= 1.0 for f in fractions), fractions
     # the fixture really trains (otherwise the resume tests below would prove nothing)
-    assert any((h["loss_text"] or 0) > 0 for h in report["history"]), report["history"]
+    if method == "reclip":
+        assert any((h["loss_text"] or 0) > 0 for h in report["history"]), report["history"]
+    else:  # SHOT trains only the visual side; its loss can be negative (the diversity term)
+        assert all(h["loss_text"] is None and h["loss_visual"] != 0 for h in report["history"])
+        assert all({"pseudo_shot", "combined"} == h["accuracy"].keys() for h in report["history"])
 
     rows = parse_predictions((run / "predictions.tsv").read_text())
     assert [p for p, _ in rows] == expected_paths("data", CLASS_COUNTS)
     assert {name for _, name in rows} <= set(CLASSES)
-    assert report["reclip_accuracy"] == pytest.approx(accuracy_of(rows))
+    assert report[accuracy] == pytest.approx(accuracy_of(rows))
 
     epoch_lines = [ln for ln in r.stderr.splitlines() if ln.startswith("epoch ")]
     assert [ln.split(":")[0] for ln in epoch_lines] == ["epoch 1", "epoch 2", "epoch 3"], r.stderr
@@ -524,15 +595,16 @@ def test_eval_accuracy_uses_folder_names_not_folder_order(jobs):
     assert abs(wrong - expected) > 1e-3, "fixture cannot distinguish the folder mapping"
 
 
-def test_report_calibration_and_peak_epoch(jobs):
+@pytest.mark.parametrize("method", METHODS)
+def test_report_calibration_and_peak_epoch(jobs, method):
     """With labels, report.json holds both ECEs and the oracle peak of the per-epoch combined
     accuracies and the final one; eval's ECE on the adaptation images is the report's."""
-    ok(jobs.result("main"))
-    report = read_json(jobs.ws / "run_main" / "report.json")
-    for key in ("zero_shot_ece", "reclip_ece"):
+    ok(jobs.result(job_key("main", method)))
+    report = read_json(jobs.ws / run_dir("main", method) / "report.json")
+    for key in ("zero_shot_ece", f"{method}_ece"):
         assert isinstance(report[key], float) and 0.0 <= report[key] <= 1.0, report[key]
     final = report["final_accuracy"]
-    assert final == report["reclip_accuracy"]
+    assert final == report[f"{method}_accuracy"]
     # what the lines "epoch 1..3" score (the models after 0, 1, 2 epochs), then the final model
     scored = [h["accuracy"]["combined"] for h in report["history"]] + [final]
     assert len(scored) == 4
@@ -542,9 +614,13 @@ def test_report_calibration_and_peak_epoch(jobs):
     assert isinstance(report["note"], str) and "oracle" in report["note"]
     assert "\n" not in report["note"]
 
-    accuracy, ece, _ = parse_eval(ok(jobs.result("eval")).stdout)
+    accuracy, ece, _ = parse_eval(ok(jobs.result(job_key("eval", method))).stdout)
     assert accuracy == pytest.approx(final, abs=5e-5)
-    assert ece == pytest.approx(report["reclip_ece"], abs=5e-5)
+    assert ece == pytest.approx(report[f"{method}_ece"], abs=5e-5)
+    if method == "shot":
+        # SHOT's epoch 1 scores the unadapted model: zero-shot CLIP
+        assert report["history"][0]["accuracy"]["combined"] == report["zero_shot_accuracy"]
+        return
 
     # folders that are not all classes: no labels, so no ECE and no peak
     renamed = read_json(jobs.ws / "run_renamed" / "report.json")
@@ -717,21 +793,23 @@ def test_skip_bad_images(jobs):
 # ----------------------------------------------------------------------------------- 6. resume
 
 
-def test_resume_equals_uninterrupted(jobs):
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_equals_uninterrupted(jobs, method):
     ws = jobs.ws
-    ok(jobs.result("main"))
-    first, after_first, second = jobs.result("resume")
+    ok(jobs.result(job_key("main", method)))
+    first, after_first, second = jobs.result(job_key("resume", method))
     ok(first)
     ok(second)
     assert after_first["run"]["epoch"] == 1
-    reference = (ws / "run_main" / "predictions.tsv").read_text()
+    main_run, resume_run = ws / run_dir("main", method), ws / run_dir("resume", method)
+    reference = (main_run / "predictions.tsv").read_text()
     # after one epoch the predictions still differ, so equality below is earned by resuming
     assert after_first["predictions"] != reference, "fixture: epoch 1 already equals epoch 3"
-    assert (ws / "run_resume" / "predictions.tsv").read_text() == reference
-    assert read_json(ws / "run_resume" / "run.json")["epoch"] == 3
-    report = read_json(ws / "run_resume" / "report.json")
+    assert (resume_run / "predictions.tsv").read_text() == reference
+    assert read_json(resume_run / "run.json")["epoch"] == 3
+    report = read_json(resume_run / "report.json")
     assert [h["epoch"] for h in report["history"]] == [0, 1, 2]
-    main = read_json(ws / "run_main" / "report.json")
+    main = read_json(main_run / "report.json")
     assert report["history"] == main["history"]
     # the peak ranges over the whole run, the epochs before the resume included
     assert {k: report[k] for k in PEAK_KEYS} == {k: main[k] for k in PEAK_KEYS}
@@ -742,25 +820,41 @@ def test_resume_equals_uninterrupted(jobs):
 # ----------------------------------------------------------------------------------- 7. SIGKILL
 
 
-def test_sigkill_mid_run_then_resume_equals_uninterrupted(jobs):
+def _visual_tensors(run: Path) -> dict[str, np.ndarray]:
+    """The trained visual tensors of a run (safetensors' numpy reader: no torch here)."""
+    from safetensors.numpy import load_file
+
+    tensors = load_file(run / read_json(run / "run.json")["tensors"])
+    return {k: v for k, v in tensors.items() if k.startswith("visual.")}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(jobs, method):
     ws = jobs.ws
-    state, resumed = jobs.result("kill")
-    reference = ok(jobs.result("kill_ref"))
+    state, resumed = jobs.result(job_key("kill", method))
+    reference = ok(jobs.result(job_key("kill_ref", method)))
+    killed, ref = ws / run_dir("killed", method), ws / run_dir("kill_ref", method)
     assert state["alive_at_kill"], f"run ended before it could be killed:\n{state['stderr']}"
     assert state["returncode"] == -signal.SIGKILL
     assert state["run_json"] is not None, "killed before the first checkpoint"
     assert 1 <= state["run_json"]["epoch"] < KILL_EPOCHS, state["run_json"]["epoch"]
     assert state["finished_files"] == []  # it never got to the end
     ok(resumed)
-    assert read_json(ws / "run_killed" / "run.json")["epoch"] == KILL_EPOCHS
-    ref_report = read_json(ws / "run_kill_ref" / "report.json")
-    assert any((h["loss_text"] or 0) > 0 for h in ref_report["history"])
+    assert read_json(killed / "run.json")["epoch"] == KILL_EPOCHS
+    ref_report = read_json(ref / "report.json")
+    loss = "loss_text" if method == "reclip" else "loss_visual"
+    assert any(abs(h[loss] or 0) > 0 for h in ref_report["history"])
     assert len(ref_report["history"]) == KILL_EPOCHS
-    got = (ws / "run_killed" / "predictions.tsv").read_text()
-    want = (ws / "run_kill_ref" / "predictions.tsv").read_text()
+    got = (killed / "predictions.tsv").read_text()
+    want = (ref / "predictions.tsv").read_text()
     assert len(want.splitlines()) == sum(KILL_COUNTS.values())
     assert got == want
-    assert read_json(ws / "run_killed" / "report.json")["history"] == ref_report["history"]
+    assert read_json(killed / "report.json")["history"] == ref_report["history"]
+    # the trained weights: moved after the checkpoint the kill left, equal to the reference's
+    at_kill, final = _visual_tensors(Path(f"{killed}_at_kill")), _visual_tensors(killed)
+    assert final.keys() == at_kill.keys() == _visual_tensors(ref).keys()
+    assert any(not np.array_equal(at_kill[k], final[k]) for k in final)
+    assert all(np.array_equal(v, _visual_tensors(ref)[k]) for k, v in final.items())
     assert reference.returncode == 0
 
 
@@ -777,10 +871,29 @@ def _assert_one_line_error(r: subprocess.CompletedProcess, command: str, mention
         assert mentions in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("case,command,argv,mentions", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_is_one_line_error(jobs, case, command, argv, mentions):
-    _assert_one_line_error(jobs.result(case), command, mentions)
+@pytest.mark.parametrize("case,command,argv,mentions,method", BAD_CASES,
+                         ids=[bad_key(c[0], c[4]) for c in BAD_CASES])
+def test_bad_input_is_one_line_error(jobs, case, command, argv, mentions, method):
+    _assert_one_line_error(jobs.result(bad_key(case, method)), command, mentions)
     assert not (jobs.ws / "r_bad" / "run.json").exists()
+
+
+def test_flags_of_the_other_method_are_refused(capsys, tmp_path):
+    """Each flag of one method, given with the other, is a one-line error naming it, before
+    anything is read or loaded (the classes file does not even exist)."""
+    from reclip import cli as reclip_cli
+
+    values = {"--projection": ["P1"], "--sides": ["visual"], "--no-label-sharing": [],
+              "--visual-loss": ["mean"], "--lp-precision": ["exact"], "--shot-beta": ["0.5"],
+              "--shot-params": ["norms"]}
+    assert values.keys() == reclip_cli.METHOD_FLAGS.keys()
+    for flag, (_, method) in reclip_cli.METHOD_FLAGS.items():
+        other = "shot" if method == "reclip" else "reclip"
+        argv = ["adapt", "--model", TINY_VIT, "--data", str(tmp_path), "--classes", "none.txt",
+                "--out", str(tmp_path / "run"), "--method", other, flag, *values[flag]]
+        assert reclip_cli.main(argv) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"reclip adapt: error: {flag}: "), err
 
 
 @pytest.mark.parametrize("case", RUN_EDITS)
@@ -812,6 +925,23 @@ def test_internal_type_or_key_error_shows_its_traceback(monkeypatch, tmp_path):
 def test_out_naming_a_file_leaves_it_alone(jobs):
     _assert_one_line_error(jobs.result("out-is-a-file"), "adapt", "notes.txt")
     assert (jobs.ws / "notes.txt").read_text() == NOTES
+
+
+def test_resume_with_the_other_method_is_refused(jobs, capsys):
+    """--resume of a SHOT run without --method shot: one line naming the run and the method,
+    before any model loads, and the run is left alone."""
+    from reclip import cli as reclip_cli
+
+    ok(jobs.result("main_shot"))
+    run = jobs.ws / "run_method_mismatch"
+    shutil.copytree(jobs.ws / run_dir("main", "shot"), run)
+    before = (run / "run.json").read_text()
+    argv = adapt_args(str(jobs.ws / "data"), str(run), "--epochs", "4", "--resume",
+                      classes=str(jobs.ws / "classes.txt"))
+    assert reclip_cli.main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and str(run) in err[0] and "--method shot" in err[0], err
+    assert (run / "run.json").read_text() == before
 
 
 def test_resume_with_other_class_list_is_refused(jobs):

@@ -2,7 +2,8 @@
 
 The pipeline on top of the compiled label-propagation engine ``reclip_ext``: projection of
 the embedding space (``projection``), pseudo labels (``pseudo_labels``), LayerNorm
-self-training of a text and a visual copy of the model with label sharing (``adapt``),
+self-training of a text and a visual copy of the model with label sharing, and the SHOT
+baseline as ``Config(method="shot")`` (``adapt``),
 checkpoints (``checkpoint``), model loading without network access (``models``), prompts
 and benchmark presets (``prompts``), image inputs (``data``) and the ``reclip`` command
 (``cli``).

@@ -1,4 +1,5 @@
-"""ReCLIP self-training (§3.3-3.4): two copies of the model, each tuning only its norm layers.
+"""ReCLIP self-training (§3.3-3.4): two copies of the model, each tuning only its norm layers;
+and the SHOT baseline (``Config.method="shot"``) on the same runner.
 
 ReCLIP-T adapts the text encoder: on frozen visual features, pseudo labels come from label
 propagation in a projection rebuilt each epoch from the adapted class embeddings, and the
@@ -7,6 +8,14 @@ template, with gradients). ReCLIP-V adapts the visual encoder: pseudo labels com
 propagation of its current features with the initial projection and class nodes, and the loss
 is cross-entropy against the pseudo-label class centres. With label sharing each epoch trains
 both on the images whose two pseudo labels agree. Prediction averages both sides' logits.
+
+SHOT (Liang et al., ICML 2020), run for CLIP as the ReCLIP paper's baseline: the classifier is
+the frozen zero-shot class embeddings (``nodes_v``, which stay the visual side's ``centres``),
+and only the visual copy trains (its whole visual tower by default, or its norm layers) on
+SHOT's information-maximisation loss plus beta x cross-entropy against SHOT's cluster pseudo
+labels, recomputed from the current features at the start of every epoch
+(:func:`shot_pseudo_labels`, :func:`shot_loss`). The text copy never trains; prediction,
+checkpoints and resuming are those of ReCLIP-V.
 
 Everything runs on ``Config.device``: both model copies, every image and text pass, the class
 embeddings and projections, and label propagation (features stay there; only the pseudo labels
@@ -41,17 +50,24 @@ from .prompts import DEFAULT_TEMPLATES, check_folders, format_prompts
 
 SIDES = ("both", "text", "visual")
 VISUAL_LOSSES = ("released", "mean")
+METHODS = ("reclip", "shot")
+SHOT_PARAMS = ("encoder", "norms")
+#: the learning rate each method's paper used (Config.lr None means this one)
+PAPER_LR = {"reclip": 1e-3, "shot": 1e-6}
 
 
 @dataclass
 class Config:
     """Hyper-parameters; the defaults are the paper's."""
 
+    #: "reclip", or "shot": the SHOT baseline (only the visual copy trains; see the module doc)
+    method: str = "reclip"
     k: int = 20  #: neighbours in the propagation graph
     alpha: float = 0.99  #: propagation strength
     weight: str = "shift"  #: edge weight ((1+s)/2, the authors' code) or "relu" (max(s,0))
     projection: str = "P2"  #: "P0", "P1" or "P2"
-    lr: float = 1e-3
+    #: SGD learning rate; None: the method's paper value (PAPER_LR: 1e-3 ReCLIP, 1e-6 SHOT)
+    lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 1e-4
     batch_size: int | None = None  #: None: 64, or 32 above 200 classes
@@ -60,11 +76,17 @@ class Config:
     many_classes: int = 500  #: above this, pseudo labels are model predictions
     pseudo_labels: str = "auto"  #: "auto", "propagation" or "prediction"
     label_sharing: bool = True
-    sides: str = "both"  #: "both" (ReCLIP), "text" (ReCLIP-T) or "visual" (ReCLIP-V)
+    #: "both" (ReCLIP), "text" (ReCLIP-T) or "visual" (ReCLIP-V; what method "shot" sets)
+    sides: str = "both"
     #: ReCLIP-V's loss: "released" as in the authors' released code (the batch-mean
     #: cross-entropy divided once more by the batch's image count) or "mean" (the paper's formula)
     visual_loss: str = "released"
     logit_scale: float = 100.0
+    #: SHOT: weight of the cross-entropy against its cluster pseudo labels (SHOT's default)
+    shot_beta: float = 0.3
+    #: SHOT: what trains in the visual copy: "encoder" (every visual-tower parameter, as SHOT
+    #: trains its whole feature extractor) or "norms" (its norm layers, as ReCLIP-V)
+    shot_params: str = "encoder"
     seed: int = 0
     #: images or prompts per forward pass; also the prompt chunk of ReCLIP-T's training step,
     #: which bounds its memory (see docs/design.md, "Memory")
@@ -80,6 +102,20 @@ class Config:
     lp_precision: str = "exact"
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.shot_params not in SHOT_PARAMS:
+            raise ValueError(f"shot_params must be one of {SHOT_PARAMS}, got {self.shot_params!r}")
+        if self.method == "shot":
+            if self.sides == "text":
+                raise ValueError("sides: method 'shot' trains only the visual encoder, so sides "
+                                 "'text' has no meaning for it")
+            self.sides = "visual"  # SHOT's model is the visual side alone (training, prediction)
+        if self.lr is not None and not (isinstance(self.lr, (int, float))
+                                        and 0 < self.lr < math.inf):
+            raise ValueError(f"lr must be a positive number or None, got {self.lr!r}")
+        if not (isinstance(self.shot_beta, (int, float)) and 0 <= self.shot_beta < math.inf):
+            raise ValueError(f"shot_beta must be a finite number >= 0, got {self.shot_beta!r}")
         if self.projection not in projection.MODES:
             raise ValueError(f"projection must be one of {projection.MODES}, got {self.projection!r}")
         if self.sides not in SIDES:
@@ -104,6 +140,11 @@ class Config:
 
     def batch_for(self, classes: int) -> int:
         return self.batch_size or (32 if classes > 200 else 64)
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate the optimiser uses: `lr`, or the method's paper value."""
+        return PAPER_LR[self.method] if self.lr is None else self.lr
 
 
 #: settings of the machine that runs a model rather than of the run: ReCLIP.load takes them
@@ -163,8 +204,13 @@ class ReCLIP:
         # the caller's model stays where it is (load_model leaves it on the CPU)
         self.text_copy = copy.deepcopy(model.model).eval().to(self.device)
         self.visual_copy = copy.deepcopy(model.model).eval().to(self.device)
-        self.text_params = _tower_params(self.text_copy, visual=False)
-        self.visual_params = _tower_params(self.visual_copy, visual=True)
+        if self.config.method == "shot":
+            self.text_copy.requires_grad_(False)  # SHOT never trains the text side
+            self.text_params: dict[str, nn.Parameter] = {}
+            self.visual_params = _shot_params(self.visual_copy, self.config.shot_params)
+        else:
+            self.text_params = _tower_params(self.text_copy, visual=False)
+            self.visual_params = _tower_params(self.visual_copy, visual=True)
         self.history: list[EpochLog] = []
         self.epoch = 0
         self.iterations = 0
@@ -176,7 +222,7 @@ class ReCLIP:
         # them), and the T side keeps this one until it rebuilds it (never, for ReCLIP-V)
         self.basis_t = None if self.basis_v is None else self.basis_v.clone()
         self.centres = self.nodes_v.clone()
-        self._opt_t = self._optimizer(self.text_params)
+        self._opt_t = self._optimizer(self.text_params) if self.text_params else None
         self._opt_v = self._optimizer(self.visual_params)
         # fp16 gradients underflow without loss scaling; bf16 has float32's exponent range
         self._scalers = {side: torch.amp.GradScaler(self.device.type)
@@ -187,6 +233,10 @@ class ReCLIP:
         self._frozen: tuple[Any, torch.Tensor] | None = None
         # torchrun's process group, if this process is one of several (see distributed.py)
         self.world = distributed.current()
+        if self.world.active and self.config.method == "shot":
+            # its diversity term is a function of the whole batch's mean prediction, which no
+            # rank's part of a split batch has: a data-parallel SHOT would be another loss
+            raise ValueError("method: 'shot' runs in a single process; start it without torchrun")
         # what trains: the copies themselves, or in a distributed run their DDP-wrapped
         # towers (set up by fit), whose forward passes all-reduce the gradients
         self._train_t: Any = self.text_copy
@@ -198,7 +248,7 @@ class ReCLIP:
 
     def _optimizer(self, params: dict[str, nn.Parameter]) -> torch.optim.SGD:
         c = self.config
-        return torch.optim.SGD(list(params.values()), lr=c.lr, momentum=c.momentum,
+        return torch.optim.SGD(list(params.values()), lr=c.learning_rate, momentum=c.momentum,
                                weight_decay=c.weight_decay)
 
     def _prompts(self, first_only: bool) -> list[str]:
@@ -342,7 +392,11 @@ class ReCLIP:
             for epoch in _progress(range(self.epoch, c.max_epochs), progress, "epochs"):
                 if self.iterations >= c.max_iterations:
                     break
-                entry = self._epoch(data, frozen, epoch, batch, truth if known else None, loaders)
+                if c.method == "shot":
+                    entry = self._epoch_shot(data, epoch, batch, truth if known else None, loaders)
+                else:
+                    entry = self._epoch(data, frozen, epoch, batch, truth if known else None,
+                                        loaders)
                 self.history.append(entry)
                 self.epoch = epoch + 1
                 if log:
@@ -396,18 +450,13 @@ class ReCLIP:
             agree = np.ones(len(data), bool)
             keep = agree
         target = labels_t if labels_t is not None else labels_v
-        index = np.flatnonzero(keep)
-        g = torch.Generator().manual_seed(c.seed * 100_003 + epoch)
-        order = index[torch.randperm(len(index), generator=g).numpy()]
-        steps = min(math.ceil(len(order) / batch), c.max_iterations - self.iterations)
-        batches = [order[s * batch : (s + 1) * batch] for s in range(steps)]
+        batches = self._epoch_batches(np.flatnonzero(keep), epoch, batch)
+        steps = len(batches)
         # this rank's contiguous part of each global batch, and the weight of its items (see
         # _rank_parts); a single process takes the whole batch with weight None
         parts = self._rank_parts(batches)
-        images = None
-        if use_v and steps:
-            loaders["order"].batches = [idx.tolist() for idx, _ in parts]
-            images = iter(loaders["train"])
+        images = (self._train_images([idx for idx, _ in parts], loaders) if use_v and steps
+                  else None)
         # summed on the device: a float() per step would make the host wait for every step
         loss_t = loss_v = torch.zeros((), device=self.device)
         start, trained = time.perf_counter(), 0
@@ -420,13 +469,7 @@ class ReCLIP:
                 loss_t += self._step_text(frozen[torch.as_tensor(idx).to(self.device)], y,
                                           **part)
             if use_v:
-                x, _, got = next(images)
-                # y holds the pseudo labels of idx: a loader yielding other items would
-                # train on wrong targets without any other sign
-                if not np.array_equal(got.numpy(), idx):
-                    raise RuntimeError(f"training batch holds items {got[:5].tolist()}..., "
-                                       f"expected {idx[:5].tolist()}...")
-                loss_v += self._step_visual(self._to_device(x), y, **part)
+                loss_v += self._step_visual(next(images), y, **part)
             trained += len(idx) if weight is None else int(weight.sum())
         if self.world.active:
             # each rank's losses are world_size times its share of the batch means
@@ -439,7 +482,7 @@ class ReCLIP:
             self.world.work["train_seconds"] += time.perf_counter() - start
         self.iterations += steps
         entry = EpochLog(epoch=epoch, iterations=self.iterations, agreement=float(agree.mean()),
-                         trained=int(min(len(order), steps * batch)),
+                         trained=sum(len(b) for b in batches),
                          loss_text=float(loss_t) / steps if use_t and steps else None,
                          loss_visual=float(loss_v) / steps if use_v and steps else None)
         if truth is not None:
@@ -461,6 +504,56 @@ class ReCLIP:
                 entry.accuracy[name] = _accuracy(logits, truth)
             entry.accuracy["combined"] = _accuracy(sum(side_logits.values()), truth)
         return entry
+
+    def _epoch_shot(self, data, epoch: int, batch: int, truth: np.ndarray | None,
+                    loaders: dict) -> EpochLog:
+        """One epoch of SHOT: cluster pseudo labels of the current visual features, then SGD
+        on the information-maximisation loss + beta x their cross-entropy over every image."""
+        feats = self._encode_images(self.visual_copy, data, loaders["encode"])
+        # the frozen zero-shot classifier: `centres` stays `nodes_v` for SHOT
+        logits = self.config.logit_scale * feats @ self.centres.T
+        labels = shot_pseudo_labels(feats, logits)
+        batches = self._epoch_batches(np.arange(len(data)), epoch, batch)
+        images = self._train_images(batches, loaders) if batches else None
+        loss = torch.zeros((), device=self.device)
+        for idx in _progress(batches, self._bars, "train", leave=False):
+            loss += self._step_shot(next(images), torch.as_tensor(labels[idx]).to(self.device))
+        self.iterations += len(batches)
+        entry = EpochLog(epoch=epoch, iterations=self.iterations, agreement=1.0,
+                         trained=sum(len(b) for b in batches),
+                         loss_visual=float(loss) / len(batches) if batches else None)
+        if truth is not None:
+            truth = np.asarray(truth)
+            entry.accuracy["pseudo_shot"] = float((labels == truth).mean())
+            # the model as it entered this epoch (SHOT's classifier on these features)
+            entry.accuracy["combined"] = _accuracy(logits, truth)
+        return entry
+
+    def _epoch_batches(self, index: np.ndarray, epoch: int, batch: int) -> list[np.ndarray]:
+        """The epoch's training batches: `index` in a permutation seeded by (seed, epoch), so a
+        resumed run trains on what an uninterrupted one would, cut to the iterations left."""
+        c = self.config
+        g = torch.Generator().manual_seed(c.seed * 100_003 + epoch)
+        order = index[torch.randperm(len(index), generator=g).numpy()]
+        steps = min(math.ceil(len(order) / batch), c.max_iterations - self.iterations)
+        return [order[s * batch : (s + 1) * batch] for s in range(steps)]
+
+    def _train_images(self, batches: list[np.ndarray], loaders: dict):
+        """An iterator over the images of `batches` on the device, in order, through fit's
+        training DataLoader (its batch sampler set to these batches)."""
+        loaders["order"].batches = [b.tolist() for b in batches]
+        pairs = zip(batches, loaders["train"])  # the loader starts now, not at the first step
+
+        def images():
+            for idx, (x, _, got) in pairs:
+                # the caller's targets are those of idx: a loader yielding other items would
+                # train on wrong targets without any other sign
+                if not np.array_equal(got.numpy(), idx):
+                    raise RuntimeError(f"training batch holds items {got[:5].tolist()}..., "
+                                       f"expected {idx[:5].tolist()}...")
+                yield self._to_device(x)
+
+        return images()
 
     def _pseudo(self, feats: torch.Tensor, nodes: torch.Tensor, u) -> np.ndarray:
         """Pseudo labels of `feats` (every rank holds the same, all-gathered features).
@@ -560,6 +653,12 @@ class ReCLIP:
             loss = loss / count
         return self._sgd_step("visual", loss)
 
+    def _step_shot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            feats = self.visual_copy.encode_image(x, normalize=True)
+        logits = self.config.logit_scale * feats.float() @ self.centres.T
+        return self._sgd_step("visual", shot_loss(logits, y, self.config.shot_beta))
+
     def _sgd_step(self, side: str, loss: torch.Tensor,
                   then: Callable[[], None] | None = None) -> torch.Tensor:
         """One SGD step of `side` on `loss` (then `then`, which may add more gradients), with
@@ -582,7 +681,7 @@ class ReCLIP:
     @torch.no_grad()
     def logits(self, images: Any) -> torch.Tensor:
         """(n, m) combined logits on the device: the mean of the T and V sides' (per
-        Config.sides)."""
+        Config.sides; SHOT's are the V side's, with the zero-shot class embeddings)."""
         data = _images_arg(images, self.loaded.preprocess)
         sides = []
         dl = None  # one loader (one set of workers) for both passes
@@ -683,6 +782,7 @@ class ReCLIP:
                  rng: bool = False) -> None:
         tensors, meta = saved
         check_meta(meta, where, self.classnames)
+        check_method(meta, where, self.config.method, self.config.shot_params)
         self._frozen = None  # base weights below may replace the T copy's visual tower
 
         def tensor(key: str, like: torch.Tensor | None, required: bool = True):
@@ -765,6 +865,20 @@ def check_meta(meta: dict[str, Any], where, classnames: list[str] | None = None)
         check_folders(folders, meta["classnames"], source=f"{where}: run.json folders")
 
 
+def check_method(meta: dict[str, Any], where, method: str, shot_params: str) -> None:
+    """A run (metadata checked by check_meta) continues only with the method and the trained
+    parameters (SHOT's shot_params) it was made with: another one holds other tensors, or the
+    same ones trained for another loss (ValueError naming `where` otherwise)."""
+    saved = meta["config"]
+    made = saved.get("method", "reclip")  # runs written before SHOT existed are ReCLIP runs
+    if made != method:
+        raise ValueError(f"{where}: the run was made with method {made!r}, not {method!r}; "
+                         f"continue it with --method {made}")
+    if made == "shot" and saved.get("shot_params") != shot_params:
+        raise ValueError(f"{where}: the run trains shot_params {saved.get('shot_params')!r}, "
+                         f"not {shot_params!r}")
+
+
 def _tower_params(model: nn.Module, *, visual: bool) -> dict[str, nn.Parameter]:
     """Freeze everything, then unfreeze the norm layers of one tower (visual or text)."""
     norms = freeze_except_norms(model)
@@ -819,6 +933,72 @@ class _DDPTower:
 def _no_sync(model) -> contextlib.AbstractContextManager:
     """DDP's no_sync() of a wrapped tower; nothing for a plain copy."""
     return model.no_sync() if isinstance(model, _DDPTower) else contextlib.nullcontext()
+
+
+def _shot_params(model: nn.Module, which: str) -> dict[str, nn.Parameter]:
+    """Freeze everything but what SHOT trains in `model`: the whole visual tower ("encoder":
+    SHOT adapts its entire feature extractor and keeps only the classifier fixed, and here the
+    classifier is the class embeddings) or its norm layers ("norms", ReCLIP-V's choice: far
+    fewer parameters, a smaller checkpoint, and less room to drift)."""
+    if which == "norms":
+        return _tower_params(model, visual=True)
+    keep = {k: p for k, p in model.named_parameters() if k.startswith("visual.")}
+    for k, p in model.named_parameters():
+        p.requires_grad_(k in keep)
+    if not keep:
+        raise ValueError("the model has no visual tower parameters to tune")
+    return keep
+
+
+@torch.no_grad()
+def shot_pseudo_labels(feats: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
+    """SHOT's pseudo labels (int64, on the host) of images with features `feats` (n x d) and
+    classifier logits `logits` (n x m): nearest class centroid by cosine distance, the
+    centroids first weighted by the softmax of `logits`, then once more as the mean feature of
+    each class's images.
+
+    As in SHOT's released code, each feature gets one more coordinate, a constant 1, and is
+    L2-normalised before clustering. That changes the geometry the clusters are found in: for
+    unit features the cosine of two points becomes (cos + 1) / 2, so no image-centroid cosine
+    is negative and all angles shrink. It is part of the baseline as its authors ran it, so we
+    keep it; leaving it out would be another baseline. Also as there, a class takes part in a round
+    only if it has members: the classifier's predictions for the first round, the first
+    round's labels for the second. Its centroid is then a positive combination of points with
+    a positive last coordinate, never zero, so no class can produce a NaN.
+
+    Nothing of size n x (d + 1) is formed: with x = [f, 1] / |[f, 1]|, the cosine of x and a
+    centroid c = [c_f, c_1] is (f . c_f + c_1) / (|[f, 1]| |c|), and the positive factor
+    1 / |[f, 1]| of a row does not change which centroid is nearest.
+    """
+    feats = feats.float()
+    scale = torch.rsqrt((feats * feats).sum(dim=1) + 1)  # 1 / |[f, 1]| per image
+
+    def nearest(weights: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        w = weights * scale[:, None]  # centroids of the normalised points x
+        c_f, c_1 = w.T @ feats, w.sum(dim=0)
+        norm = torch.sqrt((c_f * c_f).sum(dim=1) + c_1 * c_1)
+        cosine = (feats @ c_f.T + c_1) / torch.where(members, norm, 1)
+        return cosine.masked_fill(~members, -math.inf).argmax(dim=1)
+
+    m = logits.shape[1]
+    predicted = torch.bincount(logits.argmax(dim=1), minlength=m) > 0
+    first = nearest(torch.softmax(logits.float(), dim=1), predicted)
+    one_hot = nn.functional.one_hot(first, m).to(feats.dtype)
+    second = nearest(one_hot, one_hot.sum(dim=0) > 0)
+    return second.cpu().numpy().astype(np.int64)
+
+
+def shot_loss(logits: torch.Tensor, pseudo: torch.Tensor, beta: float) -> torch.Tensor:
+    """SHOT's objective on a batch of `logits` (B x m): the mean entropy of each image's
+    softmax p_i (confident predictions), plus sum_k pbar_k log pbar_k with pbar the batch-mean
+    softmax (minimising it spreads predictions over the classes), plus `beta` x the
+    cross-entropy against the pseudo labels `pseudo`. Everything comes from log-softmax
+    values, so a probability that underflows to 0 gives 0 . finite, never 0 . log 0."""
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    entropy = -(log_p.exp() * log_p).sum(dim=1).mean()
+    log_mean = torch.logsumexp(log_p, dim=0) - math.log(len(logits))  # log pbar_k
+    diversity = (log_mean.exp() * log_mean).sum()
+    return entropy + diversity + beta * nn.functional.nll_loss(log_p, pseudo)
 
 
 def _centres(feats: torch.Tensor, labels: np.ndarray, fallback: torch.Tensor) -> torch.Tensor:

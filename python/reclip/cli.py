@@ -2,13 +2,21 @@
 
     reclip demo    [--out DIR]                             # the embedded default, offline
     reclip adapt   --model NAME|CONFIG.json [--pretrained PATH] --data DIR
-                   (--classes FILE [--templates FILE] | --preset NAME) --out RUN [--resume] ...
+                   (--classes FILE [--templates FILE] | --preset NAME) --out RUN [--resume]
+                   [--method reclip|shot] [--lr LR] ...
     reclip predict --run RUN --data DIR [--out FILE]      # path<TAB>class per image
     reclip eval    --run RUN --data DIR                   # ImageFolder labels -> accuracy
 
 Class folders are named by the class, or by an id that --classes (lines folder<TAB>class
 name) or --preset (ImageNet's WordNet ids) maps to a class; the run keeps that mapping for eval.
 A layout that neither names gets no accuracy at all.
+
+adapt --method shot runs the SHOT baseline instead of ReCLIP (reclip.adapt): the flags of one
+method (--projection, --sides, --no-label-sharing, --visual-loss, --lp-precision for ReCLIP;
+--shot-beta, --shot-params for SHOT) are refused with the other. --lr overrides the method's
+paper learning rate. report.json names the method ("method") and keys the final model's scores
+by it: reclip_accuracy / reclip_ece, or shot_accuracy / shot_ece; final_accuracy and the peak
+keys below are the same for both.
 
 With known labels, adapt's report.json also holds the expected calibration error (15 bins) of
 the zero-shot and the final softmax (zero_shot_ece, reclip_ece), and, unless --inductive,
@@ -79,6 +87,48 @@ def _at_least(minimum: int):
     return parse
 
 
+def _float_at_least(minimum: float, *, inclusive: bool):
+    """An argparse type: a finite float >= minimum (> minimum unless inclusive)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value >= minimum if inclusive else value > minimum) or value == float("inf"):
+            raise argparse.ArgumentTypeError(
+                f"must be {'at least' if inclusive else 'above'} {minimum:g} and finite, "
+                f"got {text}")
+        return value
+    return parse
+
+
+_positive_float = _float_at_least(0, inclusive=False)
+_non_negative_float = _float_at_least(0, inclusive=True)
+
+#: adapt's flags that belong to one method: flag -> (its args attribute, the method); each
+#: defaults to None (or False), so that giving it with the other method can be refused
+METHOD_FLAGS = {"--projection": ("projection", "reclip"), "--sides": ("sides", "reclip"),
+                "--no-label-sharing": ("no_label_sharing", "reclip"),
+                "--visual-loss": ("visual_loss", "reclip"),
+                "--lp-precision": ("lp_precision", "reclip"),
+                "--shot-beta": ("shot_beta", "shot"), "--shot-params": ("shot_params", "shot")}
+#: their values when not given
+METHOD_DEFAULTS = {"projection": "P2", "sides": "both", "visual_loss": "released",
+                   "lp_precision": "exact"}
+
+
+def _check_method_flags(args) -> None:
+    """A flag of one method given with the other is a user error, not silently ignored: SHOT
+    has no label propagation, projection, text side or label sharing, and ReCLIP no SHOT loss."""
+    for flag, (attr, method) in METHOD_FLAGS.items():
+        if getattr(args, attr) not in (None, False) and args.method != method:
+            raise ValueError(f"{flag}: only for --method {method} (this run is --method "
+                             f"{args.method})")
+    for attr, value in METHOD_DEFAULTS.items():
+        if getattr(args, attr) is None:
+            setattr(args, attr, value)
+
+
 def _parser() -> argparse.ArgumentParser:
     from .sources import TARGETS
 
@@ -111,13 +161,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="maximum epochs (default 50); 0 saves the zero-shot model as the run")
     a.add_argument("--iterations", type=_at_least(1), help="maximum iterations (default 5000)")
     a.add_argument("--batch-size", type=_at_least(1), help="default 64, or 32 above 200 classes")
-    a.add_argument("--projection", choices=("P0", "P1", "P2"), default="P2")
-    a.add_argument("--sides", choices=("both", "text", "visual"), default="both",
-                   help="ReCLIP (both), ReCLIP-T (text) or ReCLIP-V (visual)")
-    a.add_argument("--no-label-sharing", action="store_true")
-    a.add_argument("--visual-loss", choices=("released", "mean"), default="released",
+    a.add_argument("--method", choices=("reclip", "shot"), default="reclip",
+                   help="ReCLIP, or the SHOT baseline (the visual encoder trained on SHOT's "
+                        "loss against the frozen zero-shot classifier)")
+    a.add_argument("--lr", type=_positive_float,
+                   help="SGD learning rate (default: the method's paper value, 1e-3 for "
+                        "ReCLIP, 1e-6 for SHOT)")
+    # The method's own flags default to None, so that one given for the other method is
+    # refused rather than silently ignored (see _check_method_flags).
+    a.add_argument("--projection", choices=("P0", "P1", "P2"), help="ReCLIP: default P2")
+    a.add_argument("--sides", choices=("both", "text", "visual"),
+                   help="ReCLIP (both, the default), ReCLIP-T (text) or ReCLIP-V (visual)")
+    a.add_argument("--no-label-sharing", action="store_true", help="ReCLIP: train each side "
+                                                                   "on all of its pseudo labels")
+    a.add_argument("--visual-loss", choices=("released", "mean"),
                    help="ReCLIP-V loss: as in the authors' released code (divided by the batch "
-                        "size once more), or the plain batch mean")
+                        "size once more; the default), or the plain batch mean")
+    a.add_argument("--shot-beta", type=_non_negative_float,
+                   help="SHOT: weight of the pseudo-label cross-entropy (default 0.3)")
+    a.add_argument("--shot-params", choices=("encoder", "norms"),
+                   help="SHOT: train the whole visual tower (encoder, the default) or only "
+                        "its norm layers")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--resume", action="store_true", help="continue the run in --out")
     a.add_argument("--inductive", action="store_true",
@@ -125,6 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.add_argument("--skip-bad-images", action="store_true", help=SKIP_HELP)
     _runtime_flags(a, lp=True)
+    a.set_defaults(lp_precision=None)  # ReCLIP only; "exact" when not given
 
     for name, helptext in (("predict", "write the predicted class of every image"),
                            ("eval", "accuracy on an ImageFolder whose folders are class names "
@@ -263,20 +328,25 @@ def adapt(args) -> int:
     from .models import load_model
 
     start = time.time()
+    _check_method_flags(args)
     classnames, templates, folders = _class_lists(args)
     _check_output(args.out, "--out", folder=True)
     if args.resume and checkpoint.exists(args.out):  # refuse a mismatch before any real work
-        adapt_mod.check_meta(checkpoint.read_meta(args.out), args.out, classnames)
+        meta = checkpoint.read_meta(args.out)
+        adapt_mod.check_meta(meta, args.out, classnames)
+        adapt_mod.check_method(meta, args.out, args.method,
+                               args.shot_params or adapt_mod.Config.shot_params)
     data = _images(args)
     torch.manual_seed(args.seed)  # a config without weights starts from a seeded random init
     loaded = load_model(args.model, args.pretrained)
     data = data.with_transform(loaded.preprocess)
-    config = adapt_mod.Config(projection=args.projection, sides=args.sides, seed=args.seed,
-                              label_sharing=not args.no_label_sharing,
+    config = adapt_mod.Config(method=args.method, projection=args.projection, sides=args.sides,
+                              seed=args.seed, label_sharing=not args.no_label_sharing,
                               visual_loss=args.visual_loss, device=args.device, amp=args.amp,
                               workers=args.workers, lp_precision=args.lp_precision)
     for field, value in (("max_epochs", args.epochs), ("max_iterations", args.iterations),
-                         ("batch_size", args.batch_size)):
+                         ("batch_size", args.batch_size), ("lr", args.lr),
+                         ("shot_beta", args.shot_beta), ("shot_params", args.shot_params)):
         if value is not None:
             setattr(config, field, value)
     config.__post_init__()
@@ -299,20 +369,21 @@ def adapt(args) -> int:
     main = clf.world.main
     clf.fit(data, out_dir=args.out, resume=args.resume, labels=labels,
             progress=not args.quiet and main, log=log)
-    report = {"command": "adapt", "images": len(data), "classes": len(classnames),
-              "config": dataclasses.asdict(config), "epochs": clf.epoch,
+    report = {"command": "adapt", "method": config.method, "images": len(data),
+              "classes": len(classnames), "config": dataclasses.asdict(config),
+              "learning_rate": config.learning_rate, "epochs": clf.epoch,
               "iterations": clf.iterations, "zero_shot_accuracy": zs_acc,
               **({"zero_shot_ece": zs_ece} if zs_ece is not None else {}),
               "skipped_images": {"count": len(data.skipped), "paths": data.skipped},
               "history": [dataclasses.asdict(h) for h in clf.history]}
     if not args.inductive:
         pred, acc, ece = _scores(clf.logits(data), labels)
-        report["reclip_accuracy"] = acc
+        report[f"{config.method}_accuracy"] = acc  # reclip_accuracy or shot_accuracy
         if main:
             _write_predictions(data, pred, classnames, str(Path(args.out) / "predictions.tsv"))
         if acc is not None:
             peak, peak_epoch = _peak(clf.history, acc, clf.epoch)
-            report |= {"reclip_ece": ece, "final_accuracy": acc, "peak_accuracy": peak,
+            report |= {f"{config.method}_ece": ece, "final_accuracy": acc, "peak_accuracy": peak,
                        "peak_epoch": peak_epoch, "peak_uses_labels": True, "note": PEAK_NOTE}
             _say(f"reclip: accuracy {acc:.4f} (zero-shot {zs_acc:.4f})")
     if clf.world.active:  # a collective: every rank hands its numbers to the report
