@@ -226,3 +226,16 @@ def tiny():
 
     torch.manual_seed(0)
     return reclip.load_model(str(Path(__file__).parent / "assets" / "tiny-vit.json"))
+
+
+@pytest.fixture(scope="module")
+def colour_images():
+    """24 preprocessed 32x32 images (for the tiny model) whose strongest colour channel is
+    their class (i % 3)."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(24, 3, 32, 32, generator=g) * 0.5
+    for i in range(24):
+        x[i, i % 3] += 1.0
+    return x

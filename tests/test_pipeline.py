@@ -20,21 +20,11 @@ ASSETS = Path(__file__).parent / "assets"
 CLASSES = ["red square", "green circle", "blue triangle"]
 
 
-@pytest.fixture(scope="module")
-def images():
-    """24 preprocessed 32x32 images with a class-dependent colour."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(24, 3, 32, 32, generator=g) * 0.5
-    for i in range(24):
-        x[i, i % 3] += 1.0
-    return x
-
-
-def _fit(tiny, images, **config):
+def _fit(tiny, colour_images, **config):
     torch.manual_seed(0)
     clf = reclip.ReCLIP(tiny, CLASSES, ["a photo of a {}.", "a {}."],
                         reclip.Config(**{"max_epochs": 2, **config}))
-    return clf.fit(images)
+    return clf.fit(colour_images)
 
 
 # ---------------------------------------------------------------------------------- projection
@@ -84,9 +74,9 @@ def test_many_classes_cap():
 # ---------------------------------------------------------------------------------- training
 
 
-def test_only_norm_parameters_of_each_tower_change(tiny, images):
+def test_only_norm_parameters_of_each_tower_change(tiny, colour_images):
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
-    clf = _fit(tiny, images)
+    clf = _fit(tiny, colour_images)
     norms = set(norm_parameters(tiny.model))
     for copy_, tower in ((clf.text_copy, "text"), (clf.visual_copy, "visual")):
         changed = {k for k, v in copy_.state_dict().items() if not torch.equal(v, before[k])}
@@ -100,8 +90,8 @@ def test_only_norm_parameters_of_each_tower_change(tiny, images):
 
 
 @pytest.mark.parametrize("sharing", [True, False])
-def test_label_sharing_trains_on_agreeing_images(tiny, images, monkeypatch, sharing):
-    n = len(images)
+def test_label_sharing_trains_on_agreeing_images(tiny, colour_images, monkeypatch, sharing):
+    n = len(colour_images)
     text_labels = np.arange(n) % 3
     visual_labels = text_labels.copy()
     visual_labels[:5] = (visual_labels[:5] + 1) % 3  # 5 disagreements
@@ -112,12 +102,12 @@ def test_label_sharing_trains_on_agreeing_images(tiny, images, monkeypatch, shar
 
     def spy(self, x, y):
         # which images: the rows of the (distinct) image tensor that the batch holds
-        seen_idx.extend(int((images == row).flatten(1).all(1).nonzero()) for row in x)
+        seen_idx.extend(int((colour_images == row).flatten(1).all(1).nonzero()) for row in x)
         seen_y.extend(y.tolist())
         return original(self, x, y)
 
     monkeypatch.setattr(adapt.ReCLIP, "_step_visual", spy)
-    clf = _fit(tiny, images, max_epochs=1, label_sharing=sharing)
+    clf = _fit(tiny, colour_images, max_epochs=1, label_sharing=sharing)
     entry = clf.history[0]
     assert entry.agreement == pytest.approx((n - 5) / n)
     expected = set(range(5, n)) if sharing else set(range(n))
@@ -127,42 +117,42 @@ def test_label_sharing_trains_on_agreeing_images(tiny, images, monkeypatch, shar
     assert all(y == text_labels[i] for i, y in zip(seen_idx, seen_y))
 
 
-def test_iteration_cap_and_batch_default(tiny, images):
-    clf = _fit(tiny, images, max_epochs=10, max_iterations=3, batch_size=8)
+def test_iteration_cap_and_batch_default(tiny, colour_images):
+    clf = _fit(tiny, colour_images, max_epochs=10, max_iterations=3, batch_size=8)
     assert clf.iterations == 3
     assert adapt.Config().batch_for(10) == 64 and adapt.Config().batch_for(201) == 32
 
 
-def test_progress_bars_cover_encoding_and_training(tiny, images, capsys):
+def test_progress_bars_cover_encoding_and_training(tiny, colour_images, capsys):
     torch.manual_seed(0)
     clf = reclip.ReCLIP(tiny, CLASSES, config=reclip.Config(max_epochs=1))
-    clf.fit(images, progress=True)
+    clf.fit(colour_images, progress=True)
     bars = capsys.readouterr().err
     assert all(f"{desc}:" in bars for desc in ("epochs", "encode", "train")), bars
-    clf.predict(images)  # after fit: no bars
+    clf.predict(colour_images)  # after fit: no bars
     assert capsys.readouterr().err == ""
 
 
-def test_prediction_is_mean_of_both_sides(tiny, images):
-    clf = _fit(tiny, images, max_epochs=1)
-    both = clf.logits(images)
+def test_prediction_is_mean_of_both_sides(tiny, colour_images):
+    clf = _fit(tiny, colour_images, max_epochs=1)
+    both = clf.logits(colour_images)
     clf.config.sides = "text"
-    t = clf.logits(images)
+    t = clf.logits(colour_images)
     clf.config.sides = "visual"
-    v = clf.logits(images)
+    v = clf.logits(colour_images)
     clf.config.sides = "both"
     torch.testing.assert_close(both, (t + v) / 2)
-    proba = clf.predict_proba(images)
+    proba = clf.predict_proba(colour_images)
     np.testing.assert_allclose(proba.sum(1), 1, atol=1e-5)
-    assert (proba.argmax(1) == clf.predict(images)).all()
+    assert (proba.argmax(1) == clf.predict(colour_images)).all()
 
 
-def test_the_frozen_tower_encodes_one_image_set_once(tiny, images):
+def test_the_frozen_tower_encodes_one_image_set_once(tiny, colour_images):
     """The zero-shot pass, fit and prediction of one ImageSet share the T copy's features (its
     visual tower never trains) and give what separate encodings give."""
     from reclip.data import image_set
 
-    data = image_set(images)
+    data = image_set(colour_images)
     torch.manual_seed(0)
     clf = reclip.ReCLIP(tiny, CLASSES, ["a photo of a {}.", "a {}."], reclip.Config(max_epochs=2))
     calls = []
@@ -170,71 +160,71 @@ def test_the_frozen_tower_encodes_one_image_set_once(tiny, images):
     clf.text_copy.encode_image = lambda x, **k: (calls.append(len(x)), original(x, **k))[1]
     zero_shot = clf.zero_shot_logits(data)
     logits = clf.fit(data).logits(data)
-    assert sum(calls) == len(images)  # one pass, not three
-    ref = _fit(tiny, images)  # a tensor: a new set, so new encodings, on every call
-    torch.testing.assert_close(zero_shot, ref.zero_shot_logits(images))
-    torch.testing.assert_close(logits, ref.logits(images))
+    assert sum(calls) == len(colour_images)  # one pass, not three
+    ref = _fit(tiny, colour_images)  # a tensor: a new set, so new encodings, on every call
+    torch.testing.assert_close(zero_shot, ref.zero_shot_logits(colour_images))
+    torch.testing.assert_close(logits, ref.logits(colour_images))
 
 
-def test_zero_shot_is_unadapted_clip(tiny, images):
-    feats = torch.nn.functional.normalize(tiny.model.encode_image(images), dim=-1)
-    clf = _fit(tiny, images, max_epochs=1)
+def test_zero_shot_is_unadapted_clip(tiny, colour_images):
+    feats = torch.nn.functional.normalize(tiny.model.encode_image(colour_images), dim=-1)
+    clf = _fit(tiny, colour_images, max_epochs=1)
     text = torch.nn.functional.normalize(
         tiny.model.encode_text(tiny.tokenizer([f"a photo of a {c}." for c in CLASSES])), dim=-1)
     text2 = torch.nn.functional.normalize(
         tiny.model.encode_text(tiny.tokenizer([f"a {c}." for c in CLASSES])), dim=-1)
     nodes = torch.nn.functional.normalize(text + text2, dim=-1)
     want = (feats @ nodes.T).argmax(1).numpy()
-    assert (clf.zero_shot_predict(images) == want).all()
+    assert (clf.zero_shot_predict(colour_images) == want).all()
     # the logits behind them (and behind report.json's zero-shot ECE): logit_scale x cosine
-    torch.testing.assert_close(clf.zero_shot_logits(images),
+    torch.testing.assert_close(clf.zero_shot_logits(colour_images),
                                clf.config.logit_scale * feats @ nodes.T, atol=1e-4, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- persistence
 
 
-def test_save_load_round_trip_is_bit_exact(tiny, images, tmp_path):
-    clf = _fit(tiny, images)
+def test_save_load_round_trip_is_bit_exact(tiny, colour_images, tmp_path):
+    clf = _fit(tiny, colour_images)
     clf.save(tmp_path / "run")
     back = reclip.ReCLIP.load(tmp_path / "run")
     assert back.classnames == CLASSES and back.epoch == clf.epoch
-    assert torch.equal(back.logits(images), clf.logits(images))
+    assert torch.equal(back.logits(colour_images), clf.logits(colour_images))
     assert [h.agreement for h in back.history] == [h.agreement for h in clf.history]
 
 
-def test_resume_equals_uninterrupted(tiny, images, tmp_path):
-    full = _fit(tiny, images, max_epochs=3)
+def test_resume_equals_uninterrupted(tiny, colour_images, tmp_path):
+    full = _fit(tiny, colour_images, max_epochs=3)
     torch.manual_seed(0)
     part = reclip.ReCLIP(tiny, CLASSES, ["a photo of a {}.", "a {}."], reclip.Config(max_epochs=1))
-    part.fit(images, out_dir=tmp_path / "run")
+    part.fit(colour_images, out_dir=tmp_path / "run")
     torch.manual_seed(123)  # resuming must not depend on the global RNG of the new process
     again = reclip.ReCLIP(tiny, CLASSES, ["a photo of a {}.", "a {}."], reclip.Config(max_epochs=3))
-    again.fit(images, out_dir=tmp_path / "run", resume=True)
+    again.fit(colour_images, out_dir=tmp_path / "run", resume=True)
     assert again.epoch == 3
-    assert torch.equal(again.logits(images), full.logits(images))
+    assert torch.equal(again.logits(colour_images), full.logits(colour_images))
 
 
-def test_checkpoint_class_mismatch_is_refused(tiny, images, tmp_path):
-    _fit(tiny, images, max_epochs=1).save(tmp_path / "run")
+def test_checkpoint_class_mismatch_is_refused(tiny, colour_images, tmp_path):
+    _fit(tiny, colour_images, max_epochs=1).save(tmp_path / "run")
     other = reclip.ReCLIP(tiny, ["x", "y", "z"], config=reclip.Config(max_epochs=1))
     with pytest.raises(ValueError, match="do not match"):
-        other.fit(images, out_dir=tmp_path / "run", resume=True)
+        other.fit(colour_images, out_dir=tmp_path / "run", resume=True)
 
 
-def test_checkpoint_files_are_plain_data(tiny, images, tmp_path):
-    _fit(tiny, images, max_epochs=1).save(tmp_path / "run")
+def test_checkpoint_files_are_plain_data(tiny, colour_images, tmp_path):
+    _fit(tiny, colour_images, max_epochs=1).save(tmp_path / "run")
     names = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert names[0] == "run.json" and names[1].endswith(".safetensors") and len(names) == 2
 
 
-def test_visual_loss_released_is_the_mean_divided_by_the_batch(tiny, images):
+def test_visual_loss_released_is_the_mean_divided_by_the_batch(tiny, colour_images):
     """One plain SGD step of ReCLIP-V: the released code's loss moves the visual norms by
     exactly 1/batch of what the batch-mean cross-entropy does."""
     start = {k: p.detach().clone() for k, p in reclip.ReCLIP(tiny, CLASSES).visual_params.items()}
     moves = {}
     for loss in ("mean", "released"):
-        clf = _fit(tiny, images, sides="visual", max_iterations=1, batch_size=8, momentum=0.0,
+        clf = _fit(tiny, colour_images, sides="visual", max_iterations=1, batch_size=8, momentum=0.0,
                    weight_decay=0.0, visual_loss=loss)
         moves[loss] = torch.cat([(p.detach() - start[k]).flatten()
                                  for k, p in clf.visual_params.items()])
@@ -277,14 +267,14 @@ def test_demo_writes_report_and_plots(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_fit_scores_image_folders_by_folder_name_or_id_only(tiny, images, tmp_path):
+def test_fit_scores_image_folders_by_folder_name_or_id_only(tiny, colour_images, tmp_path):
     """Without `labels`, fit scores an ImageFolder through its folder names (the classes, or
     the ids in `folders`); a folder that is neither leaves every epoch unscored, rather than
     scored against the sorted folder indices. The run keeps `folders`."""
     from PIL import Image
 
     def folder(root, names):
-        for i, x in enumerate(images):
+        for i, x in enumerate(colour_images):
             (root / names[i % 3]).mkdir(parents=True, exist_ok=True)
             a = (x.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
             Image.fromarray(a).save(root / names[i % 3] / f"{i:02d}.png")

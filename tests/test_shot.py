@@ -25,16 +25,6 @@ TEMPLATES = ["a photo of a {}.", "a {}."]
 LR = 1e-2
 
 
-@pytest.fixture(scope="module")
-def images():
-    """24 preprocessed 32x32 images with a class-dependent colour."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(24, 3, 32, 32, generator=g) * 0.5
-    for i in range(24):
-        x[i, i % 3] += 1.0
-    return x
-
-
 def _shot(tiny, **config) -> reclip.ReCLIP:
     torch.manual_seed(0)
     return reclip.ReCLIP(tiny, CLASSES, TEMPLATES,
@@ -195,7 +185,7 @@ def test_config():
 
 
 @pytest.mark.parametrize("which", ["encoder", "norms"])
-def test_what_trains(tiny, images, which):
+def test_what_trains(tiny, colour_images, which):
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
     clf = _shot(tiny, shot_params=which, max_epochs=1)
     visual = {k for k, _ in tiny.model.named_parameters() if k.startswith("visual.")}
@@ -205,7 +195,7 @@ def test_what_trains(tiny, images, which):
     assert {k for k, p in clf.visual_copy.named_parameters() if p.requires_grad} == set(clf.visual_params)
     assert not any(p.requires_grad for p in clf.text_copy.parameters())
     assert clf._opt_v.param_groups[0]["lr"] == LR
-    clf.fit(images)
+    clf.fit(colour_images)
     changed = {k for k, v in clf.visual_copy.state_dict().items() if not torch.equal(v, before[k])}
     # every trained tensor moves (weight decay alone moves any non-zero one), nothing else does
     assert changed == set(clf.visual_params)
@@ -213,28 +203,28 @@ def test_what_trains(tiny, images, which):
     assert all(torch.equal(v, before[k]) for k, v in tiny.model.state_dict().items())
 
 
-def test_fit_keeps_the_zero_shot_classifier(tiny, images):
-    labels = np.arange(len(images)) % 3
+def test_fit_keeps_the_zero_shot_classifier(tiny, colour_images):
+    labels = np.arange(len(colour_images)) % 3
     clf = _shot(tiny, max_epochs=2)
-    zero_shot = clf.zero_shot_logits(images)
+    zero_shot = clf.zero_shot_logits(colour_images)
     nodes = clf.nodes_v.clone()
-    clf.fit(images, labels=labels)
+    clf.fit(colour_images, labels=labels)
     assert torch.equal(clf.nodes_v, nodes) and torch.equal(clf.centres, nodes)
     assert clf.epoch == 2 and clf.iterations == 2 * 3
     # SHOT's model: the adapted visual features against the frozen class embeddings
-    feats = torch.nn.functional.normalize(clf.visual_copy.encode_image(images), dim=-1)
-    torch.testing.assert_close(clf.logits(images), 100.0 * feats @ nodes.T, atol=1e-4, rtol=1e-5)
-    assert not torch.allclose(clf.logits(images), zero_shot, atol=1e-2)
+    feats = torch.nn.functional.normalize(clf.visual_copy.encode_image(colour_images), dim=-1)
+    torch.testing.assert_close(clf.logits(colour_images), 100.0 * feats @ nodes.T, atol=1e-4, rtol=1e-5)
+    assert not torch.allclose(clf.logits(colour_images), zero_shot, atol=1e-2)
     # the history: each epoch's loss and accuracies, the model scored as it entered the epoch
     h = clf.history
     assert [e.trained for e in h] == [24, 24] and all(e.loss_visual is not None for e in h)
     assert h[0].accuracy["combined"] == float((reclip.adapt.predictions(zero_shot) == labels).mean())
-    one = _shot(tiny, max_epochs=1).fit(images)
-    assert h[1].accuracy["combined"] == float((one.predict(images) == labels).mean())
+    one = _shot(tiny, max_epochs=1).fit(colour_images)
+    assert h[1].accuracy["combined"] == float((one.predict(colour_images) == labels).mean())
     assert 0 <= h[1].accuracy["pseudo_shot"] <= 1
 
 
-def test_step_is_sgd_on_the_shot_loss(tiny, images, monkeypatch):
+def test_step_is_sgd_on_the_shot_loss(tiny, colour_images, monkeypatch):
     """The first step of plain SGD moves the visual parameters by -lr x the gradient of
     shot_loss on the epoch's first batch (seeded permutation) with that batch's pseudo labels,
     which come from the whole set's features and zero-shot logits; all computed here
@@ -243,18 +233,18 @@ def test_step_is_sgd_on_the_shot_loss(tiny, images, monkeypatch):
     clf = _shot(tiny, max_iterations=1, momentum=0.0, weight_decay=0.0)
     model = copy.deepcopy(clf.visual_copy)
     nodes = clf.nodes_v
-    pseudo = np.random.default_rng(0).integers(0, 3, len(images))
+    pseudo = np.random.default_rng(0).integers(0, 3, len(colour_images))
     seen = []
     monkeypatch.setattr(adapt, "shot_pseudo_labels", lambda f, z: seen.append((f, z)) or pseudo)
     with torch.no_grad():
-        feats = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+        feats = torch.nn.functional.normalize(model.encode_image(colour_images), dim=-1)
     g = torch.Generator().manual_seed(0 * 100_003 + 0)
-    first = torch.randperm(len(images), generator=g)[:8]
-    f = torch.nn.functional.normalize(model.encode_image(images[first]), dim=-1)
+    first = torch.randperm(len(colour_images), generator=g)[:8]
+    f = torch.nn.functional.normalize(model.encode_image(colour_images[first]), dim=-1)
     loss = adapt.shot_loss(100.0 * f @ nodes.T, torch.as_tensor(pseudo)[first], 0.3)
     params = dict(model.named_parameters())
     grads = torch.autograd.grad(loss, [params[k] for k in clf.visual_params])
-    clf.fit(images)
+    clf.fit(colour_images)
     assert clf.iterations == 1 and len(seen) == 1
     torch.testing.assert_close(seen[0][0], feats, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(seen[0][1], 100.0 * feats @ nodes.T, atol=1e-3, rtol=1e-5)
@@ -266,8 +256,8 @@ def test_step_is_sgd_on_the_shot_loss(tiny, images, monkeypatch):
 # ---------------------------------------------------------------------------------- persistence
 
 
-def test_save_load_round_trip_and_momentum(tiny, images, tmp_path):
-    clf = _shot(tiny).fit(images)
+def test_save_load_round_trip_and_momentum(tiny, colour_images, tmp_path):
+    clf = _shot(tiny).fit(colour_images)
     clf.save(tmp_path / "run")
     meta = json.loads((tmp_path / "run" / "run.json").read_text())
     assert meta["config"]["method"] == "shot"
@@ -278,38 +268,38 @@ def test_save_load_round_trip_and_momentum(tiny, images, tmp_path):
     assert {f"momentum.visual.{k}" for k in clf.visual_params} <= tensors.keys()
     back = reclip.ReCLIP.load(tmp_path / "run")
     assert back.config.method == "shot" and back.text_params == {}
-    assert torch.equal(back.logits(images), clf.logits(images))
-    assert (back.predict(images) == clf.predict(images)).all()
+    assert torch.equal(back.logits(colour_images), clf.logits(colour_images))
+    assert (back.predict(colour_images) == clf.predict(colour_images)).all()
     for k, p in back.visual_params.items():
         assert torch.equal(back._opt_v.state[p]["momentum_buffer"],
                            clf._opt_v.state[clf.visual_params[k]]["momentum_buffer"])
 
 
-def test_resume_equals_uninterrupted(tiny, images, tmp_path):
-    full = _shot(tiny, max_epochs=3).fit(images)
-    _shot(tiny, max_epochs=1).fit(images, out_dir=tmp_path / "run")
+def test_resume_equals_uninterrupted(tiny, colour_images, tmp_path):
+    full = _shot(tiny, max_epochs=3).fit(colour_images)
+    _shot(tiny, max_epochs=1).fit(colour_images, out_dir=tmp_path / "run")
     torch.manual_seed(123)
-    again = _shot(tiny, max_epochs=3).fit(images, out_dir=tmp_path / "run", resume=True)
+    again = _shot(tiny, max_epochs=3).fit(colour_images, out_dir=tmp_path / "run", resume=True)
     assert again.epoch == 3
-    assert torch.equal(again.logits(images), full.logits(images))
-    one = _shot(tiny, max_epochs=1).fit(images)
-    assert not torch.equal(one.logits(images), full.logits(images))  # training moved it
+    assert torch.equal(again.logits(colour_images), full.logits(colour_images))
+    one = _shot(tiny, max_epochs=1).fit(colour_images)
+    assert not torch.equal(one.logits(colour_images), full.logits(colour_images))  # training moved it
 
 
-def test_a_run_continues_only_with_its_method(tiny, images, tmp_path):
-    _shot(tiny, max_epochs=1).fit(images, out_dir=tmp_path / "run")
+def test_a_run_continues_only_with_its_method(tiny, colour_images, tmp_path):
+    _shot(tiny, max_epochs=1).fit(colour_images, out_dir=tmp_path / "run")
     for config, match in ((reclip.Config(max_epochs=2), "method 'shot'"),
                           (reclip.Config(method="shot", shot_params="norms", max_epochs=2),
                            "shot_params")):
         other = reclip.ReCLIP(tiny, CLASSES, TEMPLATES, config)
         with pytest.raises(ValueError, match=match):
-            other.fit(images, out_dir=tmp_path / "run", resume=True)
+            other.fit(colour_images, out_dir=tmp_path / "run", resume=True)
 
 
-def test_old_runs_with_a_stored_lr_load(tiny, images, tmp_path):
+def test_old_runs_with_a_stored_lr_load(tiny, colour_images, tmp_path):
     """Runs saved before `method` existed store lr 0.001 and no SHOT keys: ReCLIP runs."""
     torch.manual_seed(0)
-    clf = reclip.ReCLIP(tiny, CLASSES, TEMPLATES, reclip.Config(max_epochs=1)).fit(images)
+    clf = reclip.ReCLIP(tiny, CLASSES, TEMPLATES, reclip.Config(max_epochs=1)).fit(colour_images)
     clf.save(tmp_path / "run")
     path = tmp_path / "run" / "run.json"
     meta = json.loads(path.read_text())
@@ -319,4 +309,4 @@ def test_old_runs_with_a_stored_lr_load(tiny, images, tmp_path):
     path.write_text(json.dumps(meta))
     back = reclip.ReCLIP.load(tmp_path / "run")
     assert back.config.method == "reclip" and back.config.learning_rate == 0.001
-    assert torch.equal(back.logits(images), clf.logits(images))
+    assert torch.equal(back.logits(colour_images), clf.logits(colour_images))
