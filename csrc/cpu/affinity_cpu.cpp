@@ -135,6 +135,26 @@ void clear_lists(MatrixView<int64_t> indices, MatrixView<T> weights, int64_t row
 }
 
 // The whole graph: every row of x against every row, upper triangle of tiles only.
+// The products of query rows [i0, i0 + nrows) (packed in mr-row panels in a_pack) with the
+// rows [j0, j0 + ncols) of x (nr-row panels in b_pack) into `tile` (row stride bs), kKC of the
+// d dimensions per micro-kernel call: the one inner loop of the whole graph and of a block.
+template <class T>
+void tile_products(const TileKernels<T>& kern, const T* a_pack, const T* b_pack, int64_t i0,
+                   int64_t nrows, int64_t j0, int64_t ncols, int64_t d, T* tile, int64_t bs) {
+  const int64_t mr = kern.mr, nr = kern.nr;
+  const int64_t row_panels = (nrows + mr - 1) / mr, col_panels = (ncols + nr - 1) / nr;
+  for (int64_t k0 = 0; k0 < d; k0 += kKC) {
+    const int64_t kc = std::min(kKC, d - k0);
+    for (int64_t jp = 0; jp < col_panels; ++jp) {
+      const T* b = b_pack + (j0 / nr + jp) * d * nr + k0 * nr;
+      for (int64_t ip = 0; ip < row_panels; ++ip) {
+        const T* a = a_pack + (i0 / mr + ip) * d * mr + k0 * mr;
+        kern.micro(kc, a, b, tile + ip * mr * bs + jp * nr, bs, k0 > 0);
+      }
+    }
+  }
+}
+
 template <class T>
 void full_graph(const StackedRows<T>& x, MatrixView<int64_t> indices, MatrixView<T> weights,
                 const AffinityParams& p) {
@@ -165,22 +185,11 @@ void full_graph(const StackedRows<T>& x, MatrixView<int64_t> indices, MatrixView
     AlignedBuffer<T> tile = aligned_buffer<T>(bs * bs);
     for (int64_t bj = 0; bj < blocks; ++bj) {
       const int64_t j0 = bj * bs, ncols = std::min(bs, n - j0);
-      const int64_t col_panels = (ncols + nr - 1) / nr;
       mine.reset(ncols, k);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t bi = bj; bi >= 0; --bi) {
         const int64_t i0 = bi * bs, nrows = std::min(bs, n - i0);
-        const int64_t row_panels = (nrows + mr - 1) / mr;
-        for (int64_t k0 = 0; k0 < d; k0 += kKC) {
-          const int64_t kc = std::min(kKC, d - k0);
-          for (int64_t jp = 0; jp < col_panels; ++jp) {
-            const T* b = b_pack.get() + (j0 / nr + jp) * d * nr + k0 * nr;
-            for (int64_t ip = 0; ip < row_panels; ++ip) {
-              const T* a = a_pack.get() + (i0 / mr + ip) * d * mr + k0 * mr;
-              kern.micro(kc, a, b, tile.get() + ip * mr * bs + jp * nr, bs, k0 > 0);
-            }
-          }
-        }
+        tile_products(kern, a_pack.get(), b_pack.get(), i0, nrows, j0, ncols, d, tile.get(), bs);
         for (int64_t r = 0; r < nrows; ++r) {
           const int64_t i = i0 + r;
           kern.scan(tile.get() + r * bs, ncols, j0, p.exclude_self ? i : -1, weights.row(i),
@@ -233,21 +242,10 @@ void query_block(const StackedRows<T>& x, const StackedRows<T>& q, const std::ve
     AlignedBuffer<T> tile = aligned_buffer<T>(bs * bs);
     for (int64_t bj = 0; bj < col_blocks; ++bj) {
       const int64_t j0 = bj * bs, ncols = std::min(bs, n - j0);
-      const int64_t col_panels = (ncols + nr - 1) / nr;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t bi = 0; bi < row_blocks; ++bi) {
         const int64_t i0 = bi * bs, nrows = std::min(bs, nq - i0);
-        const int64_t row_panels = (nrows + mr - 1) / mr;
-        for (int64_t k0 = 0; k0 < d; k0 += kKC) {
-          const int64_t kc = std::min(kKC, d - k0);
-          for (int64_t jp = 0; jp < col_panels; ++jp) {
-            const T* b = b_pack.get() + (j0 / nr + jp) * d * nr + k0 * nr;
-            for (int64_t ip = 0; ip < row_panels; ++ip) {
-              const T* a = a_pack.get() + (i0 / mr + ip) * d * mr + k0 * mr;
-              kern.micro(kc, a, b, tile.get() + ip * mr * bs + jp * nr, bs, k0 > 0);
-            }
-          }
-        }
+        tile_products(kern, a_pack.get(), b_pack.get(), i0, nrows, j0, ncols, d, tile.get(), bs);
         for (int64_t r = 0; r < nrows; ++r) {
           const int64_t i = i0 + r;
           kern.scan(tile.get() + r * bs, ncols, j0, self_col0 >= 0 ? self_col0 + i : -1,
