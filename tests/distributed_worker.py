@@ -6,8 +6,9 @@ environment, gloo on the CPU).
 
 Each process writes OUT/rank<r>.npz: the visual copy's features of DATA (a sharded,
 all-gathered pass), the features and skipped paths of BADDATA read with a deferred
-skip-bad-images check, the pseudo labels of one epoch of fit on DATA and the trained norm
-parameters after it.
+skip-bad-images check, the pseudo labels of one epoch of fit on DATA (label propagation: its
+k-NN search split over the ranks, rank 0 solving), the prediction pseudo labels of the features
+(rank 0's, broadcast) and the trained norm parameters after it.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from reclip import distributed
 from reclip.adapt import Config, ReCLIP
 from reclip.data import image_set
 from reclip.models import load_model
+from reclip.pseudo_labels import pseudo_labels
 
 CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -40,11 +42,13 @@ def main(out: str, data_dir: str, bad_dir: str, model: str) -> None:
     feats = clf._encode_images(clf.visual_copy, data)
     bad = image_set(bad_dir, loaded.preprocess).check_in_first_pass(skip_bad=True)
     bad_feats = clf._encode_images(clf.visual_copy, bad)
+    predicted = pseudo_labels(feats, clf.nodes_v, clf.basis_v, method="prediction", world=world)
     clf.fit(data)
     Path(out).mkdir(parents=True, exist_ok=True)
     np.savez(Path(out) / f"rank{world.rank}.npz", world=world.size, feats=feats.numpy(),
              bad_feats=bad_feats.numpy(), skipped=np.array(bad.skipped), kept=len(bad),
              pseudo_text=clf.last_pseudo["text"], pseudo_visual=clf.last_pseudo["visual"],
+             predicted=predicted,
              **{f"param.{k}": v.detach().numpy() for k, v in
                 [*clf.text_params.items(), *clf.visual_params.items()]})
     distributed.shutdown()

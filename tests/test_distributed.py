@@ -214,9 +214,12 @@ def test_sharded_passes_and_epoch_one_pseudo_labels(ws, jobs):
         assert str(ref["skipped"][0]).endswith("zz-broken.png")
         assert int(got["kept"]) == int(ref["kept"]) == n
         np.testing.assert_allclose(got["bad_feats"], ref["bad_feats"], rtol=0, atol=1e-5)
-        # rank 0 computed them and broadcast them: the same labels as one process
+        # label propagation with the k-NN rows searched by their ranks and one solve on rank
+        # 0: the same labels as one process, on both ranks
         np.testing.assert_array_equal(got["pseudo_text"], ref["pseudo_text"])
         np.testing.assert_array_equal(got["pseudo_visual"], ref["pseudo_visual"])
+        # predictions: rank 0's, broadcast
+        np.testing.assert_array_equal(got["predicted"], ref["predicted"])
     np.testing.assert_array_equal(ranks[0]["feats"], ranks[1]["feats"])
     # one epoch of DDP training (uneven parts, an empty part, chunked text backward) takes the
     # single-process steps: the same parameters up to reduction order, on both ranks alike

@@ -25,8 +25,8 @@ float32, and features are cast to float32 before anything else uses them. Image 
 through DataLoaders with ``Config.workers`` worker processes, built once per ``fit``.
 
 Started by torchrun (see reclip.distributed), every image pass is sharded over the ranks and
-all-gathered, rank 0's pseudo labels are broadcast, and both copies train under
-DistributedDataParallel on contiguous parts of each global batch.
+all-gathered, label propagation's k-NN search is split over the ranks (rank 0 solves), and
+both copies train under DistributedDataParallel on contiguous parts of each global batch.
 """
 from __future__ import annotations
 
@@ -558,18 +558,16 @@ class ReCLIP:
     def _pseudo(self, feats: torch.Tensor, nodes: torch.Tensor, u) -> np.ndarray:
         """Pseudo labels of `feats` (every rank holds the same, all-gathered features).
 
-        In a distributed run rank 0 computes them and broadcasts them: label propagation's
-        reductions (OpenMP on the CPU, atomics on CUDA) need not be bitwise reproducible from
-        one process to the next, and ranks that disagree on a single label would train on
-        different targets without any error. n int64 labels are a cheap broadcast, and the
-        other ranks would only wait at the next collective anyway."""
+        In a distributed run every rank gets the same labels from one computation: label
+        propagation's k-NN search is split over the ranks and rank 0 solves, predictions are
+        rank 0's (see reclip.pseudo_labels). Labels computed separately by each rank could
+        differ, since label propagation's reductions (OpenMP on the CPU, atomics on CUDA) need
+        not be bitwise reproducible from one process to the next, and ranks that disagree on a
+        single label would train on different targets without any error."""
         c = self.config
-        labels = None
-        if self.world.main:
-            labels = pseudo_labels(feats, nodes, u, method=c.pseudo_labels,
-                                   many_classes=c.many_classes, k=c.k, alpha=c.alpha,
-                                   weight=c.weight, precision=c.lp_precision)
-        return self.world.broadcast_labels(labels, len(feats))
+        return pseudo_labels(feats, nodes, u, method=c.pseudo_labels, many_classes=c.many_classes,
+                             k=c.k, alpha=c.alpha, weight=c.weight, precision=c.lp_precision,
+                             world=self.world)
 
     def _rank_parts(self, batches: list[np.ndarray]) -> list[tuple[np.ndarray, torch.Tensor | None]]:
         """(items, weights) of this rank for each global batch: a contiguous part of it

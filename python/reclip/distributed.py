@@ -10,7 +10,7 @@ single-process ``World``: a plain run pays for nothing here.
 What a ``World`` offers ReCLIP is exactly what data parallelism needs and nothing home-made:
 contiguous shards (rank r of W gets items [r*n//W, (r+1)*n//W), so no item is duplicated or
 dropped whatever n is), an all-gather of uneven row blocks back into dataset order (padded to
-the largest block, trimmed after), a broadcast of rank 0's pseudo labels, barriers, and the
+the largest block, trimmed after), a broadcast of rank 0's labels, barriers, and the
 bookkeeping of report.json (seconds spent in these collectives, per-rank throughput).
 DistributedDataParallel does the gradient all-reduce; it overlaps the backward pass and is
 not counted in ``collective_seconds``.
@@ -91,6 +91,10 @@ class World:
 
     def shard(self, n: int) -> range:
         return shard(n, self.size, self.rank)
+
+    def shards(self, n: int) -> list[range]:
+        """Every rank's block of n items, in rank order."""
+        return [shard(n, self.size, r) for r in range(self.size)]
 
     def gather_rows(self, local: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Every rank's `local` rows (rank r holds counts[r] of them), concatenated in rank

@@ -9,6 +9,14 @@ follow. Both return int64 numpy labels.
 The features stay where they are: on CUDA, label propagation runs there on float32 torch
 tensors (the features as float32, in the projection's coordinates), and only the labels are
 copied to the host.
+
+In a distributed run (a ``reclip.distributed.World`` of several ranks, each holding every
+image's features) the k-NN search, the O(n^2) part, is split: each rank searches the graph
+rows of its own block of images with ``reclip_ext.distributed.label_propagate``, rank 0 solves
+the gathered graph, and the labels are all-gathered, so every rank holds the same labels from
+one solve. Predictions are rank 0's, broadcast: an argmax of float products computed in two
+processes may differ on a near tie, and ranks that disagree on one label would train on
+different targets.
 """
 from __future__ import annotations
 
@@ -24,14 +32,22 @@ METHODS = ("auto", "propagation", "prediction")
 
 def propagate(images: torch.Tensor, classes: torch.Tensor, u: torch.Tensor | None, *,
               k: int = 20, alpha: float = 0.99, max_iter: int = 20,
-              weight: str = "shift", precision: str = "exact") -> np.ndarray:
+              weight: str = "shift", precision: str = "exact", world=None) -> np.ndarray:
     """Labels by label propagation over [classes; images] in the projection's coordinates,
-    on the images' device; `precision` is label_propagate's (tf32 / bf16: CUDA only)."""
+    on the images' device; `precision` is label_propagate's (tf32 / bf16: CUDA only). With an
+    active `world` every rank calls it with all the images and searches only its block's rows
+    (see the module docstring)."""
     t = coordinates(classes.detach().float().to(images.device), u)
     v = coordinates(images.detach().float(), u)
     k = min(k, t.shape[0] + v.shape[0] - 1)
-    labels = reclip_ext.label_propagate(t, v, k=k, alpha=alpha, max_iter=max_iter,
-                                        weight=weight, precision=precision).labels
+    options = dict(k=k, alpha=alpha, max_iter=max_iter, weight=weight, precision=precision)
+    if world is None or not world.active:
+        labels = reclip_ext.label_propagate(t, v, **options).labels
+    else:
+        rows = world.shard(len(v))
+        mine = reclip_ext.distributed.label_propagate(t, v[rows.start : rows.stop], **options)
+        counts = [len(block) for block in world.shards(len(v))]
+        labels = world.gather_rows(mine.labels.to(torch.int64), counts)
     return labels.cpu().numpy().astype(np.int64, copy=False)
 
 
@@ -44,13 +60,17 @@ def predict(images: torch.Tensor, classes: torch.Tensor, u: torch.Tensor | None)
 def pseudo_labels(images: torch.Tensor, classes: torch.Tensor, u: torch.Tensor | None, *,
                   method: str = "auto", many_classes: int = 500, k: int = 20,
                   alpha: float = 0.99, weight: str = "shift",
-                  precision: str = "exact") -> np.ndarray:
+                  precision: str = "exact", world=None) -> np.ndarray:
     """Pseudo labels by `method`: "propagation", "prediction", or "auto" (propagation up to
-    `many_classes` classes, prediction above)."""
+    `many_classes` classes, prediction above); the same on every rank of an active `world`."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "auto":
         method = "propagation" if classes.shape[0] <= many_classes else "prediction"
     if method == "prediction":
-        return predict(images, classes, u)
-    return propagate(images, classes, u, k=k, alpha=alpha, weight=weight, precision=precision)
+        if world is None or not world.active:
+            return predict(images, classes, u)
+        return world.broadcast_labels(predict(images, classes, u) if world.main else None,
+                                      len(images))
+    return propagate(images, classes, u, k=k, alpha=alpha, weight=weight, precision=precision,
+                     world=world)
