@@ -211,3 +211,42 @@ def test_no_process_group_names_group():
     text, images = make_data()
     with pytest.raises(RuntimeError, match=r"^group: no torch.distributed process group"):
         reclip_ext.distributed.label_propagate(text, images)
+
+
+# --------------------------------------------------------------------------------------------
+# NCCL on CUDA tensors: one rank per GPU, so a one-GPU machine runs a group of one, which still
+# takes every collective and the CUDA query-block search through NCCL
+
+
+NCCL_SCRIPT = """
+import os, sys, tempfile
+import numpy as np, torch, torch.distributed as dist
+import reclip_ext, reclip_ext.distributed
+store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+dist.init_process_group("nccl", store=store, rank=0, world_size=1,
+                        device_id=torch.device("cuda:0"))
+rng = np.random.default_rng(0)
+text = rng.standard_normal((4, 16))
+images = text[rng.integers(0, 4, 31)] + 0.8 * rng.standard_normal((31, 16))
+t = torch.tensor(text, dtype=torch.float32, device="cuda")
+v = torch.tensor(images, dtype=torch.float32, device="cuda")
+got = reclip_ext.distributed.label_propagate(t, v, k=5)
+want = reclip_ext.label_propagate(t, v, k=5)
+assert got.labels.is_cuda, "results come back on the caller's device"
+assert torch.equal(got.labels, want.labels), (got.labels, want.labels)
+torch.testing.assert_close(got.scores, want.scores)
+dist.destroy_process_group()
+print("nccl ok")
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and dist.is_nccl_available()),
+                    reason="no CUDA device (or no NCCL)")
+def test_nccl_group_of_one_matches_label_propagate():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", NCCL_SCRIPT], capture_output=True, text=True,
+                       timeout=TIMEOUT_S)
+    assert r.returncode == 0 and "nccl ok" in r.stdout, r.stderr[-3000:]
