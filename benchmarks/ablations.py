@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 
+import offline  # noqa: F401 - before numpy, torch and reclip: it sets their environment
+
 import numpy as np
 import torch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import reclip  # noqa: E402
 from reclip import projection, sources  # noqa: E402

@@ -27,24 +27,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import os
 import sys
 import time
-from pathlib import Path
+
+from offline import ROOT  # before numpy, torch and reclip: it sets their environment
 
 import numpy as np
 import torch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# two cores shared by torch's and reclip_ext's thread pools: spinning waits starve the other
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-ROOT = Path(__file__).resolve().parent.parent
-try:
-    import reclip  # noqa: F401
-except ImportError:  # run from a source tree without an install
-    sys.path.insert(0, str(ROOT / "python"))
 
 import reclip  # noqa: E402
 from reclip import sources  # noqa: E402

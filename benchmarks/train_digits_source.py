@@ -33,24 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from offline import ROOT  # before numpy, torch and reclip: it sets their environment
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-try:
-    import reclip  # noqa: F401
-except ImportError:  # run from a source tree without an install
-    sys.path.insert(0, str(ROOT / "python"))
 
 from reclip import models, sources  # noqa: E402
 

@@ -1,0 +1,23 @@
+"""Set-up shared by the benchmark scripts that run the reclip pipeline on the embedded digits
+model; imported before reclip.
+
+- No network: the model's text tower is a local package, and nothing may reach a model hub.
+- Passive OpenMP waits: torch's and reclip_ext's thread pools share the cores, and a pool that
+  spins while waiting starves the other.
+- Run from a source tree without an install, the tree's ``python/`` joins the path.
+"""
+import os
+import sys
+from pathlib import Path
+
+#: the repository root
+ROOT = Path(__file__).resolve().parent.parent
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+try:
+    import reclip  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(ROOT / "python"))
