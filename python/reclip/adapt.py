@@ -339,7 +339,7 @@ class ReCLIP:
                 torch.cuda.synchronize(self.device)  # the clock below times finished work
             world.work["encode_images"] += rows
             world.work["encode_seconds"] += time.perf_counter() - start
-            blocks = [distributed.shard(len(data), world.size, r) for r in range(world.size)]
+            blocks = world.shards(len(data))
             counts = [len(b) for b in blocks]
             if found is not None:
                 bad = {i: why for part in world.gather_objects(found) for i, why in part.items()}

@@ -112,9 +112,6 @@ METHOD_FLAGS = {"--projection": ("projection", "reclip"), "--sides": ("sides", "
                 "--visual-loss": ("visual_loss", "reclip"),
                 "--lp-precision": ("lp_precision", "reclip"),
                 "--shot-beta": ("shot_beta", "shot"), "--shot-params": ("shot_params", "shot")}
-#: their values when not given
-METHOD_DEFAULTS = {"projection": "P2", "sides": "both", "visual_loss": "released",
-                   "lp_precision": "exact"}
 
 
 def _check_method_flags(args) -> None:
@@ -124,9 +121,6 @@ def _check_method_flags(args) -> None:
         if getattr(args, attr) not in (None, False) and args.method != method:
             raise ValueError(f"{flag}: only for --method {method} (this run is --method "
                              f"{args.method})")
-    for attr, value in METHOD_DEFAULTS.items():
-        if getattr(args, attr) is None:
-            setattr(args, attr, value)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -340,16 +334,15 @@ def adapt(args) -> int:
     torch.manual_seed(args.seed)  # a config without weights starts from a seeded random init
     loaded = load_model(args.model, args.pretrained)
     data = data.with_transform(loaded.preprocess)
-    config = adapt_mod.Config(method=args.method, projection=args.projection, sides=args.sides,
-                              seed=args.seed, label_sharing=not args.no_label_sharing,
-                              visual_loss=args.visual_loss, device=args.device, amp=args.amp,
-                              workers=args.workers, lp_precision=args.lp_precision)
-    for field, value in (("max_epochs", args.epochs), ("max_iterations", args.iterations),
-                         ("batch_size", args.batch_size), ("lr", args.lr),
-                         ("shot_beta", args.shot_beta), ("shot_params", args.shot_params)):
-        if value is not None:
-            setattr(config, field, value)
-    config.__post_init__()
+    # a flag not given (None) leaves the Config default: the paper's, or the method's
+    given = {"projection": args.projection, "sides": args.sides, "visual_loss": args.visual_loss,
+             "lp_precision": args.lp_precision, "max_epochs": args.epochs,
+             "max_iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr,
+             "shot_beta": args.shot_beta, "shot_params": args.shot_params}
+    config = adapt_mod.Config(method=args.method, seed=args.seed,
+                              label_sharing=not args.no_label_sharing, device=args.device,
+                              amp=args.amp, workers=args.workers,
+                              **{k: v for k, v in given.items() if v is not None})
     clf = adapt_mod.ReCLIP(loaded, classnames, templates, config, folders=folders)
     zs_logits = clf.zero_shot_logits(data)  # the first pass: it checks the images
     _warn_skipped(data)
