@@ -146,8 +146,18 @@ def main(argv=None) -> int:
                                         f"table1-{datetime.date.today().isoformat()}"),
                    help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
-    args.seeds = [int(s) for s in args.seeds.split(",")]
-    args.shot_lrs = [float(s) for s in args.shot_lrs.split(",") if s]
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds: expected integers separated by commas, got {args.seeds!r}")
+    try:
+        args.shot_lrs = [float(s) for s in args.shot_lrs.split(",") if s]
+    except ValueError:
+        p.error(f"--shot-lrs: expected numbers separated by commas, got {args.shot_lrs!r}")
+    if not all(0 < lr < float("inf") for lr in args.shot_lrs):
+        p.error(f"--shot-lrs: learning rates must be positive and finite, got {args.shot_lrs}")
+    if args.epochs < 0 or args.iterations < 1:
+        p.error("--epochs must be at least 0 and --iterations at least 1")
     if args.paper_schedule:
         args.epochs, args.iterations = 50, 5000
     targets = args.targets.split(",")

@@ -27,6 +27,12 @@ def test_printed_digits_are_balanced_cells_of_ink():
     assert np.array_equal(images, again) and not np.array_equal(images, other)
 
 
+@pytest.mark.parametrize("per_face", [0, -1, 2.5, True])
+def test_printed_digits_refuse_a_bad_count(per_face):
+    with pytest.raises(ValueError, match="per_face must be a positive integer"):
+        sources.render_printed_digits(per_face=per_face)
+
+
 def test_target_split_is_fixed_disjoint_and_stratified():
     labels = np.repeat(np.arange(4), [10, 20, 7, 13])
     train, test = sources.target_split(labels)

@@ -170,6 +170,8 @@ def render_printed_digits(per_face: int = 8, seed: int = 0) -> tuple[np.ndarray,
     """
     from PIL import ImageDraw, ImageFont
 
+    if isinstance(per_face, bool) or not isinstance(per_face, int) or per_face < 1:
+        raise ValueError(f"per_face must be a positive integer, got {per_face!r}")
     faces = Path(require("matplotlib", "the printed-digits target").get_data_path()) / "fonts" / "ttf"
     rng = np.random.default_rng(seed)
     images, labels = [], []
