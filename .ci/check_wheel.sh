@@ -4,12 +4,15 @@
 # reclip_ext example must run, torch and reclip_ext must share a process in either import order
 # (two OpenMP runtimes), `reclip --help` must work, and with [demo] the demo must run.
 #
-# Usage: .ci/check_wheel.sh WHEEL [VENV]
+# Usage: .ci/check_wheel.sh WHEEL
+# Everything it makes (the venv holds a full torch, ~6 GB) lives in one temporary directory that
+# is removed on exit, pass or fail, so repeated runs do not fill the disk.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 wheel=$(cd "$(dirname "$1")" && pwd)/$(basename "$1")
-venv=${2:-$(mktemp -d)/venv}
 work=$(mktemp -d)   # the working directory: nothing of the source tree is importable from here
+trap 'rm -rf "$work"' EXIT
+venv=$work/venv
 cd "$work"
 
 python3 -m venv --clear "$venv"
