@@ -194,6 +194,15 @@ def label_propagate(text, images_shard, group=None, *, k=20, alpha=0.99, max_ite
         t = _as_tensor(torch, text, "text")
         v = _as_tensor(torch, images_shard, "images_shard")
         meta = _local_meta(torch, t, v)
+        # The values are checked where they live, so that an error names this rank's own
+        # array and row; on the gathered set it could only name the stacked pair.
+        ns = ops._namespace([(t, "text"), (v, "images_shard")], v)
+        with ns.guard:
+            for a, name in ((t, "text"), (v, "images_shard")):
+                a = ns.array(a, name)
+                ops._check_finite(ns, a, name)
+                if normalize:
+                    ops._check_nonzero_rows(ns, a, name)
         # types and ranges only: k against N is checked on the gathered set, on every rank
         ops._affinity_options(k, 1 << 62, True, weight, gamma, block_rows)
         cg_opts = ops._cg_options(alpha, max_iter, tol)

@@ -363,6 +363,8 @@ BAD_INPUTS = [
     ("batch-size-zero", "adapt", adapt_args("data", "r_bad", "--batch-size", "0"), "--batch-size"),
     ("batch-size-negative", "adapt", adapt_args("data", "r_bad", "--batch-size", "-3"),
      "--batch-size"),
+    # a second run into a finished one: refused before anything loads, so the old run stays
+    ("out-holds-a-run", "adapt", adapt_args("data", "run_main"), "--resume"),
     ("predict-out-is-a-folder", "predict",
      ["predict", "--run", "notrun", "--data", "data", "--out", "emptydir"], "--out"),
 ]

@@ -83,6 +83,12 @@ def check_refused(rank, world, case):
         mine = mine[:0]
     elif case == "not a matrix" and rank == 0:
         mine = mine[0]
+    elif case == "zero row" and rank == 1:
+        mine = mine.copy()
+        mine[4] = 0
+    elif case == "nan" and rank == 1:
+        mine = mine.copy()
+        mine[7, 2] = np.nan
     try:
         reclip_ext.distributed.label_propagate(text, mine, threads=1, **kwargs)
     except Exception as err:  # noqa: BLE001 - the error itself is the result
@@ -191,6 +197,9 @@ REFUSED = [
     ("k", "ValueError", r"^k must be < N = 35"),
     ("empty", "ValueError", r"^images_shard: every rank's shard is empty"),
     ("not a matrix", "ValueError", r"^images_shard: expected a 2-D array"),
+    # bad values are named by the rank's own array and row, not by the gathered set's
+    ("zero row", "ValueError", r"^images_shard: row 4 is all zeros .* \(on rank 1\)$"),
+    ("nan", "ValueError", r"^images_shard: contains NaN or Inf \(on rank 1\)$"),
 ]
 
 

@@ -205,6 +205,15 @@ def test_resume_equals_uninterrupted(tiny, colour_images, tmp_path):
     assert torch.equal(again.logits(colour_images), full.logits(colour_images))
 
 
+def test_a_new_run_over_an_old_one_is_refused(tiny, colour_images, tmp_path):
+    _fit(tiny, colour_images, max_epochs=1).save(tmp_path / "run")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()}
+    again = reclip.ReCLIP(tiny, CLASSES, config=reclip.Config(max_epochs=1))
+    with pytest.raises(FileExistsError, match="out_dir: .* already holds a run; pass resume=True"):
+        again.fit(colour_images, out_dir=tmp_path / "run")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()} == before
+
+
 def test_checkpoint_class_mismatch_is_refused(tiny, colour_images, tmp_path):
     _fit(tiny, colour_images, max_epochs=1).save(tmp_path / "run")
     other = reclip.ReCLIP(tiny, ["x", "y", "z"], config=reclip.Config(max_epochs=1))

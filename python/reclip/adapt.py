@@ -370,6 +370,8 @@ class ReCLIP:
                 raise ValueError("resume: needs out_dir")
             if checkpoint.exists(out_dir):
                 self._restore(checkpoint.read(out_dir), out_dir, rng=True)
+        elif out_dir is not None:
+            check_new_run(out_dir, "out_dir", "resume=True")
         c = self.config
         batch = c.batch_for(len(self.classnames))
         self._bars = progress
@@ -861,6 +863,14 @@ def check_meta(meta: dict[str, Any], where, classnames: list[str] | None = None)
         if not isinstance(folders, list) or not all(isinstance(v, str) for v in folders):
             raise ValueError(f"{where}: run.json has no valid 'folders'; was it written by reclip?")
         check_folders(folders, meta["classnames"], source=f"{where}: run.json folders")
+
+
+def check_new_run(out_dir: str | Path, name: str, resume: str) -> None:
+    """Refuse to start a run over another one: its first checkpoint would replace the old
+    run's weights, and whatever that run took hours to learn would be gone."""
+    if checkpoint.exists(out_dir):
+        raise FileExistsError(f"{name}: {out_dir} already holds a run; pass {resume} to "
+                              "continue it, or choose a new directory (or delete that one)")
 
 
 def check_method(meta: dict[str, Any], where, method: str, shot_params: str) -> None:

@@ -57,7 +57,8 @@ from .optional import MissingExtra
 # Only the types reclip raises for what a user gave it: a TypeError or KeyError is a bug in
 # reclip (or a library), whose traceback must show.
 # MissingExtra: an optional package (the demo's) is not installed; its message names the extra.
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, MemoryError, PermissionError,
+USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, MemoryError,
+               PermissionError,
                MissingExtra)
 SKIP_HELP = "leave out unreadable images (one warning line) instead of stopping at the first"
 WORKERS_HELP = "image-loading worker processes (default: one per usable core, at most 8)"
@@ -325,7 +326,9 @@ def adapt(args) -> int:
     _check_method_flags(args)
     classnames, templates, folders = _class_lists(args)
     _check_output(args.out, "--out", folder=True)
-    if args.resume and checkpoint.exists(args.out):  # refuse a mismatch before any real work
+    if not args.resume:  # refused before any real work, as is a mismatched --resume
+        adapt_mod.check_new_run(args.out, "--out", "--resume")
+    elif checkpoint.exists(args.out):
         meta = checkpoint.read_meta(args.out)
         adapt_mod.check_meta(meta, args.out, classnames)
         adapt_mod.check_method(meta, args.out, args.method,
