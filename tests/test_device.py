@@ -126,7 +126,11 @@ def test_device_names_resolve_against_the_devices_there_are(monkeypatch):
     assert devices.resolve("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match=r"^--device: 'cuda:2' does not exist \(2 CUDA devices"):
         devices.resolve("cuda:2", "--device")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert devices.amp_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    # before Ampere bf16 is emulated: auto takes fp16 (with loss scaling) there
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert devices.amp_dtype("auto", torch.device("cuda")) == torch.float16
     assert devices.amp_dtype("auto", torch.device("cpu")) is None
     assert devices.amp_dtype("fp16", torch.device("cuda")) == torch.float16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -683,15 +683,19 @@ class ReCLIP:
         """(n, m) combined logits on the device: the mean of the T and V sides' (per
         Config.sides; SHOT's are the V side's, with the zero-shot class embeddings)."""
         data = _images_arg(images, self.loaded.preprocess)
-        sides = []
+        total, count = None, 0
         dl = None  # one loader (one set of workers) for both passes
         for side, model, classes in (("text", self.text_copy, self.nodes_t),
                                      ("visual", self.visual_copy, self.centres)):
             if self.config.sides in ("both", side):
                 if dl is None and data.unchecked is None:
                     dl = self._loader(data)
-                sides.append(self._encode_images(model, data, dl) @ classes.T)
-        return self.config.logit_scale * torch.stack(sides).mean(dim=0)
+                # summed in place: at ImageNet scale each n x m side is gigabytes, and a
+                # stack of both plus their mean would hold four of them at once
+                part = self._encode_images(model, data, dl) @ classes.T
+                total = part if total is None else total.add_(part)
+                count += 1
+        return total.mul_(self.config.logit_scale / count)
 
     @torch.no_grad()
     def zero_shot_logits(self, images: Any) -> torch.Tensor:

@@ -41,11 +41,16 @@ def resolve(device: str, name: str = "device") -> torch.device:
 
 def amp_dtype(amp: str, device: torch.device, name: str = "amp") -> torch.dtype | None:
     """The autocast dtype of `amp` on `device` (None: full float32). ``auto`` is bf16 on CUDA
-    and off on the CPU (where bf16 matmuls are emulated on most processors and slower)."""
+    devices with bf16 tensor cores (compute capability 8.0 on: A100, H100, RTX 30xx on), fp16
+    on older ones (V100, T4, where bf16 is emulated and slower than float32), and off on the
+    CPU (where bf16 matmuls are emulated on most processors and slower)."""
     if amp not in AMP_MODES:
         raise ValueError(f"{name}: expected one of {', '.join(AMP_MODES)}, got {amp!r}")
     if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "off"
+        if device.type != "cuda":
+            amp = "off"
+        else:
+            amp = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
     if amp == "fp16" and device.type != "cuda":
         # fp16 training needs a GradScaler, which is a CUDA tool; CPU autocast takes bf16
         raise ValueError(f"{name}: fp16 runs on CUDA only; on the CPU use bf16 or off")
