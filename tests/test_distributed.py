@@ -263,6 +263,7 @@ def test_two_ranks_match_one_process(ws, jobs):
     # each rank encoded its shard (76 / 75 items) of every pass, and trained on its parts
     assert sum(r["encode_images"] for r in d["ranks"]) % 151 == 0
     assert all(r["encode_images_per_s"] > 0 and r["train_images_per_s"] > 0 for r in d["ranks"])
+    assert all(r["pseudo_label_seconds"] > 0 for r in d["ranks"])  # each rank searched its rows
     # only rank 0 speaks: one summary line, one line per epoch
     assert pair.stderr.count("reclip: 151 images") == 1
     assert pair.stderr.count("epoch 1:") == 1 == single.stderr.count("epoch 1:")

@@ -567,9 +567,12 @@ class ReCLIP:
         not be bitwise reproducible from one process to the next, and ranks that disagree on a
         single label would train on different targets without any error."""
         c = self.config
-        return pseudo_labels(feats, nodes, u, method=c.pseudo_labels, many_classes=c.many_classes,
-                             k=c.k, alpha=c.alpha, weight=c.weight, precision=c.lp_precision,
-                             world=self.world)
+        start = time.perf_counter()
+        labels = pseudo_labels(feats, nodes, u, method=c.pseudo_labels,
+                               many_classes=c.many_classes, k=c.k, alpha=c.alpha, weight=c.weight,
+                               precision=c.lp_precision, world=self.world)
+        self.world.work["pseudo_label_seconds"] += time.perf_counter() - start
+        return labels
 
     def _rank_parts(self, batches: list[np.ndarray]) -> list[tuple[np.ndarray, torch.Tensor | None]]:
         """(items, weights) of this rank for each global batch: a contiguous part of it

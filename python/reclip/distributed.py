@@ -66,9 +66,11 @@ class World:
         self.backend = backend
         self.collective_seconds = 0.0
         self.collective_calls = 0
-        #: this rank's work, for report.json: images and wall seconds of encoding and training
+        #: this rank's work, for report.json: images and wall seconds of encoding and
+        #: training, and the wall seconds of the pseudo labels (the sharded label propagation,
+        #: its own collectives and rank 0's solve included)
         self.work = {"encode_images": 0, "encode_seconds": 0.0,
-                     "train_images": 0, "train_seconds": 0.0}
+                     "train_images": 0, "train_seconds": 0.0, "pseudo_label_seconds": 0.0}
 
     @property
     def active(self) -> bool:
@@ -165,6 +167,7 @@ class World:
             mine[f"{kind}_images_per_s"] = (round(self.work[f"{kind}_images"] / seconds, 2)
                                             if seconds > 0 else None)
             mine[f"{kind}_seconds"] = round(seconds, 3)
+        mine["pseudo_label_seconds"] = round(self.work["pseudo_label_seconds"], 3)
         ranks = self.gather_objects(mine)
         return {"world_size": self.size, "backend": self.backend,
                 "collective_seconds": round(self.collective_seconds, 3),
@@ -172,7 +175,9 @@ class World:
                 "collectives_note": "wall time of the all_gather, broadcast, all_reduce and "
                                     "barrier calls (rank 0's above, each rank's in ranks, "
                                     "waiting for slower ranks included); DDP's gradient "
-                                    "all-reduce overlaps the backward pass and is not counted",
+                                    "all-reduce overlaps the backward pass and is not counted, "
+                                    "and the sharded label propagation's own collectives are "
+                                    "in each rank's pseudo_label_seconds",
                 "ranks": ranks}
 
 
