@@ -58,8 +58,7 @@ from .optional import MissingExtra
 # reclip (or a library), whose traceback must show.
 # MissingExtra: an optional package (the demo's) is not installed; its message names the extra.
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, MemoryError,
-               PermissionError,
-               MissingExtra)
+               PermissionError, MissingExtra)
 SKIP_HELP = "leave out unreadable images (one warning line) instead of stopping at the first"
 WORKERS_HELP = "image-loading worker processes (default: one per usable core, at most 8)"
 PEAK_NOTE = ("peak_accuracy and peak_epoch pick the best epoch by the target labels (an oracle "
