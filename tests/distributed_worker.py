@@ -8,10 +8,12 @@ Each process writes OUT/rank<r>.npz: the visual copy's features of DATA (a shard
 all-gathered pass), the features and skipped paths of BADDATA read with a deferred
 skip-bad-images check, the pseudo labels of one epoch of fit on DATA (label propagation: its
 k-NN search split over the ranks, rank 0 solving), the prediction pseudo labels of the features
-(rank 0's, broadcast) and the trained norm parameters after it.
+(rank 0's, broadcast) and the trained norm parameters after it; then one epoch of SHOT (the
+whole visual tower) and its parameters before and after.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -44,13 +46,19 @@ def main(out: str, data_dir: str, bad_dir: str, model: str) -> None:
     bad_feats = clf._encode_images(clf.visual_copy, bad)
     predicted = pseudo_labels(feats, clf.nodes_v, clf.basis_v, method="prediction", world=world)
     clf.fit(data)
+    # SHOT: the whole visual tower under DDP, the batch-mean prediction exchanged every step
+    shot = ReCLIP(loaded, CLASSES, config=dataclasses.replace(config, method="shot", lr=1e-3))
+    shot.fit(data)
+    before = dict(loaded.model.named_parameters())
     Path(out).mkdir(parents=True, exist_ok=True)
     np.savez(Path(out) / f"rank{world.rank}.npz", world=world.size, feats=feats.numpy(),
              bad_feats=bad_feats.numpy(), skipped=np.array(bad.skipped), kept=len(bad),
              pseudo_text=clf.last_pseudo["text"], pseudo_visual=clf.last_pseudo["visual"],
              predicted=predicted,
              **{f"param.{k}": v.detach().numpy() for k, v in
-                [*clf.text_params.items(), *clf.visual_params.items()]})
+                [*clf.text_params.items(), *clf.visual_params.items()]},
+             **{f"shot.{k}": v.detach().numpy() for k, v in shot.visual_params.items()},
+             **{f"shot_before.{k}": before[k].detach().numpy() for k in shot.visual_params})
     distributed.shutdown()
 
 

@@ -235,6 +235,18 @@ def test_sharded_passes_and_epoch_one_pseudo_labels(ws, jobs):
     moved = max(float(np.abs(ref[k] - (1.0 if k.endswith("weight") else 0.0)).max())
                 for k in params)
     assert moved > 1e-3, moved
+    # SHOT under DDP (the whole visual tower; each step's batch-mean prediction summed over
+    # the ranks through a differentiable all-reduce): the single-process steps too
+    shot = [k for k in ref.files if k.startswith("shot.")]
+    assert len(shot) > len([k for k in params if k.startswith("param.visual.")])
+    for got in ranks:
+        for k in shot:
+            np.testing.assert_allclose(got[k], ref[k], rtol=0, atol=2e-6, err_msg=k)
+    for k in shot:
+        np.testing.assert_array_equal(ranks[0][k], ranks[1][k])
+    moved = max(float(np.abs(ref[k] - ref[k.replace("shot.", "shot_before.")]).max())
+                for k in shot)
+    assert moved > 1e-4, moved
 
 
 # ------------------------------------------------------------------------------------ CLI

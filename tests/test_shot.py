@@ -310,14 +310,3 @@ def test_old_runs_with_a_stored_lr_load(tiny, colour_images, tmp_path):
     back = reclip.ReCLIP.load(tmp_path / "run")
     assert back.config.method == "reclip" and back.config.learning_rate == 0.001
     assert torch.equal(back.logits(colour_images), clf.logits(colour_images))
-
-
-def test_shot_refuses_a_process_group(tiny, monkeypatch):
-    """SHOT's diversity term needs the mean prediction of the whole batch, which no rank's
-    part of a split batch has: under torchrun it is refused, not run as another loss."""
-    from reclip import distributed
-
-    monkeypatch.setattr(distributed, "_WORLD", distributed.World(size=2, rank=1))
-    with pytest.raises(ValueError, match="method: 'shot' runs in a single process"):
-        reclip.ReCLIP(tiny, CLASSES, TEMPLATES, reclip.Config(method="shot"))
-    reclip.ReCLIP(tiny, CLASSES, TEMPLATES, reclip.Config(max_epochs=0))  # ReCLIP is fine

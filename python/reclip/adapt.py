@@ -233,10 +233,6 @@ class ReCLIP:
         self._frozen: tuple[Any, torch.Tensor] | None = None
         # torchrun's process group, if this process is one of several (see distributed.py)
         self.world = distributed.current()
-        if self.world.active and self.config.method == "shot":
-            # its diversity term is a function of the whole batch's mean prediction, which no
-            # rank's part of a split batch has: a data-parallel SHOT would be another loss
-            raise ValueError("method: 'shot' runs in a single process; start it without torchrun")
         # what trains: the copies themselves, or in a distributed run their DDP-wrapped
         # towers (set up by fit), whose forward passes all-reduce the gradients
         self._train_t: Any = self.text_copy
@@ -426,9 +422,10 @@ class ReCLIP:
         its norm parameters (the only ones with requires_grad). DDP's hooks fire only for
         graphs built by its forward, so a small module whose forward is the tower's encoder
         is wrapped; constructing DDP broadcasts rank 0's parameters once."""
-        if not self.world.active or isinstance(self._train_t, _DDPTower):
+        if not self.world.active or isinstance(self._train_v, _DDPTower):
             return
-        self._train_t = _DDPTower(self.text_copy, visual=False, device=self.device)
+        if self.text_params:  # SHOT never trains the text side
+            self._train_t = _DDPTower(self.text_copy, visual=False, device=self.device)
         self._train_v = _DDPTower(self.visual_copy, visual=True, device=self.device)
 
     def _epoch(self, data, frozen: torch.Tensor, epoch: int, batch: int,
@@ -514,12 +511,29 @@ class ReCLIP:
         feats = self._encode_images(self.visual_copy, data, loaders["encode"])
         # the frozen zero-shot classifier: `centres` stays `nodes_v` for SHOT
         logits = self.config.logit_scale * feats @ self.centres.T
-        labels = shot_pseudo_labels(feats, logits)
+        world = self.world
+        start = time.perf_counter()
+        if world.active:  # rank 0's, so that every rank trains on the same targets
+            labels = world.broadcast_labels(shot_pseudo_labels(feats, logits) if world.main
+                                            else None, len(data))
+        else:
+            labels = shot_pseudo_labels(feats, logits)
+        world.work["pseudo_label_seconds"] += time.perf_counter() - start
         batches = self._epoch_batches(np.arange(len(data)), epoch, batch)
-        images = self._train_images(batches, loaders) if batches else None
+        parts = self._rank_parts(batches)  # as in ReCLIP's epoch
+        images = self._train_images([idx for idx, _ in parts], loaders) if batches else None
         loss = torch.zeros((), device=self.device)
-        for idx in _progress(batches, self._bars, "train", leave=False):
-            loss += self._step_shot(next(images), torch.as_tensor(labels[idx]).to(self.device))
+        start, trained = time.perf_counter(), 0
+        for (idx, weight), whole in _progress(list(zip(parts, batches)), self._bars, "train",
+                                              leave=False):
+            part = {} if weight is None else {"weight": weight, "count": len(whole)}
+            loss += self._step_shot(next(images), torch.as_tensor(labels[idx]).to(self.device),
+                                    **part)
+            trained += len(idx) if weight is None else int(weight.sum())
+        if world.active:  # each rank's loss is its share (see _epoch)
+            loss = world.sum(loss) / world.size
+            world.work["train_images"] += trained
+            world.work["train_seconds"] += time.perf_counter() - start
         self.iterations += len(batches)
         entry = EpochLog(epoch=epoch, iterations=self.iterations, agreement=1.0,
                          trained=sum(len(b) for b in batches),
@@ -599,10 +613,8 @@ class ReCLIP:
                     count: int) -> torch.Tensor:
         """Cross-entropy of this rank's part of a global batch of `count` items: the batch
         mean in a single process, else the weighted sum scaled as _rank_parts says."""
-        if weight is None:
-            return nn.functional.cross_entropy(logits, y)
         each = nn.functional.cross_entropy(logits, y, reduction="none")
-        return (each * weight).sum() * (self.world.size / count)
+        return _batch_mean(each, weight, count, self.world.size)
 
     def _step_text(self, feats: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
                    count: int | None = None) -> torch.Tensor:
@@ -656,11 +668,14 @@ class ReCLIP:
             loss = loss / count
         return self._sgd_step("visual", loss)
 
-    def _step_shot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _step_shot(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
+                   count: int | None = None) -> torch.Tensor:
+        # `weight` / `count`: this rank's part of a global batch (see _rank_parts)
         with self._autocast():
-            feats = self.visual_copy.encode_image(x, normalize=True)
+            feats = self._train_v.encode_image(x, normalize=True)
         logits = self.config.logit_scale * feats.float() @ self.centres.T
-        return self._sgd_step("visual", shot_loss(logits, y, self.config.shot_beta))
+        part = {} if weight is None else {"weight": weight, "count": count, "world": self.world}
+        return self._sgd_step("visual", shot_loss(logits, y, self.config.shot_beta, **part))
 
     def _sgd_step(self, side: str, loss: torch.Tensor,
                   then: Callable[[], None] | None = None) -> torch.Tensor:
@@ -1003,17 +1018,43 @@ def shot_pseudo_labels(feats: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
     return second.cpu().numpy().astype(np.int64)
 
 
-def shot_loss(logits: torch.Tensor, pseudo: torch.Tensor, beta: float) -> torch.Tensor:
+def shot_loss(logits: torch.Tensor, pseudo: torch.Tensor, beta: float, *,
+              weight: torch.Tensor | None = None, count: int | None = None,
+              world: distributed.World | None = None) -> torch.Tensor:
     """SHOT's objective on a batch of `logits` (B x m): the mean entropy of each image's
     softmax p_i (confident predictions), plus sum_k pbar_k log pbar_k with pbar the batch-mean
     softmax (minimising it spreads predictions over the classes), plus `beta` x the
     cross-entropy against the pseudo labels `pseudo`. Everything comes from log-softmax
-    values, so a probability that underflows to 0 gives 0 . finite, never 0 . log 0."""
+    values, so a probability that underflows to 0 gives 0 . finite, never 0 . log 0.
+
+    In a distributed run `logits` are this rank's part of a global batch of `count` items
+    (`weight`: see ReCLIP._rank_parts). pbar is the whole batch's: each rank's log sum_i p_i
+    is exchanged by an all-reduce that autograd sees, so DDP's averaged gradient is the
+    single-process one (the all-reduce's backward sums the world_size ranks' equal gradients
+    of pbar, and DDP divides by world_size)."""
     log_p = torch.log_softmax(logits.float(), dim=1)
-    entropy = -(log_p.exp() * log_p).sum(dim=1).mean()
-    log_mean = torch.logsumexp(log_p, dim=0) - math.log(len(logits))  # log pbar_k
+    entropy = -(log_p.exp() * log_p).sum(dim=1)
+    cross_entropy = nn.functional.nll_loss(log_p, pseudo, reduction="none")
+    log_sum = torch.logsumexp(log_p, dim=0)  # log sum_i p_ik over the items here
+    if world is not None and world.active:
+        # an empty part (its one item weighs 0) adds nothing: log 0 = -inf, which logsumexp
+        # over the ranks takes as 0 (and sends it a zero gradient)
+        log_sum = torch.logsumexp(world.all_rows(log_sum + weight.max().log()), dim=0)
+    log_mean = log_sum - math.log(count or len(logits))  # log pbar_k
     diversity = (log_mean.exp() * log_mean).sum()
-    return entropy + diversity + beta * nn.functional.nll_loss(log_p, pseudo)
+    size = world.size if world is not None else 1
+    return (_batch_mean(entropy, weight, count, size) + diversity
+            + beta * _batch_mean(cross_entropy, weight, count, size))
+
+
+def _batch_mean(values: torch.Tensor, weight: torch.Tensor | None, count: int | None,
+                world_size: int) -> torch.Tensor:
+    """The mean of per-item `values` over a batch: plain in a single process (weight None);
+    else this rank's weighted sum times world_size / count, which DDP's average over the ranks
+    turns into the mean over the global batch of `count` items (see ReCLIP._rank_parts)."""
+    if weight is None:
+        return values.mean()
+    return (values * weight).sum() * (world_size / count)
 
 
 def _centres(feats: torch.Tensor, labels: np.ndarray, fallback: torch.Tensor) -> torch.Tensor:

@@ -114,6 +114,16 @@ class World:
             dist.all_gather(blocks, padded)
         return torch.cat([b[:c] for b, c in zip(blocks, counts)])
 
+    def all_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """(world_size, *local.shape): row r is rank r's `local`, on every rank, through an
+        all-reduce that autograd differentiates (its backward sums the ranks' gradients of
+        each row back to the rank that owns it). Untimed: SHOT calls it every step with m
+        values, and timing would synchronise the device each time."""
+        if not self.active:
+            return local[None]
+        rows = [local if r == self.rank else torch.zeros_like(local) for r in range(self.size)]
+        return _SummedOverRanks.apply(torch.stack(rows))
+
     def broadcast_labels(self, labels: np.ndarray | None, n: int) -> np.ndarray:
         """Rank 0's `labels` (n int64; the other ranks pass None) on every rank."""
         if not self.active:
@@ -179,6 +189,31 @@ class World:
                                     "and the sharded label propagation's own collectives are "
                                     "in each rank's pseudo_label_seconds",
                 "ranks": ranks}
+
+
+class _SummedOverRanks(torch.autograd.Function):
+    """The sum over the ranks of a tensor, differentiable: the gradient of every rank's input
+    is the sum of the ranks' gradients of the output (each rank's output is the same sum).
+    torch's own torch.distributed.nn.functional.all_reduce is deprecated, and its functional
+    successor has no backward. The backward runs near the top of the graph, before any
+    parameter has a gradient, so on every rank it is issued before DDP's bucket all-reduces
+    (the collectives of one group must come in one order on all ranks)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 _WORLD = World()
