@@ -186,8 +186,9 @@ class World:
                                     "barrier calls (rank 0's above, each rank's in ranks, "
                                     "waiting for slower ranks included); DDP's gradient "
                                     "all-reduce overlaps the backward pass and is not counted, "
-                                    "and the sharded label propagation's own collectives are "
-                                    "in each rank's pseudo_label_seconds",
+                                    "nor is SHOT's per-step sum of m values, and the sharded "
+                                    "label propagation's own collectives are in each rank's "
+                                    "pseudo_label_seconds",
                 "ranks": ranks}
 
 
