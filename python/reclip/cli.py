@@ -177,7 +177,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="SHOT: train the whole visual tower (encoder, the default) or only "
                         "its norm layers")
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--resume", action="store_true", help="continue the run in --out")
+    a.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (without it, an --out that holds a run is "
+                        "refused; a restartable torchrun job always passes it)")
     a.add_argument("--inductive", action="store_true",
                    help="only adapt and save; do not predict the adaptation images")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
