@@ -451,34 +451,16 @@ class ReCLIP:
         target = labels_t if labels_t is not None else labels_v
         batches = self._epoch_batches(np.flatnonzero(keep), epoch, batch)
         steps = len(batches)
-        # this rank's contiguous part of each global batch, and the weight of its items (see
-        # _rank_parts); a single process takes the whole batch with weight None
-        parts = self._rank_parts(batches)
-        images = (self._train_images([idx for idx, _ in parts], loaders) if use_v and steps
-                  else None)
-        # summed on the device: a float() per step would make the host wait for every step
-        loss_t = loss_v = torch.zeros((), device=self.device)
-        start, trained = time.perf_counter(), 0
-        for (idx, weight), whole in _progress(list(zip(parts, batches)), self._bars, "train",
-                                              leave=False):
+        none = torch.zeros((), device=self.device)
+
+        def step(idx, x, part):
             y = torch.as_tensor(target[idx]).to(self.device)
-            # the step's signature is a single process's unless the batch is split
-            part = {} if weight is None else {"weight": weight, "count": len(whole)}
-            if use_t:
-                loss_t += self._step_text(frozen[torch.as_tensor(idx).to(self.device)], y,
-                                          **part)
-            if use_v:
-                loss_v += self._step_visual(next(images), y, **part)
-            trained += len(idx) if weight is None else int(weight.sum())
-        if self.world.active:
-            # each rank's losses are world_size times its share of the batch means
-            # (_rank_parts): summed over ranks and divided by the world size they are the
-            # single-process sums (the one all-reduce of the epoch's losses; it also waits
-            # for the last step, so the clock below times finished work)
-            losses = self.world.sum(torch.stack([loss_t, loss_v])) / self.world.size
-            loss_t, loss_v = losses[0], losses[1]
-            self.world.work["train_images"] += trained
-            self.world.work["train_seconds"] += time.perf_counter() - start
+            return torch.stack([
+                self._step_text(frozen[torch.as_tensor(idx).to(self.device)], y, **part)
+                if use_t else none,
+                self._step_visual(x, y, **part) if use_v else none])
+
+        loss_t, loss_v = self._train(batches, loaders, step, images=use_v, losses=2)
         self.iterations += steps
         entry = EpochLog(epoch=epoch, iterations=self.iterations, agreement=float(agree.mean()),
                          trained=sum(len(b) for b in batches),
@@ -513,27 +495,14 @@ class ReCLIP:
         logits = self.config.logit_scale * feats @ self.centres.T
         world = self.world
         start = time.perf_counter()
-        if world.active:  # rank 0's, so that every rank trains on the same targets
-            labels = world.broadcast_labels(shot_pseudo_labels(feats, logits) if world.main
-                                            else None, len(data))
-        else:
-            labels = shot_pseudo_labels(feats, logits)
+        labels = world.labels_of_rank0(lambda: shot_pseudo_labels(feats, logits), len(data))
         world.work["pseudo_label_seconds"] += time.perf_counter() - start
         batches = self._epoch_batches(np.arange(len(data)), epoch, batch)
-        parts = self._rank_parts(batches)  # as in ReCLIP's epoch
-        images = self._train_images([idx for idx, _ in parts], loaders) if batches else None
-        loss = torch.zeros((), device=self.device)
-        start, trained = time.perf_counter(), 0
-        for (idx, weight), whole in _progress(list(zip(parts, batches)), self._bars, "train",
-                                              leave=False):
-            part = {} if weight is None else {"weight": weight, "count": len(whole)}
-            loss += self._step_shot(next(images), torch.as_tensor(labels[idx]).to(self.device),
-                                    **part)
-            trained += len(idx) if weight is None else int(weight.sum())
-        if world.active:  # each rank's loss is its share (see _epoch)
-            loss = world.sum(loss) / world.size
-            world.work["train_images"] += trained
-            world.work["train_seconds"] += time.perf_counter() - start
+
+        def step(idx, x, part):
+            return self._step_shot(x, torch.as_tensor(labels[idx]).to(self.device), **part)[None]
+
+        (loss,) = self._train(batches, loaders, step, images=True, losses=1)
         self.iterations += len(batches)
         entry = EpochLog(epoch=epoch, iterations=self.iterations, agreement=1.0,
                          trained=sum(len(b) for b in batches),
@@ -544,6 +513,32 @@ class ReCLIP:
             # the model as it entered this epoch (SHOT's classifier on these features)
             entry.accuracy["combined"] = _accuracy(logits, truth)
         return entry
+
+    def _train(self, batches: list[np.ndarray], loaders: dict, step, *, images: bool,
+               losses: int) -> torch.Tensor:
+        """Run `step(items, their images on the device or None, part)` for this rank's part of
+        each global batch (see _rank_parts; `part` is {} in a single process, else the weight
+        and count keywords of the steps) and return the (losses,) step losses summed over the
+        epoch: in a distributed run the sum over ranks / world_size, i.e. the single-process
+        sums, since each rank's losses are world_size times its share of the batch means."""
+        parts = self._rank_parts(batches)
+        xs = (self._train_images([idx for idx, _ in parts], loaders) if images and batches
+              else None)
+        # summed on the device: a float() per step would make the host wait for every step
+        total = torch.zeros(losses, device=self.device)
+        start, trained = time.perf_counter(), 0
+        for (idx, weight), whole in _progress(list(zip(parts, batches)), self._bars, "train",
+                                              leave=False):
+            part = {} if weight is None else {"weight": weight, "count": len(whole)}
+            total += step(idx, next(xs) if xs is not None else None, part)
+            trained += len(idx) if weight is None else int(weight.sum())
+        if self.world.active:
+            # the one all-reduce of the epoch's losses; it also waits for the last step, so
+            # the clock below times finished work
+            total = self.world.sum(total) / self.world.size
+            self.world.work["train_images"] += trained
+            self.world.work["train_seconds"] += time.perf_counter() - start
+        return total
 
     def _epoch_batches(self, index: np.ndarray, epoch: int, batch: int) -> list[np.ndarray]:
         """The epoch's training batches: `index` in a permutation seeded by (seed, epoch), so a

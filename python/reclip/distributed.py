@@ -26,7 +26,7 @@ import contextlib
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -124,13 +124,15 @@ class World:
         rows = [local if r == self.rank else torch.zeros_like(local) for r in range(self.size)]
         return _SummedOverRanks.apply(torch.stack(rows))
 
-    def broadcast_labels(self, labels: np.ndarray | None, n: int) -> np.ndarray:
-        """Rank 0's `labels` (n int64; the other ranks pass None) on every rank."""
+    def labels_of_rank0(self, compute: Callable[[], np.ndarray], n: int) -> np.ndarray:
+        """The n int64 labels of `compute()`, run on rank 0 only and broadcast to every rank
+        (in a single process, simply its result): every rank then trains on the same labels,
+        which separate computations need not give bit for bit."""
         if not self.active:
-            return labels
+            return compute()
         import torch.distributed as dist
 
-        t = (torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)).to(self.device)
+        t = (torch.from_numpy(np.ascontiguousarray(compute(), dtype=np.int64)).to(self.device)
              if self.main else torch.empty(n, dtype=torch.int64, device=self.device))
         with self._timed():
             dist.broadcast(t, src=0)

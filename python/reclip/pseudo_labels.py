@@ -68,9 +68,8 @@ def pseudo_labels(images: torch.Tensor, classes: torch.Tensor, u: torch.Tensor |
     if method == "auto":
         method = "propagation" if classes.shape[0] <= many_classes else "prediction"
     if method == "prediction":
-        if world is None or not world.active:
+        if world is None:
             return predict(images, classes, u)
-        return world.broadcast_labels(predict(images, classes, u) if world.main else None,
-                                      len(images))
+        return world.labels_of_rank0(lambda: predict(images, classes, u), len(images))
     return propagate(images, classes, u, k=k, alpha=alpha, weight=weight, precision=precision,
                      world=world)
