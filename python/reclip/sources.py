@@ -50,6 +50,13 @@ __all__ = [
 
 #: class names of the digit models, index = digit
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+#: the prompts ``reclip-digits`` was trained with, and its targets are adapted with
+DIGIT_TEMPLATES = ["a photo of the number {}.", "a handwritten digit {}.", "the digit {}"]
+#: the prompts of ``reclip-emoji``. A class name is a Unicode character name ("dog face",
+#: "black right-pointing double triangle"), which says what is drawn but not that it is a small
+#: drawing; each template says so in other words, so that the mean of the three leans on the
+#: name rather than on one phrasing.
+EMOJI_TEMPLATES = ["an emoji of {}.", "a {} icon.", "a small drawing of {}."]
 
 #: environment variable naming the ``digits.png`` file (or a folder holding it)
 OPENCV_DIGITS_ENV = "RECLIP_OPENCV_DIGITS"
