@@ -111,6 +111,7 @@ METHOD_FLAGS = {"--projection": ("projection", "reclip"), "--sides": ("sides", "
                 "--no-label-sharing": ("no_label_sharing", "reclip"),
                 "--visual-loss": ("visual_loss", "reclip"),
                 "--lp-precision": ("lp_precision", "reclip"),
+                "--pseudo-labels": ("pseudo_labels", "reclip"),
                 "--shot-beta": ("shot_beta", "shot"), "--shot-params": ("shot_params", "shot")}
 
 
@@ -124,19 +125,23 @@ def _check_method_flags(args) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .pseudo_labels import METHODS as PSEUDO_LABEL_METHODS
     from .sources import TARGETS
 
     p = _Parser(prog="reclip", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="adapt the embedded digits model to scikit-learn's digits")
+    d = sub.add_parser("demo", help="adapt an embedded model to a real target (default: the "
+                                    "digits model to scikit-learn's digits)")
     d.add_argument("--out", default="reclip-demo", help="folder for report.json and plots")
     d.add_argument("--epochs", type=_at_least(0), default=10)
-    d.add_argument("--model", default="reclip-digits", help=argparse.SUPPRESS)
+    d.add_argument("--model", help=argparse.SUPPRESS)  # default: the target's shipped model
     d.add_argument("--no-plots", action="store_true")
     d.add_argument("--target", default="sklearn-digits", choices=tuple(TARGETS),
-                   help="the target domain (opencv-lowres needs OpenCV's digits.png; see "
-                        "reclip.sources)")
+                   help="the target domain: a digits target (opencv-lowres needs OpenCV's "
+                        "digits.png) or an emoji target of reclip-emoji (Symbola or EmojiOne "
+                        "artwork, 100 or 1066 classes; needs their Debian packages); see "
+                        "reclip.sources")
     d.add_argument("--export-split", metavar="DIR",
                    help="instead of the demo, write the target's fixed train/test split as "
                         "image folders (for reclip adapt --inductive, then reclip eval)")
@@ -176,6 +181,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--shot-params", choices=("encoder", "norms"),
                    help="SHOT: train the whole visual tower (encoder, the default) or only "
                         "its norm layers")
+    a.add_argument("--pseudo-labels", choices=PSEUDO_LABEL_METHODS,
+                   help="ReCLIP: label propagation, the model's own predictions, or auto (the "
+                        "paper's rule and the default: propagation up to 500 classes, "
+                        "predictions above)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--resume", action="store_true",
                    help="continue the run in --out (without it, an --out that holds a run is "
@@ -342,7 +351,8 @@ def adapt(args) -> int:
     given = {"projection": args.projection, "sides": args.sides, "visual_loss": args.visual_loss,
              "lp_precision": args.lp_precision, "max_epochs": args.epochs,
              "max_iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr,
-             "shot_beta": args.shot_beta, "shot_params": args.shot_params}
+             "shot_beta": args.shot_beta, "shot_params": args.shot_params,
+             "pseudo_labels": args.pseudo_labels}
     config = adapt_mod.Config(method=args.method, seed=args.seed,
                               label_sharing=not args.no_label_sharing, device=args.device,
                               amp=args.amp, workers=args.workers,
@@ -428,16 +438,18 @@ def evaluate(args) -> int:
 
 def demo(args) -> int:
     from .demo import run_demo
+    from .sources import TARGETS
 
     if args.export_split:
         from .demo import export_split
 
         _check_output(args.export_split, "--export-split", folder=True)
         counts = export_split(args.target, args.export_split)
+        model = args.model or TARGETS[args.target].model
         where = Path(args.export_split)
         _say(f"wrote {counts['train']} train and {counts['test']} test images of {args.target} "
              f"to {where / 'train'} and {where / 'test'}; for example:\n"
-             f"  reclip adapt --model {args.model} --data {where / 'train'} --classes "
+             f"  reclip adapt --model {model} --data {where / 'train'} --classes "
              f"{where / 'classes.txt'} --templates {where / 'templates.txt'} --inductive --out run\n"
              f"  reclip eval --run run --data {where / 'test'}")
         return 0
