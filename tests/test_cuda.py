@@ -482,6 +482,56 @@ def test_knn_on_a_side_stream(_):
     assert float(total) == pytest.approx(float(want[1].sum()), rel=1e-5)
 
 
+#: GPU cycles of torch.cuda._sleep that keep a stream busy well past the host's next few
+#: calls (about a second at H100/H200 clocks): stands for kernels still in flight
+BUSY_CYCLES = 2_000_000_000
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
+def test_caller_tensor_from_another_stream_outlives_the_kernels(_):
+    """A caller's tensor allocated on stream A, passed while stream B is current and freed right
+    after: the caching allocator must not give its memory out again on A while B's work is
+    still queued."""
+    x = random_points(300, 24, seed=3, dtype=np.float32)
+    a, b = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(a):
+        xt = _cuda(x)
+    a.synchronize()
+    freed = xt.data_ptr()
+    with torch.cuda.stream(b):
+        idx, w = reclip_ext.knn_affinity(xt, 6)
+        torch.cuda._sleep(BUSY_CYCLES)  # B is still busy when the caller lets go of xt
+        del xt
+    with torch.cuda.stream(a):
+        reuse = torch.full((300, 24), float("nan"), device="cuda")  # the same size, on A
+    assert reuse.data_ptr() != freed, "xt's memory was reused on A while B could still read it"
+    b.synchronize()
+    assert_knn_close(x, 6, _np(idx), _np(w))
+
+
+@pytest.mark.parametrize("sync", ["0", "1"])
+@pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
+def test_rext_sync_waits_for_the_kernels(_, monkeypatch, sync):
+    """REXT_SYNC=1: the op returns only when its stream's work is done (its kernels here made
+    to run long by a sleep queued behind them); unset or 0 it returns at once."""
+    real = _core.knn_affinity
+
+    def slow(*args, **kwargs):
+        real(*args, **kwargs)
+        torch.cuda._sleep(BUSY_CYCLES)
+
+    monkeypatch.setattr(_core, "knn_affinity", slow)
+    monkeypatch.setenv("REXT_SYNC", sync)
+    x = random_points(200, 16, seed=4, dtype=np.float32)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        idx, w = reclip_ext.knn_affinity(_cuda(x), 5)
+        done = side.query()
+    assert done == (sync == "1")
+    side.synchronize()
+    assert_knn_close(x, 5, _np(idx), _np(w))
+
+
 @SANITIZE
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", ["random", "duplicates", "zeros", "self-loops"])
