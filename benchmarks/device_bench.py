@@ -30,9 +30,10 @@ Stages: knn (from the fp32 rows to the (N, k) graph), normalize (graph to CSR W)
 call alone: Y is built before and the argmax taken after), total (reclip_ext: label_propagate
 end to end; torch: its whole pipeline; ZLaP: torch knn + normalize + its solve, which includes
 building I - αW in cupyx). Data: synthetic CLIP-like rows (the model of benchmarks/synthetic.py)
-generated on the device with a fixed torch seed. Cases run in order of n, then m descending, so
-the headline case (largest n, largest m) comes before the smaller m. --budget-s skips whatever
-would run past it (predicted from the same method's time at a smaller N); the JSON is rewritten
+generated on the device with a fixed torch seed. Cases run in order of n (largest first with
+--largest-first), then m descending, so the headline case (largest n, largest m) comes before
+the smaller m. --budget-s skips whatever would run past it (predicted from the same method's
+time at another N; a method's first run is never skipped that way); the JSON is rewritten
 atomically after every case, and a failed method is recorded without losing the others.
 """
 from __future__ import annotations
@@ -130,6 +131,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--baselines-max-n", type=int, default=None,
                     help="run the baselines only up to this n (reclip_ext runs at every n) "
                     "[default: every n]")
+    ap.add_argument("--largest-first", action="store_true",
+                    help="run the largest n first: a headline case that must not be skipped by "
+                    "--budget-s (a first case is never predicted to overrun)")
     ap.add_argument("--zlap-classes", type=int, default=None,
                     help="classes timed in the ZLaP per-class CG; more are extrapolated "
                     "linearly [default 100; --quick 50]")
@@ -197,9 +201,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def cases_of(args) -> list[tuple[int, int]]:
-    """(n, m) in run order: n ascending, then m descending (the headline case before the small
-    m of the same n)."""
-    return [(n, m) for n in sorted(set(args.n)) for m in sorted(set(args.m), reverse=True)]
+    """(n, m) in run order: n ascending (descending with --largest-first), then m descending
+    (the headline case before the small m of the same n)."""
+    return [(n, m) for n in sorted(set(args.n), reverse=args.largest_first)
+            for m in sorted(set(args.m), reverse=True)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -319,3 +319,7 @@ def test_baselines_only_up_to_baselines_max_n(tmp_path):
     assert set(big["runs"]) == {"reclip_ext/exact"}
     assert big["status"] == "ok" and "times" in big["runs"]["reclip_ext/exact"]
     assert "baselines run only for n <= 200" in big["notes"]
+    args = device_bench.parse_args(["--n", "200,300", "--m", "10,20", "--largest-first"])
+    assert device_bench.cases_of(args) == [(300, 20), (300, 10), (200, 20), (200, 10)]
+    args = device_bench.parse_args(["--n", "300,200", "--m", "10,20"])
+    assert device_bench.cases_of(args) == [(200, 20), (200, 10), (300, 20), (300, 10)]
