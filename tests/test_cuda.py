@@ -678,6 +678,45 @@ def test_cg_columns_converging_apart(dev, dtype):
         assert np.abs(its - textbook.iterations).max() <= 1
 
 
+def _ragged_graph(n, seed):
+    """A symmetric normalised graph whose rows hold from 0 to ~57 nonzeros: row i of a k = 60
+    k-NN graph keeps (7 i) % 61 of its weights (sym_normalize drops the zeros), and every
+    tenth node is cut out (its row and column: still symmetric, spectral radius still <= 1),
+    so rows are empty, shorter than, as long as and longer than the SpMM's groups of 32."""
+    import scipy.sparse
+
+    x = random_points(n, 16, seed=seed, dtype=np.float64)
+    idx, w = reclip_ext.knn_affinity(x, 60, normalize=True)
+    keep = (7 * np.arange(n)) % 61
+    w = np.where(np.arange(60)[None, :] < keep[:, None], w, 0.0)
+    on = scipy.sparse.diags((np.arange(n) % 10 != 3).astype(np.float64))
+    s = scipy.sparse.csr_array(on @ reclip_ext.sym_normalize(idx, w).to_scipy() @ on)
+    s.eliminate_zeros()
+    s.sort_indices()
+    return reclip_ext.ops.Csr(s.indptr.astype(np.int64), s.indices.astype(np.int64), s.data)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("m", [1, 31, 32, pytest.param(33, marks=SANITIZE), 1000])
+@pytest.mark.parametrize("dev", ON_DEVICE_AND_CPU)
+def test_cg_ragged_rows_and_column_counts(dev, m, dtype):
+    """The SpMM's shapes: m around one 32-column piece and far past four of them (1, 2 and 4
+    pieces per lane), rows of every length around its groups of 32 nonzeros, empty rows too;
+    against the CPU and the float64 solve."""
+    n = 300
+    Wd = _ragged_graph(n, seed=m)
+    lengths = np.diff(Wd.indptr)
+    assert lengths.min() == 0 and lengths.max() > 40 and {31, 32, 33} <= set(lengths.tolist())
+    W = reclip_ext.ops.Csr(Wd.indptr, Wd.indices, Wd.data.astype(dtype))
+    rhs = np.random.default_rng(m).standard_normal((n, m)).astype(dtype)
+    tol = 1e-5 if dtype == np.float32 else 1e-10
+    want = reclip_ext.cg_solve(W, rhs, alpha=0.9, max_iter=80, tol=tol)
+    got = reclip_ext.cg_solve(reclip_ext.ops.Csr(*(_on(dev, a) for a in W)), _on(dev, rhs),
+                              alpha=0.9, max_iter=80, tol=tol)
+    assert got.x.device == _where(dev)
+    _assert_cg_matches(got, want, W, rhs, 0.9, 80, tol)
+
+
 @pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
 def test_cg_max_iter_zero(_):
     W = reclip_ext.sym_normalize(np.array([[1], [0]]), np.ones((2, 1)))
