@@ -191,6 +191,8 @@ class BPETokenizer:
         if missing:
             raise ValueError(f"{where}: tokenizer vocabulary lacks {missing[0]!r}")
         self.bos, self.eos, self.pad, self.unk = (vocab[t] for t in (bos, eos, pad, unk))
+        # written in a text, the start and end markers are those tokens, as in CLIP's tokenizer
+        self.specials = {bos: self.bos, eos: self.eos}
         self.words = regex.compile(self._WORDS)
         self.bytes = _byte_symbols()
         self.cache: dict[str, list[int]] = {}
@@ -222,6 +224,9 @@ class BPETokenizer:
         text = re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).lower()
         ids: list[int] = []
         for word in self.words.findall(text):
+            if word in self.specials:
+                ids.append(self.specials[word])
+                continue
             ids += self._bpe("".join(self.bytes[b] for b in word.encode("utf-8")))
         return ids
 
