@@ -490,3 +490,10 @@ def test_open_clip_folder_with_its_hf_tokenizer_inside(tmp_path):
     with pytest.raises(ValueError) as e:
         load_model(folder)
     _one_line(e, "some-org/some-tokenizer", "local directory")
+
+
+def test_open_clip_folder_sizes_come_from_its_config(open_clip_folder):
+    loaded = load_model(open_clip_folder)
+    cfg = json.loads((open_clip_folder / "open_clip_config.json").read_text())["model_cfg"]
+    assert loaded.embed_dim == cfg["embed_dim"] and loaded.image_size == (32, 32)
+    assert loaded.config["embed_dim"] == cfg["embed_dim"]

@@ -124,13 +124,13 @@ class LoadedModel:
     @property
     def embed_dim(self) -> int:
         """Dimension of the joint image-text embedding."""
-        if hasattr(self.model, "embed_dim"):
+        if self.spec.get("format") == "transformers":
             return int(self.model.embed_dim)
         return int(self.config["embed_dim"])
 
     @property
     def image_size(self) -> tuple[int, int]:
-        size = (self.model.image_size if hasattr(self.model, "embed_dim")
+        size = (self.model.image_size if self.spec.get("format") == "transformers"
                 else self.config["vision_cfg"].get("image_size", 224))
         return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
