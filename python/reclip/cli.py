@@ -332,7 +332,7 @@ def adapt(args) -> int:
     from . import checkpoint
     from .checkpoint import write_json
     from .data import class_labels
-    from .models import load_model
+    from .models import check_same_base, load_model
 
     start = time.time()
     _check_method_flags(args)
@@ -348,6 +348,8 @@ def adapt(args) -> int:
     data = _images(args)
     torch.manual_seed(args.seed)  # a config without weights starts from a seeded random init
     loaded = load_model(args.model, args.pretrained)
+    if args.resume and checkpoint.exists(args.out):  # other base weights: refused before a pass
+        check_same_base(checkpoint.read_meta(args.out)["model"], loaded.spec, args.out)
     data = data.with_transform(loaded.preprocess)
     # a flag not given (None) leaves the Config default: the paper's, or the method's
     given = {"projection": args.projection, "sides": args.sides, "visual_loss": args.visual_loss,
