@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, device as devices, distributed, projection
-from .models import LoadedModel, freeze_except_norms, model_from_spec
+from .models import LoadedModel, check_same_base, freeze_except_norms, is_visual, model_from_spec
 from .pseudo_labels import pseudo_labels
 from .prompts import DEFAULT_TEMPLATES, check_folders, format_prompts
 
@@ -742,7 +742,7 @@ class ReCLIP:
         tensors |= {f"visual.{k}": v.detach() for k, v in self.visual_params.items()}
         tensors |= {"state.nodes_t": self.nodes_t, "state.nodes_v": self.nodes_v,
                     "state.centres": self.centres, "rng.torch": torch.get_rng_state()}
-        if not self.loaded.spec.get("pretrained"):
+        if not self.loaded.weights_on_disk:
             # No weights file to rebuild the frozen parts from (e.g. a randomly initialised
             # config): the run carries them.
             tensors |= {f"base.{k}": v for k, v in self.loaded.model.state_dict().items()}
@@ -774,17 +774,20 @@ class ReCLIP:
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "auto", *, amp: str = "auto",
-             workers: int | None = None, lp_precision: str = "exact") -> "ReCLIP":
+             workers: int | None = None, lp_precision: str = "exact",
+             model: str | Path | None = None, pretrained: str | Path | None = None) -> "ReCLIP":
         """Rebuild a saved run on `device`; reads only safetensors and JSON (never executes
-        code). The settings of RUNTIME come from the arguments, not from the run."""
+        code). The settings of RUNTIME come from the arguments, not from the run. `model` /
+        `pretrained` point at the run's base model where it moved (models.model_from_spec:
+        it must have the weights the run records)."""
         runtime = {"device": device, "amp": amp, "workers": workers, "lp_precision": lp_precision}
         Config(**runtime)  # a device that does not exist fails before any model loads
         tensors, meta = checkpoint.read(directory)
         check_meta(meta, directory)
         try:
-            loaded = model_from_spec(meta["model"])
-        except ValueError as err:  # say which run holds the spec
-            raise ValueError(f"{directory}: {err}") from None
+            loaded = model_from_spec(meta["model"], model, pretrained)
+        except (ValueError, FileNotFoundError) as err:  # say which run holds the spec
+            raise type(err)(f"{directory}: {err}") from None
         fields = {f.name for f in dataclasses.fields(Config)}
         try:
             config = Config(**{k: v for k, v in meta["config"].items()
@@ -800,6 +803,7 @@ class ReCLIP:
         tensors, meta = saved
         check_meta(meta, where, self.classnames)
         check_method(meta, where, self.config.method, self.config.shot_params)
+        check_same_base(meta["model"], self.loaded.spec, str(where))  # a resume's --model too
         self._frozen = None  # base weights below may replace the T copy's visual tower
 
         def tensor(key: str, like: torch.Tensor | None, required: bool = True):
@@ -907,7 +911,7 @@ def check_method(meta: dict[str, Any], where, method: str, shot_params: str) -> 
 def _tower_params(model: nn.Module, *, visual: bool) -> dict[str, nn.Parameter]:
     """Freeze everything, then unfreeze the norm layers of one tower (visual or text)."""
     norms = freeze_except_norms(model)
-    keep = {k: p for k, p in norms.items() if k.startswith("visual.") == visual}
+    keep = {k: p for k, p in norms.items() if is_visual(model, k) == visual}
     for k, p in norms.items():
         p.requires_grad_(k in keep)
     if not keep:
@@ -967,7 +971,7 @@ def _shot_params(model: nn.Module, which: str) -> dict[str, nn.Parameter]:
     fewer parameters, a smaller checkpoint, and less room to drift)."""
     if which == "norms":
         return _tower_params(model, visual=True)
-    keep = {k: p for k, p in model.named_parameters() if k.startswith("visual.")}
+    keep = {k: p for k, p in model.named_parameters() if is_visual(model, k)}
     for k, p in model.named_parameters():
         p.requires_grad_(k in keep)
     if not keep:

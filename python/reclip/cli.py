@@ -7,6 +7,11 @@
     reclip predict --run RUN --data DIR [--out FILE]      # path<TAB>class per image
     reclip eval    --run RUN --data DIR                   # ImageFolder labels -> accuracy
 
+--model is also a model folder (transformers or open_clip, a hub-cache snapshot or entry) or
+ORG/NAME in the local HuggingFace cache. A run records its base model (the path given, the
+format, the sha256 of the weights); predict and eval reload it from there, or from a new place
+given with --model / --pretrained, which must hold the same weights.
+
 Class folders are named by the class, or by an id that --classes (lines folder<TAB>class
 name) or --preset (ImageNet's WordNet ids) maps to a class; the run keeps that mapping for eval.
 A layout that neither names gets no accuracy at all.
@@ -148,7 +153,10 @@ def _parser() -> argparse.ArgumentParser:
     _runtime_flags(d, lp=True, workers=False)  # the demo's images are one in-memory tensor
 
     a = sub.add_parser("adapt", help="adapt a model to unlabelled images and save the run")
-    a.add_argument("--model", required=True, help="open_clip model name or model-config JSON")
+    a.add_argument("--model", required=True,
+                   help="open_clip model name or model-config JSON, a transformers or open_clip "
+                        "model folder (a hub-cache snapshot or models--ORG--NAME entry too), or "
+                        "ORG/NAME in the local HuggingFace cache")
     a.add_argument("--pretrained", help="local weights file for --model")
     a.add_argument("--data", required=True, help="image folder (ImageFolder layout or flat)")
     a.add_argument("--classes", help="class names, one per line (or folder<TAB>class name lines "
@@ -203,6 +211,9 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--run", required=True, help="run directory written by reclip adapt")
         q.add_argument("--data", required=True, help="image folder")
         q.add_argument("--skip-bad-images", action="store_true", help=SKIP_HELP)
+        q.add_argument("--model", help="where the run's base model is now, if it moved (checked "
+                                       "against the weights hash the run records)")
+        q.add_argument("--pretrained", help="where the run's base weights file is now, if it moved")
         _runtime_flags(q, lp=False)
         if name == "predict":
             q.add_argument("--out", help="output file (default: stdout)")
@@ -330,7 +341,7 @@ def adapt(args) -> int:
     from . import checkpoint
     from .checkpoint import write_json
     from .data import class_labels
-    from .models import load_model
+    from .models import check_same_base, load_model
 
     start = time.time()
     _check_method_flags(args)
@@ -346,6 +357,8 @@ def adapt(args) -> int:
     data = _images(args)
     torch.manual_seed(args.seed)  # a config without weights starts from a seeded random init
     loaded = load_model(args.model, args.pretrained)
+    if args.resume and checkpoint.exists(args.out):  # other base weights: refused before a pass
+        check_same_base(checkpoint.read_meta(args.out)["model"], loaded.spec, args.out)
     data = data.with_transform(loaded.preprocess)
     # a flag not given (None) leaves the Config default: the paper's, or the method's
     given = {"projection": args.projection, "sides": args.sides, "visual_loss": args.visual_loss,
@@ -407,7 +420,8 @@ def _load_run(args):
     from .adapt import ReCLIP
 
     data = _images(args)
-    clf = ReCLIP.load(args.run, device=args.device, amp=args.amp, workers=args.workers)
+    clf = ReCLIP.load(args.run, device=args.device, amp=args.amp, workers=args.workers,
+                      model=args.model, pretrained=args.pretrained)
     return clf, data.with_transform(clf.loaded.preprocess)
 
 
