@@ -555,6 +555,12 @@ def test_adapt_writes_run_report_and_predictions(jobs, method):
         assert all(h["loss_text"] is None and h["loss_visual"] != 0 for h in report["history"])
         assert all({"pseudo_shot", "combined"} == h["accuracy"].keys() for h in report["history"])
 
+    # the stages' clocks count what the epochs did: every image trained on, whole passes encoded
+    stages, n = report["stages"], sum(CLASS_COUNTS.values())
+    assert stages["train_images"] == sum(h["trained"] for h in report["history"]) > 0
+    assert stages["encode_images"] % n == 0 and stages["encode_images"] >= 3 * n
+    assert all(stages[k] > 0 for k in ("encode_seconds", "train_seconds"))
+
     rows = parse_predictions((run / "predictions.tsv").read_text())
     assert [p for p, _ in rows] == expected_paths("data", CLASS_COUNTS)
     assert {name for _, name in rows} <= set(CLASSES)

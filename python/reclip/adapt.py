@@ -330,11 +330,11 @@ class ReCLIP:
             out[rows : rows + len(f)] = f
             rows += len(f)
         out = out[:rows]  # fewer rows than the set had when a deferred check left some out
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the clock below times finished work
+        world.work["encode_images"] += rows
+        world.work["encode_seconds"] += time.perf_counter() - start
         if world.active:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # the clock below times finished work
-            world.work["encode_images"] += rows
-            world.work["encode_seconds"] += time.perf_counter() - start
             blocks = world.shards(len(data))
             counts = [len(b) for b in blocks]
             if found is not None:
@@ -536,8 +536,10 @@ class ReCLIP:
             # the one all-reduce of the epoch's losses; it also waits for the last step, so
             # the clock below times finished work
             total = self.world.sum(total) / self.world.size
-            self.world.work["train_images"] += trained
-            self.world.work["train_seconds"] += time.perf_counter() - start
+        elif self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # once an epoch: the clock times finished work
+        self.world.work["train_images"] += trained
+        self.world.work["train_seconds"] += time.perf_counter() - start
         return total
 
     def _epoch_batches(self, index: np.ndarray, epoch: int, batch: int) -> list[np.ndarray]:

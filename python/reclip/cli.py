@@ -408,6 +408,9 @@ def adapt(args) -> int:
             _say(f"reclip: accuracy {acc:.4f} (zero-shot {zs_acc:.4f})")
     if clf.world.active:  # a collective: every rank hands its numbers to the report
         report["distributed"] = clf.world.report()
+    else:  # wall seconds of each stage, summed over the epochs
+        report["stages"] = {k: round(v, 3) if isinstance(v, float) else v
+                            for k, v in clf.world.work.items()}
     report["world_size"] = clf.world.size
     report["seconds"] = round(time.time() - start, 2)
     if main:
