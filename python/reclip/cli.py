@@ -139,7 +139,10 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="adapt an embedded model to a real target (default: the "
                                     "digits model to scikit-learn's digits)")
     d.add_argument("--out", default="reclip-demo", help="folder for report.json and plots")
-    d.add_argument("--epochs", type=_at_least(0), default=10)
+    d.add_argument("--epochs", type=_at_least(0), default=10, help="maximum epochs (default 10)")
+    d.add_argument("--iterations", type=_at_least(1),
+                   help="maximum iterations (default 5000); on a CPU a 1066-class target's "
+                        "text step takes tens of seconds, so cap it there")
     d.add_argument("--model", help=argparse.SUPPRESS)  # default: the target's shipped model
     d.add_argument("--no-plots", action="store_true")
     d.add_argument("--target", default="sklearn-digits", choices=tuple(TARGETS),
@@ -473,7 +476,7 @@ def demo(args) -> int:
     _check_output(args.out, "--out", folder=True)
     run_demo(args.out, model=args.model, epochs=args.epochs, plots=not args.no_plots, say=_say,
              device=args.device, amp=args.amp, lp_precision=args.lp_precision,
-             target=args.target)
+             target=args.target, iterations=args.iterations)
     return 0
 
 

