@@ -58,6 +58,7 @@ from .optional import MissingExtra
 # reclip (or a library), whose traceback must show.
 # MissingExtra: an optional package (the demo's) is not installed; its message names the extra.
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, MemoryError,
+               FloatingPointError,
                PermissionError, MissingExtra)
 SKIP_HELP = "leave out unreadable images (one warning line) instead of stopping at the first"
 WORKERS_HELP = "image-loading worker processes (default: one per usable core, at most 8)"
@@ -144,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("adapt", help="adapt a model to unlabelled images and save the run")
     a.add_argument("--model", required=True, help="open_clip model name or model-config JSON")
-    a.add_argument("--pretrained", help="local weights file for --model")
+    a.add_argument("--pretrained", help="local weights file for --model (required with an "
+                                        "open_clip architecture name; 'none': random weights)")
     a.add_argument("--data", required=True, help="image folder (ImageFolder layout or flat)")
     a.add_argument("--classes", help="class names, one per line (or folder<TAB>class name lines "
                                      "for folders named by an id)")
@@ -179,7 +181,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--resume", action="store_true",
                    help="continue the run in --out (without it, an --out that holds a run is "
-                        "refused; a restartable torchrun job always passes it)")
+                        "refused; a restartable torchrun job always passes it). The run keeps "
+                        "its settings: only --epochs, --iterations, --device, --amp, "
+                        "--workers, --lp-precision, --quiet and --skip-bad-images may differ")
+    a.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue the run under other settings (e.g. a lower "
+                        "--lr after it diverged); each change is recorded in run.json")
     a.add_argument("--inductive", action="store_true",
                    help="only adapt and save; do not predict the adaptation images")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -303,6 +310,21 @@ def _check_output(path: str, flag: str, *, folder: bool) -> None:
         raise PermissionError(f"{flag}: cannot write in {base}")
 
 
+def _pretrained(args) -> str | None:
+    """--pretrained as load_model takes it. An open_clip architecture name without it would
+    train randomly initialised towers as if they were CLIP: refused, unless 'none' asks for
+    exactly that (the run then records its random base weights and "pretrained": null)."""
+    from .models import is_architecture_name
+
+    if args.pretrained is not None and args.pretrained.strip().lower() == "none":
+        return None
+    if args.pretrained is None and is_architecture_name(args.model):
+        raise ValueError(f"--pretrained: {args.model} is an open_clip architecture, whose "
+                         "weights come from a local file: give it with --pretrained PATH (or "
+                         "--pretrained none for a randomly initialised model)")
+    return args.pretrained
+
+
 def _write_predictions(data, pred: np.ndarray, classnames: list[str], out: str | None) -> None:
     names = data.paths or [str(i) for i in range(len(pred))]
     lines = "".join(f"{p}\t{classnames[c]}\n" for p, c in zip(names, pred))
@@ -321,23 +343,17 @@ def adapt(args) -> int:
     from . import checkpoint
     from .checkpoint import write_json
     from .data import class_labels
-    from .models import load_model
+    from .models import load_model, model_spec
+    from .prompts import DEFAULT_TEMPLATES
 
     start = time.time()
     _check_method_flags(args)
+    if args.allow_changes and not args.resume:
+        raise ValueError("--allow-changes: only with --resume (it continues a run under other "
+                         "settings)")
+    pretrained = _pretrained(args)
     classnames, templates, folders = _class_lists(args)
     _check_output(args.out, "--out", folder=True)
-    if not args.resume:  # refused before any real work, as is a mismatched --resume
-        adapt_mod.check_new_run(args.out, "--out", "--resume")
-    elif checkpoint.exists(args.out):
-        meta = checkpoint.read_meta(args.out)
-        adapt_mod.check_meta(meta, args.out, classnames)
-        adapt_mod.check_method(meta, args.out, args.method,
-                               args.shot_params or adapt_mod.Config.shot_params)
-    data = _images(args)
-    torch.manual_seed(args.seed)  # a config without weights starts from a seeded random init
-    loaded = load_model(args.model, args.pretrained)
-    data = data.with_transform(loaded.preprocess)
     # a flag not given (None) leaves the Config default: the paper's, or the method's
     given = {"projection": args.projection, "sides": args.sides, "visual_loss": args.visual_loss,
              "lp_precision": args.lp_precision, "max_epochs": args.epochs,
@@ -347,6 +363,22 @@ def adapt(args) -> int:
                               label_sharing=not args.no_label_sharing, device=args.device,
                               amp=args.amp, workers=args.workers,
                               **{k: v for k, v in given.items() if v is not None})
+    # refused before any real work (no model is built, no image read), as is a mismatched
+    # --resume
+    if not args.resume:
+        adapt_mod.check_new_run(args.out, "--out", "--resume")
+    data = _images(args)
+    if args.resume and checkpoint.exists(args.out):
+        meta = checkpoint.read_meta(args.out)
+        adapt_mod.check_meta(meta, args.out, classnames)
+        adapt_mod.check_method(meta, args.out, config.method, config.shot_params)
+        adapt_mod.check_resume(meta, args.out, config, templates or DEFAULT_TEMPLATES,
+                               len(classnames), adapt_mod.data_fingerprint(data),
+                               model_spec(args.model, pretrained),
+                               allow_changes=args.allow_changes)
+    torch.manual_seed(args.seed)  # a config without weights starts from a seeded random init
+    loaded = load_model(args.model, pretrained)
+    data = data.with_transform(loaded.preprocess)
     clf = adapt_mod.ReCLIP(loaded, classnames, templates, config, folders=folders)
     zs_logits = clf.zero_shot_logits(data)  # the first pass: it checks the images
     _warn_skipped(data)
@@ -364,8 +396,8 @@ def adapt(args) -> int:
 
     # the same labels as the zero-shot and final accuracies: all -1 (no accuracy) when unknown
     main = clf.world.main
-    clf.fit(data, out_dir=args.out, resume=args.resume, labels=labels,
-            progress=not args.quiet and main, log=log)
+    clf.fit(data, out_dir=args.out, resume=args.resume, allow_changes=args.allow_changes,
+            labels=labels, progress=not args.quiet and main, log=log)
     report = {"command": "adapt", "method": config.method, "images": len(data),
               "classes": len(classnames), "config": dataclasses.asdict(config),
               "learning_rate": config.learning_rate, "epochs": clf.epoch,
@@ -373,6 +405,8 @@ def adapt(args) -> int:
               **({"zero_shot_ece": zs_ece} if zs_ece is not None else {}),
               "skipped_images": {"count": len(data.skipped), "paths": data.skipped},
               "history": [dataclasses.asdict(h) for h in clf.history]}
+    if clf.changes:
+        report["changes"] = clf.changes
     if not args.inductive:
         pred, acc, ece = _scores(clf.logits(data), labels)
         report[f"{config.method}_accuracy"] = acc  # reclip_accuracy or shot_accuracy

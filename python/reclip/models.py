@@ -475,14 +475,70 @@ def load_model(model: Union[str, "os.PathLike[str]", dict],
     """
     if isinstance(model, str) and model in PACKAGED_MODELS:
         return _load_packaged(model, pretrained)
+    cfg, name, where, spec = _resolve(model, pretrained)
+    build_cfg, pp_overrides, hf_pretrained = _prepare_config(cfg, where)
+    net = _build(build_cfg, where)
+    if spec["pretrained"] is not None:
+        _load_weights(net, spec["pretrained"], hf_pretrained)
+    net = net.to("cpu").eval()
+    preprocess = _make_preprocess(net, pp_overrides)
+    try:
+        tokenizer = _make_tokenizer(build_cfg, name)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot create the tokenizer of model {where}: {_one_line(e)}") from None
+    return LoadedModel(model=net, tokenizer=tokenizer, preprocess=preprocess, spec=spec)
+
+
+def model_spec(model: Union[str, "os.PathLike[str]", dict],
+               pretrained: Union[str, "os.PathLike[str]", None] = None) -> dict:
+    """The spec ``load_model(model, pretrained)`` records, found without building the model
+    or reading the weights: what a resumed run compares with its own before anything loads."""
+    if isinstance(model, str) and model in PACKAGED_MODELS:
+        if pretrained is None or os.fspath(pretrained) == PACKAGED:
+            return {"model": model, "pretrained": PACKAGED}
+        return {"model": model, "pretrained": _weights_path(pretrained)}
+    return _resolve(model, pretrained)[3]
+
+
+def is_architecture_name(model: Union[str, "os.PathLike[str]", dict]) -> bool:
+    """Whether `model` names an open_clip architecture (no packaged model, no config): one
+    whose weights only a ``pretrained`` file gives."""
+    return (isinstance(model, str) and model not in PACKAGED_MODELS
+            and not _is_config_path(model)
+            and bool({model, model.replace("/", "-")} & set(_builtin_names())))
+
+
+def _is_config_path(model: Union[str, "os.PathLike[str]"]) -> bool:
+    """Whether `model` is taken as the path of a config JSON rather than an architecture name
+    ("ViT-B/32", a name with a slash, is a name unless such a file exists)."""
+    return (isinstance(model, os.PathLike)
+            or (isinstance(model, str) and _looks_like_path(model)
+                and not (not os.path.exists(model)
+                         and model.replace("/", "-") in _builtin_names())))
+
+
+def _weights_path(pretrained: Union[str, "os.PathLike[str]"]) -> str:
+    """The absolute path of a local weights file; FileNotFoundError naming it otherwise."""
+    p = Path(os.path.expanduser(os.fspath(pretrained)))
+    if not p.exists():
+        raise FileNotFoundError(f"pretrained weights file not found: {p}")
+    if not p.is_file():
+        raise FileNotFoundError(f"pretrained weights path is not a file: {p}")
+    return str(p.resolve())
+
+
+def _resolve(model: Union[str, "os.PathLike[str]", dict],
+             pretrained: Union[str, "os.PathLike[str]", None]) -> tuple[dict, Optional[str], str, dict]:
+    """(config, open_clip name or None, how errors name the model, spec) of a model that is
+    not packaged."""
     name: Optional[str] = None
     if isinstance(model, dict):
         where = "<dict>"
         cfg = _check_config(model, where)
         spec_model: Union[str, dict] = copy.deepcopy(cfg)
-    elif (isinstance(model, os.PathLike)
-          or (isinstance(model, str) and _looks_like_path(model)
-              and not (not os.path.exists(model) and model.replace("/", "-") in _builtin_names()))):
+    elif _is_config_path(model):
         path = Path(os.path.expanduser(os.fspath(model)))
         where = str(path)
         cfg = _read_config_file(path)
@@ -499,29 +555,8 @@ def load_model(model: Union[str, "os.PathLike[str]", dict],
     else:
         raise TypeError(f"model must be a name, a config path or a config dict, not {type(model).__name__}")
 
-    weights: Optional[str] = None
-    if pretrained is not None:
-        p = Path(os.path.expanduser(os.fspath(pretrained)))
-        if not p.exists():
-            raise FileNotFoundError(f"pretrained weights file not found: {p}")
-        if not p.is_file():
-            raise FileNotFoundError(f"pretrained weights path is not a file: {p}")
-        weights = str(p.resolve())
-
-    build_cfg, pp_overrides, hf_pretrained = _prepare_config(cfg, where)
-    net = _build(build_cfg, where)
-    if weights is not None:
-        _load_weights(net, weights, hf_pretrained)
-    net = net.to("cpu").eval()
-    preprocess = _make_preprocess(net, pp_overrides)
-    try:
-        tokenizer = _make_tokenizer(build_cfg, name)
-    except ValueError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot create the tokenizer of model {where}: {_one_line(e)}") from None
-    return LoadedModel(model=net, tokenizer=tokenizer, preprocess=preprocess,
-                       spec={"model": spec_model, "pretrained": weights})
+    weights = None if pretrained is None else _weights_path(pretrained)
+    return cfg, name, where, {"model": spec_model, "pretrained": weights}
 
 
 def model_from_spec(spec: dict) -> LoadedModel:

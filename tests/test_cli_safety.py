@@ -1,0 +1,201 @@
+"""What a run may never do, end to end: save a broken model, compute on something other than
+what the user gave, or change what it computes without saying so.
+
+- divergence: a non-finite loss or weight stops the run with one line naming the epoch, the
+  step, the side and the learning rate; no checkpoint holds a non-finite tensor, and
+  ``--resume --allow-changes --lr SMALLER`` continues from the last good one;
+- ``--resume`` refuses other result-changing settings, other data and another model, before
+  the zero-shot pass; ``--allow-changes`` records what changed;
+- what is read is what was given (16-bit images, an empty ``--out``, a missing
+  ``--pretrained``, a non-empty export folder);
+- environment errors (a full disk) are one line, and the last checkpoint stays loadable;
+- one writer per run directory, and a SIGKILL frees it;
+- SIGTERM and Ctrl-C stop with one line saying where ``--resume`` continues, and the resumed
+  run equals an uninterrupted one.
+
+The CLI runs in subprocesses as in test_cli.py (its helpers and fixture images), with the
+temporary workspace as working directory; a few cases that must patch the process (a full
+disk) call ``reclip.cli.main`` in this process.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_cli import (CLASS_COUNTS, CLASSES, ENV, KILL_COUNTS, KILL_SEED, KILL_SIZE, SEED,
+                      TIMEOUT, TINY_VIT, adapt_args, cli, ok, read_json, write_images)
+
+PIL = pytest.importorskip("PIL.Image")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    ws = tmp_path_factory.mktemp("safety")
+    write_images(ws / "data", CLASS_COUNTS)
+    (ws / "classes.txt").write_text("".join(c + "\n" for c in CLASSES))
+    return ws
+
+
+def one_line_error(r: subprocess.CompletedProcess, *mentions: str) -> str:
+    """The one stderr line of a command that failed with exit 2 (after any progress lines of
+    the run: those start with "reclip:" or "epoch ")."""
+    assert r.returncode == 2, f"exit {r.returncode}\nstderr:\n{r.stderr}"
+    assert "Traceback" not in r.stderr, r.stderr
+    errors = [ln for ln in r.stderr.splitlines()
+              if not ln.startswith(("reclip: ", "epoch "))]
+    assert len(errors) == 1 and errors[0].startswith("reclip adapt: error: "), r.stderr
+    for text in mentions:
+        assert text in errors[0], errors[0]
+    return errors[0]
+
+
+def tensors_of(run: Path) -> dict[str, np.ndarray]:
+    return safetensors_numpy.load_file(run / read_json(run / "run.json")["tensors"])
+
+
+def all_finite(run: Path) -> bool:
+    return all(np.isfinite(v).all() for v in tensors_of(run).values()
+               if np.issubdtype(v.dtype, np.floating))
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+@pytest.mark.parametrize("method,side", [("reclip", "side T"), ("shot", "side SHOT")])
+def test_divergence_names_the_step_and_saves_nothing(ws, method, side):
+    """Five steps an epoch at lr 1e6: a loss is non-finite within the first epoch; the line
+    names epoch, step, side and learning rate, and no run is written."""
+    out = f"run_diverged_{method}"
+    r = cli(ws, *adapt_args("data", out, "--epochs", "3", "--lr", "1e6", "--batch-size", "8",
+                            *(["--method", "shot"] if method == "shot" else [])))
+    one_line_error(r, "epoch 1", "step ", side, "1e+06", "--lr")
+    assert not (ws / out / "run.json").exists()
+
+
+def test_divergence_after_an_epochs_last_step_keeps_the_last_checkpoint(ws):
+    """lr 1e6 at one step an epoch: the weights break in an epoch's last step, which no loss
+    shows, so the check of the parameters before the checkpoint must catch it. The last
+    checkpoint stays: finite, and the only tensor file."""
+    out = ws / "run_broken_weights"
+    r = cli(ws, *adapt_args("data", out.name, "--epochs", "5", "--lr", "1e6"))
+    meta = read_json(out / "run.json")
+    saved = meta["epoch"]
+    assert 1 <= saved < 5
+    one_line_error(r, f"epoch {saved + 1}, after its last step", "non-finite", "1e+06", "--lr")
+    assert all_finite(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["run.json", meta["tensors"]])
+
+
+def test_divergence_keeps_the_last_checkpoint_and_resume_recovers(ws):
+    """One good epoch, then a resume at lr 1e6 diverges: the epoch-1 checkpoint is left as it
+    was, and a lower learning rate continues it; run.json records the change and the epoch
+    it took effect from."""
+    out = ws / "run_recover"
+    ok(cli(ws, *adapt_args("data", out.name, "--epochs", "1")))
+    saved = (out / "run.json").read_text(), tensors_of(out)
+    r = cli(ws, *adapt_args("data", out.name, "--epochs", "3", "--resume", "--allow-changes",
+                            "--lr", "1e6", "--batch-size", "8"))
+    one_line_error(r, "epoch 2, step ", "side ", "1e+06", "--lr")
+    assert (out / "run.json").read_text() == saved[0]
+    assert all(np.array_equal(v, saved[1][k]) for k, v in tensors_of(out).items())
+
+    ok(cli(ws, *adapt_args("data", out.name, "--epochs", "3", "--resume", "--allow-changes",
+                           "--lr", "1e-4")))
+    meta = read_json(out / "run.json")
+    assert meta["epoch"] == 3 and all_finite(out)
+    assert meta["config"]["lr"] == 1e-4
+    assert meta["changes"] == [{"epoch": 1, "setting": "lr", "flag": "--lr", "was": 1e-3,
+                                "now": 1e-4}]
+    assert read_json(out / "report.json")["changes"] == meta["changes"]
+
+
+def test_api_raises_floating_point_error_and_save_refuses(tmp_path):
+    torch = pytest.importorskip("torch")
+    from reclip.adapt import Config, ReCLIP
+    from reclip.models import load_model
+
+    torch.manual_seed(0)
+    loaded = load_model(TINY_VIT)
+    images = torch.rand(24, 3, 32, 32)
+    clf = ReCLIP(loaded, CLASSES, config=Config(lr=1e6, batch_size=4, max_epochs=2,
+                                                device="cpu", workers=0))
+    with pytest.raises(FloatingPointError, match=r"epoch 1, step \d+ of 6, side [TV]"):
+        clf.fit(images, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "run.json").exists()
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        clf.save(tmp_path / "run")
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+# ----------------------------------------------------------------------------------- resume
+
+
+@pytest.fixture(scope="module")
+def one_epoch(ws) -> Path:
+    """A one-epoch run of `data` with the default settings (copied by each test that resumes
+    it, so that none changes what another sees)."""
+    ok(cli(ws, *adapt_args("data", "run_one_epoch", "--epochs", "1")))
+    return ws / "run_one_epoch"
+
+
+def copy_run(one_epoch: Path, name: str) -> Path:
+    shutil.copytree(one_epoch, one_epoch.parent / name)
+    return one_epoch.parent / name
+
+
+def test_resume_with_changed_settings_is_refused_listing_them(ws, one_epoch):
+    run = copy_run(one_epoch, "run_changed")
+    before = (run / "run.json").read_text()
+    r = cli(ws, *adapt_args("data", run.name, "--epochs", "3", "--resume", "--lr", "0.5",
+                            "--batch-size", "8", "--projection", "P1", "--no-label-sharing"))
+    line = one_line_error(r, run.name, "--lr 0.001 (given 0.5)", "--batch-size 64 (given 8)",
+                          "--projection P2 (given P1)", "--no-label-sharing True (given False)",
+                          "--allow-changes")
+    assert "--epochs" not in line
+    assert "zero-shot" not in r.stderr  # refused before the zero-shot pass
+    assert (run / "run.json").read_text() == before
+
+
+def test_resume_may_extend_and_change_how_it_runs(ws, one_epoch):
+    """--epochs, --iterations, --workers, --amp, --skip-bad-images and --quiet are no
+    change of what the run computes."""
+    run = copy_run(one_epoch, "run_extended")
+    ok(cli(ws, *adapt_args("data", run.name, "--epochs", "2", "--iterations", "100", "--resume",
+                           "--workers", "0", "--amp", "off", "--skip-bad-images")))
+    meta = read_json(run / "run.json")
+    assert meta["epoch"] == 2 and "changes" not in meta
+
+
+def test_resume_with_other_data_or_model_is_refused_before_the_zero_shot_pass(ws, one_epoch):
+    run = copy_run(one_epoch, "run_other_input")
+    before = (run / "run.json").read_text()
+    fewer = ws / "fewer"
+    shutil.copytree(ws / "data", fewer)
+    (fewer / "cat" / "000.png").unlink()
+    r = cli(ws, *adapt_args(str(fewer), run.name, "--epochs", "2", "--resume"))
+    one_line_error(r, "other data", "36 images", "35 images", "--data")
+    assert "zero-shot" not in r.stderr
+    model = ["--model", "reclip-digits"]
+    argv = adapt_args("data", run.name, "--epochs", "2", "--resume")
+    argv[argv.index("--model") : argv.index("--model") + 2] = model
+    r = cli(ws, *argv)
+    line = one_line_error(r, "model", "reclip-digits")
+    assert line.endswith("--pretrained")  # the whole line, not cut off
+    assert "zero-shot" not in r.stderr
+    assert (run / "run.json").read_text() == before
+    # the same files under another root are the same data
+    moved = ws / "moved" / "images"
+    shutil.copytree(ws / "data", moved)
+    ok(cli(ws, *adapt_args(str(moved), run.name, "--epochs", "2", "--resume")))
+    assert read_json(run / "run.json")["epoch"] == 2
