@@ -199,3 +199,73 @@ def test_resume_with_other_data_or_model_is_refused_before_the_zero_shot_pass(ws
     shutil.copytree(ws / "data", moved)
     ok(cli(ws, *adapt_args(str(moved), run.name, "--epochs", "2", "--resume")))
     assert read_json(run / "run.json")["epoch"] == 2
+
+
+# ------------------------------------------------------------------------ what a run reads
+
+
+def test_wide_modes_are_scaled_not_clipped(tmp_path):
+    """A 16-bit gradient PNG (I;16) and its 8-bit twin decode to the same 8-bit RGB; I and F
+    images are scaled by their range."""
+    from reclip.data import load_image, to_rgb
+
+    ramp = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    PIL.fromarray(ramp * 257).save(tmp_path / "g16.png")
+    PIL.fromarray(ramp.astype(np.uint8)).save(tmp_path / "g8.png")
+    assert PIL.open(tmp_path / "g16.png").mode == "I;16"
+    wide, narrow = (np.asarray(load_image(tmp_path / f)) for f in ("g16.png", "g8.png"))
+    assert np.array_equal(wide, narrow) and np.array_equal(wide[..., 0], ramp)
+    floats = PIL.fromarray(np.linspace(0, 1, 5, dtype=np.float32)[None])
+    assert np.asarray(to_rgb(floats))[0, :, 0].tolist() == [0, 64, 128, 191, 255]
+    ints = PIL.fromarray(np.array([[-70000, 0, 70000]], dtype=np.int32))
+    assert np.asarray(to_rgb(ints))[0, :, 1].tolist() == [0, 128, 255]
+
+
+def test_16_bit_png_and_its_8_bit_twin_get_the_same_prediction(ws, one_epoch):
+    twins = {8: ws / "twins8", 16: ws / "twins16"}
+    for name in CLASS_COUNTS:
+        for folder in twins.values():
+            (folder / name).mkdir(parents=True)
+        for path in sorted((ws / "data" / name).glob("*.png")):
+            grey = np.asarray(PIL.open(path).convert("L"))
+            PIL.fromarray(grey).save(twins[8] / name / path.name)
+            PIL.fromarray(grey.astype(np.uint16) * 257).save(twins[16] / name / path.name)
+    got = {bits: [line.split("\t")[1] for line in ok(cli(
+        ws, "predict", "--run", one_epoch.name, "--data", folder.name)).stdout.splitlines()]
+        for bits, folder in twins.items()}
+    assert len(set(got[8])) > 1, "fixture: one class for every image proves nothing"
+    assert got[16] == got[8]
+
+
+@pytest.mark.parametrize("command,argv,mentions", [
+    ("adapt", adapt_args("data", ""), "--out: empty"),
+    ("adapt", adapt_args("data", "  "), "--out: empty"),
+    ("adapt", adapt_args("data", "."), "current directory"),
+    ("adapt", adapt_args("data", "../safety0/."), "current directory"),
+    ("adapt", ["adapt", "--model", "ViT-B-32", "--data", "data", "--classes", "classes.txt",
+               "--out", "run_random"], "--pretrained"),
+    ("demo", ["demo", "--export-split", "data"], "not empty"),
+], ids=["out-empty", "out-blank", "out-cwd", "out-cwd-by-another-path", "no-pretrained",
+        "export-into-non-empty"])
+def test_what_would_write_or_read_the_wrong_thing_is_refused(ws, command, argv, mentions):
+    argv = [a.replace("safety0", ws.name) for a in argv]
+    (ws / "report.json").write_text("the user's\n")
+    r = cli(ws, *argv)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"reclip {command}: error: "), r.stderr
+    assert mentions in lines[0], lines[0]
+    assert (ws / "report.json").read_text() == "the user's\n"
+    assert not (ws / "run_random").exists() and not (ws / "data" / "train").exists()
+
+
+def test_pretrained_none_is_a_recorded_random_model(tmp_path):
+    """--pretrained none reaches load_model as no weights at all (the spec records null)."""
+    from argparse import Namespace
+
+    from reclip.cli import _pretrained
+
+    assert _pretrained(Namespace(model="ViT-B-32", pretrained="none")) is None
+    assert _pretrained(Namespace(model=TINY_VIT, pretrained=None)) is None
+    with pytest.raises(ValueError, match="^--pretrained: ViT-B-32"):
+        _pretrained(Namespace(model="ViT-B-32", pretrained=None))

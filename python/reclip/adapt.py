@@ -897,8 +897,9 @@ class ReCLIP:
                 try:
                     model.load_state_dict(base)
                 except RuntimeError as err:  # missing, unexpected or mis-shaped keys
+                    # the whole of torch's message: its first line alone says nothing
                     raise ValueError(f"{where}: checkpoint base weights do not fit the model: "
-                                     f"{str(err).splitlines()[0]}") from None
+                                     f"{' '.join(str(err).split())}") from None
         with torch.no_grad():
             for side, params in (("text", self.text_params), ("visual", self.visual_params)):
                 for name, p in params.items():

@@ -295,8 +295,14 @@ def _peak(history, final: float, epochs: int) -> tuple[float, int]:
 
 def _check_output(path: str, flag: str, *, folder: bool) -> None:
     """Refuse an output path that could only fail once the work is done: called before any
-    model loads, so a mistyped --out costs nothing."""
+    model loads, so a mistyped --out costs nothing. An empty name (an unset variable) and, for
+    a folder, the current directory are refused: they would write the run's files among the
+    user's own."""
+    if not path.strip():
+        raise ValueError(f"{flag}: empty; name the {'folder' if folder else 'file'} to write")
     p = Path(path)
+    if folder and p.resolve() == Path.cwd().resolve():
+        raise ValueError(f"{flag}: {path} is the current directory; name a folder of its own")
     if p.exists() and p.is_dir() != folder:
         raise ValueError(f"{flag}: {path} is a {'file' if folder else 'folder'}; "
                          f"expected {'a folder' if folder else 'a file name'}")
@@ -506,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         _join_torchrun(args)
         return commands[args.command](args)
     except USER_ERRORS as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        # one line, all of it: a message cut at its first line can stop mid-sentence
+        message = " ".join(str(err).split()) or type(err).__name__
         world = distributed.current()
         # every rank that fails says so: an error only one rank meets (a file missing on
         # one node) must not go unexplained

@@ -127,8 +127,10 @@ def export_split(target: str, out_dir: str | Path) -> dict[str, int]:
     Returns the number of images on each side."""
     from .checkpoint import write_text
 
-    images, labels = load_target(target)
     out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()):  # another export's images would mix with these
+        raise FileExistsError(f"{out_dir}: not empty; export into a new or empty folder")
+    images, labels = load_target(target)
     counts = {}
     for side, index in zip(("train", "test"), target_split(labels)):
         for name in DIGIT_NAMES:
