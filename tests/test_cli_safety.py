@@ -269,3 +269,41 @@ def test_pretrained_none_is_a_recorded_random_model(tmp_path):
     assert _pretrained(Namespace(model=TINY_VIT, pretrained=None)) is None
     with pytest.raises(ValueError, match="^--pretrained: ViT-B-32"):
         _pretrained(Namespace(model="ViT-B-32", pretrained=None))
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EDQUOT])
+def test_full_disk_is_one_line_and_keeps_the_checkpoint(ws, one_epoch, monkeypatch, capsys,
+                                                        code):
+    """Mounting a small file system needs privileges: `open` is patched to fail as a full
+    disk (or a read-only / quota-bound one) does for every file written into the run. The
+    error is one line naming the file and the reason; the run's previous checkpoint stays
+    intact and loadable, and no partial file is left."""
+    import builtins
+
+    from reclip import cli as reclip_cli
+    from reclip.adapt import ReCLIP
+
+    run = copy_run(one_epoch, f"run_full_{code}")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    real_open = builtins.open
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        if "w" in mode and str(run) in os.path.abspath(os.fspath(file)):
+            raise OSError(code, os.strerror(code), os.fspath(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    argv = adapt_args(str(ws / "data"), str(run), "--epochs", "2", "--resume", "--workers", "0",
+                      classes=str(ws / "classes.txt"))
+    assert reclip_cli.main(argv) == 2
+    monkeypatch.setattr(builtins, "open", real_open)
+    errors = [ln for ln in capsys.readouterr().err.splitlines()
+              if not ln.startswith(("reclip: ", "epoch "))]
+    assert len(errors) == 1, errors
+    assert errors[0] == (f"reclip adapt: error: {run / 'tensors-1.safetensors'}: "
+                         f"{os.strerror(code)}"), errors[0]
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert ReCLIP.load(run, device="cpu").epoch == 1

@@ -26,19 +26,27 @@ def exists(directory: str | Path) -> bool:
     return (Path(directory) / META).is_file()
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in its folder and one rename: `path`
+    is the old file or the new one, never part of one. An OSError (a full disk, a read-only
+    or quota-bound file system) names `path`, not the temporary file, which is removed."""
+    tmp = None
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.close(fd)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None:
+            raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from None
         raise
 
 
@@ -56,7 +64,7 @@ def write_text(path: str | Path, text: str) -> None:
     """Atomically write `text` to `path`, creating the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    _atomic_write(path, text.encode())
 
 
 def write_json(path: str | Path, obj: Any, default=json_default) -> None:
@@ -65,7 +73,7 @@ def write_json(path: str | Path, obj: Any, default=json_default) -> None:
 
 
 def write(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -73,8 +81,14 @@ def write(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict[st
     serial = int(previous.stem.split("-")[-1]) + 1 if previous else 0
     tensor_file = directory / f"tensors-{serial}.safetensors"
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_write(tensor_file, lambda tmp: save_file(contiguous, tmp))
-    write_json(directory / META, {"format": FORMAT, "tensors": tensor_file.name, **meta})
+    # serialised here and written by Python: safetensors' own writer reports a full disk as a
+    # SafetensorError, which names neither the file nor the cause as an OSError does
+    _atomic_write(tensor_file, save(contiguous))
+    try:
+        write_json(directory / META, {"format": FORMAT, "tensors": tensor_file.name, **meta})
+    except BaseException:
+        tensor_file.unlink(missing_ok=True)  # run.json still names the previous one
+        raise
     if previous and previous != tensor_file:
         previous.unlink(missing_ok=True)
     return directory

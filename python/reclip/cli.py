@@ -520,6 +520,14 @@ def main(argv: list[str] | None = None) -> int:
         rank = f" (rank {world.rank} of {world.size})" if world.active else ""
         print(f"reclip {args.command}{rank}: error: {message}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno is None:  # no system call failed: a library's own error, a bug to show
+            raise
+        # the environment (a full disk, a read-only or quota-bound file system, a file
+        # without permission): the path and the system's reason say all of it
+        where = f"{err.filename}: " if err.filename is not None else ""
+        print(f"reclip {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"reclip {args.command}: interrupted", file=sys.stderr)
         return 130
