@@ -307,3 +307,30 @@ def test_full_disk_is_one_line_and_keeps_the_checkpoint(ws, one_epoch, monkeypat
                          f"{os.strerror(code)}"), errors[0]
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     assert ReCLIP.load(run, device="cpu").epoch == 1
+
+
+# ------------------------------------------------------------------------------ one writer
+
+
+def test_second_writer_is_refused_and_sigkill_frees_the_lock(ws):
+    import socket
+
+    run = ws / "run_locked"
+    args = adapt_args("data", run.name, "--epochs", "100000")
+    first = subprocess.Popen([sys.executable, "-m", "reclip.cli", *args], cwd=ws, env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (run / "run.json").exists():  # it holds the lock and is training
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        second = cli(ws, *adapt_args("data", run.name, "--epochs", "1", "--resume"))
+        one_line_error(second, run.name, f"PID {first.pid} ", socket.gethostname())
+        assert "zero-shot" not in second.stderr
+        assert first.poll() is None  # the refusal left the live run alone
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL
+    ok(cli(ws, *adapt_args("data", run.name, "--epochs", "1", "--resume")))

@@ -9,6 +9,7 @@ imported by the tensor functions), so scripts without torch or open_clip can use
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -20,10 +21,47 @@ if TYPE_CHECKING:
 
 FORMAT = "reclip-run/1"
 META = "run.json"
+#: the lock file of a run directory, held by the one process writing it (see lock)
+LOCK = ".reclip-lock"
 
 
 def exists(directory: str | Path) -> bool:
     return (Path(directory) / META).is_file()
+
+
+def lock(directory: str | Path, name: str = "--out"):
+    """Take the exclusive advisory lock of a run directory, creating it, and return the open
+    lock file: the lock lasts until that file is closed or the process ends, however it ends
+    (a SIGKILL too: the kernel releases it). The file names its holder's PID and host.
+
+    A POSIX record lock (lockf), not flock: an flock belongs to the open file, which the
+    DataLoader's forked workers share, so a killed run's lock would outlive it for as long as
+    its orphaned workers do; a record lock belongs to the process alone.
+    FileExistsError naming both (and `name`) while another process holds it: two processes
+    writing one run (a resubmitted job beside a live one) would interleave their checkpoints.
+    Advisory locks on network file systems hold only as far as the file system supports them."""
+    import fcntl
+    import socket
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    f = open(directory / LOCK, "a+")
+    try:
+        fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            f.close()
+            raise
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise FileExistsError(f"{name}: {directory} is being written by {holder}; wait for it "
+                              "to end, or choose another folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"reclip (PID {os.getpid()} on host {socket.gethostname()})\n")
+    f.flush()
+    return f
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -316,6 +316,28 @@ def _check_output(path: str, flag: str, *, folder: bool) -> None:
         raise PermissionError(f"{flag}: cannot write in {base}")
 
 
+#: the lock file of the run this process writes (see _lock_run), closed by main at the end
+_LOCKS: list = []
+
+
+def _lock_run(out: str) -> None:
+    """One writer per run directory: this process holds the run's lock for the rest of its
+    life (under torchrun rank 0 holds it, and every rank stops if it cannot)."""
+    from . import checkpoint
+    from .distributed import current
+
+    world = current()
+    refused = None
+    if world.main:
+        try:
+            _LOCKS.append(checkpoint.lock(out, "--out"))
+        except FileExistsError as err:
+            refused = str(err)
+    refused = next((r for r in world.gather_objects(refused) if r), None)
+    if refused:
+        raise FileExistsError(refused)
+
+
 def _pretrained(args) -> str | None:
     """--pretrained as load_model takes it. An open_clip architecture name without it would
     train randomly initialised towers as if they were CLIP: refused, unless 'none' asks for
@@ -369,6 +391,7 @@ def adapt(args) -> int:
                               label_sharing=not args.no_label_sharing, device=args.device,
                               amp=args.amp, workers=args.workers,
                               **{k: v for k, v in given.items() if v is not None})
+    _lock_run(args.out)
     # refused before any real work (no model is built, no image read), as is a mismatched
     # --resume
     if not args.resume:
@@ -532,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reclip {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
+        while _LOCKS:
+            _LOCKS.pop().close()
         distributed.shutdown()
 
 
