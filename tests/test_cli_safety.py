@@ -64,6 +64,11 @@ def tensors_of(run: Path) -> dict[str, np.ndarray]:
     return safetensors_numpy.load_file(run / read_json(run / "run.json")["tensors"])
 
 
+def run_files(run: Path) -> list[str]:
+    """The files of a run directory but its lock file (which stays, unlocked)."""
+    return sorted(p.name for p in run.iterdir() if p.name != ".reclip-lock")
+
+
 def all_finite(run: Path) -> bool:
     return all(np.isfinite(v).all() for v in tensors_of(run).values()
                if np.issubdtype(v.dtype, np.floating))
@@ -94,7 +99,7 @@ def test_divergence_after_an_epochs_last_step_keeps_the_last_checkpoint(ws):
     assert 1 <= saved < 5
     one_line_error(r, f"epoch {saved + 1}, after its last step", "non-finite", "1e+06", "--lr")
     assert all_finite(out)
-    assert sorted(p.name for p in out.iterdir()) == sorted(["run.json", meta["tensors"]])
+    assert run_files(out) == sorted(["run.json", meta["tensors"]])
 
 
 def test_divergence_keeps_the_last_checkpoint_and_resume_recovers(ws):
@@ -287,7 +292,7 @@ def test_full_disk_is_one_line_and_keeps_the_checkpoint(ws, one_epoch, monkeypat
     from reclip.adapt import ReCLIP
 
     run = copy_run(one_epoch, f"run_full_{code}")
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    before = {p: (run / p).read_bytes() for p in run_files(run)}
     real_open = builtins.open
 
     def full_disk(file, mode="r", *args, **kwargs):
@@ -305,7 +310,7 @@ def test_full_disk_is_one_line_and_keeps_the_checkpoint(ws, one_epoch, monkeypat
     assert len(errors) == 1, errors
     assert errors[0] == (f"reclip adapt: error: {run / 'tensors-1.safetensors'}: "
                          f"{os.strerror(code)}"), errors[0]
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert {p: (run / p).read_bytes() for p in run_files(run)} == before
     assert ReCLIP.load(run, device="cpu").epoch == 1
 
 
@@ -334,3 +339,53 @@ def test_second_writer_is_refused_and_sigkill_frees_the_lock(ws):
         first.wait(timeout=60)
     assert first.returncode == -signal.SIGKILL
     ok(cli(ws, *adapt_args("data", run.name, "--epochs", "1", "--resume")))
+
+
+# ------------------------------------------------------------------------------ preemption
+
+
+def _stopped_by(ws: Path, sig: int, name: str) -> tuple[subprocess.Popen, str, dict]:
+    """Start a run, send it `sig` once its first checkpoint exists; (process, stderr, the
+    run.json it left)."""
+    run = ws / name
+    args = adapt_args("killdata", name, "--epochs", "6", seed=KILL_SEED)
+    proc = subprocess.Popen([sys.executable, "-m", "reclip.cli", *args], cwd=ws, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (run / "run.json").exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc, err, read_json(run / "run.json")
+
+
+def test_sigterm_and_ctrl_c_stop_cleanly_and_resume_equals_uninterrupted(ws):
+    write_images(ws / "killdata", KILL_COUNTS, size=KILL_SIZE, seed=1)
+    reference = ok(cli(ws, *adapt_args("killdata", "run_uninterrupted", "--epochs", "6",
+                                       seed=KILL_SEED)))
+    assert reference.returncode == 0
+    want = (ws / "run_uninterrupted" / "predictions.tsv").read_text()
+    for sig, code, what in ((signal.SIGTERM, 143, "terminated"),
+                            (signal.SIGINT, 130, "interrupted")):
+        name = f"run_stopped_{code}"
+        proc, err, meta = _stopped_by(ws, sig, name)
+        assert proc.returncode == code, err
+        assert "Traceback" not in err, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"reclip adapt: {what}"), err
+        if meta["epoch"] < 6:  # stopped mid-run: the line says where --resume continues
+            assert f"--resume continues {name} from epoch {meta['epoch'] + 1}" in last, last
+            assert not (ws / name / "predictions.tsv").exists()
+        assert [p for p in run_files(ws / name) if not p.endswith((".tsv", ".json"))] \
+            == [meta["tensors"]]
+        ok(cli(ws, *adapt_args("killdata", name, "--epochs", "6", "--resume", seed=KILL_SEED)))
+        assert (ws / name / "predictions.tsv").read_text() == want
+        assert read_json(ws / name / "report.json")["history"] == \
+            read_json(ws / "run_uninterrupted" / "report.json")["history"]

@@ -525,10 +525,38 @@ def _join_torchrun(args) -> None:
     args.device = distributed.setup(args.device, "--device")
 
 
+class _Terminated(BaseException):
+    """SIGTERM (a cluster's preemption) as an exception, so that a run stops as on Ctrl-C:
+    a checkpoint being written is removed unfinished, the last one stays the run's state."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
+def _resume_note(args) -> str:
+    """Where --resume continues an adapt run that stopped now (nothing for other commands)."""
+    from . import checkpoint
+
+    if args.command != "adapt":
+        return ""
+    try:
+        epoch = checkpoint.read_meta(args.out)["epoch"]
+    except (OSError, ValueError, KeyError):
+        return f"; no epoch of {args.out} was saved: --resume starts it from the beginning"
+    return f"; --resume continues {args.out} from epoch {epoch + 1} (epoch {epoch} is saved)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     from . import distributed
 
     args = _parser().parse_args(argv)
+    handler = None
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.signal(signal.SIGTERM, _terminate)
     try:
         commands = {"demo": demo, "adapt": adapt, "predict": predict, "eval": evaluate}
         _check_runtime(args)
@@ -551,10 +579,16 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{err.filename}: " if err.filename is not None else ""
         print(f"reclip {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"reclip {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, _Terminated) as stop:
+        # shells report a process ended by signal N as 128 + N: SIGINT 130, SIGTERM 143
+        what, code = (("terminated (SIGTERM)", 143) if isinstance(stop, _Terminated)
+                      else ("interrupted", 130))
+        if distributed.current().main:
+            print(f"reclip {args.command}: {what}{_resume_note(args)}", file=sys.stderr)
+        return code
     finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
         while _LOCKS:
             _LOCKS.pop().close()
         distributed.shutdown()
