@@ -389,3 +389,31 @@ def test_sigterm_and_ctrl_c_stop_cleanly_and_resume_equals_uninterrupted(ws):
         assert (ws / name / "predictions.tsv").read_text() == want
         assert read_json(ws / name / "report.json")["history"] == \
             read_json(ws / "run_uninterrupted" / "report.json")["history"]
+
+
+# ------------------------------------------------------------------------ under torchrun
+
+
+def test_divergence_stops_every_rank_with_the_same_line(ws):
+    """Two gloo ranks: both stop with the same line (each naming its rank), no rank hangs,
+    and nothing is saved."""
+    torch = pytest.importorskip("torch")
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    argv = adapt_args("data", "run_diverged_2", "--epochs", "3", "--lr", "1e6", "--batch-size",
+                      "8", "--device", "cpu", "--workers", "0")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", "-m", "reclip", *argv], cwd=ws, env=ENV,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode != 0
+    lines = {}
+    for line in r.stderr.splitlines():
+        for rank in (0, 1):
+            prefix = f"reclip adapt (rank {rank} of 2): error: "
+            if line.startswith(prefix):
+                lines[rank] = line[len(prefix):]
+    assert set(lines) <= {0, 1} and 0 in lines, r.stderr
+    assert all(text == lines[0] for text in lines.values()), lines
+    assert "epoch 1, step " in lines[0] and "side T" in lines[0] and "1e+06" in lines[0]
+    assert "Traceback" not in r.stderr, r.stderr
+    assert not (ws / "run_diverged_2" / "run.json").exists()
