@@ -386,6 +386,9 @@ class ReCLIP:
                 raise ValueError("resume: needs out_dir")
             if checkpoint.exists(out_dir):
                 saved = checkpoint.read(out_dir)
+                # its classes and method first: another class list is the plainer error
+                check_meta(saved[1], out_dir, self.classnames)
+                check_method(saved[1], out_dir, self.config.method, self.config.shot_params)
                 changes = check_resume(saved[1], out_dir, self.config, self.templates,
                                        len(self.classnames), data_fingerprint(data),
                                        self.loaded.spec, allow_changes=allow_changes)
