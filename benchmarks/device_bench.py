@@ -6,7 +6,8 @@
     python -P benchmarks/device_bench.py --device cpu --n 2000 --m 10 --d 64   # CPU smoke run
 
 For every case (n images, m classes, d dims, k neighbours; N = n + m graph nodes) and operand
-precision (bf16, tf32; exact fp32 only up to --exact-max-n) it measures, in one process:
+precision (bf16, tf32; exact fp32 only up to --exact-max-n; the baselines only up to
+--baselines-max-n) it measures, in one process:
 
 * the machine: torch.mm rates at bf16 / tf32 / fp32 (TFLOP/s, median of --mm-repeat products of
   --mm-size squared matrices) and device copy bandwidth (GB/s, bytes read + written);
@@ -29,9 +30,10 @@ Stages: knn (from the fp32 rows to the (N, k) graph), normalize (graph to CSR W)
 call alone: Y is built before and the argmax taken after), total (reclip_ext: label_propagate
 end to end; torch: its whole pipeline; ZLaP: torch knn + normalize + its solve, which includes
 building I - αW in cupyx). Data: synthetic CLIP-like rows (the model of benchmarks/synthetic.py)
-generated on the device with a fixed torch seed. Cases run in order of n, then m descending, so
-the headline case (largest n, largest m) comes before the smaller m. --budget-s skips whatever
-would run past it (predicted from the same method's time at a smaller N); the JSON is rewritten
+generated on the device with a fixed torch seed. Cases run in order of n (largest first with
+--largest-first), then m descending, so the headline case (largest n, largest m) comes before
+the smaller m. --budget-s skips whatever would run past it (predicted from the same method's
+time at another N; a method's first run is never skipped that way); the JSON is rewritten
 atomically after every case, and a failed method is recorded without losing the others.
 """
 from __future__ import annotations
@@ -126,6 +128,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--baselines", default=None,
                     help="comma-separated subset of torch,zlap ('' for none); zlap needs torch "
                     "and cupy [default: torch,zlap on cuda, torch on cpu]")
+    ap.add_argument("--baselines-max-n", type=int, default=None,
+                    help="run the baselines only up to this n (reclip_ext runs at every n) "
+                    "[default: every n]")
+    ap.add_argument("--largest-first", action="store_true",
+                    help="run the largest n first: a headline case that must not be skipped by "
+                    "--budget-s (a first case is never predicted to overrun)")
     ap.add_argument("--zlap-classes", type=int, default=None,
                     help="classes timed in the ZLaP per-class CG; more are extrapolated "
                     "linearly [default 100; --quick 50]")
@@ -183,6 +191,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--k must be in [1, n + m - 1] for every case")
     if not 0 <= args.alpha < 1 or args.max_iter < 1 or args.tol < 0:
         ap.error("need 0 <= alpha < 1, max-iter >= 1, tol >= 0")
+    if args.baselines_max_n is not None and args.baselines_max_n < 1:
+        ap.error("--baselines-max-n must be >= 1")
     if args.zlap_classes < 1 or args.recall_sample < 1 or args.cg_passes < 1:
         ap.error("--zlap-classes, --recall-sample and --cg-passes must be >= 1")
     if args.mm_size < 1 or args.mm_repeat < 1 or args.copy_mib < 1:
@@ -191,9 +201,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def cases_of(args) -> list[tuple[int, int]]:
-    """(n, m) in run order: n ascending, then m descending (the headline case before the small
-    m of the same n)."""
-    return [(n, m) for n in sorted(set(args.n)) for m in sorted(set(args.m), reverse=True)]
+    """(n, m) in run order: n ascending (descending with --largest-first), then m descending
+    (the headline case before the small m of the same n)."""
+    return [(n, m) for n in sorted(set(args.n), reverse=args.largest_first)
+            for m in sorted(set(args.m), reverse=True)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1094,7 +1105,10 @@ def main(argv=None) -> int:
                     rec["notes"].append(f"exact fp32 runs only for n <= {args.exact_max_n}")
                     continue
                 methods = [("reclip_ext", case.run_reclip_ext)]
-                if "torch" in args.baselines:
+                if args.baselines_max_n is not None and n > args.baselines_max_n:
+                    if prec == args.precisions[0]:
+                        rec["notes"].append(f"baselines run only for n <= {args.baselines_max_n}")
+                elif "torch" in args.baselines:
                     methods.append(("torch", case.run_torch))
                 for recipe, fn in methods:
                     key = f"{recipe}/{prec}"

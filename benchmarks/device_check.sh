@@ -1,73 +1,54 @@
 #!/usr/bin/env bash
 # The one script to run on a GPU machine (no network needed; torch, cupy, nvcc, cmake, pybind11
-# and scikit-build-core are there, open_clip need not be): build reclip_ext with its CUDA half
-# for sm_90, run the test suite on the GPU, run its small CUDA cases again under
-# compute-sanitizer (memcheck and racecheck), measure the ReCLIP pipeline against its
-# model-time floor (benchmarks/pipeline_bench.py: ViT-B-32, random init, 50,000 JPEGs, bf16, one
-# epoch), then benchmark label_propagate against the torch and ZLaP recipes
-# (benchmarks/device_bench.py). Run from anywhere in the repository:
+# and scikit-build-core are there, open_clip need not be). Run from anywhere in the repository:
 #
 #   OUT=/some/folder bash benchmarks/device_check.sh
 #
-# Everything lands in $OUT (default ./device-check-out), ten files:
-#   device_check.log   all output, step by step, with a summary at the end
-#   build.log          pip -v of the build (cmake, nvcc, ptxas resource usage)
-#   tests.log          pytest output;  tests-junit.xml  its JUnit report
-#   sanitize-memcheck.log, sanitize-racecheck.log   compute-sanitizer + pytest output per tool
-#   pipeline.log       open_clip install + pipeline_bench.py output;  pipeline_bench.json  its numbers
-#   bench.log          device_bench.py output (the tables);  device_bench.json  all its numbers
+# Stages, in order of value (a later one is worth less if an earlier one fails or overruns):
+#   stage     cap    kept back  what
+#   build     150 s  -          reclip_ext with its CUDA half for sm_90 into a venv, import check
+#   tests      60 s   45 s      pytest -m cuda (the CUDA cases and the NCCL group of one), with
+#                               REXT_SYNC=1 so that a fault fails the test that caused it
+#   bench     120 s  100 s      device_bench.py: the headline case first (n = 1.28M, m = 1000,
+#                               d = 768, bf16, reclip_ext alone), then the torch and ZLaP
+#                               baselines with reclip_ext at n = 100k
+#   sanitize   75 s   45 s      compute-sanitizer: a ~1 s probe run first (skipped, with its
+#                               reason, when the tool is missing or says e.g. "Device not
+#                               supported"), then memcheck and racecheck on the small CUDA cases
+#                               (pytest -m "cuda and sanitize"), our kernels only
+#   pipeline   60 s    -        pipeline_bench.py on 10,000 JPEGs (needs open_clip: installed
+#                               offline from REXT_CHECK_WHEELS, else skipped saying why)
+# The whole run stays within REXT_CHECK_BUDGET_S (420 s, so that a second, shorter run fits in
+# the same machine window): a stage's time limit is its cap, or less so that the stages after it
+# keep their share ("kept back") and 15 s stay for the kill grace and the summary. A stage that
+# overruns thus squeezes the later ones, never the budget. A stage left less than 10 s (or its
+# cap, if smaller) does not run ("no time"), and counts as failed, for the exit status and the
+# rerun line.
 #
-# Time: the whole script stays under REXT_CHECK_BUDGET_S (default 540 s, i.e. 9 min on one
-# H200, build included). Each step has its own cap below that, and while a step runs the later
-# steps' guaranteed shares are kept back from it (the reserve helper), so a slow early step
-# squeezes itself, never a later one below its share:
-#   step        cap    guaranteed   why
-#   build       150 s  150 s        nvcc for sm_90 on all cores; first, nothing to squeeze
-#   tests       100 s  100 s        the CPU-side suite takes well under a minute, which leaves
-#                                   the CUDA cases most of the cap
-#   sanitizer    90 s   60 s        both tools, memcheck at most half of what the step gets; a
-#                                   few dozen cases of a few tiles each
-#   pipeline    120 s  120 s        the wheels install, building the 50,000-JPEG folder on all
-#                                   cores (~10 s), two encode passes, 782 V + T steps, the floor,
-#                                   a ~600 MB checkpoint: about 60-90 s expected; kept back in
-#                                   full because a cut run writes no JSON
-#   device_bench the rest, at most 300 s; 80 s kept back: its own --budget-s ends 25 s before
-#                                   its cap, runs n ascending and skips what would overrun, and
-#                                   its JSON is rewritten after every case, so a squeezed run still
-#                                   leaves the small cases measured
-# The guaranteed shares add up to 510 s; the other 30 s cover what no cap times (the machine
-# probe, the venv, the import check, the kill grace of a timeout). A step that is skipped (its
-# knob, or the sanitizer on REXT_CHECK_DEVICE=cpu) keeps nothing back. A failed build stops the
-# script; failed tests, sanitizer runs or pipeline step are reported and the later steps still
-# run.
-#
-# Sanitizer step: `pytest -m "cuda and sanitize" tests/test_cuda.py` under compute-sanitizer
-# --tool memcheck, then --tool racecheck, with torch's caching allocator off so that every array
-# is its own allocation (an overrun into a cached neighbour would go unseen). A tool FAILs on
-# any "ERROR SUMMARY: N errors" with N > 0, a failed or empty pytest run, or its time cap; it is
-# SKIPPED, with the reason, when there is no device (REXT_CHECK_DEVICE=cpu) or no
-# compute-sanitizer (PATH, then /usr/local/cuda/bin).
-#
-# Pipeline step: needs open_clip, which the machine lacks: it is installed offline from the
-# wheels folder REXT_CHECK_WHEELS (default .device-wheels in the repository, filled beforehand on
-# a machine with network by benchmarks/device_wheels.sh); without them the step is skipped,
-# saying why. The install counts against the step's cap.
+# $OUT gets at most 6 files (the device tool returns only a few): device_check.log (everything,
+# step by step), device_check.json (every stage: status, seconds, limit, note; the sanitizer's
+# probe and tools; the rerun command), tests-junit.xml, device_bench.json, pipeline_bench.json
+# and logs.tar.gz (each stage's full log). The last lines of device_check.log give the one
+# command that reruns just the stages that failed, timed out or had no time.
 #
 # Exit status: 0 all passed; 1 build or import check failed; 2 tests failed or timed out;
-# 4 a sanitizer run failed; 3 a benchmark (pipeline or device_bench) reported errors or timed
-# out (2 wins over 4 over 3). A step skipped for want of its tool (compute-sanitizer, open_clip)
-# is not a failure.
+# 4 a sanitizer run failed; 3 a benchmark failed or timed out (2 wins over 4 over 3). A stage
+# skipped for want of its tool (compute-sanitizer, open_clip) or by its knob is not a failure.
 #
 # Knobs (environment): PYTHON (python3), REXT_CHECK_VENV (/tmp/rext-device-venv),
-# REXT_CHECK_BUDGET_S, REXT_CHECK_BUILD_S, REXT_CHECK_TESTS_S, REXT_CHECK_SANITIZE_S,
-# REXT_CHECK_PIPELINE_S, REXT_CHECK_BENCH_S (caps in s), REXT_CHECK_PYTEST_ARGS (extra pytest
-# arguments, e.g. "-x -k cuda"), REXT_CHECK_PIPELINE_ARGS (extra pipeline_bench.py arguments,
-# e.g. "--n 20000"), REXT_CHECK_BENCH_ARGS (extra device_bench.py arguments, e.g. "--quick"),
-# REXT_CHECK_WHEELS (the wheels folder), REXT_CHECK_SKIP_TESTS=1, REXT_CHECK_SKIP_SANITIZE=1,
-# REXT_CHECK_SKIP_PIPELINE=1, REXT_CHECK_SKIP_BENCH=1, CMAKE_CUDA_ARCHITECTURES (90),
-# REXT_WITH_CUDA (ON), and REXT_CHECK_DEVICE=cpu: a dry run of this script on a machine without
-# a GPU (no device check, no sanitizer, both benchmarks in their CPU smoke modes: the pipeline
-# with the tiny test model on 64 images).
+# REXT_CHECK_BUDGET_S, REXT_CHECK_{BUILD,TESTS,BENCH,SANITIZE,PIPELINE}_S (caps in s),
+# REXT_CHECK_SKIP_{TESTS,BENCH,SANITIZE,PIPELINE}=1, REXT_CHECK_PYTEST_ARGS,
+# REXT_CHECK_BENCH_ARGS, REXT_CHECK_PIPELINE_ARGS (extra arguments, e.g. "-x", "--quick"),
+# REXT_CHECK_WHEELS (.device-wheels), REXT_CHECK_SANITIZER (the compute-sanitizer to use),
+# REXT_CHECK_SANITIZER_FILTER (kns=rext::cuda: the kernels it instruments),
+# CMAKE_CUDA_ARCHITECTURES (90), REXT_WITH_CUDA (ON);
+# REXT_CHECK_DEVICE=cpu: the real stages on a machine without a GPU (no sanitizer; both
+# benchmarks in their CPU smoke modes);
+# REXT_CHECK_DRY_RUN=1 (also chosen when no GPU is visible and REXT_CHECK_DEVICE is not cpu):
+# every stage's command is printed and replaced by `sleep REXT_CHECK_DRY_SLEEP_S` (0) under the
+# same time limit, writing placeholder outputs, so stage selection, the budget, the file limit
+# and the rerun line can be checked anywhere in seconds; the sanitizer's lookup and probe run
+# for real (a stand-in tool can be given with REXT_CHECK_SANITIZER).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -78,139 +59,171 @@ OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 VENV=${REXT_CHECK_VENV:-/tmp/rext-device-venv}
 DEVICE=${REXT_CHECK_DEVICE:-cuda}
-BUDGET_S=${REXT_CHECK_BUDGET_S:-540}
-BUILD_S=${REXT_CHECK_BUILD_S:-150}
-TESTS_S=${REXT_CHECK_TESTS_S:-100}
-SANITIZE_S=${REXT_CHECK_SANITIZE_S:-90}
-PIPELINE_S=${REXT_CHECK_PIPELINE_S:-120}
-BENCH_S=${REXT_CHECK_BENCH_S:-300}
-# Guaranteed shares, kept back for a step while the steps before it run (see reserve): the
-# sanitizer still gets 30 s per tool from 60 s; the pipeline gets its whole cap, since a cut
-# run leaves no JSON; device_bench gets its n = 100k cases from 80 s.
-SANITIZE_MIN_S=60
-PIPELINE_MIN_S=$PIPELINE_S
-BENCH_MIN_S=80
+DRY=${REXT_CHECK_DRY_RUN:-0}
+DRY_SLEEP_S=${REXT_CHECK_DRY_SLEEP_S:-0}
+BUDGET_S=${REXT_CHECK_BUDGET_S:-420}
+MARGIN_S=15  # after the last stage: a timeout's kill grace (10 s) and the summary
 WHEELS=${REXT_CHECK_WHEELS:-$ROOT/.device-wheels}
+FILTER=${REXT_CHECK_SANITIZER_FILTER:-kns=rext::cuda}
+STAGES=(build tests bench sanitize pipeline)
+declare -A CAP=([build]=${REXT_CHECK_BUILD_S:-150} [tests]=${REXT_CHECK_TESTS_S:-60}
+                [bench]=${REXT_CHECK_BENCH_S:-120} [sanitize]=${REXT_CHECK_SANITIZE_S:-75}
+                [pipeline]=${REXT_CHECK_PIPELINE_S:-60})
+declare -A KEEP=([build]=0 [tests]=45 [bench]=100 [sanitize]=45 [pipeline]=0)
+declare -A KNOB=([tests]=REXT_CHECK_SKIP_TESTS [bench]=REXT_CHECK_SKIP_BENCH
+                 [sanitize]=REXT_CHECK_SKIP_SANITIZE [pipeline]=REXT_CHECK_SKIP_PIPELINE)
+# test files with no CUDA case, whose imports (open_clip, the CLI) would only cost time
 IGNORED_TESTS=(tests/test_pipeline.py tests/test_cli.py tests/test_models.py tests/test_data.py
                tests/test_prompts.py tests/test_digits_model.py tests/test_shot.py
-               tests/test_inductive.py  # the pipeline (open_clip): minutes of CPU work
-               tests/test_distributed.py)  # torchrun with gloo ranks: CPU only, a minute
+               tests/test_inductive.py tests/test_distributed.py)
+OUTPUTS=(device_check.log device_check.json tests-junit.xml device_bench.json
+         pipeline_bench.json logs.tar.gz)
+MAX_FILES=${#OUTPUTS[@]}
 
-deadline=$((SECONDS + BUDGET_S))
-declare -A STATUS=()
-declare -A TOOK=()
-declare -A SANITIZER=()   # per tool: PASS, FAIL (why) or SKIPPED (why)
+DRY_WHY=
+if [[ $DRY != 1 && $DEVICE == cuda ]] && ! ls /dev/nvidia[0-9]* >/dev/null 2>&1 \
+   && ! nvidia-smi -L >/dev/null 2>&1; then
+  DRY=1
+  DRY_WHY="no GPU visible (no /dev/nvidia*, no nvidia-smi -L), so a dry run" \
+"(REXT_CHECK_DEVICE=cpu runs the stages for real on the CPU)"
+fi
+# the venv's python runs the stages; a dry run builds no venv
+VPY=$VENV/bin/python
+[[ $DRY == 1 ]] && VPY=$PY
+for f in "${OUTPUTS[@]}"; do rm -f "${OUT:?}/$f"; done  # a previous run's, in a reused $OUT
+LOGS=$(mktemp -d "${TMPDIR:-/tmp}/rext-check-logs.XXXXXX") || exit 1  # tarred at the end
+
+deadline=$((SECONDS + BUDGET_S - MARGIN_S))
+declare -A STATUS=() TOOK=() LIMIT=() NOTE=() SAN=()
 
 step() { printf '\n== [%s UTC, %d s] %s\n' "$(date -u +%H:%M:%S)" "$SECONDS" "$*"; }
 
-# cap SECONDS [RESERVE]: SECONDS, or less so that RESERVE seconds stay before the deadline
-cap() {
-  local c=$1 r=$((deadline - SECONDS - ${2:-0}))
-  ((r < c)) && c=$r
-  ((c < 5)) && c=5
+# limit_for STAGE: its cap, or less so that the later stages that will run keep their share;
+# when that would leave it under 10 s, what is left of the budget (up to its cap): the earlier
+# stage is worth more, and the later ones then find no time
+limit_for() {
+  local later=0 keep=0 name c left=$((deadline - SECONDS))
+  for name in "${STAGES[@]}"; do
+    if ((later)) && ! skipped_by_knob "$name"; then keep=$((keep + KEEP[$name])); fi
+    [[ $name == "$1" ]] && later=1
+  done
+  c=$((left - keep))
+  ((c < 10)) && c=$left
+  ((c > CAP[$1])) && c=${CAP[$1]}
   echo "$c"
+}
+
+skipped_by_knob() { [[ -n ${KNOB[$1]:-} && ${!KNOB[$1]:-0} == 1 ]]; }
+
+# run LIMIT LOG OUTPUTS -- COMMAND...: COMMAND under `timeout LIMIT`, output to LOG; in a dry
+# run the command is printed and `sleep DRY_SLEEP_S` stands in, writing placeholder OUTPUTS
+# (space-separated paths) when it ends in time. Returns the exit status (124/137: timed out).
+run() {
+  local limit=$1 log=$2 outputs=$3 rc f
+  shift 4
+  if [[ $DRY == 1 ]]; then
+    echo "dry run: would run: $*" >>"$log"
+    timeout -k 2 "$limit" sleep "$DRY_SLEEP_S" >>"$log" 2>&1
+    rc=$?
+    if ((rc == 0)); then
+      for f in $outputs; do
+        case $f in
+          *.xml) echo '<testsuite name="dry-run" tests="0" failures="0" errors="0" skipped="0"/>' >"$f" ;;
+          *) echo '{"dry_run": true}' >"$f" ;;
+        esac
+      done
+    fi
+    return "$rc"
+  fi
+  timeout -k 10 "$limit" "$@" >>"$log" 2>&1
+}
+
+# outcome STAGE RC LIMIT [NOTE]: the stage's status from its exit status
+outcome() {
+  local name=$1 rc=$2 limit=$3
+  if ((rc == 0)); then STATUS[$name]=passed
+  elif ((rc == 124 || rc == 137)); then STATUS[$name]="TIMED OUT"; NOTE[$name]="after $limit s"
+  else STATUS[$name]=FAILED; NOTE[$name]=${4:-"exit $rc"}
+  fi
 }
 
 machine() {
   step "machine"
   date -u
   uname -srm
-  if [[ -e $ROOT/.git ]]; then
-    echo "repo: $ROOT ($(git -C "$ROOT" log -1 --format='%h %s' 2>/dev/null || echo '?');" \
-         "$(git -C "$ROOT" status --porcelain 2>/dev/null | wc -l | tr -d ' ') changed files)"
-  else
-    echo "repo: $ROOT (a copy without .git)"
-  fi
-  echo "cpus: $(nproc)"
+  echo "repo: $ROOT ($(git -C "$ROOT" log -1 --format='%h %s' 2>/dev/null || echo 'no git'))"
+  echo "cpus: $(nproc); budget ${BUDGET_S} s; dry run: $DRY; device: $DEVICE"
   if [[ -d /usr/local/cuda/bin && ":$PATH:" != *":/usr/local/cuda/bin:"* ]]; then
     export PATH=$PATH:/usr/local/cuda/bin
   fi
   if command -v nvidia-smi >/dev/null; then
-    timeout 20 nvidia-smi || echo "nvidia-smi failed ($?)"
-    timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,power.limit,temperature.gpu --format=csv || true
+    timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv || true
   else
     echo "nvidia-smi: not found"
   fi
-  if command -v nvcc >/dev/null; then nvcc --version | tail -n 2; else echo "nvcc: not found"; fi
-  cmake --version 2>/dev/null | head -n 1 || echo "cmake: not on PATH"
-  echo "python: $(command -v "$PY")"
+  if command -v nvcc >/dev/null; then nvcc --version | tail -n 1; else echo "nvcc: not found"; fi
+  [[ $DRY == 1 ]] && return 0
   timeout 60 "$PY" - <<'PY' || echo "version probe failed ($?)"
 import importlib, platform
 print("python", platform.python_version())
-for name in ("torch", "cupy", "numpy", "scipy", "pybind11", "scikit_build_core", "cmake", "ninja",
-             "pytest", "hypothesis", "pytest_benchmark", "open_clip"):
+for name in ("torch", "cupy", "numpy", "scikit_build_core", "pybind11", "pytest", "open_clip"):
     try:
-        mod = importlib.import_module(name)
-        print(f"  {name} {getattr(mod, '__version__', '?')}")
+        print(f"  {name} {getattr(importlib.import_module(name), '__version__', '?')}")
     except Exception as err:
         print(f"  {name}: not importable ({type(err).__name__})")
-try:
-    import torch
-    print("  torch CUDA", torch.version.cuda, "| devices", torch.cuda.device_count(),
-          "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no device")
-except Exception as err:
-    print("  torch probe failed:", err)
 PY
-}
-
-# ended RC LIMIT WHAT [TIMEOUT_NOTE [FAILURE_NOTE]]: one line on how a step that did not succeed
-# ended (its time cap: exit 124 from timeout, 137 after its kill) and what it left behind.
-ended() {
-  local rc=$1 limit=$2 what=$3
-  if ((rc == 124 || rc == 137)); then
-    echo "$what TIMED OUT after ${limit} s${4:+ ($4)}"
-  elif ((rc != 0)); then
-    echo "$what FAILED (exit $rc${5:+; $5})"
-  fi
 }
 
 build() {
-  step "build reclip_ext (REXT_WITH_CUDA=${REXT_WITH_CUDA:-ON}, CMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES:-90}) into $VENV"
-  local t0=$SECONDS site
-  rm -rf "$VENV"
-  # A venv made from a venv's python (the machine's python3 is one) would not see that venv's
-  # packages through --system-site-packages alone: add the parent's site folders by a .pth.
-  if ! "$PY" -m venv --without-pip --system-site-packages "$VENV"; then
-    echo "BUILD FAILED: could not create the venv"; return 1
+  local limit log=$LOGS/build.log t0=$SECONDS rc site
+  limit=$(limit_for build)
+  step "build (REXT_WITH_CUDA=${REXT_WITH_CUDA:-ON}, sm ${CMAKE_CUDA_ARCHITECTURES:-90}) into $VENV, limit ${limit} s"
+  LIMIT[build]=$limit
+  if [[ $DRY == 1 ]]; then
+    run "$limit" "$log" "" -- pip install --no-build-isolation --no-deps --no-index "$ROOT"
+    rc=$?
+  else
+    rm -rf "$VENV"
+    # A venv made from a venv's python does not see that venv's packages through
+    # --system-site-packages alone: add the parent's site folders by a .pth.
+    "$PY" -m venv --without-pip --system-site-packages "$VENV" &&
+      site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") &&
+      "$PY" -c "import site, sys; open(sys.argv[1], 'w').writelines(f'import site; site.addsitedir({d!r})\n' for d in site.getsitepackages())" \
+        "$site/_rext_parent_site.pth" &&
+      "$VENV/bin/python" -c "import torch, pip, scikit_build_core, pybind11" >>"$log" 2>&1
+    rc=$?
+    if ((rc == 0)); then
+      REXT_WITH_CUDA=${REXT_WITH_CUDA:-ON} CMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES:-90} \
+      CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+        run "$((limit - (SECONDS - t0)))" "$log" "" -- "$VENV/bin/python" -m pip install -v \
+          --no-build-isolation --no-deps --no-index --no-cache-dir -Cbuild-dir=build/device "$ROOT"
+      rc=$?
+    else
+      echo "the venv does not see torch / pip / scikit-build-core / pybind11" >>"$log"
+    fi
+    if ((rc == 0)); then
+      grep -E "reclip_ext: CUDA" "$log" | sed 's/^ *//' | sort -u
+      "$PY" "$ROOT/benchmarks/ptxas_table.py" "$log" || echo "(no ptxas resource report parsed)"
+      import_check >>"$log" 2>&1
+      rc=$?
+      ((rc == 0)) || NOTE[build]="import check failed (see build.log)"
+    fi
   fi
-  site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") || return 1
-  "$PY" - "$site/_rext_parent_site.pth" <<'PY' || return 1
-import site, sys
-dirs = [d for d in site.getsitepackages() if d]
-with open(sys.argv[1], "w") as f:
-    for d in dirs:
-        f.write(f"import site; site.addsitedir({d!r})\n")
-print("parent site-packages:", ", ".join(dirs))
-PY
-  if ! "$VENV/bin/python" -c "import torch, pip, scikit_build_core, pybind11" ; then
-    echo "BUILD FAILED: the venv does not see torch / pip / scikit-build-core / pybind11"; return 1
-  fi
-  local limit
-  limit=$(cap "$BUILD_S")
-  echo "pip install --no-build-isolation --no-deps --no-index . (timeout ${limit} s, log $OUT/build.log)"
-  REXT_WITH_CUDA=${REXT_WITH_CUDA:-ON} CMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES:-90} \
-  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    timeout -k 10 "$limit" "$VENV/bin/python" -m pip install -v --no-build-isolation --no-deps \
-      --no-index --no-cache-dir -Cbuild-dir=build/device "$ROOT" >"$OUT/build.log" 2>&1
-  local rc=$?
   TOOK[build]=$((SECONDS - t0))
-  if ((rc != 0)); then
-    tail -n 80 "$OUT/build.log"
-    ended "$rc" "$limit" BUILD "" "pip; see build.log"
-    return 1
-  fi
-  grep -E "reclip_ext: CUDA" "$OUT/build.log" | sed 's/^ *//' | sort -u
-  ptxas_table "$OUT/build.log"
-  echo "built in ${TOOK[build]} s"
-  # The installed build, not the source tree: -P keeps the working directory off sys.path.
+  outcome build "$rc" "$limit" "${NOTE[build]:-pip failed (see build.log)}"
+  ((rc == 0)) || tail -n 40 "$log"
+  return "$rc"
+}
+
+# The installed build, not the source tree: -P and cwd / keep the checkout off sys.path.
+import_check() {
   (cd / && "$VENV/bin/python" -P - "$DEVICE" "$VENV" "${REXT_WITH_CUDA:-ON}") <<'PY'
 import os, sys
 import reclip_ext
 device, venv, with_cuda = sys.argv[1:4]
 count = reclip_ext.cuda_device_count()
 print("reclip_ext", reclip_ext.__version__, "from", os.path.dirname(reclip_ext.__file__),
-      "| built_with_cuda:", reclip_ext.built_with_cuda(), "| cuda devices:", count,
-      "| cpu kernels:", reclip_ext.simd_level())
+      "| built_with_cuda:", reclip_ext.built_with_cuda(), "| cuda devices:", count)
 if not os.path.realpath(reclip_ext.__file__).startswith(os.path.realpath(venv) + os.sep):
     sys.exit(f"IMPORT CHECK FAILED: reclip_ext came from {reclip_ext.__file__}, not {venv}")
 if with_cuda.upper() != "OFF" and not reclip_ext.built_with_cuda():
@@ -220,208 +233,245 @@ if device == "cuda" and count < 1:
 PY
 }
 
-# ptxas_table BUILD_LOG: the kernels' resource usage (benchmarks/ptxas_table.py).
-ptxas_table() {
-  "$PY" "$ROOT/benchmarks/ptxas_table.py" "$1" || echo "(no ptxas resource report parsed)"
-}
-
 tests() {
-  step "tests (pytest tests; the reclip package's slower test files are left out, test_device.py runs)"
-  local t0=$SECONDS limit rc ignores=() extra=()
+  local limit log=$LOGS/tests.log t0=$SECONDS rc ignores=() extra=() f
+  limit=$(limit_for tests)
+  step "tests: pytest -m cuda (REXT_SYNC=1), limit ${limit} s"
+  LIMIT[tests]=$limit
   for f in "${IGNORED_TESTS[@]}"; do ignores+=("--ignore=$f"); done
-  # The device tests of the pipeline (tests/test_device.py) need open_clip; without it they
-  # skip, saying so, and the pipeline step later says why it cannot run.
-  local why
-  why=$(open_clip_ready 60) || echo "open_clip unavailable, its tests skip: $why"
   # shellcheck disable=SC2206  # word splitting of the extra arguments is wanted
   extra=(${REXT_CHECK_PYTEST_ARGS:-})
-  limit=$(cap "$TESTS_S" "$(reserve tests)")
-  echo "timeout ${limit} s, log $OUT/tests.log"
-  timeout -k 10 "$limit" "$VENV/bin/python" -P -m pytest tests "${ignores[@]}" -q -rfEs \
-    -p no:cacheprovider --durations=15 --junitxml="$OUT/tests-junit.xml" -o junit_family=xunit2 \
-    "${extra[@]}" >"$OUT/tests.log" 2>&1
+  REXT_SYNC=1 run "$limit" "$log" "$OUT/tests-junit.xml" -- "$VPY" -P -m pytest \
+    tests -m cuda "${ignores[@]}" -q -rfEs -p no:cacheprovider --durations=10 \
+    --junitxml="$OUT/tests-junit.xml" -o junit_family=xunit2 "${extra[@]}"
   rc=$?
   TOOK[tests]=$((SECONDS - t0))
-  tail -n 60 "$OUT/tests.log"
-  echo
-  ended "$rc" "$limit" TESTS "dots so far are in tests.log; no JUnit report" "see tests.log"
-  local cuda_skips
-  cuda_skips=$(grep -cE "SKIPPED.*(no CUDA|CUDA device)" "$OUT/tests.log")
-  if [[ $DEVICE == cuda ]] && ((cuda_skips > 0)); then
-    echo "WARNING: $cuda_skips skip lines mention a missing CUDA device on a machine that has one"
+  tail -n 30 "$log"
+  outcome tests "$rc" "$limit" "see tests.log"
+  if [[ $DRY != 1 && $DEVICE == cuda ]] && grep -qE "SKIPPED.*no CUDA" "$log"; then
+    echo "WARNING: CUDA cases skipped for want of a device on a machine that has one"
   fi
   return "$rc"
 }
 
-# reserve STEP: seconds kept back for the steps after STEP (each one's guaranteed share), in the
-# order tests, sanitize, pipeline, bench; a step that will not run keeps nothing back.
-reserve() {
-  local r=0 later=0 name
-  for name in tests sanitize pipeline bench; do
-    if ((later)); then
-      case $name in
-        sanitize)
-          # on REXT_CHECK_DEVICE=cpu the sanitizer skips at once
-          [[ ${REXT_CHECK_SKIP_SANITIZE:-0} == 1 || $DEVICE != cuda ]] || r=$((r + SANITIZE_MIN_S)) ;;
-        pipeline) [[ ${REXT_CHECK_SKIP_PIPELINE:-0} == 1 ]] || r=$((r + PIPELINE_MIN_S)) ;;
-        bench) [[ ${REXT_CHECK_SKIP_BENCH:-0} == 1 ]] || r=$((r + BENCH_MIN_S)) ;;
-      esac
-    fi
-    [[ $name == "$1" ]] && later=1
-  done
-  echo "$r"
+bench() {
+  local limit log=$LOGS/bench.log t0=$SECONDS rc args=()
+  limit=$(limit_for bench)
+  step "bench: device_bench.py, limit ${limit} s"
+  LIMIT[bench]=$limit
+  if [[ $DEVICE == cpu ]]; then
+    args=(--device cpu --n 2000 --m 10 --d 64)
+  else
+    args=(--n 100000,1280000 --m 1000 --d 768 --precisions bf16 --baselines-max-n 100000
+          --largest-first)
+  fi
+  # shellcheck disable=SC2206  # word splitting of the extra arguments is wanted
+  args+=(${REXT_CHECK_BENCH_ARGS:-})
+  # its own budget ends 20 s before the limit; the JSON is rewritten after every case
+  PYTHONUNBUFFERED=1 run "$limit" "$log" "$OUT/device_bench.json" -- "$VPY" -P \
+    benchmarks/device_bench.py --budget-s "$((limit > 40 ? limit - 20 : limit / 2))" \
+    --json "$OUT/device_bench.json" "${args[@]}"
+  rc=$?
+  TOOK[bench]=$((SECONDS - t0))
+  tail -n 40 "$log"
+  outcome bench "$rc" "$limit" "see the errors in device_bench.json"
+  return "$rc"
 }
 
-# sanitize: the small CUDA cases under compute-sanitizer memcheck and racecheck. Returns 0 when
-# every tool passed or the step was skipped, 1 when a tool failed.
+# sanitize: probe, then memcheck and racecheck. 0 when both passed or the stage was skipped.
 sanitize() {
-  step "compute-sanitizer memcheck and racecheck (pytest -m 'cuda and sanitize' tests/test_cuda.py)"
-  local t0=$SECONDS tool exe end limit rc errors passed log why failed=0
+  local limit log=$LOGS/sanitize-probe.log t0=$SECONDS rc exe end tool tlimit errors passed why=
+  limit=$(limit_for sanitize)
+  step "sanitize: compute-sanitizer (filter $FILTER), limit ${limit} s"
+  LIMIT[sanitize]=$limit
+  end=$((SECONDS + limit))
+  exe=${REXT_CHECK_SANITIZER:-$(command -v compute-sanitizer || true)}
+  [[ -z $exe && -x /usr/local/cuda/bin/compute-sanitizer ]] && exe=/usr/local/cuda/bin/compute-sanitizer
   if [[ $DEVICE != cuda ]]; then
-    why="no CUDA device to check: REXT_CHECK_DEVICE=$DEVICE"
+    why="no CUDA device (REXT_CHECK_DEVICE=$DEVICE)"
+  elif [[ -z $exe ]]; then
+    why="compute-sanitizer not found on PATH or in /usr/local/cuda/bin"
   else
-    exe=$(command -v compute-sanitizer || true)
-    [[ -z $exe && -x /usr/local/cuda/bin/compute-sanitizer ]] && exe=/usr/local/cuda/bin/compute-sanitizer
-    [[ -z $exe ]] && why="compute-sanitizer not found on PATH or in /usr/local/cuda/bin"
+    # One tiny launch of one of our kernels: a host where the tool cannot work says so here in
+    # about a second, instead of spending the stage's time limit.
+    echo "probe: $exe --tool memcheck --kernel-name $FILTER python -c '<one knn_affinity call>'"
+    timeout -k 5 30 "$exe" --tool memcheck --kernel-name "$FILTER" --error-exitcode 86 \
+      "$VPY" -P -c "import torch, reclip_ext
+reclip_ext.knn_affinity(torch.ones(4, 2, device='cuda'), 1)
+torch.cuda.synchronize()
+print('probe ok')" >"$log" 2>&1
+    rc=$?
+    if grep -qi "device not supported" "$log"; then
+      why="the probe says: $(grep -m1 -i "device not supported" "$log" | sed 's/^[= ]*//')"
+    elif ((rc == 86)); then
+      why=
+      SAN[probe]="FAIL (memcheck errors in one knn_affinity call)"
+    elif ((rc != 0)) || ! grep -q "probe ok" "$log"; then
+      why="the probe failed (exit $rc): $(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-160)"
+    fi
+    SAN[probe]=${SAN[probe]:-${why:-"ok ($((SECONDS - t0)) s)"}}
+    echo "probe: ${SAN[probe]}"
   fi
-  if [[ -n ${why:-} ]]; then
+  if [[ -n $why ]]; then
     echo "SKIPPED: $why"
-    SANITIZER[memcheck]="SKIPPED ($why)"
-    SANITIZER[racecheck]="SKIPPED ($why)"
-    TOOK[sanitize]=0
+    SAN[memcheck]="SKIPPED ($why)"
+    SAN[racecheck]="SKIPPED ($why)"
+    STATUS[sanitize]=skipped
+    NOTE[sanitize]=$why
+    TOOK[sanitize]=$((SECONDS - t0))
     return 0
   fi
-  echo "$exe: $("$exe" --version 2>/dev/null | grep -m1 -iE 'version' || echo 'version ?')"
-  limit=$(cap "$SANITIZE_S" "$(reserve sanitize)")
-  end=$((SECONDS + limit))
+  if [[ ${SAN[probe]} == FAIL* ]]; then
+    SAN[memcheck]="not run (the probe failed)"
+    SAN[racecheck]="not run (the probe failed)"
+    STATUS[sanitize]=FAILED
+    NOTE[sanitize]=${SAN[probe]}
+    TOOK[sanitize]=$((SECONDS - t0))
+    tail -n 30 "$log"
+    return 1
+  fi
   for tool in memcheck racecheck; do
-    # memcheck may take half of the step's time, racecheck what is left
-    limit=$((end - SECONDS))
-    [[ $tool == memcheck ]] && limit=$((limit / 2))
-    ((limit < 5)) && limit=5
-    log=$OUT/sanitize-$tool.log
-    echo "-- $tool: timeout ${limit} s, log $log"
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "$limit" "$exe" --tool "$tool" \
-      --error-exitcode 86 "$VENV/bin/python" -P -m pytest tests/test_cuda.py -m "cuda and sanitize" \
-      -q -rfEs -p no:cacheprovider >"$log" 2>&1
+    # memcheck may take 60 % of what is left: it instruments every access of 40-odd cases
+    tlimit=$((end - SECONDS))
+    [[ $tool == memcheck ]] && tlimit=$((tlimit * 3 / 5))
+    log=$LOGS/sanitize-$tool.log
+    if ((tlimit < 10)); then
+      SAN[$tool]="FAIL (no time left: ${tlimit} s)"
+      echo "$tool: ${SAN[$tool]}"
+      continue
+    fi
+    echo "-- $tool: limit ${tlimit} s"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run "$tlimit" "$log" "" -- "$exe" --tool "$tool" \
+      --kernel-name "$FILTER" --error-exitcode 86 "$VPY" -P -m pytest \
+      tests/test_cuda.py -m "cuda and sanitize" -q -rfEs -p no:cacheprovider
     rc=$?
     errors=$(grep -oE "ERROR SUMMARY: [0-9]+ error" "$log" | awk '{n += $3} END {print n + 0}')
     passed=$(grep -oE "[0-9]+ passed" "$log" | tail -n 1 | awk '{print $1 + 0}')
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|[0-9]+ (passed|failed)|^(FAILED|ERROR) " "$log" | tail -n 15
-    if ((errors > 0)); then
-      SANITIZER[$tool]="FAIL ($errors sanitizer errors)"
-    elif ((rc == 124 || rc == 137)); then
-      SANITIZER[$tool]="FAIL (timed out after ${limit} s)"
-    elif ((rc != 0)); then
-      SANITIZER[$tool]="FAIL (exit $rc)"
-    elif ! grep -q "ERROR SUMMARY" "$log"; then
-      SANITIZER[$tool]="FAIL (no ERROR SUMMARY line: did the sanitizer run?)"
-    elif ((${passed:-0} == 0)); then
-      SANITIZER[$tool]="FAIL (no test passed: every case skipped or deselected)"
-    else
-      SANITIZER[$tool]="PASS ($passed tests, 0 errors)"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|[0-9]+ (passed|failed)|^(FAILED|ERROR) " "$log" | tail -n 10
+    if ((errors > 0)); then SAN[$tool]="FAIL ($errors sanitizer errors)"
+    elif ((rc == 124 || rc == 137)); then SAN[$tool]="FAIL (timed out after ${tlimit} s)"
+    elif ((rc != 0)); then SAN[$tool]="FAIL (exit $rc)"
+    elif [[ $DRY == 1 ]]; then SAN[$tool]="PASS (dry run)"
+    elif ! grep -q "ERROR SUMMARY" "$log"; then SAN[$tool]="FAIL (no ERROR SUMMARY: did it run?)"
+    elif ((${passed:-0} == 0)); then SAN[$tool]="FAIL (no test passed)"
+    else SAN[$tool]="PASS ($passed tests, 0 errors)"
     fi
-    echo "$tool: ${SANITIZER[$tool]}"
-    if [[ ${SANITIZER[$tool]} == FAIL* ]]; then
-      failed=1
-      tail -n 40 "$log"
-    fi
+    echo "$tool: ${SAN[$tool]}"
+    [[ ${SAN[$tool]} == FAIL* ]] && tail -n 30 "$log"
   done
   TOOK[sanitize]=$((SECONDS - t0))
-  return "$failed"
+  if [[ ${SAN[memcheck]} == FAIL* || ${SAN[racecheck]} == FAIL* ]]; then
+    STATUS[sanitize]=FAILED
+    NOTE[sanitize]="memcheck ${SAN[memcheck]}; racecheck ${SAN[racecheck]}"
+    return 1
+  fi
+  STATUS[sanitize]=passed
 }
 
-# open_clip_ready [SECONDS]: open_clip for the pipeline step, from the wheels folder when the
-# venv lacks it, the install given at most SECONDS (120); the reason on stdout and status 1
-# when it stays unavailable
+# open_clip_ready SECONDS: open_clip in the venv, from the wheels folder if need be; the reason
+# on stdout and status 1 when it stays unavailable
 open_clip_ready() {
-  local t=${1:-120}
-  ((t > 120)) && t=120
-  ((t < 5)) && t=5   # timeout 0 would mean no limit at all
-  if "$VENV/bin/python" -c "import open_clip" 2>/dev/null; then return 0; fi
+  local t=$1 log=$LOGS/pipeline.log
+  [[ $DRY == 1 ]] && return 0
+  "$VPY" -c "import open_clip" 2>/dev/null && return 0
   if [[ ! -d $WHEELS ]]; then
     echo "open_clip is not installed and there is no wheels folder $WHEELS" \
          "(fill one with benchmarks/device_wheels.sh, or set REXT_CHECK_WHEELS)"
     return 1
   fi
-  echo "pip install --no-index --find-links $WHEELS open_clip_torch (log $OUT/pipeline.log)"
-  if ! PIP_DISABLE_PIP_VERSION_CHECK=1 timeout -k 10 "$t" "$VENV/bin/python" -m pip install \
-       --no-index --find-links "$WHEELS" open_clip_torch >>"$OUT/pipeline.log" 2>&1; then
-    tail -n 20 "$OUT/pipeline.log"
+  if ! PIP_DISABLE_PIP_VERSION_CHECK=1 timeout -k 5 "$t" "$VPY" -m pip install \
+       --no-index --find-links "$WHEELS" open_clip_torch >>"$log" 2>&1 ||
+     ! "$VPY" -c "import open_clip" >>"$log" 2>&1; then
     echo "open_clip could not be installed from $WHEELS (see pipeline.log)"
-    return 1
-  fi
-  if ! "$VENV/bin/python" -c "import open_clip" >>"$OUT/pipeline.log" 2>&1; then
-    tail -n 5 "$OUT/pipeline.log"
-    echo "open_clip was installed from $WHEELS but does not import (see pipeline.log)"
     return 1
   fi
 }
 
 pipeline() {
-  step "pipeline (benchmarks/pipeline_bench.py: ReCLIP on a JPEG folder against the in-memory floor)"
-  local t0=$SECONDS end limit rc why args=()
-  : >"$OUT/pipeline.log"
-  # The step's share is fixed before the install, so that a slow install comes out of the
-  # pipeline's cap rather than out of device_bench's reserve.
-  end=$((SECONDS + $(cap "$PIPELINE_S" "$(reserve pipeline)")))
-  if ! why=$(open_clip_ready "$((end - SECONDS))"); then
-    echo "$why"
-    STATUS[pipeline]="skipped (no open_clip)"
+  local limit log=$LOGS/pipeline.log t0=$SECONDS rc why args=()
+  limit=$(limit_for pipeline)
+  step "pipeline: pipeline_bench.py, limit ${limit} s (open_clip install included)"
+  LIMIT[pipeline]=$limit
+  if ! why=$(open_clip_ready "$limit"); then
+    echo "SKIPPED: $why"
+    STATUS[pipeline]=skipped
+    NOTE[pipeline]=$why
     TOOK[pipeline]=$((SECONDS - t0))
     return 0
   fi
-  [[ -n $why ]] && echo "$why"
-  limit=$((end - SECONDS))
-  ((limit < 5)) && limit=5
   if [[ $DEVICE == cpu ]]; then
     args=(--device cpu --model tests/assets/tiny-vit.json --n 64 --encode-batch-size 16
           --batch-size 16 --workers 2)
   else
-    args=(--device cuda --model ViT-B-32 --n 50000 --amp bf16)
+    args=(--device cuda --model ViT-B-32 --n 10000 --amp bf16)
   fi
   # shellcheck disable=SC2206  # word splitting of the extra arguments is wanted
   args+=(${REXT_CHECK_PIPELINE_ARGS:-})
-  echo "timeout ${limit} s, log $OUT/pipeline.log"
   # the JPEG folder goes to the machine's scratch space, not into the repository copy
-  PYTHONUNBUFFERED=1 timeout -k 10 "$limit" "$VENV/bin/python" -P benchmarks/pipeline_bench.py \
-    --epochs 1 --cache "${TMPDIR:-/tmp}/reclip-bench" --json "$OUT/pipeline_bench.json" \
-    "${args[@]}" 2>&1 | tee -a "$OUT/pipeline.log"
-  rc=${PIPESTATUS[0]}
+  PYTHONUNBUFFERED=1 run "$((limit - (SECONDS - t0)))" "$log" "$OUT/pipeline_bench.json" -- \
+    "$VPY" -P benchmarks/pipeline_bench.py --epochs 1 \
+    --cache "${TMPDIR:-/tmp}/reclip-bench" --json "$OUT/pipeline_bench.json" "${args[@]}"
+  rc=$?
   TOOK[pipeline]=$((SECONDS - t0))
-  ended "$rc" "$limit" "PIPELINE BENCHMARK" "no JSON: it is written at the end"
-  STATUS[pipeline]=$([[ $rc == 0 ]] && echo ok || echo FAILED)
+  tail -n 25 "$log"
+  outcome pipeline "$rc" "$limit" "see pipeline.log"
   return "$rc"
 }
 
-bench() {
-  step "benchmark (benchmarks/device_bench.py)"
-  local t0=$SECONDS limit rc args=()
-  limit=$(cap "$BENCH_S")
-  if [[ $DEVICE == cpu ]]; then args=(--device cpu --n 2000 --m 10 --d 64); fi
-  # shellcheck disable=SC2206  # word splitting of the extra arguments is wanted
-  args+=(${REXT_CHECK_BENCH_ARGS:-})
-  echo "timeout ${limit} s, --budget-s $((limit - 25)), log $OUT/bench.log"
-  PYTHONUNBUFFERED=1 timeout -k 10 "$limit" "$VENV/bin/python" -P benchmarks/device_bench.py \
-    --budget-s "$((limit - 25))" --json "$OUT/device_bench.json" "${args[@]}" 2>&1 \
-    | tee "$OUT/bench.log"
-  rc=${PIPESTATUS[0]}
-  TOOK[bench]=$((SECONDS - t0))
-  ended "$rc" "$limit" BENCHMARK "device_bench.json holds the cases finished before" \
-    "see the errors list in device_bench.json"
-  return "$rc"
+# rerun_command: the stages to repeat are those that failed, timed out or had no time; the
+# others are skipped by their knobs (the build always runs: it is incremental on the same
+# machine, and a fresh one has nothing built)
+rerun_command() {
+  local name knobs=() again=0
+  for name in "${STAGES[@]:1}"; do
+    case ${STATUS[$name]:-} in
+      passed | skipped | "skipped (knob)") knobs+=("${KNOB[$name]}=1") ;;
+      *) again=1 ;;
+    esac
+  done
+  if [[ ${STATUS[build]:-} != passed ]]; then knobs=()
+  elif ((again == 0)); then echo ""; return
+  fi
+  echo "${knobs[*]}${knobs[*]:+ }OUT=$OUT bash benchmarks/device_check.sh"
+}
+
+write_summary() {
+  local name rows=()
+  for name in "${STAGES[@]}"; do
+    rows+=("$name	${STATUS[$name]:-not run}	${TOOK[$name]:-}	${LIMIT[$name]:-}	${NOTE[$name]:-}")
+  done
+  "$PY" - "$OUT/device_check.json" "$BUDGET_S" "$SECONDS" "$DRY" "$DEVICE" "$1" "$2" \
+    "${SAN[probe]:-}" "${SAN[memcheck]:-}" "${SAN[racecheck]:-}" "${rows[@]}" <<'PY'
+import json, os, sys
+path, budget, elapsed, dry, device, code, rerun, probe, memcheck, racecheck, *rows = sys.argv[1:]
+stages = []
+for row in rows:
+    name, status, took, limit, note = row.split("\t")
+    stages.append({"stage": name, "status": status, "seconds": int(took) if took else None,
+                   "limit_s": int(limit) if limit else None, "note": note or None})
+out = {"budget_s": int(budget), "elapsed_s": int(elapsed), "dry_run": dry == "1",
+       "device": device, "exit": int(code) if code else None, "stages": stages,
+       "sanitizer": {"probe": probe or None, "memcheck": memcheck or None,
+                     "racecheck": racecheck or None},
+       "rerun": rerun or None}
+tmp = path + ".tmp"
+with open(tmp, "w") as f:
+    json.dump(out, f, indent=1)
+os.replace(tmp, path)
+PY
 }
 
 summary() {
+  local code=$1 name rerun files
   step "summary"
-  local name
-  for name in machine build tests sanitize pipeline bench; do
-    printf '  %-8s %-28s %s\n' "$name" "${STATUS[$name]:-not run}" "${TOOK[$name]:+${TOOK[$name]} s}"
+  for name in "${STAGES[@]}"; do
+    printf '  %-9s %-10s %6s of %-6s %s\n' "$name" "${STATUS[$name]:-not run}" \
+      "${TOOK[$name]:+${TOOK[$name]} s}" "${LIMIT[$name]:+${LIMIT[$name]} s}" "${NOTE[$name]:-}"
   done
-  for name in memcheck racecheck; do
-    printf '    %-10s %s\n' "$name" "${SANITIZER[$name]:-not run}"
+  for name in probe memcheck racecheck; do
+    printf '    %-10s %s\n' "$name" "${SAN[$name]:-not run}"
   done
-  if [[ -f $OUT/tests-junit.xml ]]; then
+  if [[ -s $OUT/tests-junit.xml ]]; then
     "$PY" - "$OUT/tests-junit.xml" <<'PY' || true
 import sys
 import xml.etree.ElementTree as ET
@@ -435,56 +485,50 @@ for case in root.iter("testcase"):
         print(f"    FAILED {case.get('classname')}::{case.get('name')}")
 PY
   fi
-  echo "  total ${SECONDS} s of a ${BUDGET_S} s budget; files in $OUT:"
-  ls -l "$OUT"
+  rerun=$(rerun_command)
+  write_summary "$code" "$rerun"
+  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . && rm -rf "$LOGS"
+  files=$(find "$OUT" -maxdepth 1 -type f | wc -l)
+  echo "  total ${SECONDS} s of a ${BUDGET_S} s budget; ${files} files in $OUT (at most $MAX_FILES):"
+  ls -l "$OUT" | tail -n +2
+  ((files > MAX_FILES)) && echo "WARNING: $files files in $OUT, more than $MAX_FILES"
+  echo "RESULT: $(for name in "${STAGES[@]}"; do printf '%s %s, ' "$name" "${STATUS[$name]:-not run}"; done)exit $code"
+  if [[ -n $rerun ]]; then echo "RERUN: $rerun"; else echo "RERUN: nothing to rerun"; fi
 }
 
 main() {
-  local final=0
-  echo "device_check.sh: device=$DEVICE, budget ${BUDGET_S} s, OUT=$OUT"
+  local final=0 name
+  echo "device_check.sh: device=$DEVICE, dry run=$DRY, budget ${BUDGET_S} s, OUT=$OUT"
+  [[ -n $DRY_WHY ]] && echo "$DRY_WHY"
   machine
-  STATUS[machine]="done"
-  if build; then
-    STATUS[build]=ok
-  else
-    STATUS[build]=FAILED
-    TOOK[build]=${TOOK[build]:-$SECONDS}
-    summary
-    echo "RESULT: build failed"
+  if (($(limit_for build) < (CAP[build] < 10 ? CAP[build] : 10))); then
+    STATUS[build]="no time"
+    NOTE[build]="a ${BUDGET_S} s budget leaves it under 10 s"
+  fi
+  if [[ -n ${STATUS[build]:-} ]] || ! build; then
+    summary 1
     return 1
   fi
-  if [[ ${REXT_CHECK_SKIP_TESTS:-0} == 1 ]]; then
-    STATUS[tests]="skipped (REXT_CHECK_SKIP_TESTS)"
-  elif tests; then
-    STATUS[tests]=passed
-  else
-    STATUS[tests]=FAILED
-    final=2
-  fi
-  if [[ ${REXT_CHECK_SKIP_SANITIZE:-0} == 1 ]]; then
-    STATUS[sanitize]="skipped (REXT_CHECK_SKIP_SANITIZE)"
-  elif sanitize; then
-    if [[ ${SANITIZER[memcheck]} == SKIPPED* ]]; then STATUS[sanitize]=skipped; else STATUS[sanitize]=passed; fi
-  else
-    STATUS[sanitize]=FAILED
-    ((final == 0)) && final=4
-  fi
-  if [[ ${REXT_CHECK_SKIP_PIPELINE:-0} == 1 ]]; then
-    STATUS[pipeline]="skipped (REXT_CHECK_SKIP_PIPELINE)"
-  elif ! pipeline; then
-    ((final == 0)) && final=3
-  fi
-  if [[ ${REXT_CHECK_SKIP_BENCH:-0} == 1 ]]; then
-    STATUS[bench]="skipped (REXT_CHECK_SKIP_BENCH)"
-  elif bench; then
-    STATUS[bench]=ok
-  else
-    STATUS[bench]=FAILED
-    ((final == 0)) && final=3
-  fi
-  summary
-  echo "RESULT: build ${STATUS[build]}, tests ${STATUS[tests]}, sanitizer ${STATUS[sanitize]}," \
-       "pipeline ${STATUS[pipeline]}, benchmark ${STATUS[bench]} (exit $final)"
+  for name in "${STAGES[@]:1}"; do
+    if skipped_by_knob "$name"; then
+      STATUS[$name]="skipped (knob)"
+      NOTE[$name]="${KNOB[$name]}=1"
+      continue
+    fi
+    if (($(limit_for "$name") < (CAP[$name] < 10 ? CAP[$name] : 10))); then
+      step "$name: no time left ($(limit_for "$name") s)"
+      STATUS[$name]="no time"
+      NOTE[$name]="$(limit_for "$name") s left of the budget"
+    fi
+    if [[ -n ${STATUS[$name]:-} ]] || ! "$name"; then
+      case $name in
+        tests) final=2 ;;
+        sanitize) ((final == 0 || final == 3)) && final=4 ;;
+        *) ((final == 0)) && final=3 ;;
+      esac
+    fi
+  done
+  summary "$final"
   return "$final"
 }
 

@@ -302,3 +302,24 @@ def test_main_with_every_recipe(fake_cupy, tmp_path, capsys):
     assert case["runs"]["zlap/exact"]["extrapolated"]
     assert set(case["ratios"]["exact"]) == {"torch_over_reclip_ext", "zlap_over_reclip_ext"}
     assert "* zlap exact: per-class CG of 4 of 6 classes" in capsys.readouterr().out
+
+
+def test_baselines_only_up_to_baselines_max_n(tmp_path):
+    """The headline case runs reclip_ext alone: past --baselines-max-n the torch baseline is
+    left out with a note, below it both run."""
+    out = tmp_path / "report.json"
+    code = device_bench.main(["--device", "cpu", "--n", "200,300", "--m", "10", "--d", "16",
+                              "--baselines-max-n", "200", "--recall-sample", "50",
+                              "--mm-size", "32", "--mm-repeat", "1", "--copy-mib", "1",
+                              "--json", str(out)])
+    assert code == 0
+    small, big = json.loads(out.read_text())["cases"]
+    assert (small["n"], big["n"]) == (200, 300)
+    assert set(small["runs"]) == {"reclip_ext/exact", "torch/exact"}
+    assert set(big["runs"]) == {"reclip_ext/exact"}
+    assert big["status"] == "ok" and "times" in big["runs"]["reclip_ext/exact"]
+    assert "baselines run only for n <= 200" in big["notes"]
+    args = device_bench.parse_args(["--n", "200,300", "--m", "10,20", "--largest-first"])
+    assert device_bench.cases_of(args) == [(300, 20), (300, 10), (200, 20), (200, 10)]
+    args = device_bench.parse_args(["--n", "300,200", "--m", "10,20"])
+    assert device_bench.cases_of(args) == [(200, 20), (200, 10), (300, 20), (300, 10)]

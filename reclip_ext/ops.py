@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import os
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -169,7 +170,8 @@ def _host_view(x: Any, name: str) -> np.ndarray:
 # Array namespaces: what differs between the CPU, cupy and torch on a CUDA device
 #
 # Each offers: array (the caller's argument as this namespace's array), dtype_name, is_int,
-# empty / zeros / arange, astype, copy, layout (the kernels' layout), capsule, stream, result
+# empty / zeros / arange, astype, copy, layout (the kernels' layout), capsule, stream,
+# synchronize (wait for the kernels on that stream), result
 # (what goes back to the caller), guard (the device context), xp (the module with isfinite,
 # argmax, where, log, ...), floats (accepted float dtypes), on_cuda and index (the device).
 
@@ -239,6 +241,9 @@ class _Host(_NumpyApi):
     def stream(self) -> int:
         return 0
 
+    def synchronize(self) -> None:
+        pass  # the CPU kernels have finished when they return
+
     def result(self, a: np.ndarray) -> Any:
         if not self.torch_results:
             return a
@@ -269,6 +274,9 @@ class _Cupy(_NumpyApi):
 
     def stream(self) -> int:
         return int(self.xp.cuda.get_current_stream().ptr)
+
+    def synchronize(self) -> None:
+        self.xp.cuda.get_current_stream().synchronize()
 
     def result(self, a):
         return a
@@ -331,10 +339,19 @@ class _TorchCuda:
     def capsule(self, a):
         from torch.utils import dlpack
 
+        # The kernels run on the current stream and may still read `a` after the call returns.
+        # A caller's tensor allocated on another stream would go back to that stream's pool
+        # when the caller frees it, free for reuse there while our kernels read it: recording
+        # the current stream keeps it out of the pool until they are done. (torch ignores the
+        # record when the streams are the same, and for memory its allocator did not give.)
+        a.record_stream(self.xp.cuda.current_stream(self.device))
         return dlpack.to_dlpack(a)
 
     def stream(self) -> int:
         return int(self.xp.cuda.current_stream(self.device).cuda_stream)
+
+    def synchronize(self) -> None:
+        self.xp.cuda.current_stream(self.device).synchronize()
 
     def result(self, a):
         return a
@@ -546,6 +563,29 @@ def _csr_arg(ns: _Arrays, w: Any, n_rows: int, dtype: str) -> Csr:
 # Kernel calls on validated arrays: outputs allocated in the caller's framework, on its device
 
 
+def sync_requested() -> bool:
+    """REXT_SYNC=1: every CUDA op waits for its kernels before it returns, so that a fault is
+    raised by the op that caused it, not by a later, unrelated call that happens to sync."""
+    value = os.environ.get("REXT_SYNC", "").strip()
+    if value in ("", "0"):
+        return False
+    if value == "1":
+        return True
+    raise ValueError(f"REXT_SYNC must be 0 or 1 (or unset), got {value!r}")
+
+
+def _launch(ns: _Arrays, op: str, kernel, *args, **kwargs):
+    """kernel(*args, **kwargs), then under REXT_SYNC=1 a wait for its CUDA work and a check."""
+    sync = sync_requested()
+    out = kernel(*args, **kwargs)
+    if sync and ns.on_cuda:
+        try:
+            ns.synchronize()
+        except Exception as err:  # torch's RuntimeError, cupy's CUDARuntimeError
+            raise RuntimeError(f"{op}: its CUDA kernels failed (REXT_SYNC=1): {err}") from err
+    return out
+
+
 def _workspace(ns: _Arrays, op: str, nbytes, *args):
     """The op's scratch buffer on the CUDA device, of nbytes(*args) bytes, as a capsule; None
     on the CPU, whose kernels allocate their own. A failed allocation says what was asked."""
@@ -576,11 +616,10 @@ def _run_affinity(ns: _Arrays, blocks, opts, normalize: bool, threads: int, prec
     weights = ns.empty((nq, k), dt)
     workspace = _workspace(ns, "knn_affinity", _core.knn_affinity_workspace_bytes, n, d, k, dt,
                            precision, nq, queries is not None)
-    _core.knn_affinity([ns.capsule(b) for b in blocks], ns.capsule(indices), ns.capsule(weights),
-                       normalize=normalize, threads=threads, stream=ns.stream(),
-                       precision=precision, workspace=workspace, query_start=start,
-                       query_stop=stop,
-                       queries=None if queries is None else ns.capsule(queries), **opts)
+    _launch(ns, "knn_affinity", _core.knn_affinity, [ns.capsule(b) for b in blocks],
+            ns.capsule(indices), ns.capsule(weights), normalize=normalize, threads=threads,
+            stream=ns.stream(), precision=precision, workspace=workspace, query_start=start,
+            query_stop=stop, queries=None if queries is None else ns.capsule(queries), **opts)
     return indices, weights
 
 
@@ -592,9 +631,9 @@ def _run_normalize(ns: _Arrays, indices, weights, threads: int) -> Csr:
     data = ns.empty((2 * n * k,), dt)
     workspace = _workspace(ns, "sym_normalize", _core.sym_normalize_workspace_bytes, n, k, dt,
                            ns.index)
-    nnz = _core.sym_normalize(ns.capsule(indices), ns.capsule(weights), ns.capsule(indptr),
-                              ns.capsule(cols), ns.capsule(data), threads=threads,
-                              stream=ns.stream(), workspace=workspace)
+    nnz = _launch(ns, "sym_normalize", _core.sym_normalize, ns.capsule(indices),
+                  ns.capsule(weights), ns.capsule(indptr), ns.capsule(cols), ns.capsule(data),
+                  threads=threads, stream=ns.stream(), workspace=workspace)
     # The 2 N k upper bound is released: keep only the nnz entries.
     return Csr(indptr, ns.copy(cols[:nnz]), ns.copy(data[:nnz]))
 
@@ -606,9 +645,9 @@ def _run_cg(ns: _Arrays, w: Csr, rhs, opts, threads: int) -> CgResult:
     iterations = ns.empty((m,), "int64")
     residuals = ns.empty((m,), "float64")
     workspace = _workspace(ns, "cg_solve", _core.cg_solve_workspace_bytes, n, m, dt)
-    _core.cg_solve(*(ns.capsule(a) for a in w), ns.capsule(rhs), ns.capsule(x),
-                   ns.capsule(iterations), ns.capsule(residuals), threads=threads,
-                   stream=ns.stream(), workspace=workspace, **opts)
+    _launch(ns, "cg_solve", _core.cg_solve, *(ns.capsule(a) for a in w), ns.capsule(rhs),
+            ns.capsule(x), ns.capsule(iterations), ns.capsule(residuals), threads=threads,
+            stream=ns.stream(), workspace=workspace, **opts)
     return CgResult(x, iterations, residuals)
 
 

@@ -401,6 +401,8 @@ JOBS = {
     "skip_bad": (_skip_bad_chain, None),
     "visual_only": (lambda ws: cli(ws, *adapt_args("data", "run_visual", "--epochs", "1",
                                                    "--sides", "visual", "--inductive")), None),
+    "by_prediction": (lambda ws: cli(ws, *adapt_args("data", "run_prediction", "--epochs", "1",
+                                                     "--pseudo-labels", "prediction")), None),
     "predict_stdout": (lambda ws: cli(ws, "predict", "--run", "run_main", "--data", "data"),
                        "main"),
     "predict_file": (lambda ws: cli(ws, "predict", "--run", "run_main", "--data", "data",
@@ -440,6 +442,7 @@ TEST_JOBS = {
     "test_unmapped_folders_report_no_accuracy": ["renamed"],
     "test_skip_bad_images": ["skip_bad"],
     "test_visual_side_only_run_is_saved": ["visual_only"],
+    "test_pseudo_labels_from_predictions_are_recorded": ["by_prediction", "main"],
     "test_resume_equals_uninterrupted": ["main", "resume"],
     "test_sigkill_mid_run_then_resume_equals_uninterrupted": ["kill", "kill_ref"],
     "test_resume_with_other_class_list_is_refused": ["mismatch"],
@@ -554,6 +557,12 @@ def test_adapt_writes_run_report_and_predictions(jobs, method):
     else:  # SHOT trains only the visual side; its loss can be negative (the diversity term)
         assert all(h["loss_text"] is None and h["loss_visual"] != 0 for h in report["history"])
         assert all({"pseudo_shot", "combined"} == h["accuracy"].keys() for h in report["history"])
+
+    # the stages' clocks count what the epochs did: every image trained on, whole passes encoded
+    stages, n = report["stages"], sum(CLASS_COUNTS.values())
+    assert stages["train_images"] == sum(h["trained"] for h in report["history"]) > 0
+    assert stages["encode_images"] % n == 0 and stages["encode_images"] >= 3 * n
+    assert all(stages[k] > 0 for k in ("encode_seconds", "train_seconds"))
 
     rows = parse_predictions((run / "predictions.tsv").read_text())
     assert [p for p, _ in rows] == expected_paths("data", CLASS_COUNTS)
@@ -775,6 +784,16 @@ def test_visual_side_only_run_is_saved(jobs):
     assert meta["epoch"] == 1 and meta["config"]["sides"] == "visual"
 
 
+def test_pseudo_labels_from_predictions_are_recorded(jobs):
+    """--pseudo-labels picks the labels' source whatever the class count (auto would propagate
+    for 3 classes), and the run and its report say which one trained it."""
+    ok(jobs.result("by_prediction"))
+    meta = read_json(jobs.ws / "run_prediction" / "run.json")
+    report = read_json(jobs.ws / "run_prediction" / "report.json")
+    assert meta["config"]["pseudo_labels"] == report["config"]["pseudo_labels"] == "prediction"
+    assert read_json(jobs.ws / "run_main" / "run.json")["config"]["pseudo_labels"] == "auto"
+
+
 def test_skip_bad_images(jobs):
     """--skip-bad-images: the broken files (empty PNG, truncated JPEG, text named .jpg) are left
     out with one warning line, listed in report.json, and absent from the predictions."""
@@ -890,7 +909,7 @@ def test_flags_of_the_other_method_are_refused(capsys, tmp_path):
 
     values = {"--projection": ["P1"], "--sides": ["visual"], "--no-label-sharing": [],
               "--visual-loss": ["mean"], "--lp-precision": ["exact"], "--shot-beta": ["0.5"],
-              "--shot-params": ["norms"]}
+              "--shot-params": ["norms"], "--pseudo-labels": ["prediction"]}
     assert values.keys() == reclip_cli.METHOD_FLAGS.keys()
     for flag, (_, method) in reclip_cli.METHOD_FLAGS.items():
         other = "shot" if method == "reclip" else "reclip"

@@ -482,6 +482,56 @@ def test_knn_on_a_side_stream(_):
     assert float(total) == pytest.approx(float(want[1].sum()), rel=1e-5)
 
 
+#: GPU cycles of torch.cuda._sleep that keep a stream busy well past the host's next few
+#: calls (about a second at H100/H200 clocks): stands for kernels still in flight
+BUSY_CYCLES = 2_000_000_000
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
+def test_caller_tensor_from_another_stream_outlives_the_kernels(_):
+    """A caller's tensor allocated on stream A, passed while stream B is current and freed right
+    after: the caching allocator must not give its memory out again on A while B's work is
+    still queued."""
+    x = random_points(300, 24, seed=3, dtype=np.float32)
+    a, b = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(a):
+        xt = _cuda(x)
+    a.synchronize()
+    freed = xt.data_ptr()
+    with torch.cuda.stream(b):
+        idx, w = reclip_ext.knn_affinity(xt, 6)
+        torch.cuda._sleep(BUSY_CYCLES)  # B is still busy when the caller lets go of xt
+        del xt
+    with torch.cuda.stream(a):
+        reuse = torch.full((300, 24), float("nan"), device="cuda")  # the same size, on A
+    assert reuse.data_ptr() != freed, "xt's memory was reused on A while B could still read it"
+    b.synchronize()
+    assert_knn_close(x, 6, _np(idx), _np(w))
+
+
+@pytest.mark.parametrize("sync", ["0", "1"])
+@pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
+def test_rext_sync_waits_for_the_kernels(_, monkeypatch, sync):
+    """REXT_SYNC=1: the op returns only when its stream's work is done (its kernels here made
+    to run long by a sleep queued behind them); unset or 0 it returns at once."""
+    real = _core.knn_affinity
+
+    def slow(*args, **kwargs):
+        real(*args, **kwargs)
+        torch.cuda._sleep(BUSY_CYCLES)
+
+    monkeypatch.setattr(_core, "knn_affinity", slow)
+    monkeypatch.setenv("REXT_SYNC", sync)
+    x = random_points(200, 16, seed=4, dtype=np.float32)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        idx, w = reclip_ext.knn_affinity(_cuda(x), 5)
+        done = side.query()
+    assert done == (sync == "1")
+    side.synchronize()
+    assert_knn_close(x, 5, _np(idx), _np(w))
+
+
 @SANITIZE
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", ["random", "duplicates", "zeros", "self-loops"])
@@ -626,6 +676,45 @@ def test_cg_columns_converging_apart(dev, dtype):
         # and the textbook float64 CG stops each column at the same step, up to one
         textbook = reference.ref_cg(W.to_scipy(), rhs, alpha, 100, tol)
         assert np.abs(its - textbook.iterations).max() <= 1
+
+
+def _ragged_graph(n, seed):
+    """A symmetric normalised graph whose rows hold from 0 to ~57 nonzeros: row i of a k = 60
+    k-NN graph keeps (7 i) % 61 of its weights (sym_normalize drops the zeros), and every
+    tenth node is cut out (its row and column: still symmetric, spectral radius still <= 1),
+    so rows are empty, shorter than, as long as and longer than the SpMM's groups of 32."""
+    import scipy.sparse
+
+    x = random_points(n, 16, seed=seed, dtype=np.float64)
+    idx, w = reclip_ext.knn_affinity(x, 60, normalize=True)
+    keep = (7 * np.arange(n)) % 61
+    w = np.where(np.arange(60)[None, :] < keep[:, None], w, 0.0)
+    on = scipy.sparse.diags((np.arange(n) % 10 != 3).astype(np.float64))
+    s = scipy.sparse.csr_array(on @ reclip_ext.sym_normalize(idx, w).to_scipy() @ on)
+    s.eliminate_zeros()
+    s.sort_indices()
+    return reclip_ext.ops.Csr(s.indptr.astype(np.int64), s.indices.astype(np.int64), s.data)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("m", [1, 31, 32, pytest.param(33, marks=SANITIZE), 1000])
+@pytest.mark.parametrize("dev", ON_DEVICE_AND_CPU)
+def test_cg_ragged_rows_and_column_counts(dev, m, dtype):
+    """The SpMM's shapes: m around one 32-column piece and far past four of them (1, 2 and 4
+    pieces per lane), rows of every length around its groups of 32 nonzeros, empty rows too;
+    against the CPU and the float64 solve."""
+    n = 300
+    Wd = _ragged_graph(n, seed=m)
+    lengths = np.diff(Wd.indptr)
+    assert lengths.min() == 0 and lengths.max() > 40 and {31, 32, 33} <= set(lengths.tolist())
+    W = reclip_ext.ops.Csr(Wd.indptr, Wd.indices, Wd.data.astype(dtype))
+    rhs = np.random.default_rng(m).standard_normal((n, m)).astype(dtype)
+    tol = 1e-5 if dtype == np.float32 else 1e-10
+    want = reclip_ext.cg_solve(W, rhs, alpha=0.9, max_iter=80, tol=tol)
+    got = reclip_ext.cg_solve(reclip_ext.ops.Csr(*(_on(dev, a) for a in W)), _on(dev, rhs),
+                              alpha=0.9, max_iter=80, tol=tol)
+    assert got.x.device == _where(dev)
+    _assert_cg_matches(got, want, W, rhs, 0.9, 80, tol)
 
 
 @pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from importlib import resources
 
@@ -134,7 +135,10 @@ def test_other_weights_for_the_packaged_architecture(digits_model, tmp_path):
     state["logit_scale"] = torch.tensor(1.5)
     save_file(state, str(tmp_path / "mine.safetensors"))
     loaded = models.load_model(NAME, pretrained=tmp_path / "mine.safetensors")
-    assert loaded.spec == {"model": NAME, "pretrained": str((tmp_path / "mine.safetensors").resolve())}
+    weights = tmp_path / "mine.safetensors"
+    assert loaded.spec == {"model": NAME, "pretrained": str(weights.resolve()), "format": "open_clip",
+                           "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+                           "given": {"model": NAME, "pretrained": str(weights)}}
     assert float(loaded.model.logit_scale.detach()) == 1.5
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         models.load_model(NAME, pretrained=tmp_path / "nope.safetensors")

@@ -252,10 +252,12 @@ print("nccl ok")
 @pytest.mark.cuda
 @pytest.mark.skipif(not (torch.cuda.is_available() and dist.is_nccl_available()),
                     reason="no CUDA device (or no NCCL)")
-def test_nccl_group_of_one_matches_label_propagate():
+def test_nccl_group_of_one_matches_label_propagate(tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", NCCL_SCRIPT], capture_output=True, text=True,
-                       timeout=TIMEOUT_S)
+    # -P and a cwd elsewhere: from the checkout, the source tree's reclip_ext (no _core) would
+    # shadow the installed build
+    r = subprocess.run([sys.executable, "-P", "-c", NCCL_SCRIPT], capture_output=True, text=True,
+                       timeout=TIMEOUT_S, cwd=tmp_path)
     assert r.returncode == 0 and "nccl ok" in r.stdout, r.stderr[-3000:]

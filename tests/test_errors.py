@@ -414,3 +414,37 @@ def test_scans_in_small_chunks_find_the_right_row(monkeypatch):
     nan[8, 1] = np.nan
     with pytest.raises(ValueError, match=r"^images: contains NaN or Inf"):
         reclip_ext.label_propagate(text, nan, k=3)
+
+
+# --------------------------------------------------------------------------------------------
+# REXT_SYNC: parsed on every call (a CUDA-only switch, but a typo is caught anywhere)
+
+
+@pytest.mark.parametrize("value,want", [(None, False), ("", False), ("0", False), ("1", True),
+                                        (" 1 ", True)])
+def test_rext_sync_values(monkeypatch, value, want):
+    from reclip_ext import ops
+
+    if value is None:
+        monkeypatch.delenv("REXT_SYNC", raising=False)
+    else:
+        monkeypatch.setenv("REXT_SYNC", value)
+    assert ops.sync_requested() is want
+
+
+@pytest.mark.parametrize("value", ["yes", "2", "true", "on"])
+@pytest.mark.parametrize("fn", ["knn", "norm", "cg", "lp"])
+def test_rext_sync_bad_value_named(monkeypatch, fn, value):
+    call = {"knn": lambda: knn(X, 2), "norm": lambda: norm(IDX, WTS),
+            "cg": lambda: cg(W, RHS), "lp": lambda: lp(TEXT, IMAGES, k=2)}[fn]
+    monkeypatch.setenv("REXT_SYNC", value)
+    with pytest.raises(ValueError, match=r"^REXT_SYNC must be 0 or 1"):
+        call()
+
+
+def test_rext_sync_on_cpu_gives_the_same_result(monkeypatch):
+    want = lp(TEXT, IMAGES, k=2)
+    monkeypatch.setenv("REXT_SYNC", "1")
+    got = lp(TEXT, IMAGES, k=2)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    np.testing.assert_array_equal(got.scores, want.scores)

@@ -6,6 +6,7 @@ reclip.models refuses any HF name that is not a local directory.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -48,6 +49,10 @@ def _cfg(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -87,7 +92,8 @@ def test_tiny_vit_from_json_file(vit):
     assert isinstance(vit.model, open_clip.CLIP)
     assert not vit.model.training
     assert next(vit.model.parameters()).device.type == "cpu"
-    assert vit.spec == {"model": _cfg(TINY_VIT), "pretrained": None}
+    # no weights file: nothing to hash (a run carries such a model's weights)
+    assert vit.spec == {"model": _cfg(TINY_VIT), "pretrained": None, "format": "open_clip"}
     json.dumps(vit.spec)  # JSON-serialisable
     assert vit.embed_dim == 32 and vit.image_size == (32, 32)
     assert isinstance(vit.tokenizer, open_clip.SimpleTokenizer)
@@ -126,7 +132,10 @@ def test_pretrained_file_roundtrip(vit, tmp_path, fmt, how):
     model = TINY_VIT if how == "path" else _cfg(TINY_VIT)
     loaded = load_model(model, pretrained=weights)
     assert _same_weights(loaded.model, vit.model)
-    assert loaded.spec == {"model": _cfg(TINY_VIT), "pretrained": str(weights.resolve())}
+    assert loaded.spec == {"model": _cfg(TINY_VIT), "pretrained": str(weights.resolve()),
+                           "format": "open_clip", "sha256": _sha256(weights),
+                           "given": {"model": str(TINY_VIT) if how == "path" else None,
+                                     "pretrained": str(weights)}}
     again = model_from_spec(json.loads(json.dumps(loaded.spec)))
     assert _same_weights(again.model, vit.model)
 
@@ -140,7 +149,9 @@ def test_builtin_name_with_local_weights(vit, tmp_path, monkeypatch):
     torch.save({"state_dict": {f"module.{k}": v for k, v in vit.model.state_dict().items()}}, weights)
     loaded = load_model("reclip-test-tiny-vit", pretrained=str(weights))
     assert _same_weights(loaded.model, vit.model)
-    assert loaded.spec == {"model": "reclip-test-tiny-vit", "pretrained": str(weights.resolve())}
+    assert loaded.spec == {"model": "reclip-test-tiny-vit", "pretrained": str(weights.resolve()),
+                           "format": "open_clip", "sha256": _sha256(weights),
+                           "given": {"model": "reclip-test-tiny-vit", "pretrained": str(weights)}}
     assert loaded.embed_dim == 32
 
 

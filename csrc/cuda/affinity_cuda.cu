@@ -411,6 +411,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<M>) topk_tiles(KernelArgs
           mask &= __ballot_sync(kFullMask, ok && topk_beats_slot(s, j, tv, int64_t(ti)));
         }
       }
+      // Every lane read thr_v/thr_i above; only ballots and shuffles came since, which do not
+      // order shared-memory accesses, so lane 0 waits for the warp before overwriting them.
+      __syncwarp();
       if (lane == 0) {
         thr_v[r] = tv;
         thr_i[r] = ti;

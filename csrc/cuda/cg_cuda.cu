@@ -10,7 +10,7 @@
 // Before: colmax (max |b_j|, turned into the power-of-two scale_j), init (r = p = b scale_j).
 // Per iteration:
 //   spmm:    q = p - alpha W p, pq_j += p_j . q_j, pp_j += p_j . p_j  (fused; a warp per row,
-//            lanes = columns)
+//            lanes = columns, up to 128 columns per CTA; see spmm)
 //   step:    per column, step = rs / pq or stop            (one tiny kernel)
 //   update:  x += step p, r -= step q, rs_new_j += r_j . r_j
 //   advance: per column, residual, stop test, beta         (one tiny kernel; counts active)
@@ -119,31 +119,88 @@ __global__ void start(State s, int64_t m, double tol, int64_t* iterations, doubl
 }
 
 // q = p - alpha W p, pq_j += p_j . q_j, pp_j += p_j . p_j (active columns only).
-template <class T>
-__global__ void spmm(const int64_t* indptr, const int64_t* indices, const T* data, int64_t nnz,
-                     const T* p, T* q, int64_t n, int64_t m, T alpha, State s) {
+// A warp per row (grid-stride) and a chunk of 32 * CPL columns per CTA (lane + 32 j, j < CPL),
+// so that each nonzero's gather reads CPL contiguous 128-byte pieces of P's row. The row's
+// nonzeros are read once per chunk, 32 at a time, one per lane, and handed out by shuffles;
+// kInFlight nonzeros' gathers are all issued before their FMAs, so that kInFlight * CPL loads
+// per warp are in flight instead of one. The last group is padded with (row i, 0), a valid
+// address whose product adds nothing, so the loop has no bounds check; ops.py has validated
+// indptr and indices. The sum per column is taken in the CSR order, as before and as on the
+// CPU.
+constexpr int kInFlight = 4;
+
+template <class T, int CPL>
+__global__ void spmm(const int64_t* indptr, const int64_t* indices, const T* data, const T* p,
+                     T* q, int64_t n, int64_t m, T alpha, State s) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t col = int64_t(blockIdx.y) * 32 + lane;
-  const bool act = col < m && s.active[col];
-  if (!__syncthreads_or(act)) return;  // the whole chunk has converged
-  double part = 0, part_pp = 0;
-  for (int64_t i = int64_t(blockIdx.x) * kWarpsPerBlock + warp; act && i < n;
-       i += int64_t(gridDim.x) * kWarpsPerBlock) {
-    // Clamped so that a malformed indptr cannot read outside the arrays (ops.py validates).
-    const int64_t lo = max(indptr[i], int64_t(0)), hi = min(indptr[i + 1], nnz);
-    T acc = T(0);
-    for (int64_t e = lo; e < hi; ++e) {
-      const int64_t c = indices[e];
-      if (c >= 0 && c < n) acc += data[e] * p[c * m + col];
-    }
-    const T pi = p[i * m + col];
-    const T qi = pi - alpha * acc;
-    q[i * m + col] = qi;
-    part += double(pi) * double(qi);
-    part_pp += double(pi) * double(pi);
+  int64_t col[CPL], at[CPL];  // the column, and where it is read (past m: column m - 1)
+  bool act[CPL], any = false;
+#pragma unroll
+  for (int j = 0; j < CPL; ++j) {
+    col[j] = (int64_t(blockIdx.y) * CPL + j) * 32 + lane;
+    act[j] = col[j] < m && s.active[col[j]];
+    at[j] = col[j] < m ? col[j] : m - 1;
+    any |= act[j];
   }
-  block_add(part, col, m, s.pq);
-  block_add(part_pp, col, m, s.pp);
+  if (!__syncthreads_or(any)) return;  // the whole chunk has converged
+  double part[CPL] = {}, part_pp[CPL] = {};
+  for (int64_t i = int64_t(blockIdx.x) * kWarpsPerBlock + warp; i < n;
+       i += int64_t(gridDim.x) * kWarpsPerBlock) {
+    const int64_t lo = indptr[i], hi = indptr[i + 1];
+    T acc[CPL] = {};
+    for (int64_t base = lo; base < hi; base += 32) {
+      const int count = int(hi - base < 32 ? hi - base : 32);
+      const long long mine_c = lane < count ? indices[base + lane] : i;
+      const T mine_v = lane < count ? data[base + lane] : T(0);
+      for (int t = 0; t < count; t += kInFlight) {  // t + u <= 31: count <= 32, t % 4 == 0
+        long long c[kInFlight];
+        T v[kInFlight], g[kInFlight][CPL];
+#pragma unroll
+        for (int u = 0; u < kInFlight; ++u) {
+          c[u] = __shfl_sync(kFullMask, mine_c, t + u);
+          v[u] = __shfl_sync(kFullMask, mine_v, t + u);
+        }
+#pragma unroll
+        for (int u = 0; u < kInFlight; ++u)
+#pragma unroll
+          for (int j = 0; j < CPL; ++j) g[u][j] = p[c[u] * m + at[j]];
+#pragma unroll
+        for (int u = 0; u < kInFlight; ++u)
+#pragma unroll
+          for (int j = 0; j < CPL; ++j) acc[j] += v[u] * g[u][j];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < CPL; ++j) {
+      if (!act[j]) continue;
+      const T pi = p[i * m + col[j]];
+      const T qi = pi - alpha * acc[j];
+      q[i * m + col[j]] = qi;
+      part[j] += double(pi) * double(qi);
+      part_pp[j] += double(pi) * double(pi);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < CPL; ++j) {
+    block_add(part[j], col[j], m, s.pq);
+    block_add(part_pp[j], col[j], m, s.pp);
+  }
+}
+
+// Columns per lane: as many 32-column pieces per gather as m fills, up to 4 (m = 1000 reads
+// its CSR rows 8 times instead of 32; registers stay at a few dozen per thread).
+template <class T>
+void launch_spmm(const CsrView<T>& w, const T* p, T* q, int64_t m, T alpha, State s,
+                 unsigned row_blocks, cudaStream_t stream) {
+  const int cpl = m > 64 ? 4 : m > 32 ? 2 : 1;
+  const dim3 grid(row_blocks, unsigned((m + 32 * cpl - 1) / (32 * cpl)));
+  const int64_t n = w.rows;
+  if (cpl == 4)
+    spmm<T, 4><<<grid, kThreads, 0, stream>>>(w.indptr, w.indices, w.data, p, q, n, m, alpha, s);
+  else if (cpl == 2)
+    spmm<T, 2><<<grid, kThreads, 0, stream>>>(w.indptr, w.indices, w.data, p, q, n, m, alpha, s);
+  else
+    spmm<T, 1><<<grid, kThreads, 0, stream>>>(w.indptr, w.indices, w.data, p, q, n, m, alpha, s);
 }
 
 __global__ void step_rule(State s, int64_t m) {
@@ -274,8 +331,7 @@ void cg_solve_cuda(Device dev, const CsrView<T>& w, MatrixView<const T> rhs, Mat
   read_count(s.count, host, stream);
 
   for (int64_t it = 1; it <= p.max_iter && host[0] > 0; ++it) {
-    spmm<T><<<grid, kThreads, 0, stream>>>(w.indptr, w.indices, w.data, w.nnz, dir, q, n, m,
-                                            alpha, s);
+    launch_spmm(w, dir, q, m, alpha, s, unsigned(row_blocks), stream);
     step_rule<<<col_blocks, 256, 0, stream>>>(s, m);
     update<T><<<grid, kThreads, 0, stream>>>(x, r, dir, q, n, m, s);
     REXT_CUDA_CHECK(cudaMemsetAsync(s.count, 0, sizeof(int), stream));

@@ -4,7 +4,9 @@
 //    i*N + j and j*N + i (A and A^T); zero weights get a sentinel key N*N that sorts last.
 //    Out-of-range indices or bad weights set an error flag (read back at the end) instead of
 //    faulting.
-// 2. CUB radix sort of the 64-bit keys (only the bits N*N needs) with the weights as values.
+// 2. CUB radix sort of the 64-bit keys (only the bits N*N needs) with the weights as values,
+//    ping-ponging between the two key and two value buffers (cub::DoubleBuffer): without it
+//    CUB would keep a third copy of both in its temporary storage (~0.6 GB at N = 1.28M).
 // 3. degrees: a double atomic add per sorted entry into its row (as the CPU sums the raw
 //    entries before merging).
 // 4. CUB ReduceByKey merges equal keys (duplicates add up) straight into the output data.
@@ -47,19 +49,25 @@ int end_bit_for(int64_t n) {
   return bits > 0 ? bits : 1;
 }
 
-// CUB's temporary storage for both calls. The size queries pass exactly the iterator types,
-// item count and bit range of the real calls in sym_normalize_cuda (non-const Key* / T*
-// buffers from the workspace), so the two cannot select different dispatch policies.
+// CUB's temporary storage for both calls. The size queries pass exactly the argument types,
+// item count and bit range of the real calls in sym_normalize_cuda (DoubleBuffers for the
+// sort; const sorted inputs and non-const outputs for the merge), so the two cannot select
+// different dispatch policies.
 template <class T>
 size_t cub_temp_bytes(int items, int end_bit, cudaStream_t stream) {
   size_t sort_bytes = 0, reduce_bytes = 0;
   Key* keys = nullptr;
   T* vals = nullptr;
   int* runs = nullptr;
-  REXT_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, keys, keys, vals, vals,
-                                                  items, 0, end_bit, stream));
-  REXT_CUDA_CHECK(cub::DeviceReduce::ReduceByKey(nullptr, reduce_bytes, keys, keys, vals, vals,
-                                                 runs, ::cuda::std::plus<T>{}, items, stream));
+  cub::DoubleBuffer<Key> key_buf(keys, keys);
+  cub::DoubleBuffer<T> val_buf(vals, vals);
+  REXT_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, key_buf, val_buf, items,
+                                                  0, end_bit, stream));
+  const Key* sorted_keys = nullptr;
+  const T* sorted_vals = nullptr;
+  REXT_CUDA_CHECK(cub::DeviceReduce::ReduceByKey(nullptr, reduce_bytes, sorted_keys, keys,
+                                                 sorted_vals, vals, runs,
+                                                 ::cuda::std::plus<T>{}, items, stream));
   return sort_bytes > reduce_bytes ? sort_bytes : reduce_bytes;
 }
 
@@ -183,19 +191,25 @@ int64_t sym_normalize_cuda(Device dev, MatrixView<const int64_t> indices,
                                                               small);
   REXT_CUDA_CHECK(cudaGetLastError());
   size_t temp_bytes = size_t(l.temp_bytes);
-  REXT_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_a, keys_b, vals_a,
-                                                  vals_b, int(m), 0, end_bit_for(n), stream));
-  degrees<T><<<blocks_for(m, kBlock), kBlock, 0, stream>>>(keys_b, vals_b, m, n, deg);
+  cub::DoubleBuffer<Key> key_buf(keys_a, keys_b);
+  cub::DoubleBuffer<T> val_buf(vals_a, vals_b);
+  REXT_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, key_buf, val_buf, int(m), 0,
+                                                  end_bit_for(n), stream));
+  // The sorted data end up in either buffer, depending on the number of passes.
+  const Key* sorted_keys = key_buf.Current();
+  const T* sorted_vals = val_buf.Current();
+  Key* unique = key_buf.Alternate();  // dead after the sort: takes the merged keys
+  degrees<T><<<blocks_for(m, kBlock), kBlock, 0, stream>>>(sorted_keys, sorted_vals, m, n, deg);
   REXT_CUDA_CHECK(cudaGetLastError());
-  // Unique keys reuse keys_a (dead after the sort); sums go straight to the output data.
+  // Sums go straight to the output data.
   temp_bytes = size_t(l.temp_bytes);
-  REXT_CUDA_CHECK(cub::DeviceReduce::ReduceByKey(temp, temp_bytes, keys_b, keys_a, vals_b,
-                                                 out_data, &small->num_runs,
+  REXT_CUDA_CHECK(cub::DeviceReduce::ReduceByKey(temp, temp_bytes, sorted_keys, unique,
+                                                 sorted_vals, out_data, &small->num_runs,
                                                  ::cuda::std::plus<T>{}, int(m), stream));
-  scale_entries<T><<<blocks_for(m, kBlock), kBlock, 0, stream>>>(keys_a, small, deg, n, m,
+  scale_entries<T><<<blocks_for(m, kBlock), kBlock, 0, stream>>>(unique, small, deg, n, m,
                                                                  out_indices, out_data);
   REXT_CUDA_CHECK(cudaGetLastError());
-  row_pointers<<<blocks_for(n + 1, kBlock), kBlock, 0, stream>>>(keys_a, small, n, out_indptr);
+  row_pointers<<<blocks_for(n + 1, kBlock), kBlock, 0, stream>>>(unique, small, n, out_indptr);
   REXT_CUDA_CHECK(cudaGetLastError());
 
   Small host{};

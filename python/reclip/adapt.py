@@ -45,7 +45,8 @@ import torch
 from torch import nn
 
 from . import checkpoint, device as devices, distributed, projection
-from .models import LoadedModel, freeze_except_norms, model_from_spec
+from .models import (LoadedModel, check_same_base, freeze_except_norms, is_visual, model_from_spec,
+                     same_base)
 from .pseudo_labels import pseudo_labels
 from .prompts import DEFAULT_TEMPLATES, check_folders, format_prompts
 
@@ -346,11 +347,11 @@ class ReCLIP:
             out[rows : rows + len(f)] = f
             rows += len(f)
         out = out[:rows]  # fewer rows than the set had when a deferred check left some out
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the clock below times finished work
+        world.work["encode_images"] += rows
+        world.work["encode_seconds"] += time.perf_counter() - start
         if world.active:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # the clock below times finished work
-            world.work["encode_images"] += rows
-            world.work["encode_seconds"] += time.perf_counter() - start
             blocks = world.shards(len(data))
             counts = [len(b) for b in blocks]
             if found is not None:
@@ -579,8 +580,10 @@ class ReCLIP:
             total = self.world.sum(total) / self.world.size
             # a rank's part of a batch may blow up alone: every rank must stop at the same step
             first_bad = self.world.min(first_bad)
-            self.world.work["train_images"] += trained
-            self.world.work["train_seconds"] += time.perf_counter() - start
+        elif self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # once an epoch: the clock times finished work
+        self.world.work["train_images"] += trained
+        self.world.work["train_seconds"] += time.perf_counter() - start
         bad = first_bad.tolist()
         if min(bad, default=len(batches)) < len(batches):
             s = min(bad)
@@ -815,7 +818,7 @@ class ReCLIP:
         tensors |= {f"visual.{k}": v.detach() for k, v in self.visual_params.items()}
         tensors |= {"state.nodes_t": self.nodes_t, "state.nodes_v": self.nodes_v,
                     "state.centres": self.centres, "rng.torch": torch.get_rng_state()}
-        if not self.loaded.spec.get("pretrained"):
+        if not self.loaded.weights_on_disk:
             # No weights file to rebuild the frozen parts from (e.g. a randomly initialised
             # config): the run carries them.
             tensors |= {f"base.{k}": v for k, v in self.loaded.model.state_dict().items()}
@@ -857,17 +860,20 @@ class ReCLIP:
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "auto", *, amp: str = "auto",
-             workers: int | None = None, lp_precision: str = "exact") -> "ReCLIP":
+             workers: int | None = None, lp_precision: str = "exact",
+             model: str | Path | None = None, pretrained: str | Path | None = None) -> "ReCLIP":
         """Rebuild a saved run on `device`; reads only safetensors and JSON (never executes
-        code). The settings of RUNTIME come from the arguments, not from the run."""
+        code). The settings of RUNTIME come from the arguments, not from the run. `model` /
+        `pretrained` point at the run's base model where it moved (models.model_from_spec:
+        it must have the weights the run records)."""
         runtime = {"device": device, "amp": amp, "workers": workers, "lp_precision": lp_precision}
         Config(**runtime)  # a device that does not exist fails before any model loads
         tensors, meta = checkpoint.read(directory)
         check_meta(meta, directory)
         try:
-            loaded = model_from_spec(meta["model"])
-        except ValueError as err:  # say which run holds the spec
-            raise ValueError(f"{directory}: {err}") from None
+            loaded = model_from_spec(meta["model"], model, pretrained)
+        except (ValueError, FileNotFoundError) as err:  # say which run holds the spec
+            raise type(err)(f"{directory}: {err}") from None
         fields = {f.name for f in dataclasses.fields(Config)}
         try:
             config = Config(**{k: v for k, v in meta["config"].items()
@@ -883,6 +889,7 @@ class ReCLIP:
         tensors, meta = saved
         check_meta(meta, where, self.classnames)
         check_method(meta, where, self.config.method, self.config.shot_params)
+        check_same_base(meta["model"], self.loaded.spec, str(where))  # a resume's --model too
         self._frozen = None  # base weights below may replace the T copy's visual tower
 
         def tensor(key: str, like: torch.Tensor | None, required: bool = True):
@@ -1011,10 +1018,11 @@ def check_resume(meta: dict[str, Any], where, config: Config, templates: list[st
     `allow_changes`: every Config field outside RESUMABLE, compared by the value in force
     (the learning rate and batch size a None stands for), and the prompt templates; returns
     the changes ({"setting", "flag", "was", "now"}). Other data (see data_fingerprint) and
-    another model spec are refused in any case: nothing of the run would be continued. The
+    another base model (models.same_base: one that only moved keeps its weights' sha256) are
+    refused in any case: nothing of the run would be continued. The
     method and the classes are check_method's and check_meta's. Old runs without a data
     fingerprint are not checked for it. ValueError naming `where` and every difference."""
-    if model is not None and meta["model"] != model:
+    if model is not None and not same_base(meta["model"], model):
         raise ValueError(f"{where}: the run was made with model {_spec_text(meta['model'])}, "
                          f"not {_spec_text(model)}; resume it with its own --model and "
                          "--pretrained")
@@ -1064,7 +1072,8 @@ def _spec_text(spec: dict[str, Any]) -> str:
     if not isinstance(model, str):
         text = json.dumps(model, sort_keys=True).encode()
         model = f"config {hashlib.sha256(text).hexdigest()[:12]}"
-    return f"{model} with pretrained {spec.get('pretrained')}"
+    sha = f" (sha256 {spec['sha256'][:12]}...)" if isinstance(spec.get("sha256"), str) else ""
+    return f"{model} with pretrained {spec.get('pretrained')}{sha}"
 
 
 def data_fingerprint(data) -> dict[str, Any] | None:
@@ -1095,7 +1104,7 @@ def same_data(saved: dict[str, Any], given: dict[str, Any]) -> bool:
 def _tower_params(model: nn.Module, *, visual: bool) -> dict[str, nn.Parameter]:
     """Freeze everything, then unfreeze the norm layers of one tower (visual or text)."""
     norms = freeze_except_norms(model)
-    keep = {k: p for k, p in norms.items() if k.startswith("visual.") == visual}
+    keep = {k: p for k, p in norms.items() if is_visual(model, k) == visual}
     for k, p in norms.items():
         p.requires_grad_(k in keep)
     if not keep:
@@ -1155,7 +1164,7 @@ def _shot_params(model: nn.Module, which: str) -> dict[str, nn.Parameter]:
     fewer parameters, a smaller checkpoint, and less room to drift)."""
     if which == "norms":
         return _tower_params(model, visual=True)
-    keep = {k: p for k, p in model.named_parameters() if k.startswith("visual.")}
+    keep = {k: p for k, p in model.named_parameters() if is_visual(model, k)}
     for k, p in model.named_parameters():
         p.requires_grad_(k in keep)
     if not keep:

@@ -7,6 +7,11 @@
     reclip predict --run RUN --data DIR [--out FILE]      # path<TAB>class per image
     reclip eval    --run RUN --data DIR                   # ImageFolder labels -> accuracy
 
+--model is also a model folder (transformers or open_clip, a hub-cache snapshot or entry) or
+ORG/NAME in the local HuggingFace cache. A run records its base model (the path given, the
+format, the sha256 of the weights); predict and eval reload it from there, or from a new place
+given with --model / --pretrained, which must hold the same weights.
+
 Class folders are named by the class, or by an id that --classes (lines folder<TAB>class
 name) or --preset (ImageNet's WordNet ids) maps to a class; the run keeps that mapping for eval.
 A layout that neither names gets no accuracy at all.
@@ -112,6 +117,7 @@ METHOD_FLAGS = {"--projection": ("projection", "reclip"), "--sides": ("sides", "
                 "--no-label-sharing": ("no_label_sharing", "reclip"),
                 "--visual-loss": ("visual_loss", "reclip"),
                 "--lp-precision": ("lp_precision", "reclip"),
+                "--pseudo-labels": ("pseudo_labels", "reclip"),
                 "--shot-beta": ("shot_beta", "shot"), "--shot-params": ("shot_params", "shot")}
 
 
@@ -125,26 +131,36 @@ def _check_method_flags(args) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .pseudo_labels import METHODS as PSEUDO_LABEL_METHODS
     from .sources import TARGETS
 
     p = _Parser(prog="reclip", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="adapt the embedded digits model to scikit-learn's digits")
+    d = sub.add_parser("demo", help="adapt an embedded model to a real target (default: the "
+                                    "digits model to scikit-learn's digits)")
     d.add_argument("--out", default="reclip-demo", help="folder for report.json and plots")
-    d.add_argument("--epochs", type=_at_least(0), default=10)
-    d.add_argument("--model", default="reclip-digits", help=argparse.SUPPRESS)
+    d.add_argument("--epochs", type=_at_least(0), default=10, help="maximum epochs (default 10)")
+    d.add_argument("--iterations", type=_at_least(1),
+                   help="maximum iterations (default 5000); on a CPU a 1066-class target's "
+                        "text step takes tens of seconds, so cap it there")
+    d.add_argument("--model", help=argparse.SUPPRESS)  # default: the target's shipped model
     d.add_argument("--no-plots", action="store_true")
     d.add_argument("--target", default="sklearn-digits", choices=tuple(TARGETS),
-                   help="the target domain (opencv-lowres needs OpenCV's digits.png; see "
-                        "reclip.sources)")
+                   help="the target domain: a digits target (opencv-lowres needs OpenCV's "
+                        "digits.png) or an emoji target of reclip-emoji (Symbola or EmojiOne "
+                        "artwork, 100 or 1066 classes; needs their Debian packages); see "
+                        "reclip.sources")
     d.add_argument("--export-split", metavar="DIR",
                    help="instead of the demo, write the target's fixed train/test split as "
                         "image folders (for reclip adapt --inductive, then reclip eval)")
     _runtime_flags(d, lp=True, workers=False)  # the demo's images are one in-memory tensor
 
     a = sub.add_parser("adapt", help="adapt a model to unlabelled images and save the run")
-    a.add_argument("--model", required=True, help="open_clip model name or model-config JSON")
+    a.add_argument("--model", required=True,
+                   help="open_clip model name or model-config JSON, a transformers or open_clip "
+                        "model folder (a hub-cache snapshot or models--ORG--NAME entry too), or "
+                        "ORG/NAME in the local HuggingFace cache")
     a.add_argument("--pretrained", help="local weights file for --model (required with an "
                                         "open_clip architecture name; 'none': random weights)")
     a.add_argument("--data", required=True, help="image folder (ImageFolder layout or flat)")
@@ -178,6 +194,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--shot-params", choices=("encoder", "norms"),
                    help="SHOT: train the whole visual tower (encoder, the default) or only "
                         "its norm layers")
+    a.add_argument("--pseudo-labels", choices=PSEUDO_LABEL_METHODS,
+                   help="ReCLIP: label propagation, the model's own predictions, or auto (the "
+                        "paper's rule and the default: propagation up to 500 classes, "
+                        "predictions above)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--resume", action="store_true",
                    help="continue the run in --out (without it, an --out that holds a run is "
@@ -201,6 +221,9 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--run", required=True, help="run directory written by reclip adapt")
         q.add_argument("--data", required=True, help="image folder")
         q.add_argument("--skip-bad-images", action="store_true", help=SKIP_HELP)
+        q.add_argument("--model", help="where the run's base model is now, if it moved (checked "
+                                       "against the weights hash the run records)")
+        q.add_argument("--pretrained", help="where the run's base weights file is now, if it moved")
         _runtime_flags(q, lp=False)
         if name == "predict":
             q.add_argument("--out", help="output file (default: stdout)")
@@ -371,7 +394,7 @@ def adapt(args) -> int:
     from . import checkpoint
     from .checkpoint import write_json
     from .data import class_labels
-    from .models import load_model, model_spec
+    from .models import check_same_base, load_model, model_spec
     from .prompts import DEFAULT_TEMPLATES
 
     start = time.time()
@@ -386,7 +409,8 @@ def adapt(args) -> int:
     given = {"projection": args.projection, "sides": args.sides, "visual_loss": args.visual_loss,
              "lp_precision": args.lp_precision, "max_epochs": args.epochs,
              "max_iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr,
-             "shot_beta": args.shot_beta, "shot_params": args.shot_params}
+             "shot_beta": args.shot_beta, "shot_params": args.shot_params,
+             "pseudo_labels": args.pseudo_labels}
     config = adapt_mod.Config(method=args.method, seed=args.seed,
                               label_sharing=not args.no_label_sharing, device=args.device,
                               amp=args.amp, workers=args.workers,
@@ -397,8 +421,10 @@ def adapt(args) -> int:
     if not args.resume:
         adapt_mod.check_new_run(args.out, "--out", "--resume")
     data = _images(args)
-    if args.resume and checkpoint.exists(args.out):
-        meta = checkpoint.read_meta(args.out)
+    meta = checkpoint.read_meta(args.out) if args.resume and checkpoint.exists(args.out) else None
+    if meta is not None:
+        # the classes, the method, the settings, the data, and the model as far as its spec
+        # tells without building it (models.model_spec: its weights are not hashed here)
         adapt_mod.check_meta(meta, args.out, classnames)
         adapt_mod.check_method(meta, args.out, config.method, config.shot_params)
         adapt_mod.check_resume(meta, args.out, config, templates or DEFAULT_TEMPLATES,
@@ -407,6 +433,8 @@ def adapt(args) -> int:
                                allow_changes=args.allow_changes)
     torch.manual_seed(args.seed)  # a config without weights starts from a seeded random init
     loaded = load_model(args.model, pretrained)
+    if meta is not None:  # then the base weights by their sha256, still before any image pass
+        check_same_base(meta["model"], loaded.spec, args.out)
     data = data.with_transform(loaded.preprocess)
     clf = adapt_mod.ReCLIP(loaded, classnames, templates, config, folders=folders)
     zs_logits = clf.zero_shot_logits(data)  # the first pass: it checks the images
@@ -448,6 +476,9 @@ def adapt(args) -> int:
             _say(f"reclip: accuracy {acc:.4f} (zero-shot {zs_acc:.4f})")
     if clf.world.active:  # a collective: every rank hands its numbers to the report
         report["distributed"] = clf.world.report()
+    else:  # wall seconds of each stage, summed over the epochs
+        report["stages"] = {k: round(v, 3) if isinstance(v, float) else v
+                            for k, v in clf.world.work.items()}
     report["world_size"] = clf.world.size
     report["seconds"] = round(time.time() - start, 2)
     if main:
@@ -460,7 +491,8 @@ def _load_run(args):
     from .adapt import ReCLIP
 
     data = _images(args)
-    clf = ReCLIP.load(args.run, device=args.device, amp=args.amp, workers=args.workers)
+    clf = ReCLIP.load(args.run, device=args.device, amp=args.amp, workers=args.workers,
+                      model=args.model, pretrained=args.pretrained)
     return clf, data.with_transform(clf.loaded.preprocess)
 
 
@@ -491,23 +523,25 @@ def evaluate(args) -> int:
 
 def demo(args) -> int:
     from .demo import run_demo
+    from .sources import TARGETS
 
     if args.export_split:
         from .demo import export_split
 
         _check_output(args.export_split, "--export-split", folder=True)
         counts = export_split(args.target, args.export_split)
+        model = args.model or TARGETS[args.target].model
         where = Path(args.export_split)
         _say(f"wrote {counts['train']} train and {counts['test']} test images of {args.target} "
              f"to {where / 'train'} and {where / 'test'}; for example:\n"
-             f"  reclip adapt --model {args.model} --data {where / 'train'} --classes "
+             f"  reclip adapt --model {model} --data {where / 'train'} --classes "
              f"{where / 'classes.txt'} --templates {where / 'templates.txt'} --inductive --out run\n"
              f"  reclip eval --run run --data {where / 'test'}")
         return 0
     _check_output(args.out, "--out", folder=True)
     run_demo(args.out, model=args.model, epochs=args.epochs, plots=not args.no_plots, say=_say,
              device=args.device, amp=args.amp, lp_precision=args.lp_precision,
-             target=args.target)
+             target=args.target, iterations=args.iterations)
     return 0
 
 

@@ -1,11 +1,12 @@
-"""``reclip demo``: ReCLIP on real images with the embedded model, end to end, offline.
+"""``reclip demo``: ReCLIP on real images with an embedded model, end to end, offline.
 
 The shipped ``reclip-digits`` model learned digits from OpenCV's handwritten digits (its
 source domain). The default target is scikit-learn's bundled ``digits``: other writers, 8x8
-pixels, 16 grey levels (``--target`` picks another of ``reclip.sources.TARGETS``). The demo
-adapts the model to them without their labels and reports zero-shot, label-propagation-only
-and ReCLIP accuracy, the per-epoch curve, and the plots of the paper's Figures 1 and 2, into
-``DIR/report.json`` and ``DIR/*.png``.
+pixels, 16 grey levels. ``--target`` picks another of ``reclip.sources.TARGETS``, each adapted
+with the model it belongs to: the emoji targets use ``reclip-emoji`` (1066 classes, learned
+from Noto Color Emoji). The demo adapts the model to the target without its labels and reports
+zero-shot, label-propagation-only and ReCLIP accuracy, the per-epoch curve, and the plots of
+the paper's Figures 1 and 2, into ``DIR/report.json`` and ``DIR/*.png``.
 
 ``export_split`` writes a target's fixed train / test split as image folders, for the
 inductive protocol through the command line (``reclip adapt --inductive`` on the train side,
@@ -22,15 +23,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import projection
+from . import projection, sources
 from .adapt import Config, ReCLIP, scores
 from .checkpoint import write_json
 from .models import LoadedModel, load_model
 from .optional import require
 from .pseudo_labels import propagate
-from .sources import DIGIT_NAMES, load_target, target_split, to_pil
+from .sources import DIGIT_TEMPLATES, target_split, to_pil
 
-DIGIT_TEMPLATES = ["a photo of the number {}.", "a handwritten digit {}.", "the digit {}"]
+__all__ = ["DIGIT_TEMPLATES", "export_split", "preprocessed", "run_demo", "similarity_stats"]
+
+#: the t-SNE plot shows at most this many images (a seeded sample), so that it stays quick
+TSNE_POINTS = 2000
 
 
 def preprocessed(images: np.ndarray, loaded: LoadedModel) -> torch.Tensor:
@@ -78,15 +82,23 @@ def _plots(out: Path, before: torch.Tensor, after: torch.Tensor, nodes_before: t
     TSNE = require("sklearn.manifold", "the demo's t-SNE plot").TSNE
 
     written = []
+    m = nodes_before.shape[0]
+    shown = np.arange(len(labels))
+    if len(shown) > TSNE_POINTS:
+        shown = np.sort(np.random.default_rng(0).choice(len(shown), TSNE_POINTS, replace=False))
+    # many classes: only the nodes of the classes shown, in a map that does not repeat colours
+    nodes_shown = np.unique(labels[shown]) if m > 10 else np.arange(m)
+    cmap, star = ("tab10", 160) if m <= 10 else ("nipy_spectral", 30)
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     for ax, feats, nodes, title in ((axes[0], before, nodes_before, "before (zero-shot CLIP)"),
                                     (axes[1], after, nodes_after, "after ReCLIP")):
-        both = torch.cat([nodes, feats]).numpy()
+        both = torch.cat([nodes[nodes_shown], feats[shown]]).numpy()
         xy = TSNE(n_components=2, init="pca", random_state=0, perplexity=30).fit_transform(both)
-        m = nodes.shape[0]
-        ax.scatter(xy[m:, 0], xy[m:, 1], c=labels, cmap="tab10", s=6, alpha=0.7)
-        ax.scatter(xy[:m, 0], xy[:m, 1], c=np.arange(m), cmap="tab10", s=160, marker="*",
-                   edgecolors="black", linewidths=0.8)
+        k = len(nodes_shown)
+        ax.scatter(xy[k:, 0], xy[k:, 1], c=labels[shown], cmap=cmap, vmin=0, vmax=m - 1, s=6,
+                   alpha=0.7)
+        ax.scatter(xy[:k, 0], xy[:k, 1], c=nodes_shown, cmap=cmap, vmin=0, vmax=m - 1, s=star,
+                   marker="*", edgecolors="black", linewidths=0.8)
         ax.set_title(title)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -120,51 +132,57 @@ def _plots(out: Path, before: torch.Tensor, after: torch.Tensor, nodes_before: t
     return written
 
 
-def export_split(target: str, out_dir: str | Path) -> dict[str, int]:
+def export_split(name: str, out_dir: str | Path) -> dict[str, int]:
     """Write the target's fixed split (``reclip.sources.target_split``) as two image folders,
-    ``out_dir/train/<class>/NNNN.png`` and ``out_dir/test/<class>/NNNN.png`` (NNNN: the image's
+    ``out_dir/train/<class>/NNNNN.png`` and ``out_dir/test/<class>/NNNNN.png`` (NNNNN: the image's
     index in the target), plus ``classes.txt`` and ``templates.txt`` for ``reclip adapt``.
     Returns the number of images on each side."""
     from .checkpoint import write_text
 
+    chosen = sources.target(name)  # an unknown target is named before anything is read
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()):  # another export's images would mix with these
         raise FileExistsError(f"{out_dir}: not empty; export into a new or empty folder")
-    images, labels = load_target(target)
+    images, labels = chosen.load()
+    names = chosen.classnames()
     counts = {}
     for side, index in zip(("train", "test"), target_split(labels)):
-        for name in DIGIT_NAMES:
-            (out / side / name).mkdir(parents=True, exist_ok=True)
+        for folder in names:
+            (out / side / folder).mkdir(parents=True, exist_ok=True)
         for i in index:
-            path = out / side / DIGIT_NAMES[labels[i]] / f"{i:04d}.png"
+            path = out / side / names[labels[i]] / f"{i:05d}.png"
             tmp = path.with_name(f".{path.name}.tmp")
             to_pil(images[i]).save(tmp, format="png")
             os.replace(tmp, path)
         counts[side] = int(len(index))
-    write_text(out / "classes.txt", "".join(f"{n}\n" for n in DIGIT_NAMES))
-    write_text(out / "templates.txt", "".join(f"{t}\n" for t in DIGIT_TEMPLATES))
+    write_text(out / "classes.txt", "".join(f"{n}\n" for n in names))
+    write_text(out / "templates.txt", "".join(f"{t}\n" for t in chosen.templates))
     return counts
 
 
-def run_demo(out_dir: str | Path, *, model: str = "reclip-digits", epochs: int = 10,
+def run_demo(out_dir: str | Path, *, model: str | None = None, epochs: int = 10,
              seed: int = 0, plots: bool = True, say: Callable[[str], None] = print,
              device: str = "auto", amp: str = "auto", lp_precision: str = "exact",
-             target: str = "sklearn-digits") -> dict:
-    """Adapt `model` to `target` (one of reclip.sources.TARGETS) without labels on `device`;
-    write report.json and plots."""
+             target: str = "sklearn-digits", iterations: int | None = None) -> dict:
+    """Adapt `model` (default: the target's own shipped model) to `target` (one of
+    reclip.sources.TARGETS) without labels on `device`; write report.json and plots."""
     start = time.time()
     if plots:  # refuse a missing plotting package before minutes of work, not after
         require("matplotlib", "the demo's plots")
         require("sklearn.manifold", "the demo's t-SNE plot")
-    raw, labels = load_target(target)  # an unknown target costs no model load
+    chosen = sources.target(target)  # an unknown target costs no model load
+    raw, labels = chosen.load()
+    classnames = chosen.classnames()
+    model = model or chosen.model
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     loaded = load_model(model)
     images = preprocessed(raw, loaded)
     config = Config(max_epochs=epochs, seed=seed, device=device, amp=amp,
-                    lp_precision=lp_precision)
-    clf = ReCLIP(loaded, DIGIT_NAMES, DIGIT_TEMPLATES, config)
+                    lp_precision=lp_precision,
+                    **({} if iterations is None else {"max_iterations": iterations}))
+    clf = ReCLIP(loaded, classnames, list(chosen.templates), config)
 
     # one pass of the unadapted encoder serves the zero-shot scores and label propagation
     frozen = clf._encode_images(clf.text_copy, images)
@@ -172,7 +190,8 @@ def run_demo(out_dir: str | Path, *, model: str = "reclip-digits", epochs: int =
     lp_only = float((propagate(frozen, clf.nodes_v, clf.basis_v, k=config.k, alpha=config.alpha,
                                weight=config.weight, precision=lp_precision) == labels).mean())
     frozen = frozen.cpu()  # for the statistics and plots
-    say(f"target: {target}, {len(labels)} images, 10 classes (labels used only to score)")
+    say(f"target: {target}, {len(labels)} images, {len(classnames)} classes (labels used only "
+        f"to score)")
     say(f"zero-shot accuracy {zero_shot:.4f} | label propagation only {lp_only:.4f}")
 
     curve: list[dict] = []

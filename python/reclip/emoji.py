@@ -191,6 +191,7 @@ def render(design: str, codes: Optional[Sequence[int]] = None, per_class: int = 
         raise ValueError(f"per_class must be a positive integer, got {per_class!r}")
     if isinstance(size, bool) or not isinstance(size, int) or size < 8:
         raise ValueError(f"size must be an integer >= 8, got {size!r}")
+    find(design)  # a missing package is named before any work, whatever is cached
     codes = classes() if codes is None else list(codes)
     rng = np.random.default_rng(seed)
     images = np.empty((len(codes) * per_class, size, size, 3), dtype=np.uint8)

