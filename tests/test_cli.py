@@ -413,7 +413,10 @@ JOBS = {
     "mismatch": (_mismatch, "main"),
     "preset": (lambda ws: cli(ws, "adapt", "--model", TINY_VIT, "--data", "data", "--preset",
                               "cifar10", "--out", "run_preset", "--epochs", "2", "--quiet"), None),
-    **{bad_key(case, method): ((lambda ws, argv=argv: cli(ws, *argv)),
+    # each case writes its own folder: adapt locks its --out, so cases running at once on one
+    # folder would refuse each other
+    **{bad_key(case, method): ((lambda ws, argv=argv, key=bad_key(case, method): cli(
+        ws, *[f"r_bad_{key}" if a == "r_bad" else a for a in argv])),
                                "main" if "run_main" in argv else None)
        for case, _, argv, _, method in BAD_CASES},
     **{case: ((lambda ws, case=case: _spoiled_run(ws, case)), "main") for case in RUN_EDITS},
@@ -896,7 +899,7 @@ def _assert_one_line_error(r: subprocess.CompletedProcess, command: str, mention
                          ids=[bad_key(c[0], c[4]) for c in BAD_CASES])
 def test_bad_input_is_one_line_error(jobs, case, command, argv, mentions, method):
     _assert_one_line_error(jobs.result(bad_key(case, method)), command, mentions)
-    assert not (jobs.ws / "r_bad" / "run.json").exists()
+    assert not (jobs.ws / f"r_bad_{bad_key(case, method)}" / "run.json").exists()
 
 
 def test_flags_of_the_other_method_are_refused(capsys, tmp_path):

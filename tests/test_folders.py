@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 from reclip import cli  # noqa: E402
-from reclip.models import load_model, model_from_spec  # noqa: E402
+from reclip.models import load_model, model_from_spec, model_spec, same_base  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CONTEXT = 77
@@ -379,6 +379,25 @@ def test_hash_mismatch_on_reload_and_resume(hf, data, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "sha256" in err and str(run) in err, err  # before the zero-shot pass
     assert (run / "run.json").read_text() == before
+
+
+def test_model_spec_of_a_folder_is_the_loaders_without_the_hash(hf, cache, open_clip_folder,
+                                                               monkeypatch):
+    """A resume compares the model before it loads it: model_spec records what load_model
+    would, but the sha256 (the weights are hashed once, when they load)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    for given in (hf[0], "tiny-org/tiny-clip", open_clip_folder,
+                  open_clip_folder / "open_clip_config.json"):
+        loaded = load_model(given).spec
+        spec = model_spec(given)
+        assert spec == {k: v for k, v in loaded.items() if k != "sha256"}, given
+        assert same_base(loaded, spec)
+    # another folder of the same format passes until its weights are hashed; another
+    # format, or no weights files at all, does not
+    assert same_base(load_model(hf[0]).spec, model_spec("tiny-org/tiny-clip"))
+    assert not same_base(load_model(hf[0]).spec, model_spec(open_clip_folder))
+    assert not same_base(load_model(open_clip_folder).spec,
+                         model_spec(ASSETS / "tiny-vit.json"))
 
 
 # ------------------------------------------------------------------------------ errors

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,8 @@ import torch
 from torch import nn
 
 from . import checkpoint, device as devices, distributed, projection
-from .models import LoadedModel, check_same_base, freeze_except_norms, is_visual, model_from_spec
+from .models import (LoadedModel, check_same_base, freeze_except_norms, is_visual, model_from_spec,
+                     same_base)
 from .pseudo_labels import pseudo_labels
 from .prompts import DEFAULT_TEMPLATES, check_folders, format_prompts
 
@@ -150,6 +152,16 @@ class Config:
 #: settings of the machine that runs a model rather than of the run: ReCLIP.load takes them
 #: anew instead of from run.json (a run trained on CUDA loads on a CPU-only machine)
 RUNTIME = ("device", "amp", "workers", "lp_precision")
+#: what a resumed run may change without changing what it computes: how far it goes (a run is
+#: extended by more epochs or iterations), and where and how it runs. Every other Config field
+#: changes the result, and resuming with another value needs allow_changes (--allow-changes)
+RESUMABLE = ("max_epochs", "max_iterations", "encode_batch_size", *RUNTIME)
+#: the adapt flag of a Config field, where it has one (run.json's change records and the
+#: refusal name the field otherwise)
+FLAGS = {"method": "--method", "lr": "--lr", "batch_size": "--batch-size",
+         "projection": "--projection", "sides": "--sides", "label_sharing": "--no-label-sharing",
+         "visual_loss": "--visual-loss", "seed": "--seed", "shot_beta": "--shot-beta",
+         "shot_params": "--shot-params", "pseudo_labels": "--pseudo-labels"}
 
 
 @dataclass
@@ -212,6 +224,11 @@ class ReCLIP:
             self.text_params = _tower_params(self.text_copy, visual=False)
             self.visual_params = _tower_params(self.visual_copy, visual=True)
         self.history: list[EpochLog] = []
+        #: settings changed by resuming with allow_changes: {"epoch", "setting", "flag",
+        #: "was", "now"}, in order (run.json's "changes")
+        self.changes: list[dict[str, Any]] = []
+        #: what the run trains on (see data_fingerprint), recorded by fit
+        self.data: dict[str, Any] | None = None
         self.epoch = 0
         self.iterations = 0
         # Frozen V-side classifier: class nodes of the original text encoder and its projection.
@@ -349,14 +366,18 @@ class ReCLIP:
     # ------------------------------------------------------------------------------ training
 
     def fit(self, images: Any, *, out_dir: str | Path | None = None, resume: bool = False,
-            labels: np.ndarray | None = None, progress: bool = False,
-            log: Callable[[EpochLog], None] | None = None) -> "ReCLIP":
+            allow_changes: bool = False, labels: np.ndarray | None = None,
+            progress: bool = False, log: Callable[[EpochLog], None] | None = None) -> "ReCLIP":
         """Adapt to `images` (a folder, tensor, Dataset or DataLoader) without their labels.
 
         `labels` (or an ImageFolder layout whose folders are the classes or `folders`) is used
         only to report accuracies per epoch.
         With `out_dir` a checkpoint is written atomically after every epoch; `resume`
-        continues from it and reaches the same result as an uninterrupted run.
+        continues from it and reaches the same result as an uninterrupted run. A resumed run
+        keeps its settings (see check_resume): other result-changing ones, other data or
+        another model are refused (ValueError), unless `allow_changes` continues it under
+        this object's settings and appends each change, with the epoch it takes effect
+        from, to the run's ``changes``.
         """
         from .data import class_labels
 
@@ -365,9 +386,18 @@ class ReCLIP:
             if out_dir is None:
                 raise ValueError("resume: needs out_dir")
             if checkpoint.exists(out_dir):
-                self._restore(checkpoint.read(out_dir), out_dir, rng=True)
+                saved = checkpoint.read(out_dir)
+                # its classes and method first: another class list is the plainer error
+                check_meta(saved[1], out_dir, self.classnames)
+                check_method(saved[1], out_dir, self.config.method, self.config.shot_params)
+                changes = check_resume(saved[1], out_dir, self.config, self.templates,
+                                       len(self.classnames), data_fingerprint(data),
+                                       self.loaded.spec, allow_changes=allow_changes)
+                self._restore(saved, out_dir, rng=True)
+                self.changes += [{"epoch": self.epoch, **c} for c in changes]
         elif out_dir is not None:
             check_new_run(out_dir, "out_dir", "resume=True")
+        self.data = data_fingerprint(data)
         c = self.config
         batch = c.batch_for(len(self.classnames))
         self._bars = progress
@@ -395,6 +425,7 @@ class ReCLIP:
                 else:
                     entry = self._epoch(data, frozen, epoch, batch, truth if known else None,
                                         loaders)
+                self._stop_if_diverged(epoch)
                 self.history.append(entry)
                 self.epoch = epoch + 1
                 if log:
@@ -460,7 +491,8 @@ class ReCLIP:
                 if use_t else none,
                 self._step_visual(x, y, **part) if use_v else none])
 
-        loss_t, loss_v = self._train(batches, loaders, step, images=use_v, losses=2)
+        loss_t, loss_v = self._train(batches, loaders, step, images=use_v, sides=("T", "V"),
+                                     epoch=epoch)
         self.iterations += steps
         entry = EpochLog(epoch=epoch, iterations=self.iterations, agreement=float(agree.mean()),
                          trained=sum(len(b) for b in batches),
@@ -502,7 +534,7 @@ class ReCLIP:
         def step(idx, x, part):
             return self._step_shot(x, torch.as_tensor(labels[idx]).to(self.device), **part)[None]
 
-        (loss,) = self._train(batches, loaders, step, images=True, losses=1)
+        (loss,) = self._train(batches, loaders, step, images=True, sides=("SHOT",), epoch=epoch)
         self.iterations += len(batches)
         entry = EpochLog(epoch=epoch, iterations=self.iterations, agreement=1.0,
                          trained=sum(len(b) for b in batches),
@@ -515,32 +547,74 @@ class ReCLIP:
         return entry
 
     def _train(self, batches: list[np.ndarray], loaders: dict, step, *, images: bool,
-               losses: int) -> torch.Tensor:
+               sides: tuple[str, ...], epoch: int) -> torch.Tensor:
         """Run `step(items, their images on the device or None, part)` for this rank's part of
         each global batch (see _rank_parts; `part` is {} in a single process, else the weight
-        and count keywords of the steps) and return the (losses,) step losses summed over the
-        epoch: in a distributed run the sum over ranks / world_size, i.e. the single-process
-        sums, since each rank's losses are world_size times its share of the batch means."""
+        and count keywords of the steps) and return the step losses of `sides` (one loss
+        each) summed over the epoch: in a distributed run the sum over ranks / world_size,
+        i.e. the single-process sums, since each rank's losses are world_size times its
+        share of the batch means.
+
+        A loss that is not finite stops the run (FloatingPointError, see `_diverged`) once
+        the epoch's steps are done: the first such step of each side is tracked on the
+        device, since a check per step would make the host wait for every step, and the
+        steps after it cannot make the weights any more broken than they are."""
         parts = self._rank_parts(batches)
         xs = (self._train_images([idx for idx, _ in parts], loaders) if images and batches
               else None)
         # summed on the device: a float() per step would make the host wait for every step
-        total = torch.zeros(losses, device=self.device)
+        total = torch.zeros(len(sides), device=self.device)
+        # per side, the first step whose loss is not finite; len(batches) while there is none
+        first_bad = torch.full((len(sides),), len(batches), dtype=torch.long, device=self.device)
         start, trained = time.perf_counter(), 0
-        for (idx, weight), whole in _progress(list(zip(parts, batches)), self._bars, "train",
-                                              leave=False):
+        for s, ((idx, weight), whole) in enumerate(_progress(list(zip(parts, batches)),
+                                                             self._bars, "train", leave=False)):
             part = {} if weight is None else {"weight": weight, "count": len(whole)}
-            total += step(idx, next(xs) if xs is not None else None, part)
+            loss = step(idx, next(xs) if xs is not None else None, part)
+            total += loss
+            first_bad = torch.where(torch.isfinite(loss), first_bad, first_bad.clamp(max=s))
             trained += len(idx) if weight is None else int(weight.sum())
         if self.world.active:
             # the one all-reduce of the epoch's losses; it also waits for the last step, so
             # the clock below times finished work
             total = self.world.sum(total) / self.world.size
+            # a rank's part of a batch may blow up alone: every rank must stop at the same step
+            first_bad = self.world.min(first_bad)
         elif self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # once an epoch: the clock times finished work
         self.world.work["train_images"] += trained
         self.world.work["train_seconds"] += time.perf_counter() - start
+        bad = first_bad.tolist()
+        if min(bad, default=len(batches)) < len(batches):
+            s = min(bad)
+            raise FloatingPointError(self._diverged(
+                epoch, f"step {s + 1} of {len(batches)}, side {sides[bad.index(s)]}: the loss "
+                       "is not finite"))
         return total
+
+    def _diverged(self, epoch: int, what: str) -> str:
+        """The one-line report of a run whose training produced a non-finite value."""
+        lr = self.config.learning_rate
+        return (f"training diverged in epoch {epoch + 1}, {what} (learning rate {lr:g}); "
+                f"nothing of epoch {epoch + 1} was saved: lower the learning rate (reclip "
+                f"adapt ... --resume --allow-changes --lr {lr / 10:g} continues from the run's "
+                "last checkpoint)")
+
+    def _stop_if_diverged(self, epoch: int) -> None:
+        """FloatingPointError (the same on every rank) if the trained parameters, their
+        optimiser state or the class embeddings and centres hold a non-finite value after
+        `epoch`'s steps: the last step can break the weights without any loss showing it.
+        The frozen base weights cannot change, so they are left out."""
+        tensors, _ = self.state()
+        bad = nonfinite({k: v for k, v in tensors.items() if not k.startswith("base.")})
+        if self.world.active:  # every rank stops, or none: a lone rank would hang the others
+            flag = self.world.sum(torch.tensor([float(bool(bad))], device=self.device))
+            if flag.item() and not bad:
+                bad = ["another rank's copy"]
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise FloatingPointError(self._diverged(
+                epoch, f"after its last step: {bad[0]}{more} holds non-finite values"))
 
     def _epoch_batches(self, index: np.ndarray, epoch: int, batch: int) -> list[np.ndarray]:
         """The epoch's training batches: `index` in a permutation seeded by (seed, epoch), so a
@@ -763,6 +837,10 @@ class ReCLIP:
                 "history": [dataclasses.asdict(h) for h in self.history]}
         if self.folders is not None:
             meta["folders"] = self.folders
+        if self.data is not None:
+            meta["data"] = self.data
+        if self.changes:
+            meta["changes"] = self.changes
         scalers = {side: s.state_dict() for side, s in self._scalers.items() if s is not None}
         if scalers:  # fp16: resuming must continue with the same loss scale
             meta["grad_scalers"] = scalers
@@ -770,8 +848,14 @@ class ReCLIP:
 
     def save(self, directory: str | Path) -> Path:
         """Write the run (trainable tensors + metadata) atomically into `directory`; the
-        tensors are written from CPU copies, so a run is the same file wherever it trained."""
+        tensors are written from CPU copies, so a run is the same file wherever it trained.
+        A state holding a non-finite tensor is never written (FloatingPointError): the run's
+        previous checkpoint stays what --resume continues."""
         tensors, meta = self.state()
+        bad = nonfinite(tensors)
+        if bad:
+            raise FloatingPointError(f"{directory}: not saved: {bad[0]} holds non-finite values"
+                                     " (training diverged)")
         return checkpoint.write(directory, tensors, meta)
 
     @classmethod
@@ -823,8 +907,9 @@ class ReCLIP:
                 try:
                     model.load_state_dict(base)
                 except RuntimeError as err:  # missing, unexpected or mis-shaped keys
+                    # the whole of torch's message: its first line alone says nothing
                     raise ValueError(f"{where}: checkpoint base weights do not fit the model: "
-                                     f"{str(err).splitlines()[0]}") from None
+                                     f"{' '.join(str(err).split())}") from None
         with torch.no_grad():
             for side, params in (("text", self.text_params), ("visual", self.visual_params)):
                 for name, p in params.items():
@@ -855,6 +940,8 @@ class ReCLIP:
                 raise ValueError(f"{where}: checkpoint rng.torch is {state.dtype}, not uint8")
             torch.set_rng_state(state)
         self.epoch, self.iterations = meta["epoch"], meta["iterations"]
+        self.changes = list(meta.get("changes", []))
+        self.data = meta.get("data")
         try:
             self.history = [EpochLog(**h) for h in meta["history"]]
         except TypeError as err:  # an entry that is no object or has other fields
@@ -862,6 +949,16 @@ class ReCLIP:
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+
+def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors holding a NaN or an infinity (one host wait
+    for all of them)."""
+    names = [k for k, t in tensors.items() if t.is_floating_point()]
+    if not names:
+        return []
+    flags = [torch.isfinite(tensors[k]).all().cpu() for k in names]
+    return [k for k, finite in zip(names, flags) if not finite]
 
 
 #: what run.json must hold for a run to be loaded or resumed, with the JSON types
@@ -908,6 +1005,100 @@ def check_method(meta: dict[str, Any], where, method: str, shot_params: str) -> 
     if made == "shot" and saved.get("shot_params") != shot_params:
         raise ValueError(f"{where}: the run trains shot_params {saved.get('shot_params')!r}, "
                          f"not {shot_params!r}")
+
+
+def _show(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def check_resume(meta: dict[str, Any], where, config: Config, templates: list[str],
+                 classes: int, data: dict[str, Any] | None, model: dict[str, Any] | None, *,
+                 allow_changes: bool = False) -> list[dict[str, Any]]:
+    """What a resumed run (metadata checked by check_meta) would change, refused unless
+    `allow_changes`: every Config field outside RESUMABLE, compared by the value in force
+    (the learning rate and batch size a None stands for), and the prompt templates; returns
+    the changes ({"setting", "flag", "was", "now"}). Other data (see data_fingerprint) and
+    another base model (models.same_base: one that only moved keeps its weights' sha256) are
+    refused in any case: nothing of the run would be continued. The
+    method and the classes are check_method's and check_meta's. Old runs without a data
+    fingerprint are not checked for it. ValueError naming `where` and every difference."""
+    if model is not None and not same_base(meta["model"], model):
+        raise ValueError(f"{where}: the run was made with model {_spec_text(meta['model'])}, "
+                         f"not {_spec_text(model)}; resume it with its own --model and "
+                         "--pretrained")
+    saved_data = meta.get("data")
+    if data is not None and isinstance(saved_data, dict) and not same_data(saved_data, data):
+        raise ValueError(f"{where}: the run was made on other data ({saved_data.get('count')} "
+                         f"images, fingerprint {str(saved_data.get('sha256'))[:12]}), not "
+                         f"these ({data['count']} images, {data['sha256'][:12]}); resume it "
+                         "with its own --data")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    try:
+        run = Config(**{k: v for k, v in meta["config"].items()
+                        if k in fields and k not in RUNTIME})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: run.json config: {err}") from None
+
+    def in_force(c: Config, name: str) -> Any:
+        if name == "lr":
+            return c.learning_rate
+        if name == "batch_size":
+            return c.batch_for(classes)
+        return getattr(c, name)
+
+    changes = [{"setting": name, "flag": FLAGS.get(name, name), "was": in_force(run, name),
+                "now": in_force(config, name)}
+               for name in sorted(fields - set(RESUMABLE) - {"method", "shot_params"})
+               if in_force(run, name) != in_force(config, name)]
+    if list(meta["templates"]) != list(templates):
+        changes.append({"setting": "templates", "flag": "--templates", "was": meta["templates"],
+                        "now": list(templates)})
+    if changes and not allow_changes:
+        listed = ", ".join(
+            f"{c['flag']} {_show(c['was'])} (given {_show(c['now'])})" if c["setting"] != "templates"
+            else f"--templates: {len(c['was'])} templates (given {len(c['now'])} others)"
+            for c in changes)
+        raise ValueError(f"{where}: resuming would change what the run computes: {listed}; "
+                         "resume with the run's settings, or pass --allow-changes to continue "
+                         "under the new ones (each change is recorded in run.json)")
+    return changes
+
+
+def _spec_text(spec: dict[str, Any]) -> str:
+    """A model spec in a few words: its name, or a config by its digest."""
+    import hashlib
+
+    model = spec.get("model")
+    if not isinstance(model, str):
+        text = json.dumps(model, sort_keys=True).encode()
+        model = f"config {hashlib.sha256(text).hexdigest()[:12]}"
+    sha = f" (sha256 {spec['sha256'][:12]}...)" if isinstance(spec.get("sha256"), str) else ""
+    return f"{model} with pretrained {spec.get('pretrained')}{sha}"
+
+
+def data_fingerprint(data) -> dict[str, Any] | None:
+    """What identifies the images a run trains on: for a folder, the sorted file paths
+    relative to it with their sizes, hashed, and their count (the same files under a moved
+    folder keep it; a file added, removed, renamed or rewritten at another size changes it);
+    for in-memory images their count alone. The files as listed, before any unreadable one is
+    skipped."""
+    import hashlib
+    import os
+
+    if getattr(data, "kind", None) != "files":
+        return {"count": len(data)} if hasattr(data, "__len__") else None
+    paths = sorted(list(data.paths) + list(data.skipped))
+    digest = hashlib.sha256()
+    for p in paths:
+        digest.update(f"{os.path.relpath(p, data.root)}\0{os.path.getsize(p)}\n".encode())
+    return {"count": len(paths), "sha256": digest.hexdigest()}
+
+
+def same_data(saved: dict[str, Any], given: dict[str, Any]) -> bool:
+    """Whether two data fingerprints name the same images (an in-memory set: the same count)."""
+    if "sha256" in saved and "sha256" in given:
+        return saved["sha256"] == given["sha256"] and saved.get("count") == given["count"]
+    return saved.get("count") == given["count"]
 
 
 def _tower_params(model: nn.Module, *, visual: bool) -> dict[str, nn.Parameter]:

@@ -9,6 +9,7 @@ imported by the tensor functions), so scripts without torch or open_clip can use
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -20,25 +21,70 @@ if TYPE_CHECKING:
 
 FORMAT = "reclip-run/1"
 META = "run.json"
+#: the lock file of a run directory, held by the one process writing it (see lock)
+LOCK = ".reclip-lock"
 
 
 def exists(directory: str | Path) -> bool:
     return (Path(directory) / META).is_file()
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+def lock(directory: str | Path, name: str = "--out"):
+    """Take the exclusive advisory lock of a run directory, creating it, and return the open
+    lock file: the lock lasts until that file is closed or the process ends, however it ends
+    (a SIGKILL too: the kernel releases it). The file names its holder's PID and host.
+
+    A POSIX record lock (lockf), not flock: an flock belongs to the open file, which the
+    DataLoader's forked workers share, so a killed run's lock would outlive it for as long as
+    its orphaned workers do; a record lock belongs to the process alone.
+    FileExistsError naming both (and `name`) while another process holds it: two processes
+    writing one run (a resubmitted job beside a live one) would interleave their checkpoints.
+    Advisory locks on network file systems hold only as far as the file system supports them."""
+    import fcntl
+    import socket
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    f = open(directory / LOCK, "a+")
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
+        fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            f.close()
+            raise
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise FileExistsError(f"{name}: {directory} is being written by {holder}; wait for it "
+                              "to end, or choose another folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"reclip (PID {os.getpid()} on host {socket.gethostname()})\n")
+    f.flush()
+    return f
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in its folder and one rename: `path`
+    is the old file or the new one, never part of one. An OSError (a full disk, a read-only
+    or quota-bound file system) names `path`, not the temporary file, which is removed."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.close(fd)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None:
+            raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from None
         raise
 
 
@@ -56,7 +102,7 @@ def write_text(path: str | Path, text: str) -> None:
     """Atomically write `text` to `path`, creating the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    _atomic_write(path, text.encode())
 
 
 def write_json(path: str | Path, obj: Any, default=json_default) -> None:
@@ -65,7 +111,7 @@ def write_json(path: str | Path, obj: Any, default=json_default) -> None:
 
 
 def write(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -73,8 +119,14 @@ def write(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict[st
     serial = int(previous.stem.split("-")[-1]) + 1 if previous else 0
     tensor_file = directory / f"tensors-{serial}.safetensors"
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_write(tensor_file, lambda tmp: save_file(contiguous, tmp))
-    write_json(directory / META, {"format": FORMAT, "tensors": tensor_file.name, **meta})
+    # serialised here and written by Python: safetensors' own writer reports a full disk as a
+    # SafetensorError, which names neither the file nor the cause as an OSError does
+    _atomic_write(tensor_file, save(contiguous))
+    try:
+        write_json(directory / META, {"format": FORMAT, "tensors": tensor_file.name, **meta})
+    except BaseException:
+        tensor_file.unlink(missing_ok=True)  # run.json still names the previous one
+        raise
     if previous and previous != tensor_file:
         previous.unlink(missing_ok=True)
     return directory

@@ -63,6 +63,7 @@ from .optional import MissingExtra
 # reclip (or a library), whose traceback must show.
 # MissingExtra: an optional package (the demo's) is not installed; its message names the extra.
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, MemoryError,
+               FloatingPointError,
                PermissionError, MissingExtra)
 SKIP_HELP = "leave out unreadable images (one warning line) instead of stopping at the first"
 WORKERS_HELP = "image-loading worker processes (default: one per usable core, at most 8)"
@@ -160,7 +161,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="open_clip model name or model-config JSON, a transformers or open_clip "
                         "model folder (a hub-cache snapshot or models--ORG--NAME entry too), or "
                         "ORG/NAME in the local HuggingFace cache")
-    a.add_argument("--pretrained", help="local weights file for --model")
+    a.add_argument("--pretrained", help="local weights file for --model (required with an "
+                                        "open_clip architecture name; 'none': random weights)")
     a.add_argument("--data", required=True, help="image folder (ImageFolder layout or flat)")
     a.add_argument("--classes", help="class names, one per line (or folder<TAB>class name lines "
                                      "for folders named by an id)")
@@ -199,7 +201,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--resume", action="store_true",
                    help="continue the run in --out (without it, an --out that holds a run is "
-                        "refused; a restartable torchrun job always passes it)")
+                        "refused; a restartable torchrun job always passes it). The run keeps "
+                        "its settings: only --epochs, --iterations, --device, --amp, "
+                        "--workers, --lp-precision, --quiet and --skip-bad-images may differ")
+    a.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue the run under other settings (e.g. a lower "
+                        "--lr after it diverged); each change is recorded in run.json")
     a.add_argument("--inductive", action="store_true",
                    help="only adapt and save; do not predict the adaptation images")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -311,8 +318,14 @@ def _peak(history, final: float, epochs: int) -> tuple[float, int]:
 
 def _check_output(path: str, flag: str, *, folder: bool) -> None:
     """Refuse an output path that could only fail once the work is done: called before any
-    model loads, so a mistyped --out costs nothing."""
+    model loads, so a mistyped --out costs nothing. An empty name (an unset variable) and, for
+    a folder, the current directory are refused: they would write the run's files among the
+    user's own."""
+    if not path.strip():
+        raise ValueError(f"{flag}: empty; name the {'folder' if folder else 'file'} to write")
     p = Path(path)
+    if folder and p.resolve() == Path.cwd().resolve():
+        raise ValueError(f"{flag}: {path} is the current directory; name a folder of its own")
     if p.exists() and p.is_dir() != folder:
         raise ValueError(f"{flag}: {path} is a {'file' if folder else 'folder'}; "
                          f"expected {'a folder' if folder else 'a file name'}")
@@ -324,6 +337,43 @@ def _check_output(path: str, flag: str, *, folder: bool) -> None:
         raise ValueError(f"{flag}: {base} is a file, so {path} cannot be created")
     if not os.access(base, os.W_OK | os.X_OK):
         raise PermissionError(f"{flag}: cannot write in {base}")
+
+
+#: the lock file of the run this process writes (see _lock_run), closed by main at the end
+_LOCKS: list = []
+
+
+def _lock_run(out: str) -> None:
+    """One writer per run directory: this process holds the run's lock for the rest of its
+    life (under torchrun rank 0 holds it, and every rank stops if it cannot)."""
+    from . import checkpoint
+    from .distributed import current
+
+    world = current()
+    refused = None
+    if world.main:
+        try:
+            _LOCKS.append(checkpoint.lock(out, "--out"))
+        except FileExistsError as err:
+            refused = str(err)
+    refused = next((r for r in world.gather_objects(refused) if r), None)
+    if refused:
+        raise FileExistsError(refused)
+
+
+def _pretrained(args) -> str | None:
+    """--pretrained as load_model takes it. An open_clip architecture name without it would
+    train randomly initialised towers as if they were CLIP: refused, unless 'none' asks for
+    exactly that (the run then records its random base weights and "pretrained": null)."""
+    from .models import is_architecture_name
+
+    if args.pretrained is not None and args.pretrained.strip().lower() == "none":
+        return None
+    if args.pretrained is None and is_architecture_name(args.model):
+        raise ValueError(f"--pretrained: {args.model} is an open_clip architecture, whose "
+                         "weights come from a local file: give it with --pretrained PATH (or "
+                         "--pretrained none for a randomly initialised model)")
+    return args.pretrained
 
 
 def _write_predictions(data, pred: np.ndarray, classnames: list[str], out: str | None) -> None:
@@ -344,25 +394,17 @@ def adapt(args) -> int:
     from . import checkpoint
     from .checkpoint import write_json
     from .data import class_labels
-    from .models import check_same_base, load_model
+    from .models import check_same_base, load_model, model_spec
+    from .prompts import DEFAULT_TEMPLATES
 
     start = time.time()
     _check_method_flags(args)
+    if args.allow_changes and not args.resume:
+        raise ValueError("--allow-changes: only with --resume (it continues a run under other "
+                         "settings)")
+    pretrained = _pretrained(args)
     classnames, templates, folders = _class_lists(args)
     _check_output(args.out, "--out", folder=True)
-    if not args.resume:  # refused before any real work, as is a mismatched --resume
-        adapt_mod.check_new_run(args.out, "--out", "--resume")
-    elif checkpoint.exists(args.out):
-        meta = checkpoint.read_meta(args.out)
-        adapt_mod.check_meta(meta, args.out, classnames)
-        adapt_mod.check_method(meta, args.out, args.method,
-                               args.shot_params or adapt_mod.Config.shot_params)
-    data = _images(args)
-    torch.manual_seed(args.seed)  # a config without weights starts from a seeded random init
-    loaded = load_model(args.model, args.pretrained)
-    if args.resume and checkpoint.exists(args.out):  # other base weights: refused before a pass
-        check_same_base(checkpoint.read_meta(args.out)["model"], loaded.spec, args.out)
-    data = data.with_transform(loaded.preprocess)
     # a flag not given (None) leaves the Config default: the paper's, or the method's
     given = {"projection": args.projection, "sides": args.sides, "visual_loss": args.visual_loss,
              "lp_precision": args.lp_precision, "max_epochs": args.epochs,
@@ -373,6 +415,27 @@ def adapt(args) -> int:
                               label_sharing=not args.no_label_sharing, device=args.device,
                               amp=args.amp, workers=args.workers,
                               **{k: v for k, v in given.items() if v is not None})
+    _lock_run(args.out)
+    # refused before any real work (no model is built, no image read), as is a mismatched
+    # --resume
+    if not args.resume:
+        adapt_mod.check_new_run(args.out, "--out", "--resume")
+    data = _images(args)
+    meta = checkpoint.read_meta(args.out) if args.resume and checkpoint.exists(args.out) else None
+    if meta is not None:
+        # the classes, the method, the settings, the data, and the model as far as its spec
+        # tells without building it (models.model_spec: its weights are not hashed here)
+        adapt_mod.check_meta(meta, args.out, classnames)
+        adapt_mod.check_method(meta, args.out, config.method, config.shot_params)
+        adapt_mod.check_resume(meta, args.out, config, templates or DEFAULT_TEMPLATES,
+                               len(classnames), adapt_mod.data_fingerprint(data),
+                               model_spec(args.model, pretrained),
+                               allow_changes=args.allow_changes)
+    torch.manual_seed(args.seed)  # a config without weights starts from a seeded random init
+    loaded = load_model(args.model, pretrained)
+    if meta is not None:  # then the base weights by their sha256, still before any image pass
+        check_same_base(meta["model"], loaded.spec, args.out)
+    data = data.with_transform(loaded.preprocess)
     clf = adapt_mod.ReCLIP(loaded, classnames, templates, config, folders=folders)
     zs_logits = clf.zero_shot_logits(data)  # the first pass: it checks the images
     _warn_skipped(data)
@@ -390,8 +453,8 @@ def adapt(args) -> int:
 
     # the same labels as the zero-shot and final accuracies: all -1 (no accuracy) when unknown
     main = clf.world.main
-    clf.fit(data, out_dir=args.out, resume=args.resume, labels=labels,
-            progress=not args.quiet and main, log=log)
+    clf.fit(data, out_dir=args.out, resume=args.resume, allow_changes=args.allow_changes,
+            labels=labels, progress=not args.quiet and main, log=log)
     report = {"command": "adapt", "method": config.method, "images": len(data),
               "classes": len(classnames), "config": dataclasses.asdict(config),
               "learning_rate": config.learning_rate, "epochs": clf.epoch,
@@ -399,6 +462,8 @@ def adapt(args) -> int:
               **({"zero_shot_ece": zs_ece} if zs_ece is not None else {}),
               "skipped_images": {"count": len(data.skipped), "paths": data.skipped},
               "history": [dataclasses.asdict(h) for h in clf.history]}
+    if clf.changes:
+        report["changes"] = clf.changes
     if not args.inductive:
         pred, acc, ece = _scores(clf.logits(data), labels)
         report[f"{config.method}_accuracy"] = acc  # reclip_accuracy or shot_accuracy
@@ -494,27 +559,72 @@ def _join_torchrun(args) -> None:
     args.device = distributed.setup(args.device, "--device")
 
 
+class _Terminated(BaseException):
+    """SIGTERM (a cluster's preemption) as an exception, so that a run stops as on Ctrl-C:
+    a checkpoint being written is removed unfinished, the last one stays the run's state."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
+def _resume_note(args) -> str:
+    """Where --resume continues an adapt run that stopped now (nothing for other commands)."""
+    from . import checkpoint
+
+    if args.command != "adapt":
+        return ""
+    try:
+        epoch = checkpoint.read_meta(args.out)["epoch"]
+    except (OSError, ValueError, KeyError):
+        return f"; no epoch of {args.out} was saved: --resume starts it from the beginning"
+    return f"; --resume continues {args.out} from epoch {epoch + 1} (epoch {epoch} is saved)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     from . import distributed
 
     args = _parser().parse_args(argv)
+    handler = None
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.signal(signal.SIGTERM, _terminate)
     try:
         commands = {"demo": demo, "adapt": adapt, "predict": predict, "eval": evaluate}
         _check_runtime(args)
         _join_torchrun(args)
         return commands[args.command](args)
     except USER_ERRORS as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        # one line, all of it: a message cut at its first line can stop mid-sentence
+        message = " ".join(str(err).split()) or type(err).__name__
         world = distributed.current()
         # every rank that fails says so: an error only one rank meets (a file missing on
         # one node) must not go unexplained
         rank = f" (rank {world.rank} of {world.size})" if world.active else ""
         print(f"reclip {args.command}{rank}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"reclip {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except OSError as err:
+        if err.errno is None:  # no system call failed: a library's own error, a bug to show
+            raise
+        # the environment (a full disk, a read-only or quota-bound file system, a file
+        # without permission): the path and the system's reason say all of it
+        where = f"{err.filename}: " if err.filename is not None else ""
+        print(f"reclip {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, _Terminated) as stop:
+        # shells report a process ended by signal N as 128 + N: SIGINT 130, SIGTERM 143
+        what, code = (("terminated (SIGTERM)", 143) if isinstance(stop, _Terminated)
+                      else ("interrupted", 130))
+        if distributed.current().main:
+            print(f"reclip {args.command}: {what}{_resume_note(args)}", file=sys.stderr)
+        return code
     finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+        while _LOCKS:
+            _LOCKS.pop().close()
         distributed.shutdown()
 
 

@@ -66,14 +66,37 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+#: full scale of PIL's wider single-channel integer modes: 16-bit modes (I;16, its byte orders)
+#: and I (32-bit signed), whose 16-bit PNGs and TIFFs hold 0 .. 65535
+_FULL_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB, scaled by its range rather than clipped: PIL's own conversion of a
+    16-bit, 32-bit or float image clips every value above 255, so a 16-bit photo turns white.
+    Integer modes are divided by their full scale (65535 / 255 = 257 for 16 bits, so a 16-bit
+    image made from an 8-bit one by x 257 comes back exactly); an I image with values outside
+    0 .. 65535 and a float (F) image outside 0 .. 1 are scaled by their own minimum and
+    maximum; an F image within 0 .. 1 is taken as intensities."""
+    if img.mode not in _FULL_SCALE and img.mode != "F":
+        return img.convert("RGB")
+    a = np.asarray(img, dtype=np.float64)
+    low, high = (0.0, 1.0) if img.mode == "F" else (0.0, float(_FULL_SCALE[img.mode]))
+    if a.size and (a.min() < low or a.max() > high):
+        low, high = float(a.min()), float(a.max())
+    scaled = (a - low) * (255.0 / (high - low)) if high > low else np.zeros_like(a)
+    return Image.fromarray(np.rint(scaled).clip(0, 255).astype(np.uint8)).convert("RGB")
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image file as RGB; ValueError naming the file if that fails."""
+    """Open and fully decode an image file as RGB (see to_rgb); ValueError naming the file if
+    that fails."""
     p = os.fspath(path)
     try:
         with open(p, "rb") as f:
             img = Image.open(f)
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
     except FileNotFoundError:
         raise ValueError(f"{p}: cannot read image (file not found)") from None
     except MemoryError:
@@ -218,7 +241,7 @@ class ImageSet(Dataset):
             return self._tensor[i], int(self._labels[i]), i
         if self.kind == "array":
             a = self._array[i]
-            img = Image.fromarray(a).convert("RGB")
+            img = to_rgb(Image.fromarray(a))
             return self._apply(img), int(self._labels[i]), i
         img, label = self._raw(i)
         if isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim in (2, 3):

@@ -139,10 +139,12 @@ def export_split(name: str, out_dir: str | Path) -> dict[str, int]:
     Returns the number of images on each side."""
     from .checkpoint import write_text
 
-    chosen = sources.target(name)
+    chosen = sources.target(name)  # an unknown target is named before anything is read
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()):  # another export's images would mix with these
+        raise FileExistsError(f"{out_dir}: not empty; export into a new or empty folder")
     images, labels = chosen.load()
     names = chosen.classnames()
-    out = Path(out_dir)
     counts = {}
     for side, index in zip(("train", "test"), target_split(labels)):
         for folder in names:

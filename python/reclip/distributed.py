@@ -159,6 +159,16 @@ class World:
             dist.all_reduce(value)
         return value
 
+    def min(self, value: torch.Tensor) -> torch.Tensor:
+        """The minimum over ranks of a tensor on this rank's device (in place)."""
+        if not self.active:
+            return value
+        import torch.distributed as dist
+
+        with self._timed():
+            dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return value
+
     def barrier(self) -> None:
         if not self.active:
             return

@@ -65,6 +65,9 @@ __all__ = [
     "freeze_except_norms",
     "is_visual",
     "check_same_base",
+    "model_spec",
+    "same_base",
+    "is_architecture_name",
     "encode_text",
     "encode_images",
 ]
@@ -510,18 +513,101 @@ def load_model(model: Union[str, "os.PathLike[str]", dict],
     """
     if isinstance(model, str) and model in PACKAGED_MODELS:
         return _load_packaged(model, pretrained)
-    if isinstance(model, (str, os.PathLike)):
-        folder = _model_folder(os.fspath(model), pretrained)
-        if folder is not None:
-            return _load_folder(folder, os.fspath(model), pretrained)
+    folder = _folder_of(model, pretrained)
+    if folder is not None:
+        return _load_folder(folder, os.fspath(model), pretrained)
+    cfg, name, where, spec_model, weights = _resolve(model, pretrained)
+    loaded = _load_open_clip(cfg, where, name, weights)
+    loaded.spec = _spec(spec_model, weights, OPEN_CLIP, model, pretrained)
+    return loaded
+
+
+def model_spec(model: Union[str, "os.PathLike[str]", dict],
+               pretrained: Union[str, "os.PathLike[str]", None] = None) -> dict:
+    """The spec ``load_model(model, pretrained)`` records, found without building the model
+    or reading the weights: what a resumed run compares with its own before anything loads.
+
+    It lacks ``"sha256"``: hashing the weights reads all of them (gigabytes for a large
+    model), which the load that follows does again anyway, so the weights themselves are
+    compared once loaded (:func:`check_same_base`), and :func:`same_base` compares what this
+    spec can tell. Every error load_model would raise for a missing or unreadable path (a
+    folder of neither format, a missing weights file) is raised here too."""
+    if isinstance(model, str) and model in PACKAGED_MODELS:
+        if pretrained is None or os.fspath(pretrained) == PACKAGED:
+            return {"model": model, "pretrained": PACKAGED}
+        spec = model_spec(_packaged_config(model), pretrained)  # as _load_packaged records it
+        return {**spec, "model": model, "given": {**spec["given"], "model": model}}
+    folder = _folder_of(model, pretrained)
+    if folder is not None:
+        fmt, stored, weights, files = _folder_parts(folder, os.fspath(model), pretrained)
+        return _spec(stored, weights, fmt, model, pretrained, files, hashed=False)
+    _, _, _, spec_model, weights = _resolve(model, pretrained)
+    return _spec(spec_model, weights, OPEN_CLIP, model, pretrained, hashed=False)
+
+
+def same_base(saved: dict, current: dict) -> bool:
+    """Whether spec `current` (a LoadedModel's, or :func:`model_spec`'s without a hash) may
+    continue a run made from spec `saved`, as far as the specs tell. Where both record a
+    sha256 the weights are compared by it and their paths not at all: a base model that moved
+    keeps its weights. Without one in `current` (model_spec's) the format, the architecture
+    of an open_clip name or config, and whether there are weights files are compared, and the
+    weights then by :func:`check_same_base` once loaded. A run of an older reclip records no
+    sha256: its weights file is known by its path alone. Specs without weights files
+    (packaged, random) are compared whole."""
+    if _has_files(saved) != _has_files(current):
+        return False  # weights files on one side only (e.g. --pretrained none)
+    if not _has_files(saved):
+        return (saved.get("model"), saved.get("pretrained")) == (current.get("model"),
+                                                                 current.get("pretrained"))
+    fmt = saved.get("format", OPEN_CLIP)
+    if fmt != current.get("format", OPEN_CLIP):
+        return False
+    # a folder's "model" is where it is; an open_clip name or config is the architecture
+    if fmt not in FOLDER_FORMATS and saved.get("model") != current.get("model"):
+        return False
+    if "sha256" not in saved:
+        return _real(saved.get("pretrained")) == _real(current.get("pretrained"))
+    return "sha256" not in current or saved["sha256"] == current["sha256"]
+
+
+def _has_files(spec: dict) -> bool:
+    """Whether a spec's base weights come from files (not packaged, not random)."""
+    return bool(spec.get("sha256") or spec.get("given") or spec.get("format") in FOLDER_FORMATS
+                or spec.get("pretrained") not in (None, PACKAGED))
+
+
+def _real(path: Optional[str]) -> Optional[str]:
+    return os.path.realpath(path) if isinstance(path, str) else path
+
+
+def is_architecture_name(model: Union[str, "os.PathLike[str]", dict]) -> bool:
+    """Whether `model` names an open_clip architecture (no packaged model, no config, no
+    model folder): one whose weights only a ``pretrained`` file gives."""
+    return (isinstance(model, str) and model not in PACKAGED_MODELS
+            and not _is_config_path(model)
+            and bool({model, model.replace("/", "-")} & set(_builtin_names())))
+
+
+def _is_config_path(model: Union[str, "os.PathLike[str]"]) -> bool:
+    """Whether `model` is taken as the path of a config JSON rather than an architecture name
+    ("ViT-B/32", a name with a slash, is a name unless such a file exists)."""
+    return (isinstance(model, os.PathLike)
+            or (isinstance(model, str) and _looks_like_path(model)
+                and not (not os.path.exists(model)
+                         and model.replace("/", "-") in _builtin_names())))
+
+
+def _resolve(model: Union[str, "os.PathLike[str]", dict],
+             pretrained: Union[str, "os.PathLike[str]", None],
+             ) -> tuple[dict, Optional[str], str, Union[str, dict], Optional[str]]:
+    """(config, open_clip name or None, how errors name the model, the spec's "model", the
+    weights file's path or None) of a model that is neither packaged nor a folder."""
     name: Optional[str] = None
     if isinstance(model, dict):
         where = "<dict>"
         cfg = _check_config(model, where)
         spec_model: Union[str, dict] = copy.deepcopy(cfg)
-    elif (isinstance(model, os.PathLike)
-          or (isinstance(model, str) and _looks_like_path(model)
-              and not (not os.path.exists(model) and model.replace("/", "-") in _builtin_names()))):
+    elif _is_config_path(model):
         path = Path(os.path.expanduser(os.fspath(model)))
         where = str(path)
         cfg = _read_config_file(path)
@@ -538,15 +624,13 @@ def load_model(model: Union[str, "os.PathLike[str]", dict],
         spec_model = name
     else:
         raise TypeError(f"model must be a name, a config path or a config dict, not {type(model).__name__}")
-    weights = _weights_file(pretrained)
-    loaded = _load_open_clip(cfg, where, name, weights)
-    loaded.spec = _spec(spec_model, weights, OPEN_CLIP, model, pretrained)
-    return loaded
+    return cfg, name, where, spec_model, _weights_file(pretrained)
 
 
 def _weights_file(pretrained: Union[str, "os.PathLike[str]", None]) -> Optional[str]:
-    """The absolute path of a weights file (symlinks kept: a hub snapshot's file stays
-    named by its snapshot, not by its blob)."""
+    """The absolute path of a weights file, None for None; FileNotFoundError naming it where
+    there is none. Symlinks are kept: a hub snapshot's file stays named by its snapshot, not
+    by its blob."""
     if pretrained is None:
         return None
     p = Path(os.path.expanduser(os.fspath(pretrained)))
@@ -558,14 +642,16 @@ def _weights_file(pretrained: Union[str, "os.PathLike[str]", None]) -> Optional[
 
 
 def _spec(model: Union[str, dict], weights: Optional[str], fmt: str, given_model, given_pretrained,
-          files: Optional[list] = None) -> dict:
-    """A LoadedModel's spec: what rebuilds it, and where its base weights came from."""
+          files: Optional[list] = None, *, hashed: bool = True) -> dict:
+    """A LoadedModel's spec: what rebuilds it, and where its base weights came from (without
+    their sha256 unless `hashed`)."""
     from .folders import weights_hash
 
     spec = {"model": model, "pretrained": weights, "format": fmt}
     files = files if files is not None else ([Path(weights)] if weights else [])
     if files:
-        spec["sha256"] = weights_hash(files)
+        if hashed:
+            spec["sha256"] = weights_hash(files)
         spec["given"] = {
             "model": os.fspath(given_model) if isinstance(given_model, (str, os.PathLike)) else None,
             "pretrained": None if given_pretrained is None else os.fspath(given_pretrained)}
@@ -588,6 +674,13 @@ def _load_open_clip(cfg: dict, where: str, name: Optional[str], weights: Optiona
     return LoadedModel(model=net, tokenizer=tokenizer, preprocess=preprocess, spec={})
 
 
+def _folder_of(model, pretrained) -> Optional[Path]:
+    """The model folder a model argument names, or None (a dict, a name, a config JSON)."""
+    if isinstance(model, (str, os.PathLike)):
+        return _model_folder(os.fspath(model), pretrained)
+    return None
+
+
 def _model_folder(text: str, pretrained) -> Optional[Path]:
     """The model folder `text` names, if it names one: a folder (a hub-cache entry resolved to
     the snapshot its refs/main names), the open_clip_config.json of a folder with weights, or
@@ -606,7 +699,10 @@ def _model_folder(text: str, pretrained) -> Optional[Path]:
     return None
 
 
-def _load_folder(folder: Path, given: str, pretrained) -> LoadedModel:
+def _folder_parts(folder: Path, given: str,
+                  pretrained) -> tuple[str, str, Optional[str], list[Path]]:
+    """(format, the spec's "model", the given weights file's path or None, the base weights
+    files) of a model folder, found without loading it."""
     from . import folders
 
     fmt = folders.folder_format(folder)
@@ -617,15 +713,24 @@ def _load_folder(folder: Path, given: str, pretrained) -> LoadedModel:
         if pretrained is not None:
             raise ValueError(f"pretrained: {folder} is a transformers model folder, which brings "
                              f"its own weights; give the folder that holds the weights instead")
+        folders.transformers_config(folder)  # another architecture is the plainer error
+        return fmt, stored, None, folders.hf_weight_files(folder)
+    weights = _weights_file(pretrained)
+    return fmt, stored, weights, [Path(weights or os.path.abspath(folders.open_clip_weights(folder)))]
+
+
+def _load_folder(folder: Path, given: str, pretrained) -> LoadedModel:
+    from . import folders
+
+    fmt, stored, weights, files = _folder_parts(folder, given, pretrained)
+    if fmt == folders.TRANSFORMERS:
         net, tokenizer, preprocess, files = folders.load_transformers(folder, _hf_load_guard)
         return LoadedModel(model=net, tokenizer=tokenizer, preprocess=preprocess,
                            spec=_spec(stored, None, fmt, given, None, files))
     cfg = _read_config_file(folder / folders.OPEN_CLIP_CONFIG)
     cfg = folders.hf_tokenizer_here(folder, cfg) or cfg
-    weights = _weights_file(pretrained)
-    path = weights or os.path.abspath(folders.open_clip_weights(folder))
-    loaded = _load_open_clip(cfg, str(folder), None, path)
-    loaded.spec = _spec(stored, weights, fmt, given, pretrained, [Path(path)])
+    loaded = _load_open_clip(cfg, str(folder), None, str(files[0]))
+    loaded.spec = _spec(stored, weights, fmt, given, pretrained, files)
     return loaded
 
 
