@@ -20,7 +20,6 @@ disk) call ``reclip.cli.main`` in this process.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import signal
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_cli import (CLASS_COUNTS, CLASSES, ENV, KILL_COUNTS, KILL_SEED, KILL_SIZE, SEED,
+from test_cli import (CLASS_COUNTS, CLASSES, ENV, KILL_COUNTS, KILL_SEED, KILL_SIZE,
                       TIMEOUT, TINY_VIT, adapt_args, cli, ok, read_json, write_images)
 
 PIL = pytest.importorskip("PIL.Image")
