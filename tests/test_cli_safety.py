@@ -11,7 +11,7 @@ what the user gave, or change what it computes without saying so.
 - environment errors (a full disk) are one line, and the last checkpoint stays loadable;
 - one writer per run directory, and a SIGKILL frees it;
 - SIGTERM and Ctrl-C stop with one line saying where ``--resume`` continues, and the resumed
-  run equals an uninterrupted one.
+  run equals an uninterrupted one; under torchrun too, SIGTERM to its agent stops every rank.
 
 The CLI runs in subprocesses as in test_cli.py (its helpers and fixture images), with the
 temporary workspace as working directory; a few cases that must patch the process (a full
@@ -417,3 +417,76 @@ def test_divergence_stops_every_rank_with_the_same_line(ws):
     # torchrun's agent prints its own traceback (ChildFailedError); no rank's shows
     assert "FloatingPointError" not in r.stderr and "LinAlgError" not in r.stderr, r.stderr
     assert not (ws / "run_diverged_2" / "run.json").exists()
+
+
+def _torchrun(ws: Path, argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", "-m", "reclip", *argv], cwd=ws, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_to_torchrun_stops_every_rank_and_resume_equals_uninterrupted(ws):
+    """SIGTERM to torchrun's agent (a scheduler preempting the job): the agent passes it on to
+    both gloo ranks (they run in sessions of their own, so nothing else reaches them), the
+    group exits promptly without a rank's traceback, rank 0 says where --resume continues,
+    and the resumed 2-rank run equals an uninterrupted one."""
+    torch = pytest.importorskip("torch")
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+
+    def argv(name: str, *extra: str) -> list[str]:
+        return adapt_args("data", name, "--epochs", "6", "--batch-size", "8", "--device",
+                          "cpu", "--workers", "0", *extra, seed=KILL_SEED)
+
+    def finished(proc: subprocess.Popen) -> None:
+        _, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0 and "Traceback" not in err, err
+
+    reference = ws / "run_uninterrupted_2"
+    finished(_torchrun(ws, argv(reference.name)))
+
+    run = ws / "run_sigterm_2"
+    proc = _torchrun(ws, argv(run.name))
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (run / "run.json").exists():  # epoch 1 is saved
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # the agent gives its workers 30 s after its SIGTERM before it SIGKILLs them: well under
+    # that, the ranks stopped on their own (a rank stuck in a collective would take all 30)
+    assert took < 20, (took, err)
+    # the agent's exit status is torchrun's, not a rank's: it re-raises the signal as its
+    # own SignalException (exit 1 here); only "not a success" is torchrun's promise
+    assert proc.returncode != 0, err
+    # the one traceback allowed is that agent's; none comes from a rank (reclip's frames, a
+    # collective failing because the other rank left, the _Terminated itself)
+    blocks = err.split("Traceback (most recent call last):")[1:]
+    assert all("SignalException" in b and "torch/distributed/run.py" in b for b in blocks), err
+    assert "/reclip/" not in err and "_Terminated" not in err and "RuntimeError" not in err, err
+    meta = read_json(run / "run.json")
+    assert 1 <= meta["epoch"] < 6, meta["epoch"]
+    said = [ln for ln in err.splitlines() if ln.startswith("reclip adapt")]
+    assert said == [f"reclip adapt: terminated (SIGTERM); --resume continues {run.name} from "
+                    f"epoch {meta['epoch'] + 1} (epoch {meta['epoch']} is saved)"], err
+    # an intact checkpoint: one tensors file, the one run.json names, loadable and finite
+    assert [p for p in run_files(run) if not p.endswith((".tsv", ".json"))] == [meta["tensors"]]
+    assert all_finite(run)
+    assert not (run / "predictions.tsv").exists()
+
+    finished(_torchrun(ws, argv(run.name, "--resume")))
+    assert (run / "predictions.tsv").read_text() == \
+        (reference / "predictions.tsv").read_text()
+    assert read_json(run / "report.json")["history"] == \
+        read_json(reference / "report.json")["history"]
+    want, got = tensors_of(reference), tensors_of(run)
+    assert sorted(got) == sorted(want)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
