@@ -9,7 +9,8 @@ Each target is adapted from the shipped model it belongs to (reclip.sources.TARG
 targets from reclip-digits, the emoji targets from reclip-emoji), with that model's class names
 and prompts. ``--propagation-row`` adds ReCLIP with ``pseudo_labels="propagation"`` on targets
 above ``Config.many_classes`` classes, where the paper's rule takes the model's predictions.
-``--per-class N`` keeps the first N images of each class (fewer renders of an emoji target).
+``--per-class N`` keeps the first N images of each class (fewer renders of an emoji target);
+``--shot-only`` leaves ReCLIP out (its text step costs m prompts' gradients per step).
 
 Rows: CLIP zero-shot, SHOT and ReCLIP, each at its final epoch and at its peak epoch; SHOT at
 the paper's learning rate (1e-6) and, as a sensitivity row, at the other rates of --shot-lrs.
@@ -75,9 +76,11 @@ def run(loaded, target: sources.Target, train, test, labels: np.ndarray,
 
 
 def methods(args, classes: int) -> list[tuple[str, dict]]:
-    rows = [("ReCLIP", {})]
-    if args.propagation_row and classes > reclip.Config.many_classes:
-        rows.append(("ReCLIP, propagation", {"pseudo_labels": "propagation"}))
+    rows = []
+    if not args.shot_only:
+        rows.append(("ReCLIP", {}))
+        if args.propagation_row and classes > reclip.Config.many_classes:
+            rows.append(("ReCLIP, propagation", {"pseudo_labels": "propagation"}))
     for lr in args.shot_lrs:
         rows.append((f"SHOT lr {lr:g}", {"method": "shot", "lr": lr}))
     return rows
@@ -163,6 +166,9 @@ def main(argv=None) -> int:
                    help="SHOT learning rates; 1e-6 is the paper's, the others a sensitivity row")
     p.add_argument("--propagation-row", action="store_true",
                    help="ReCLIP with label propagation too, on targets above 500 classes")
+    p.add_argument("--shot-only", action="store_true",
+                   help="zero-shot and SHOT rows only (ReCLIP's text step is the costly part "
+                        "at many classes)")
     p.add_argument("--per-class", type=int, default=0,
                    help="keep the first N images of each class (0: all)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
