@@ -126,9 +126,11 @@ def augment(bank: torch.Tensor, y: torch.Tensor, size: int, gen: torch.Generator
 
 def normalizer(loaded: models.LoadedModel):
     """The model preprocess's mean/std, so that augmented tensors match what inference sees."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
     visual = loaded.model.visual
-    mean = torch.tensor(getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073))
-    std = torch.tensor(getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711))
+    mean = torch.tensor(getattr(visual, "image_mean", None) or OPENAI_DATASET_MEAN)
+    std = torch.tensor(getattr(visual, "image_std", None) or OPENAI_DATASET_STD)
     return lambda x: (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
