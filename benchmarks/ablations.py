@@ -85,7 +85,7 @@ def run_target(name: str, epochs: int, seed: int) -> dict:
     images = preprocessed(raw, loaded)
     base = reclip.ReCLIP(loaded, sources.DIGIT_NAMES, DIGIT_TEMPLATES,
                          reclip.Config(max_epochs=epochs, seed=seed))
-    feats = base._encode_images(base.text_copy, images)
+    feats = base.encode_images(images)
     t2: dict[str, float] = {}
     t2["vanilla CLIP (zero-shot)"] = float((base.zero_shot_predict(images) == labels).mean())
     c = base.config

@@ -258,11 +258,11 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def measure_floor(torch, clf, loaded, args, clock: Clock) -> dict:
     """Raw loops of the same model, batches and autocast on in-memory device tensors. Takes
     from `clf` what defines the work, so that it cannot drift from the pipeline's: its config,
-    autocast context and dtype, first-template prompts, and (adapt._tower_params) which
+    autocast context and dtype, first-template prompts, and (reclip.trainable) which
     parameters train."""
     from torch import nn
 
-    from reclip.adapt import _tower_params  # the pipeline's choice of trainable parameters
+    from reclip import trainable  # the pipeline's choice of trainable parameters
 
     c, dev = clf.config, clf.device
     model = copy.deepcopy(loaded.model).eval().to(dev)
@@ -273,13 +273,13 @@ def measure_floor(torch, clf, loaded, args, clock: Clock) -> dict:
     timed_batches = max(1, min(args.floor_batches, math.ceil(args.n / enc_b) - 1))
     timed_steps = max(1, min(args.floor_batches, math.ceil(args.n / train_b) - 1))
     g = torch.Generator(device="cpu").manual_seed(args.seed)
-    autocast = clf._autocast  # the pipeline's autocast (Config.amp on Config.device)
-    scaler_on = clf._amp == torch.float16
+    autocast = clf.features.autocast  # the pipeline's autocast (Config.amp on Config.device)
+    scaler_on = clf.features.amp == torch.float16
     out: dict[str, Any] = {"encode_batches": timed_batches, "steps": timed_steps}
     if clock.cuda:
         torch.cuda.reset_peak_memory_stats(dev)
 
-    # encode: forward into one float32 buffer, as _encode_images fills its output
+    # encode: forward into one float32 buffer, as Features.images fills its output
     x = torch.randn(enc_b, 3, size, size, generator=g).to(dev)
     with torch.no_grad():
         feats = None
@@ -322,18 +322,20 @@ def measure_floor(torch, clf, loaded, args, clock: Clock) -> dict:
         loss = nn.functional.cross_entropy(logits, y)
         return loss / len(xv) if c.visual_loss == "released" else loss
 
-    out["v_step_img_s"] = steps(visual_loss, clf._optimizer(_tower_params(model, visual=True)))
+    out["v_step_img_s"] = steps(visual_loss, trainable.optimizer(
+        trainable.tower_params(model, visual=True), c))
     del xv
 
-    tokens = loaded.tokenizer(clf._prompts(first_only=True)).to(dev)
+    tokens = loaded.tokenizer(clf.prompts(first_only=True)).to(dev)
     image_feats = nn.functional.normalize(torch.randn(train_b, d, generator=g), dim=1).to(dev)
 
     def text_loss():
         with autocast():
             text = model.encode_text(tokens, normalize=True)
-        return clf._text_loss(image_feats, text.float(), y)
+        return clf.method.text_loss(image_feats, text.float(), y)
 
-    out["t_step_img_s"] = steps(text_loss, clf._optimizer(_tower_params(model, visual=False)))
+    out["t_step_img_s"] = steps(text_loss, trainable.optimizer(
+        trainable.tower_params(model, visual=False), c))
     if clock.cuda:
         out["peak_device_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
     del model
@@ -368,25 +370,25 @@ def measure_loader_cost(torch, data, samples: int) -> dict:
 
 def measure_pipeline(torch, clf, data, args, clock: Clock, out_dir: Path) -> dict:
     """ReCLIP.fit as a user calls it, with per-stage timings. The smallest reach into the
-    class: its per-instance methods _loader (every DataLoader fit builds: wrapped in
-    TimedLoader), _pseudo (label propagation), _step_text / _step_visual (one optimiser step
-    of each side) and save (the checkpoint) are replaced on this instance by timing wrappers
-    that call the originals with the same arguments."""
+    run: the methods features.loader (every DataLoader fit builds: wrapped in TimedLoader),
+    method.pseudo (label propagation), method.step_text / method.step_visual (one optimiser
+    step of each side) and save (the checkpoint) are replaced on these instances by timing
+    wrappers that call the originals with the same arguments."""
     import recipes  # PeakMemory: the kernel's RSS high-water mark, reset here
 
     loaders: list[tuple[str, TimedLoader]] = []
-    make_loader = clf._loader
+    make_loader = clf.features.loader
 
     def loader(data_, batch_sampler=None):
         dl = TimedLoader(make_loader(data_, batch_sampler=batch_sampler), clock)
         loaders.append(("encode" if batch_sampler is None else "train", dl))
         return dl
 
-    clf._loader = loader
+    clf.features.loader = loader
     pseudo, text, visual, save = [], [], [], []
-    timed_method(clf, "_pseudo", pseudo, clock, sync_first=True)
-    timed_method(clf, "_step_text", text, clock, size_arg=0)
-    timed_method(clf, "_step_visual", visual, clock, size_arg=0)
+    timed_method(clf.method, "pseudo", pseudo, clock, sync_first=True)
+    timed_method(clf.method, "step_text", text, clock, size_arg=0)
+    timed_method(clf.method, "step_visual", visual, clock, size_arg=0)
     timed_method(clf, "save", save, clock)
     peak = recipes.PeakMemory()
     if clock.cuda:
@@ -470,8 +472,8 @@ def environment(torch, clf, data) -> dict:
             "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
             else f"cpu ({_cores()} cores)",
-            "amp": str(clf._amp).replace("torch.", "") if clf._amp else "off",
-            "workers": clf._workers(data),
+            "amp": str(clf.features.amp).replace("torch.", "") if clf.features.amp else "off",
+            "workers": clf.features.workers(data),
             "torch_threads": torch.get_num_threads(), "cores": _cores(),
             "encode_batch": clf.config.encode_batch_size,
             "train_batch": clf.config.batch_for(len(clf.classnames)),

@@ -35,12 +35,14 @@ from .ops import (
     sym_normalize,
 )
 
+from .defaults import DEFAULTS
 from . import distributed  # torch is imported only when it is called
 from ._version import __version__
 
 __all__ = [
     "CgResult",
     "Csr",
+    "DEFAULTS",
     "LabelPropagation",
     "built_with_cuda",
     "cg_solve",

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import ops
+from .defaults import DEFAULTS
 
 __all__ = ["label_propagate"]
 
@@ -137,8 +138,9 @@ def _padded(torch, x, rows: int):
     return torch.cat([x, pad])
 
 
-def label_propagate(text, images_shard, group=None, *, k=20, alpha=0.99, max_iter=20, tol=1e-6,
-                    weight="relu", gamma=1.0, normalize=True, block_rows=None, threads=None,
+def label_propagate(text, images_shard, group=None, *, k=DEFAULTS.k, alpha=DEFAULTS.alpha,
+                    max_iter=DEFAULTS.max_iter, tol=DEFAULTS.tol, weight=DEFAULTS.weight,
+                    gamma=DEFAULTS.gamma, normalize=True, block_rows=None, threads=None,
                     precision="exact") -> ops.LabelPropagation:
     """Pseudo labels for sharded images by label propagation (ReCLIP §3.2) over
     torch.distributed: :func:`reclip_ext.label_propagate` on the images of every rank, each

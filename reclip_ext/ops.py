@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _core
+from .defaults import DEFAULTS
 
 _WEIGHTS = ("relu", "shift")
 _PRECISIONS = ("exact", "tf32", "bf16")
@@ -676,8 +677,8 @@ def _readout(ns: _Arrays, scores):
 # Public API
 
 
-def knn_affinity(x, k, *, rows=None, queries=None, exclude_self=None, weight="relu", gamma=1.0,
-                 normalize=False, block_rows=None, threads=None, precision="exact"):
+def knn_affinity(x, k, *, rows=None, queries=None, exclude_self=None, weight=DEFAULTS.weight,
+                 gamma=DEFAULTS.gamma, normalize=False, block_rows=None, threads=None, precision="exact"):
     """k-nearest-neighbour affinities by inner product, never forming the N x N matrix.
 
     For each row i the k rows j (j != i when ``exclude_self``) with the largest s_ij = x_i . x_j
@@ -704,7 +705,7 @@ def knn_affinity(x, k, *, rows=None, queries=None, exclude_self=None, weight="re
             these points against the rows of x. Not together with ``rows``.
         exclude_self: leave i out of its own neighbours; default True, and False for
             ``queries`` (True there is a ValueError).
-        weight: ``"relu"`` (Iscen et al.) or ``"shift"`` (the ReCLIP authors' code).
+        weight: ``"shift"`` (the ReCLIP authors' code, the default) or ``"relu"`` (Iscen et al.).
         gamma: exponent of the weight, > 0.
         normalize: L2-normalise rows first (cosine similarity); a zero row is an error. It is
             per row, so a block means the same as in the whole call: every row of x (the
@@ -831,7 +832,8 @@ def sym_normalize(indices, weights, *, threads=None) -> Csr:
                    ns.result(ns.astype(csr.data, dt)))
 
 
-def cg_solve(W, rhs, *, alpha=0.99, max_iter=20, tol=1e-6, threads=None) -> CgResult:
+def cg_solve(W, rhs, *, alpha=DEFAULTS.alpha, max_iter=DEFAULTS.max_iter, tol=DEFAULTS.tol,
+             threads=None) -> CgResult:
     """Solve (I - alpha W) X = rhs for all columns at once by batched conjugate gradient.
 
     The m columns are m independent CG recurrences that share one sparse x dense product per
@@ -872,8 +874,9 @@ def cg_solve(W, rhs, *, alpha=0.99, max_iter=20, tol=1e-6, threads=None) -> CgRe
                         ns.result(result.residuals))
 
 
-def label_propagate(text, images, *, k=20, alpha=0.99, max_iter=20, tol=1e-6, weight="relu",
-                    gamma=1.0, normalize=True, block_rows=None, threads=None,
+def label_propagate(text, images, *, k=DEFAULTS.k, alpha=DEFAULTS.alpha,
+                    max_iter=DEFAULTS.max_iter, tol=DEFAULTS.tol, weight=DEFAULTS.weight,
+                    gamma=DEFAULTS.gamma, normalize=True, block_rows=None, threads=None,
                     precision="exact") -> LabelPropagation:
     """Pseudo labels for images by label propagation from class-name embeddings (ReCLIP §3.2).
 

@@ -170,7 +170,7 @@ def knn_tolerances(x, k, *, exclude_self, weight, gamma, normalize, ref=None):
     return 2 * err_s + 4 * eps * smax, 2 * err_w + 4 * eps * wmax
 
 
-def assert_knn_close(x, k, indices, weights, *, exclude_self=True, weight="relu", gamma=1.0,
+def assert_knn_close(x, k, indices, weights, *, exclude_self=True, weight="shift", gamma=1.0,
                      normalize=False):
     """Check a knn_affinity result against the float64 reference.
 

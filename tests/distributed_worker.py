@@ -41,9 +41,9 @@ def main(out: str, data_dir: str, bad_dir: str, model: str) -> None:
                     batch_size=50)
     clf = ReCLIP(loaded, CLASSES, config=config)
     data = image_set(data_dir, loaded.preprocess)
-    feats = clf._encode_images(clf.visual_copy, data)
+    feats = clf.encode_images(data, side="visual")
     bad = image_set(bad_dir, loaded.preprocess).check_in_first_pass(skip_bad=True)
-    bad_feats = clf._encode_images(clf.visual_copy, bad)
+    bad_feats = clf.encode_images(bad, side="visual")
     predicted = pseudo_labels(feats, clf.nodes_v, clf.basis_v, method="prediction", world=world)
     clf.fit(data)
     # SHOT: the whole visual tower under DDP, the batch-mean prediction exchanged every step

@@ -26,7 +26,7 @@ import scipy.sparse.linalg
 # Steps 1-3: k-NN affinities
 
 
-def weight_fn(s, weight: str = "relu", gamma: float = 1.0):
+def weight_fn(s, weight: str = "shift", gamma: float = 1.0):
     """f(s) of docs/mathematics.md §2, step 3, in the dtype of ``s``: relu max(s, 0)^gamma, shift
     ((1 + s) / 2)^gamma. The shift base is in [0, 1] for cosine similarities; for raw inner
     products below -1 it is clamped at 0 like relu's, so that every weight is >= 0 (what
@@ -78,7 +78,7 @@ class KnnRef(NamedTuple):
     sim: np.ndarray  #: (N, N) the full similarity used
 
 
-def ref_knn(x, k: int, exclude_self: bool = True, weight: str = "relu", gamma: float = 1.0,
+def ref_knn(x, k: int, exclude_self: bool = True, weight: str = "shift", gamma: float = 1.0,
             normalize: bool = False, dtype=np.float64) -> KnnRef:
     """docs/mathematics.md §2, steps 1-3 with the full N x N similarity (float64 unless ``dtype`` says)."""
     s = ref_similarity(x, normalize, dtype)
@@ -88,7 +88,7 @@ def ref_knn(x, k: int, exclude_self: bool = True, weight: str = "relu", gamma: f
     return KnnRef(idx.astype(np.int64), weight_fn(sims, weight, gamma).astype(dtype), s)
 
 
-def ref_knn_queries(x, queries, k: int, weight: str = "relu", gamma: float = 1.0,
+def ref_knn_queries(x, queries, k: int, weight: str = "shift", gamma: float = 1.0,
                     normalize: bool = False) -> KnnRef:
     """Steps 1-3 for points that are not rows of x: every query against every row of x
     (nothing excluded), in float64; ``sim`` is the (Q, N) similarity."""
@@ -233,7 +233,7 @@ class LabelPropagationRef(NamedTuple):
     w: np.ndarray  #: the dense normalised graph
 
 
-def ref_label_propagate(text, images, k: int = 20, alpha: float = 0.99, weight: str = "relu",
+def ref_label_propagate(text, images, k: int = 20, alpha: float = 0.99, weight: str = "shift",
                         gamma: float = 1.0, normalize: bool = True) -> LabelPropagationRef:
     """docs/mathematics.md §2, steps 1-6 in float64 with an exact (direct) solve."""
     t = np.asarray(text, dtype=np.float64)
@@ -261,7 +261,7 @@ class RecipeResult(NamedTuple):
 
 
 def lp_deepssl_recipe(text, images, k: int = 20, alpha: float = 0.99, max_iter: int = 20,
-                      tol: float = 1e-6, weight: str = "relu", gamma: float = 1.0,
+                      tol: float = 1e-6, weight: str = "shift", gamma: float = 1.0,
                       normalize: bool = True) -> RecipeResult:
     """Label propagation as LP-DeepSSL (Iscen et al. 2019) does it, in float32:
     brute-force inner-product kNN (numpy), a scipy.sparse CSR graph, W + W^T, symmetric

@@ -117,7 +117,7 @@ def test_ties_integer_vectors(dtype, exclude_self, block_rows):
     x = rng.integers(-2, 3, size=(45, 3)).astype(dtype)
     for k in (1, 5, 17, 44):
         idx, w = reclip_ext.knn_affinity(x, k, exclude_self=exclude_self, block_rows=block_rows,
-                                         gamma=2.0)
+                                         weight="relu", gamma=2.0)
         ref = reference.ref_knn(x, k, exclude_self, "relu", 2.0)
         np.testing.assert_array_equal(idx, ref.indices)
         np.testing.assert_array_equal(w, ref.weights.astype(dtype))

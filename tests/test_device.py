@@ -17,6 +17,9 @@ import reclip_ext
 from reclip import adapt, cli, models
 from reclip import demo as demo_mod
 from reclip.data import image_set
+from reclip.methods import ReCLIPMethod
+from reclip.methods import reclip as reclip_method
+from reclip.runner import Runner
 
 from conftest import NEEDS_CUDA
 
@@ -164,13 +167,13 @@ def test_load_onto_a_device_ignores_where_the_run_trained(tiny, folder, tmp_path
 
 def _record_pseudo_labels(monkeypatch) -> list[np.ndarray]:
     seen = []
-    original = adapt.pseudo_labels
+    original = reclip_method.pseudo_labels
 
     def spy(*a, **k):
         seen.append(original(*a, **k))
         return seen[-1]
 
-    monkeypatch.setattr(adapt, "pseudo_labels", spy)
+    monkeypatch.setattr(reclip_method, "pseudo_labels", spy)
     return seen
 
 
@@ -212,13 +215,13 @@ def test_training_batches_follow_the_seeded_permutation(tiny, folder, monkeypatc
     from reclip.data import ImageSet
 
     seen = []
-    original = adapt.ReCLIP._step_visual
+    original = ReCLIPMethod.step_visual
 
     def spy(self, x, y):
         seen.append(len(x))
         return original(self, x, y)
 
-    monkeypatch.setattr(adapt.ReCLIP, "_step_visual", spy)
+    monkeypatch.setattr(ReCLIPMethod, "step_visual", spy)
     batches = []
     original_item = ImageSet.__getitem__
     monkeypatch.setattr(ImageSet, "__getitem__",
@@ -247,7 +250,7 @@ def somebad(folder, tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_unreadable_image_stops_the_first_pass_before_training(tiny, somebad, monkeypatch,
                                                                workers):
-    monkeypatch.setattr(adapt.ReCLIP, "_sgd_step",
+    monkeypatch.setattr(Runner, "step",
                         lambda *a, **k: pytest.fail("a training step ran"))
     data = image_set(somebad, tiny.preprocess).check_in_first_pass()
     with pytest.raises(ValueError) as e:
@@ -286,7 +289,8 @@ def _runs_on(tiny, folder, monkeypatch, device: str, amp: str):
     clf = _clf(tiny, device=device, amp=amp, max_epochs=1, workers=0).fit(str(folder))
     assert seen and all(kind is torch.Tensor and where.type == torch.device(device).type
                         and dtype == torch.float32 for kind, where, dtype, _ in seen), seen
-    for params, opt in ((clf.text_params, clf._opt_t), (clf.visual_params, clf._opt_v)):
+    for params, opt in ((clf.text_params, clf.runner.optimizers["text"]),
+                        (clf.visual_params, clf.runner.optimizers["visual"])):
         assert all(p.dtype == torch.float32 and p.device.type == torch.device(device).type
                    for p in params.values())
         assert all(s["momentum_buffer"].dtype == torch.float32 for s in opt.state.values())
@@ -307,7 +311,7 @@ def test_bf16_autocast_on_the_cpu_keeps_norm_parameters_float32(tiny, folder, mo
 def test_cuda_run_keeps_features_and_labels_on_the_device(tiny, folder, monkeypatch, amp):
     clf = _runs_on(tiny, folder, monkeypatch, "cuda", amp)
     assert clf.nodes_t.is_cuda and clf.centres.is_cuda
-    assert (clf._scalers["text"] is not None) == (amp == "fp16")
+    assert (clf.runner.scalers["text"] is not None) == (amp == "fp16")
 
 
 @pytest.mark.parametrize("amp", [pytest.param(a, marks=NEEDS_CUDA) for a in ("off", "auto")])
@@ -347,7 +351,7 @@ def test_chunked_text_step_has_the_same_loss_and_update(tiny):
         original = clf.text_copy.encode_text
         clf.text_copy.encode_text = lambda tokens, **k: (calls.append(len(tokens)),
                                                          original(tokens, **k))[1]
-        loss = float(clf._step_text(feats, y))
+        loss = float(clf.method.step_text(feats, y))
         results.append((loss, {k: p.detach().clone() for k, p in clf.text_params.items()}))
         assert max(calls) == min(chunk, 3)
     (loss_one, one), (loss_chunked, chunked) = results

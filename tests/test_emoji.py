@@ -134,14 +134,14 @@ def _zero_shot_predictions(loaded, images: np.ndarray, names: list[str]) -> np.n
     import torch
     import torch.nn.functional as F
 
-    from reclip import models
+    from reclip import features
     from reclip.demo import preprocessed
 
     prompts = [t.format(n) for n in names for t in sources.EMOJI_TEMPLATES]
-    text = models.encode_text(loaded, prompts).view(len(names), len(sources.EMOJI_TEMPLATES), -1)
+    text = features.encode_text(loaded, prompts).view(len(names), len(sources.EMOJI_TEMPLATES), -1)
     nodes = F.normalize(text.mean(1), dim=-1)
     with torch.no_grad():
-        feats = models.encode_images(loaded, preprocessed(images, loaded))
+        feats = features.encode_images(loaded, preprocessed(images, loaded))
     return (feats @ nodes.T).argmax(1).numpy()
 
 

@@ -468,13 +468,13 @@ def test_pretrained_with_a_transformers_folder_is_refused(hf, tmp_path):
 
 def test_vit_b32_layernorms_as_documented():
     """docs/models.md lists the LayerNorms ReCLIP trains in transformers' ViT-B/32 layout."""
-    from reclip.adapt import _tower_params
+    from reclip.trainable import tower_params
     from reclip.folders import HFCLIP
 
     with torch.device("meta"):
         model = HFCLIP(transformers.CLIPModel(transformers.CLIPConfig()))
-    text = _tower_params(model, visual=False)
-    visual = _tower_params(model, visual=True)
+    text = tower_params(model, visual=False)
+    visual = tower_params(model, visual=True)
     docs = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
     assert f"{len(visual) // 2} LayerNorms, {sum(p.numel() for p in visual.values()):,} parameters" in docs
     assert f"{len(text) // 2} LayerNorms, {sum(p.numel() for p in text.values()):,} parameters" in docs

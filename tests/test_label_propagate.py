@@ -13,7 +13,7 @@ import reference
 from conftest import ARRAY_KINDS, NEEDS_CUDA, clip_like, is_kind, to_kind, to_numpy
 
 
-def ref_unconverged(text, images, k, alpha, max_iter, tol, weight="relu", gamma=1.0,
+def ref_unconverged(text, images, k, alpha, max_iter, tol, weight="shift", gamma=1.0,
                     normalize=True):
     """Steps 1-6 in float64 with the textbook CG of reference.py (same stop rule), for
     comparisons at max_iter where CG has not converged."""

@@ -28,16 +28,9 @@ except ImportError:  # running from a checkout without installing the package
 from torch import nn  # noqa: E402
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
-from reclip.models import (  # noqa: E402
-    MINILM,
-    LoadedModel,
-    encode_images,
-    encode_text,
-    freeze_except_norms,
-    load_model,
-    model_from_spec,
-    norm_parameters,
-)
+from reclip.features import encode_images, encode_text  # noqa: E402
+from reclip.models import MINILM, LoadedModel, load_model, model_from_spec  # noqa: E402
+from reclip.trainable import freeze_except_norms, norm_parameters  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_VIT = ASSETS / "tiny-vit.json"
@@ -466,3 +459,16 @@ class _Evil:
 def test_model_from_spec_requires_model_entry():
     with pytest.raises(ValueError):
         model_from_spec({"pretrained": None})
+
+
+def test_moved_names_stay_importable_from_models():
+    """The encoders and the trainable-parameter policy moved out of reclip.models; code that
+    imports them from there gets the very same functions."""
+    from reclip import features, models, trainable
+
+    for name in ("encode_text", "encode_images"):
+        assert getattr(models, name) is getattr(features, name)
+    for name in ("norm_parameters", "freeze_except_norms", "is_visual"):
+        assert getattr(models, name) is getattr(trainable, name)
+    with pytest.raises(AttributeError):
+        models.no_such_name

@@ -13,8 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import reclip  # noqa: E402
-from reclip import adapt, projection  # noqa: E402
-from reclip.models import norm_parameters  # noqa: E402
+from reclip import adapt, methods, projection  # noqa: E402
+from reclip.methods import ReCLIPMethod  # noqa: E402
+from reclip.trainable import norm_parameters  # noqa: E402
 
 ASSETS = Path(__file__).parent / "assets"
 CLASSES = ["red square", "green circle", "blue triangle"]
@@ -96,9 +97,9 @@ def test_label_sharing_trains_on_agreeing_images(tiny, colour_images, monkeypatc
     visual_labels = text_labels.copy()
     visual_labels[:5] = (visual_labels[:5] + 1) % 3  # 5 disagreements
     calls = iter([text_labels, visual_labels] * 10)  # T side first, then V, each epoch
-    monkeypatch.setattr(adapt, "pseudo_labels", lambda *a, **k: next(calls))
+    monkeypatch.setattr(methods.reclip, "pseudo_labels", lambda *a, **k: next(calls))
     seen_idx, seen_y = [], []
-    original = adapt.ReCLIP._step_visual
+    original = ReCLIPMethod.step_visual
 
     def spy(self, x, y):
         # which images: the rows of the (distinct) image tensor that the batch holds
@@ -106,7 +107,7 @@ def test_label_sharing_trains_on_agreeing_images(tiny, colour_images, monkeypatc
         seen_y.extend(y.tolist())
         return original(self, x, y)
 
-    monkeypatch.setattr(adapt.ReCLIP, "_step_visual", spy)
+    monkeypatch.setattr(ReCLIPMethod, "step_visual", spy)
     clf = _fit(tiny, colour_images, max_epochs=1, label_sharing=sharing)
     entry = clf.history[0]
     assert entry.agreement == pytest.approx((n - 5) / n)

@@ -112,7 +112,7 @@ def check_knn_ties_exact(dtype, n, d, lo, hi, seed, exclude_self, block_rows, da
     reference index for index (ties to the smaller index) and weight for weight."""
     x = np.random.default_rng(seed).integers(lo, hi + 1, size=(n, d)).astype(dtype)
     k = data.draw(st.integers(1, n - 1 if exclude_self else n), label="k")
-    idx, w = reclip_ext.knn_affinity(x, k, exclude_self=exclude_self, gamma=2.0,
+    idx, w = reclip_ext.knn_affinity(x, k, exclude_self=exclude_self, weight="relu", gamma=2.0,
                                      block_rows=block_rows)
     ref = reference.ref_knn(x, k, exclude_self, "relu", 2.0)
     np.testing.assert_array_equal(idx, ref.indices)

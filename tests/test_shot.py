@@ -15,8 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import reclip  # noqa: E402
-from reclip import adapt  # noqa: E402
-from reclip.models import norm_parameters  # noqa: E402
+from reclip import adapt, methods  # noqa: E402
+from reclip.trainable import norm_parameters  # noqa: E402
 
 CLASSES = ["red square", "green circle", "blue triangle"]
 TEMPLATES = ["a photo of a {}.", "a {}."]
@@ -191,10 +191,10 @@ def test_what_trains(tiny, colour_images, which):
     visual = {k for k, _ in tiny.model.named_parameters() if k.startswith("visual.")}
     norms = {k for k in norm_parameters(tiny.model) if k.startswith("visual.")}
     assert set(clf.visual_params) == (visual if which == "encoder" else norms)
-    assert clf.text_params == {} and clf._opt_t is None
+    assert clf.text_params == {} and clf.runner.optimizers["text"] is None
     assert {k for k, p in clf.visual_copy.named_parameters() if p.requires_grad} == set(clf.visual_params)
     assert not any(p.requires_grad for p in clf.text_copy.parameters())
-    assert clf._opt_v.param_groups[0]["lr"] == LR
+    assert clf.runner.optimizers["visual"].param_groups[0]["lr"] == LR
     clf.fit(colour_images)
     changed = {k for k, v in clf.visual_copy.state_dict().items() if not torch.equal(v, before[k])}
     # every trained tensor moves (weight decay alone moves any non-zero one), nothing else does
@@ -235,7 +235,8 @@ def test_step_is_sgd_on_the_shot_loss(tiny, colour_images, monkeypatch):
     nodes = clf.nodes_v
     pseudo = np.random.default_rng(0).integers(0, 3, len(colour_images))
     seen = []
-    monkeypatch.setattr(adapt, "shot_pseudo_labels", lambda f, z: seen.append((f, z)) or pseudo)
+    monkeypatch.setattr(methods.shot, "shot_pseudo_labels",
+                        lambda f, z: seen.append((f, z)) or pseudo)
     with torch.no_grad():
         feats = torch.nn.functional.normalize(model.encode_image(colour_images), dim=-1)
     g = torch.Generator().manual_seed(0 * 100_003 + 0)
@@ -271,8 +272,8 @@ def test_save_load_round_trip_and_momentum(tiny, colour_images, tmp_path):
     assert torch.equal(back.logits(colour_images), clf.logits(colour_images))
     assert (back.predict(colour_images) == clf.predict(colour_images)).all()
     for k, p in back.visual_params.items():
-        assert torch.equal(back._opt_v.state[p]["momentum_buffer"],
-                           clf._opt_v.state[clf.visual_params[k]]["momentum_buffer"])
+        assert torch.equal(back.runner.optimizers["visual"].state[p]["momentum_buffer"],
+                           clf.runner.optimizers["visual"].state[clf.visual_params[k]]["momentum_buffer"])
 
 
 def test_resume_equals_uninterrupted(tiny, colour_images, tmp_path):

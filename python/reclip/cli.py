@@ -111,13 +111,22 @@ def _float_at_least(minimum: float, *, inclusive: bool):
 _positive_float = _float_at_least(0, inclusive=False)
 _non_negative_float = _float_at_least(0, inclusive=True)
 
+
+def _below_one(text: str) -> float:
+    """An argparse type: a float in [0, 1) (label propagation's alpha)."""
+    value = _non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1, got {text}")
+    return value
+
 #: adapt's flags that belong to one method: flag -> (its args attribute, the method); each
 #: defaults to None (or False), so that giving it with the other method can be refused
 METHOD_FLAGS = {"--projection": ("projection", "reclip"), "--sides": ("sides", "reclip"),
                 "--no-label-sharing": ("no_label_sharing", "reclip"),
                 "--visual-loss": ("visual_loss", "reclip"),
                 "--lp-precision": ("lp_precision", "reclip"),
-                "--pseudo-labels": ("pseudo_labels", "reclip"),
+                "--pseudo-labels": ("pseudo_labels", "reclip"), "--k": ("k", "reclip"),
+                "--alpha": ("alpha", "reclip"), "--weight": ("weight", "reclip"),
                 "--shot-beta": ("shot_beta", "shot"), "--shot-params": ("shot_params", "shot")}
 
 
@@ -131,6 +140,8 @@ def _check_method_flags(args) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import reclip_ext
+
     from .pseudo_labels import METHODS as PSEUDO_LABEL_METHODS
     from .sources import TARGETS
 
@@ -198,6 +209,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="ReCLIP: label propagation, the model's own predictions, or auto (the "
                         "paper's rule and the default: propagation up to 500 classes, "
                         "predictions above)")
+    lp = reclip_ext.DEFAULTS
+    a.add_argument("--k", type=_at_least(1),
+                   help=f"ReCLIP: neighbours of each node in label propagation's graph "
+                        f"(default {lp.k}; at most the classes + images - 1)")
+    a.add_argument("--alpha", type=_below_one,
+                   help=f"ReCLIP: label propagation's strength, in [0, 1) (default {lp.alpha})")
+    a.add_argument("--weight", choices=("shift", "relu"),
+                   help=f"ReCLIP: edge weight of a cosine s in the graph: shift (1+s)/2, as in "
+                        f"the authors' code, or relu max(s, 0) (default {lp.weight})")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--resume", action="store_true",
                    help="continue the run in --out (without it, an --out that holds a run is "
@@ -410,7 +430,8 @@ def adapt(args) -> int:
              "lp_precision": args.lp_precision, "max_epochs": args.epochs,
              "max_iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr,
              "shot_beta": args.shot_beta, "shot_params": args.shot_params,
-             "pseudo_labels": args.pseudo_labels}
+             "pseudo_labels": args.pseudo_labels, "k": args.k, "alpha": args.alpha,
+             "weight": args.weight}
     config = adapt_mod.Config(method=args.method, seed=args.seed,
                               label_sharing=not args.no_label_sharing, device=args.device,
                               amp=args.amp, workers=args.workers,

@@ -185,8 +185,8 @@ def run_demo(out_dir: str | Path, *, model: str | None = None, epochs: int = 10,
     clf = ReCLIP(loaded, classnames, list(chosen.templates), config)
 
     # one pass of the unadapted encoder serves the zero-shot scores and label propagation
-    frozen = clf._encode_images(clf.text_copy, images)
-    _, zero_shot, zero_shot_ece = scores(clf._zero_shot_logits_of(frozen), labels)
+    frozen = clf.encode_images(images, side="text")
+    _, zero_shot, zero_shot_ece = scores(clf.zero_shot_logits_of(frozen), labels)
     lp_only = float((propagate(frozen, clf.nodes_v, clf.basis_v, k=config.k, alpha=config.alpha,
                                weight=config.weight, precision=lp_precision) == labels).mean())
     frozen = frozen.cpu()  # for the statistics and plots
@@ -216,7 +216,7 @@ def run_demo(out_dir: str | Path, *, model: str | None = None, epochs: int = 10,
               "reclip_ece": final_ece, "per_epoch": curve, "similarity": stats,
               "config": dataclasses.asdict(config)}
     if plots:
-        after = clf._encode_images(clf.visual_copy, images).cpu()
+        after = clf.encode_images(images, side="visual").cpu()
         report["plots"] = _plots(out, frozen, after, clf.nodes_v.cpu(), clf.centres.cpu(), labels,
                                  stats, curve, zero_shot, lp_only)
     report["seconds"] = round(time.time() - start, 1)

@@ -50,7 +50,6 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .optional import require
 
@@ -61,15 +60,10 @@ __all__ = [
     "LoadedModel",
     "load_model",
     "model_from_spec",
-    "norm_parameters",
-    "freeze_except_norms",
-    "is_visual",
     "check_same_base",
     "model_spec",
     "same_base",
     "is_architecture_name",
-    "encode_text",
-    "encode_images",
 ]
 
 #: special value for ``text_cfg.hf_model_name`` / ``hf_tokenizer_name``: the MiniLM-L6 sentence
@@ -785,112 +779,16 @@ def check_same_base(saved: dict, current: dict, where: str = "") -> None:
                          f"was made from ({found}; the run's has sha256 {want[:12]}...)")
 
 
-def is_visual(model: nn.Module, name: str) -> bool:
-    """Whether parameter `name` of `model` belongs to its image tower: open_clip's ``visual.*``,
-    or what the model's own ``visual_prefixes`` name (:class:`reclip.folders.HFCLIP`). The
-    rest is the text side."""
-    return name.startswith(tuple(getattr(model, "visual_prefixes", ("visual.",))))
+#: names that moved: the trainable-parameter policy to reclip.trainable, the encoders to
+#: reclip.features. Still importable from here, so that code written against them keeps working.
+_MOVED = {"is_visual": "trainable", "norm_parameters": "trainable",
+          "freeze_except_norms": "trainable", "encode_text": "features",
+          "encode_images": "features"}
 
 
-def norm_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
-    """Weight and bias of every LayerNorm and the affine weight and bias of every BatchNorm.
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
 
-    LayerNorms are found by ``isinstance(m, nn.LayerNorm)`` (so open_clip's ``LayerNorm`` /
-    ``LayerNormFp32`` and HuggingFace's ``LayerNorm`` count); BatchNorms by
-    ``isinstance(m, _BatchNorm)``. Keys are qualified parameter names, in module order; a
-    parameter shared between modules appears once.
-    """
-    out: dict[str, nn.Parameter] = {}
-    seen: set[int] = set()
-    for mod_name, mod in module.named_modules():
-        if not isinstance(mod, (nn.LayerNorm, _BatchNorm)):
-            continue
-        for pname in ("weight", "bias"):
-            p = getattr(mod, pname, None)
-            if isinstance(p, nn.Parameter) and id(p) not in seen:
-                seen.add(id(p))
-                out[f"{mod_name}.{pname}" if mod_name else pname] = p
-    return out
-
-
-def freeze_except_norms(module: nn.Module) -> dict[str, nn.Parameter]:
-    """Freeze every parameter but the norm ones (:func:`norm_parameters`); return those."""
-    params = norm_parameters(module)
-    keep = {id(p) for p in params.values()}
-    for p in module.parameters():
-        p.requires_grad_(id(p) in keep)
-    return params
-
-
-class _EvalMode:
-    """Put a module in eval mode, then restore each submodule's own training flag."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.flags: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self):
-        self.flags = [(m, m.training) for m in self.module.modules()]
-        self.module.eval()
-        return self.module
-
-    def __exit__(self, *exc):
-        for m, flag in self.flags:
-            m.training = flag
-        return False
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def encode_text(loaded: LoadedModel, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised text features ``[len(texts), embed_dim]`` (float32, on the model's device).
-
-    Runs in eval mode without gradients (the module's training flags are restored afterwards).
-    """
-    if isinstance(texts, str):
-        texts = [texts]
-    texts = list(texts)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    model = loaded.model
-    device = _device_of(model)
-    if not texts:
-        return torch.empty((0, loaded.embed_dim), dtype=torch.float32, device=device)
-    outs = []
-    with torch.no_grad(), _EvalMode(model):
-        for i in range(0, len(texts), batch_size):
-            tokens = loaded.tokenizer(texts[i:i + batch_size]).to(device)
-            feats = model.encode_text(tokens)
-            outs.append(nn.functional.normalize(feats.float(), dim=-1))
-    return torch.cat(outs)
-
-
-def encode_images(loaded: LoadedModel, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised image features ``[N, embed_dim]`` of preprocessed images ``[N, 3, H, W]``.
-
-    Float32, on the model's device; eval mode, no gradients.
-    """
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a tensor [N, 3, H, W], not {type(images).__name__}")
-    if images.ndim == 3:
-        images = images.unsqueeze(0)
-    if images.ndim != 4:
-        raise ValueError(f"images must have shape [N, 3, H, W], got {tuple(images.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    model = loaded.model
-    device = _device_of(model)
-    if images.shape[0] == 0:
-        return torch.empty((0, loaded.embed_dim), dtype=torch.float32, device=device)
-    dtype = next(model.parameters()).dtype
-    outs = []
-    with torch.no_grad(), _EvalMode(model):
-        for i in range(0, images.shape[0], batch_size):
-            batch = images[i:i + batch_size].to(device=device, dtype=dtype)
-            feats = model.encode_image(batch)
-            outs.append(nn.functional.normalize(feats.float(), dim=-1))
-    return torch.cat(outs)
+        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

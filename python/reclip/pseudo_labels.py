@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import reclip_ext
+from reclip_ext import DEFAULTS
 
 from .projection import coordinates, project
 
@@ -31,15 +32,15 @@ METHODS = ("auto", "propagation", "prediction")
 
 
 def propagate(images: torch.Tensor, classes: torch.Tensor, u: torch.Tensor | None, *,
-              k: int = 20, alpha: float = 0.99, max_iter: int = 20,
-              weight: str = "shift", precision: str = "exact", world=None) -> np.ndarray:
+              k: int = DEFAULTS.k, alpha: float = DEFAULTS.alpha,
+              max_iter: int = DEFAULTS.max_iter, weight: str = DEFAULTS.weight,
+              precision: str = "exact", world=None) -> np.ndarray:
     """Labels by label propagation over [classes; images] in the projection's coordinates,
     on the images' device; `precision` is label_propagate's (tf32 / bf16: CUDA only). With an
     active `world` every rank calls it with all the images and searches only its block's rows
     (see the module docstring)."""
     t = coordinates(classes.detach().float().to(images.device), u)
     v = coordinates(images.detach().float(), u)
-    k = min(k, t.shape[0] + v.shape[0] - 1)
     options = dict(k=k, alpha=alpha, max_iter=max_iter, weight=weight, precision=precision)
     if world is None or not world.active:
         labels = reclip_ext.label_propagate(t, v, **options).labels
@@ -58,8 +59,8 @@ def predict(images: torch.Tensor, classes: torch.Tensor, u: torch.Tensor | None)
 
 
 def pseudo_labels(images: torch.Tensor, classes: torch.Tensor, u: torch.Tensor | None, *,
-                  method: str = "auto", many_classes: int = 500, k: int = 20,
-                  alpha: float = 0.99, weight: str = "shift",
+                  method: str = "auto", many_classes: int = 500, k: int = DEFAULTS.k,
+                  alpha: float = DEFAULTS.alpha, weight: str = DEFAULTS.weight,
                   precision: str = "exact", world=None) -> np.ndarray:
     """Pseudo labels by `method`: "propagation", "prediction", or "auto" (propagation up to
     `many_classes` classes, prediction above); the same on every rank of an active `world`."""

@@ -1,0 +1,187 @@
+"""ReCLIP's self-training (§3.3-3.4): a text copy and a visual copy of the model, each tuning
+only its norm layers, trained on the pseudo labels both agree on.
+
+ReCLIP-T adapts the text encoder: on frozen visual features, pseudo labels come from label
+propagation in a projection rebuilt each epoch from the adapted class embeddings, and the loss
+is cross-entropy of the image . text logits (class embeddings from the first template, with
+gradients). ReCLIP-V adapts the visual encoder: pseudo labels come from propagation of its
+current features with the initial projection and class nodes, and the loss is cross-entropy
+against the pseudo-label class centres. With label sharing each epoch trains both on the
+images whose two pseudo labels agree.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import projection, trainable
+from ..config import EpochLog
+from ..pseudo_labels import pseudo_labels
+from ..runner import no_sync
+
+
+class ReCLIPMethod:
+    """ReCLIP's epoch and steps on the state of `clf` (a reclip.ReCLIP)."""
+
+    name = "reclip"
+
+    def __init__(self, clf) -> None:
+        self.clf = clf
+
+    @staticmethod
+    def trainable(text_copy: nn.Module, visual_copy: nn.Module):
+        return (trainable.tower_params(text_copy, visual=False),
+                trainable.tower_params(visual_copy, visual=True))
+
+    def epoch(self, data, frozen: torch.Tensor, epoch: int, batch: int,
+              truth: np.ndarray | None, loaders: dict) -> EpochLog:
+        clf, c = self.clf, self.clf.config
+        use_t, use_v = c.sides in ("both", "text"), c.sides in ("both", "visual")
+        labels_t = labels_v = None
+        if use_t:
+            clf.nodes_t = clf.class_nodes(clf.text_copy)
+            clf.basis_t = projection.basis(clf.nodes_t, c.projection)
+            labels_t = self.pseudo(frozen, clf.nodes_t, clf.basis_t)
+        if use_v:
+            feats_v = clf.features.images(clf.visual_copy, data, loaders["encode"])
+            labels_v = self.pseudo(feats_v, clf.nodes_v, clf.basis_v)
+            clf.centres = centres(feats_v, labels_v, clf.nodes_v)
+        clf.last_pseudo = {"text": labels_t, "visual": labels_v}
+        if use_t and use_v:
+            agree = labels_t == labels_v
+            keep = agree if c.label_sharing else np.ones(len(data), bool)
+        else:
+            agree = np.ones(len(data), bool)
+            keep = agree
+        target = labels_t if labels_t is not None else labels_v
+        batches = clf.runner.batches(np.flatnonzero(keep), epoch, batch, clf.iterations)
+        steps = len(batches)
+        none = torch.zeros((), device=clf.device)
+
+        def step(idx, x, part):
+            y = torch.as_tensor(target[idx]).to(clf.device)
+            return torch.stack([
+                self.step_text(frozen[torch.as_tensor(idx).to(clf.device)], y, **part)
+                if use_t else none,
+                self.step_visual(x, y, **part) if use_v else none])
+
+        loss_t, loss_v = clf.runner.train(batches, loaders, step, images=use_v,
+                                          sides=("T", "V"), epoch=epoch)
+        clf.iterations += steps
+        entry = EpochLog(epoch=epoch, iterations=clf.iterations, agreement=float(agree.mean()),
+                         trained=sum(len(b) for b in batches),
+                         loss_text=float(loss_t) / steps if use_t and steps else None,
+                         loss_visual=float(loss_v) / steps if use_v and steps else None)
+        if truth is not None:
+            truth = np.asarray(truth)
+            if labels_t is not None:
+                entry.accuracy["pseudo_text"] = float((labels_t == truth).mean())
+            if labels_v is not None:
+                entry.accuracy["pseudo_visual"] = float((labels_v == truth).mean())
+            entry.accuracy["pseudo_shared"] = (float((target[keep] == truth[keep]).mean())
+                                               if keep.any() else 0.0)
+            # The models' own predictions as they entered this epoch, from features computed
+            # anyway (training changed neither the features nor the class embeddings below).
+            # Only with labels: these are n x m matrices.
+            side_logits = {}
+            if use_t:
+                side_logits["text"] = frozen @ clf.nodes_t.T
+            if use_v:
+                side_logits["visual"] = feats_v @ clf.centres.T
+            for name, logits in side_logits.items():
+                entry.accuracy[name] = accuracy(logits, truth)
+            entry.accuracy["combined"] = accuracy(sum(side_logits.values()), truth)
+        return entry
+
+    def pseudo(self, feats: torch.Tensor, nodes: torch.Tensor, u) -> np.ndarray:
+        """Pseudo labels of `feats` (every rank holds the same, all-gathered features).
+
+        In a distributed run every rank gets the same labels from one computation: label
+        propagation's k-NN search is split over the ranks and rank 0 solves, predictions are
+        rank 0's (see reclip.pseudo_labels). Labels computed separately by each rank could
+        differ, since label propagation's reductions (OpenMP on the CPU, atomics on CUDA) need
+        not be bitwise reproducible from one process to the next, and ranks that disagree on a
+        single label would train on different targets without any error."""
+        c, world = self.clf.config, self.clf.world
+        start = time.perf_counter()
+        labels = pseudo_labels(feats, nodes, u, method=c.pseudo_labels,
+                               many_classes=c.many_classes, k=c.k, alpha=c.alpha, weight=c.weight,
+                               precision=c.lp_precision, world=world)
+        world.work["pseudo_label_seconds"] += time.perf_counter() - start
+        return labels
+
+    def step_text(self, feats: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
+                  count: int | None = None) -> torch.Tensor:
+        """One ReCLIP-T step on image features `feats` with targets `y`. `weight` / `count`:
+        this rank's part of a global batch of `count` items (see Runner.rank_parts); None in
+        a single process."""
+        # As in the authors' code, the projection only shapes the pseudo labels: the loss
+        # uses plain image . text logits.
+        clf = self.clf
+        prompts = clf.prompts(first_only=True)
+        size = clf.config.encode_batch_size
+        tower = clf.runner.towers["text"]
+        if len(prompts) <= size:  # one chunk: one graph
+            text = clf.features.text(tower, prompts)
+            return clf.runner.step("text", self.text_loss(feats, text, y, weight, count))
+        # Many classes: the graph of all m prompts at once would hold m prompts' activations.
+        # The same loss and gradient in bounded memory: the loss's gradient with respect to
+        # the text features first, then each chunk re-encoded with a graph and backpropagated
+        # with its rows of that gradient (the encoder's gradients add up over the chunks).
+        with torch.no_grad():
+            text = clf.features.text(clf.text_copy, prompts)
+        text.requires_grad_(True)
+
+        def through_the_encoder() -> None:
+            starts = range(0, len(prompts), size)
+            for i in starts:
+                # under DDP the chunks' gradients accumulate locally and the last chunk's
+                # backward all-reduces the sum (one all-reduce per step, as with one chunk)
+                with contextlib.nullcontext() if i == starts[-1] else no_sync(tower):
+                    part = clf.features.text(tower, prompts[i : i + size])
+                    part.backward(text.grad[i : i + size])
+
+        return clf.runner.step("text", self.text_loss(feats, text, y, weight, count),
+                               then=through_the_encoder)
+
+    def text_loss(self, feats: torch.Tensor, text: torch.Tensor, y: torch.Tensor,
+                  weight: torch.Tensor | None = None, count: int | None = None) -> torch.Tensor:
+        """ReCLIP-T's loss: cross-entropy of the image . text logits against `y`."""
+        logits = self.clf.config.logit_scale * feats @ text.T
+        return self.clf.runner.cross_entropy(logits, y, weight, count or len(y))
+
+    def step_visual(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
+                    count: int | None = None) -> torch.Tensor:
+        """One ReCLIP-V step on images `x` (on the device) with targets `y`."""
+        clf = self.clf
+        with clf.features.autocast():
+            feats = clf.runner.towers["visual"].encode_image(x, normalize=True)
+        logits = clf.config.logit_scale * feats.float() @ clf.centres.T
+        count = count or len(x)
+        loss = clf.runner.cross_entropy(logits, y, weight, count)
+        if clf.config.visual_loss == "released":
+            # The released code computes mean(CE * agree) / sum(agree) over its batch: the
+            # visual encoder moves about batch-size times more slowly than the text side. On
+            # reclip-digits this keeps ReCLIP-V from drifting with its own pseudo-label errors.
+            # The global batch's count: a rank holds only part of it.
+            loss = loss / count
+        return clf.runner.step("visual", loss)
+
+
+def centres(feats: torch.Tensor, labels: np.ndarray, fallback: torch.Tensor) -> torch.Tensor:
+    """Normalised mean feature per pseudo class; a class with no images keeps `fallback`."""
+    m = fallback.shape[0]
+    y = torch.as_tensor(labels).to(feats.device)
+    sums = torch.zeros(m, feats.shape[1], dtype=feats.dtype,
+                       device=feats.device).index_add_(0, y, feats)
+    counts = torch.bincount(y, minlength=m)
+    out = torch.where(counts[:, None] > 0, sums, fallback.to(feats.dtype))
+    return nn.functional.normalize(out, dim=1)
+
+
+def accuracy(logits: torch.Tensor, truth: np.ndarray) -> float:
+    return float((logits.argmax(dim=1).cpu().numpy() == truth).mean())
