@@ -2,7 +2,10 @@
 
 - synthetic CLIP-like data (m class directions, images = noisy copies, rows normalised),
 - the hypothesis profiles ("ci" by default, "slow", "dev"; pick one with HYPOTHESIS_PROFILE)
-  and the ``slow`` marker (skipped unless ``--runslow`` or ``-m slow``),
+  and the ``exhaustive`` marker (skipped unless ``--exhaustive`` or ``-m exhaustive``),
+- the markers of a fast subset: ``pytest tests -m "not subprocess and not distributed and not
+  slow"`` leaves out the tests that start processes, the torch.distributed ones and the slow
+  ones (the full suite is still the README's ``pytest tests``),
 - array kinds (numpy, torch) to parametrise over, skipped cleanly without torch,
 - the k-NN comparison rule of docs/design.md, Testing (neighbour sets + sorted weights, float32 judged
   against a float32 numpy run of the same data).
@@ -39,7 +42,7 @@ except Exception:  # pragma: no cover - depends on the environment
 #: examples per property test in CI; test_properties.py has >= 10 property tests, so the
 #: default run draws >= 1,000 examples in all.
 CI_EXAMPLES = 110
-#: examples per property test under ``-m slow`` / ``--runslow``
+#: examples per property test under ``-m exhaustive`` / ``--exhaustive``
 SLOW_EXAMPLES = 2500
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -51,16 +54,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", default=False,
-                     help="run the tests marked slow (many more hypothesis examples)")
+    parser.addoption("--exhaustive", action="store_true", default=False,
+                     help="run the tests marked exhaustive (many more hypothesis examples)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow") or "slow" in (config.option.markexpr or ""):
+    if config.getoption("--exhaustive") or "exhaustive" in (config.option.markexpr or ""):
         return
-    skip = pytest.mark.skip(reason="slow: run with --runslow or -m slow")
+    skip = pytest.mark.skip(reason="exhaustive: run with --exhaustive or -m exhaustive")
     for item in items:
-        if "slow" in item.keywords:
+        if "exhaustive" in item.keywords:
             item.add_marker(skip)
 
 

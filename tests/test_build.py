@@ -10,6 +10,9 @@ import reclip_ext
 import reclip_ext.ops
 
 
+pytestmark = pytest.mark.subprocess
+
+
 def test_built_with_cuda_is_bool():
     assert isinstance(reclip_ext.built_with_cuda(), bool)
 

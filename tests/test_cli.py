@@ -45,6 +45,8 @@ for _module in ("torch", "open_clip", "safetensors"):
     if importlib.util.find_spec(_module) is None:
         pytest.skip(f"{_module} is not installed", allow_module_level=True)
 
+pytestmark = pytest.mark.subprocess
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_VIT = str(ASSETS / "tiny-vit.json")
 
@@ -403,6 +405,9 @@ JOBS = {
                                                    "--sides", "visual", "--inductive")), None),
     "by_prediction": (lambda ws: cli(ws, *adapt_args("data", "run_prediction", "--epochs", "1",
                                                      "--pseudo-labels", "prediction")), None),
+    "lp_flags": (lambda ws: cli(ws, *adapt_args("data", "run_lp_flags", "--epochs", "1",
+                                                "--inductive", "--k", "5", "--alpha", "0.9",
+                                                "--weight", "relu")), None),
     "predict_stdout": (lambda ws: cli(ws, "predict", "--run", "run_main", "--data", "data"),
                        "main"),
     "predict_file": (lambda ws: cli(ws, "predict", "--run", "run_main", "--data", "data",
@@ -794,6 +799,35 @@ def test_pseudo_labels_from_predictions_are_recorded(jobs):
     assert read_json(jobs.ws / "run_main" / "run.json")["config"]["pseudo_labels"] == "auto"
 
 
+def test_label_propagation_flags_are_used_and_recorded(jobs):
+    """--k, --alpha and --weight reach the run's Config and run.json; without them the run has
+    the engine's defaults (reclip_ext.DEFAULTS)."""
+    import reclip_ext
+
+    ok(jobs.result("lp_flags"))
+    config = read_json(jobs.ws / "run_lp_flags" / "run.json")["config"]
+    assert (config["k"], config["alpha"], config["weight"]) == (5, 0.9, "relu")
+    default = read_json(jobs.ws / "run_main" / "run.json")["config"]
+    lp = reclip_ext.DEFAULTS
+    assert (default["k"], default["alpha"], default["weight"]) == (lp.k, lp.alpha, lp.weight)
+
+
+def test_k_too_large_for_the_graph_is_refused(jobs, capsys):
+    """A k the graph cannot hold is a one-line error naming --k and the largest k that fits,
+    before any model is built; it is never clamped silently."""
+    from reclip import cli as reclip_cli
+
+    data = jobs.ws / "data"
+    images = sum(1 for p in data.rglob("*") if p.is_file())
+    argv = adapt_args(str(data), str(jobs.ws / "run_k_too_large"), "--k", "100000",
+                      classes=str(jobs.ws / "classes.txt"))
+    assert reclip_cli.main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("reclip adapt: error: k: "), err
+    assert f"at most {3 + images - 1}" in err[0]
+    assert not (jobs.ws / "run_k_too_large" / "run.json").exists()
+
+
 def test_skip_bad_images(jobs):
     """--skip-bad-images: the broken files (empty PNG, truncated JPEG, text named .jpg) are left
     out with one warning line, listed in report.json, and absent from the predictions."""
@@ -909,7 +943,8 @@ def test_flags_of_the_other_method_are_refused(capsys, tmp_path):
 
     values = {"--projection": ["P1"], "--sides": ["visual"], "--no-label-sharing": [],
               "--visual-loss": ["mean"], "--lp-precision": ["exact"], "--shot-beta": ["0.5"],
-              "--shot-params": ["norms"], "--pseudo-labels": ["prediction"]}
+              "--shot-params": ["norms"], "--pseudo-labels": ["prediction"], "--k": ["5"],
+              "--alpha": ["0.9"], "--weight": ["relu"]}
     assert values.keys() == reclip_cli.METHOD_FLAGS.keys()
     for flag, (_, method) in reclip_cli.METHOD_FLAGS.items():
         other = "shot" if method == "reclip" else "reclip"

@@ -38,6 +38,9 @@ PIL = pytest.importorskip("PIL.Image")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 
+pytestmark = pytest.mark.subprocess
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
     ws = tmp_path_factory.mktemp("safety")

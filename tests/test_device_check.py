@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.subprocess
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "device_check.sh"
 #: the device tool returns at most this many files from $OUT
 MAX_RETURNED = 8

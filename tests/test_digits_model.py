@@ -236,3 +236,26 @@ def test_sklearn_digits():
     assert images.max() == 255 and images.min() == 0
     assert labels.shape == (1797,) and set(labels.tolist()) == set(range(10))
     assert sources.to_pil(images[0]).size == (8, 8)
+
+
+def test_label_propagate_defaults_give_the_pipelines_pseudo_labels(digits_model):
+    """reclip_ext.label_propagate with no options, on the projected class and image
+    embeddings, gives exactly ReCLIP's pseudo labels of scikit-learn's real digits (the README's
+    "ReCLIP's pseudo labels"); and the choice of edge weight matters there, so a default that
+    drifted from the pipeline's would show."""
+    import reclip
+    import reclip_ext
+    from reclip.demo import preprocessed
+    from reclip.projection import coordinates
+
+    raw, labels = sources.load_target("sklearn-digits")
+    clf = reclip.ReCLIP(digits_model, sources.DIGIT_NAMES, TEMPLATES,
+                        reclip.Config(device="cpu", workers=0))
+    feats = clf.encode_images(preprocessed(raw, digits_model))
+    pipeline = clf.method.pseudo(feats, clf.nodes_v, clf.basis_v)
+    text = coordinates(clf.nodes_v, clf.basis_v).numpy()
+    images = coordinates(feats, clf.basis_v).numpy()
+    assert (reclip_ext.label_propagate(text, images).labels == pipeline).all()
+    relu = reclip_ext.label_propagate(text, images, weight="relu").labels
+    assert (relu != pipeline).sum() > 0
+    assert (pipeline == labels).mean() > 0.5  # real labels, not a degenerate graph

@@ -46,6 +46,8 @@ if not (torch.distributed.is_available() and torch.distributed.is_gloo_available
 
 from reclip import distributed  # noqa: E402
 
+pytestmark = [pytest.mark.distributed, pytest.mark.subprocess]
+
 HERE = Path(__file__).resolve().parent
 TINY_VIT = str(HERE / "assets" / "tiny-vit.json")
 WORKER = str(HERE / "distributed_worker.py")

@@ -22,6 +22,8 @@ if not dist.is_available():  # pragma: no cover - torch builds without distribut
 import reclip_ext  # noqa: E402
 import reclip_ext.distributed  # noqa: E402
 
+pytestmark = [pytest.mark.distributed, pytest.mark.subprocess]
+
 WORLD = 2
 TIMEOUT_S = 120  # per check, for both ranks: a hang fails the test instead of blocking it
 M, D, N_IMAGES = 4, 16, 31

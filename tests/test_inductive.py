@@ -18,6 +18,8 @@ pytest.importorskip("matplotlib")  # the printed-digits target's faces
 
 from reclip import sources  # noqa: E402
 
+pytestmark = pytest.mark.subprocess
+
 TINY_VIT = str(Path(__file__).resolve().parent / "assets" / "tiny-vit.json")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 

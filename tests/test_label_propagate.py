@@ -156,6 +156,7 @@ def test_unnormalized_shift_weight_runs(gamma):
     np.testing.assert_allclose(res.scores, ref.scores, atol=1e-9)
 
 
+@pytest.mark.subprocess
 def test_memory_is_not_quadratic(tmp_path):
     """N = 30,010 rows: one N x N float32 matrix would be 3.6 GB; the whole propagation must
     stay far below (docs/mathematics.md §2: memory O(N (k + d)))."""

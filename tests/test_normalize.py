@@ -198,6 +198,7 @@ def test_to_scipy_without_scipy_names_it(monkeypatch):
         csr.to_scipy()
 
 
+@pytest.mark.subprocess
 def test_reclip_ext_imports_with_numpy_only(tmp_path):
     """A fresh interpreter that cannot import torch, scipy or cupy still runs the whole engine."""
     import subprocess

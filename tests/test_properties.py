@@ -3,7 +3,7 @@
 Valid inputs (random shapes, values and options) are compared with the float64 reference;
 invalid inputs (random garbage) must raise TypeError or ValueError — never crash, hang or
 raise anything else. The "ci" profile (default) draws CI_EXAMPLES per test, >= 1,000 in all;
-each property also has a ``slow``-marked twin drawing SLOW_EXAMPLES (``--runslow``).
+each property also has an ``exhaustive``-marked twin drawing SLOW_EXAMPLES (``--exhaustive``).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def twin(strategy_kwargs):
             return run
 
         fast = given(**strategy_kwargs)(copy())
-        slow = pytest.mark.slow(settings(max_examples=SLOW_EXAMPLES)(
+        slow = pytest.mark.exhaustive(settings(max_examples=SLOW_EXAMPLES)(
             given(**strategy_kwargs)(copy())))
         return fast, slow
 

@@ -442,6 +442,7 @@ def adapt(args) -> int:
     if not args.resume:
         adapt_mod.check_new_run(args.out, "--out", "--resume")
     data = _images(args)
+    config.check_graph(len(classnames), len(data))
     meta = checkpoint.read_meta(args.out) if args.resume and checkpoint.exists(args.out) else None
     if meta is not None:
         # the classes, the method, the settings, the data, and the model as far as its spec
