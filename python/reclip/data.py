@@ -23,17 +23,13 @@ returns the set without the unreadable files instead, listed in its ``skipped``.
 (``checking_batches``, decoded in the DataLoader's workers), so that each image is decoded once
 per pass; the CLI does this. ``image_error(path)`` is the per-file decision behind all of them.
 
-Loaders for the on-disk formats of two torchvision datasets, read from a local folder, never
-downloading: ``load_cifar`` (the CIFAR-10/100 python pickles) and ``load_mnist`` (idx files,
-optionally gzipped; also Fashion-MNIST). ``array_image_set`` wraps their uint8 arrays.
+``array_image_set`` wraps in-memory uint8 arrays (N, H, W) or (N, H, W, 3) with their labels.
 
 Errors are single-line messages naming the path.
 """
 from __future__ import annotations
 
-import gzip
 import os
-import pickle
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,6 +38,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data import default_collate
+
+from .errors import one_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -58,12 +56,6 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     if a.ndim == 2:
         a = a[:, :, None]
     return torch.from_numpy(a.transpose(2, 0, 1).copy()).float().div_(255.0)
-
-
-def _one_line(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    text = msg[0] if msg else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 #: full scale of PIL's wider single-channel integer modes: 16-bit modes (I;16, its byte orders)
@@ -102,7 +94,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except MemoryError:
         raise
     except Exception as e:  # PIL raises many types for corrupt data (OSError, SyntaxError, struct.error, ...)
-        raise ValueError(f"{p}: cannot read image ({_one_line(e)})") from None
+        raise ValueError(f"{p}: cannot read image ({one_line(e)})") from None
 
 
 def image_error(path: str | os.PathLike) -> str | None:
@@ -580,206 +572,3 @@ def loader(images: Any, batch_size: int | None = 1, shuffle: bool = False,
     return DataLoader(images, generator=generator, num_workers=workers,
                       persistent_workers=workers > 0, pin_memory=pin_memory,
                       collate_fn=collate_fn, **kw)
-
-
-# ----------------------------------------------------------------------------------------------
-# CIFAR (python pickle format)
-
-
-def _numpy_global(module: str, name: str):
-    import numpy as _np
-    core = getattr(_np, "_core", None) or _np.core
-    import codecs
-    table = {
-        ("_codecs", "encode"): codecs.encode,  # bytes in protocol-2 pickles written by Python 3
-        ("numpy", "ndarray"): _np.ndarray,
-        ("numpy", "dtype"): _np.dtype,
-        ("numpy.core.multiarray", "_reconstruct"): core.multiarray._reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): core.multiarray._reconstruct,
-        ("numpy.core.multiarray", "scalar"): core.multiarray.scalar,
-        ("numpy._core.multiarray", "scalar"): core.multiarray.scalar,
-    }
-    frombuffer = getattr(getattr(core, "numeric", None), "_frombuffer", None)
-    if frombuffer is not None:
-        table[("numpy.core.numeric", "_frombuffer")] = frombuffer
-        table[("numpy._core.numeric", "_frombuffer")] = frombuffer
-    return table.get((module, name))
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Builds only plain containers and numpy arrays: never imports or calls anything else."""
-
-    def find_class(self, module: str, name: str):
-        obj = _numpy_global(module, name)
-        if obj is None:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return obj
-
-
-def _load_pickle(path: str) -> Any:
-    try:
-        with open(path, "rb") as f:
-            return _SafeUnpickler(f, encoding="latin1").load()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found") from None
-    except MemoryError:
-        raise
-    except Exception as e:
-        raise ValueError(f"{path}: not a CIFAR python pickle ({_one_line(e)})") from None
-
-
-def _get(d: Any, key: str, path: str) -> Any:
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: not a CIFAR python pickle (expected a dict, got {type(d).__name__})")
-    for k in (key, key.encode()):
-        if k in d:
-            return d[k]
-    raise ValueError(f"{path}: missing key {key!r}")
-
-
-def _find_cifar_dir(root: str) -> tuple[str, int]:
-    """(folder holding the batch files, 10 or 100)."""
-    def kind(folder: str) -> int | None:
-        if os.path.isfile(os.path.join(folder, "batches.meta")) or os.path.isfile(os.path.join(folder, "test_batch")):
-            return 10
-        if os.path.isfile(os.path.join(folder, "meta")) and (
-                os.path.isfile(os.path.join(folder, "test")) or os.path.isfile(os.path.join(folder, "train"))):
-            return 100
-        return None
-
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"{root}: no such folder")
-    k = kind(root)
-    if k is not None:
-        return root, k
-    found = [(os.path.join(root, sub), kind(os.path.join(root, sub)))
-             for sub in ("cifar-10-batches-py", "cifar-100-python")]
-    found = [(d, k) for d, k in found if k is not None]
-    if len(found) == 1:
-        return found[0]
-    if len(found) > 1:
-        raise ValueError(f"{root}: holds both cifar-10-batches-py and cifar-100-python; pass one of them")
-    raise FileNotFoundError(f"{root}: no CIFAR python files (expected batches.meta + data_batch_1..5 / test_batch, "
-                            "or meta + train / test, here or in cifar-10-batches-py/ or cifar-100-python/)")
-
-
-def load_cifar(root: str | os.PathLike, *, train: bool = False,
-               coarse: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Read CIFAR-10 or CIFAR-100 from the python pickle format in a local folder (never downloads).
-
-    ``root`` is the extracted ``cifar-10-batches-py`` / ``cifar-100-python`` folder or its parent.
-    Returns ``(images, labels, classnames)``: uint8 (N, 32, 32, 3), int64 (N,), and the label names
-    of ``batches.meta`` / ``meta`` with ``_`` shown as spaces. ``coarse`` selects CIFAR-100's 20
-    superclasses. The pickles are read with an unpickler that only rebuilds numpy arrays.
-    """
-    folder, kind = _find_cifar_dir(os.path.expanduser(os.fspath(root)))
-    if kind == 10:
-        if coarse:
-            raise ValueError(f"{folder}: coarse labels exist only for CIFAR-100")
-        if train:
-            names = sorted((f for f in os.listdir(folder) if f.startswith("data_batch_")),
-                           key=lambda f: (len(f), f))
-            if not names:
-                raise FileNotFoundError(f"{folder}: no data_batch_* files")
-        else:
-            names = ["test_batch"]
-        meta_file, meta_key, label_key = "batches.meta", "label_names", "labels"
-    else:
-        names = ["train" if train else "test"]
-        meta_file = "meta"
-        meta_key = "coarse_label_names" if coarse else "fine_label_names"
-        label_key = "coarse_labels" if coarse else "fine_labels"
-
-    meta_path = os.path.join(folder, meta_file)
-    classnames = []
-    for c in _get(_load_pickle(meta_path), meta_key, meta_path):
-        c = c.decode("utf-8") if isinstance(c, bytes) else str(c)
-        classnames.append(c.replace("_", " "))
-
-    images, labels = [], []
-    for name in names:
-        p = os.path.join(folder, name)
-        d = _load_pickle(p)
-        data = np.asarray(_get(d, "data", p))
-        lab = np.asarray(_get(d, label_key, p))
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(f"{p}: 'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
-        if lab.shape != (data.shape[0],) or (lab.size and lab.dtype.kind not in "iu"):
-            raise ValueError(f"{p}: expected {data.shape[0]} integer labels, got {lab.dtype} {lab.shape}")
-        if lab.size and (lab.min() < 0 or lab.max() >= len(classnames)):
-            raise ValueError(f"{p}: label out of range for {len(classnames)} classes in {meta_file}")
-        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(lab.astype(np.int64))
-    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), classnames
-
-
-# ----------------------------------------------------------------------------------------------
-# MNIST (idx format)
-
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """An array from an idx file (big-endian header: 0, 0, dtype code, ndim, then ndim uint32 sizes); .gz read transparently."""
-    p = os.fspath(path)
-    try:
-        if p.endswith(".gz"):
-            with gzip.open(p, "rb") as f:
-                raw = f.read()
-        else:
-            with open(p, "rb") as f:
-                raw = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{p}: not found") from None
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{p}: cannot read ({_one_line(e)})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
-        raise ValueError(f"{p}: not an idx file (bad magic number)")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{p}: truncated idx header")
-    shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) != expected:
-        raise ValueError(f"{p}: idx size mismatch (header says {shape}: {expected} bytes, file has {len(raw)})")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
-
-
-def _find_idx(root: str, stem: str, kind: str) -> str:
-    """Path of ``{stem}-{kind}-idx{n}-ubyte`` (or ``{stem}-{kind}.idx{n}-ubyte``), optionally .gz."""
-    n = 3 if kind == "images" else 1
-    names = [f"{stem}-{kind}-idx{n}-ubyte", f"{stem}-{kind}.idx{n}-ubyte"]
-    folders = [root, os.path.join(root, "raw")] + [os.path.join(root, d, "raw") for d in
-                                                   ("MNIST", "FashionMNIST", "KMNIST")]
-    for folder in folders:
-        for name in names:
-            for suffix in ("", ".gz"):
-                p = os.path.join(folder, name + suffix)
-                if os.path.isfile(p):
-                    return p
-    raise FileNotFoundError(f"{root}: no {names[0]}[.gz] (looked in it, raw/ and <MNIST|FashionMNIST|KMNIST>/raw/)")
-
-
-def load_mnist(root: str | os.PathLike, *, train: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Read MNIST-format idx files from a local folder (never downloads): uint8 (N, 28, 28), int64 (N,).
-
-    Looks for ``train-images-idx3-ubyte`` / ``train-labels-idx1-ubyte`` (``t10k-*`` for the test
-    split), optionally ``.gz``, in ``root``, ``root/raw`` or torchvision's ``root/MNIST/raw``
-    (``FashionMNIST``, ``KMNIST`` too): the same format serves Fashion-MNIST and KMNIST.
-    """
-    r = os.path.expanduser(os.fspath(root))
-    if not os.path.isdir(r):
-        raise FileNotFoundError(f"{r}: no such folder")
-    stem = "train" if train else "t10k"
-    ip, lp = _find_idx(r, stem, "images"), _find_idx(r, stem, "labels")
-    images, labels = read_idx(ip), read_idx(lp)
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise ValueError(f"{ip}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
-    if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise ValueError(f"{lp}: expected integer labels (N,), got {labels.dtype} {labels.shape}")
-    if len(labels) != len(images):
-        raise ValueError(f"{lp}: {len(labels)} labels for {len(images)} images in {ip}")
-    return np.ascontiguousarray(images), labels.astype(np.int64)

@@ -30,6 +30,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .errors import one_line
+
 TRANSFORMERS = "transformers"
 OPEN_CLIP_HUB = "open_clip-hub"
 
@@ -147,7 +149,7 @@ def _read_json(path: Path, folder: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"{folder}: cannot read {path.name}: {' '.join(str(e).split())}") from None
+        raise ValueError(f"{folder}: cannot read {path.name}: {one_line(e)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{folder}: {path.name} is not a JSON object")
     return data
@@ -439,7 +441,7 @@ def load_transformers(folder: Path, load_guard) -> tuple[HFCLIP, BPETokenizer, H
             hf = transformers.CLIPModel.from_pretrained(str(folder), local_files_only=True,
                                                         dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - any loader failure is a user-facing one-liner
-        raise ValueError(f"{folder}: cannot load the CLIPModel: {' '.join(str(e).split())[:300]}") from None
+        raise ValueError(f"{folder}: cannot load the CLIPModel: {one_line(e)}") from None
     bad = [r for r in reports if "MISSING" in r or "MISMATCH" in r]
     if bad:
         raise ValueError(f"{folder}: the weights do not fit config.json (missing or mismatched "

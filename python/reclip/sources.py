@@ -36,6 +36,7 @@ from typing import Callable, Union
 import numpy as np
 from PIL import Image
 
+from .errors import one_line
 from .optional import require
 
 __all__ = [
@@ -121,7 +122,7 @@ def load_opencv_digits(path: Union[str, "os.PathLike[str]", None] = None) -> tup
             im.load()
             a = np.asarray(im.convert("L"), dtype=np.uint8)
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data
-        raise ValueError(f"{file}: cannot read image ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{file}: cannot read image ({one_line(e)})") from None
     if a.shape != (_ROWS * _CELL, _COLS * _CELL):
         raise ValueError(f"{file}: expected a 2000x1000 image of 20x20 digit cells, "
                          f"got {a.shape[1]}x{a.shape[0]}")
