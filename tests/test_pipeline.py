@@ -124,14 +124,36 @@ def test_iteration_cap_and_batch_default(tiny, colour_images):
     assert adapt.Config().batch_for(10) == 64 and adapt.Config().batch_for(201) == 32
 
 
-def test_progress_bars_cover_encoding_and_training(tiny, colour_images, capsys):
+def test_progress_bars_cover_encoding_and_training(tiny, colour_images, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: tqdm's bars
     torch.manual_seed(0)
     clf = reclip.ReCLIP(tiny, CLASSES, config=reclip.Config(max_epochs=1))
     clf.fit(colour_images, progress=True)
     bars = capsys.readouterr().err
     assert all(f"{desc}:" in bars for desc in ("epochs", "encode", "train")), bars
+    assert "\r" in bars
     clf.predict(colour_images)  # after fit: no bars
     assert capsys.readouterr().err == ""
+
+
+def test_progress_in_a_file_is_plain_lines(tiny, colour_images, capsys, monkeypatch):
+    """Progress written to a file or a pipe (not a terminal) is whole lines, without tqdm's
+    carriage returns and cursor codes, and without trailing spaces."""
+    from reclip import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.0)  # a line after every item
+    torch.manual_seed(0)
+    reclip.ReCLIP(tiny, CLASSES, config=reclip.Config(max_epochs=1)).fit(colour_images,
+                                                                         progress=True)
+    err = capsys.readouterr().err
+    assert err and "\r" not in err and "\x1b" not in err
+    lines = err.splitlines()
+    assert all(line == line.rstrip() for line in lines)
+    assert "epochs: 1/1 done" in " ".join(lines)
+    assert any(line.startswith("encode: ") for line in lines)
+    assert any(line.startswith("train: ") for line in lines)
 
 
 def test_prediction_is_mean_of_both_sides(tiny, colour_images):

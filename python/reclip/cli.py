@@ -26,10 +26,10 @@ keys below are the same for both.
 With known labels, adapt's report.json also holds the expected calibration error (15 bins) of
 the zero-shot and the final softmax (zero_shot_ece, reclip_ece), and, unless --inductive,
 final_accuracy (= reclip_accuracy), peak_accuracy and peak_epoch: the best combined-model
-accuracy of the run, over the models each "epoch k" line scores (as they enter epoch k, after
-k - 1 epochs) and the final model. peak_epoch counts the epochs that model had trained, as the
-lines number them: 0 is the model the "epoch 1" line scores, the run's epoch count the final
-model. Choosing it needs the labels (peak_uses_labels, note). eval prints the ECE too.
+accuracy of the run. "epoch k" always means the model after k epochs of training, as predict
+would use it: epoch 0 is zero-shot CLIP, the line "epoch k" scores the model after epoch k, and
+the last one is the final model. Choosing the peak needs the labels (peak_uses_labels, note).
+eval prints the ECE too.
 
 Images are checked by the first pass over them (decoded in the DataLoader's workers, once):
 an unreadable image stops adapt, predict and eval there, before any training step; with
@@ -323,17 +323,13 @@ def _scores(logits, labels: np.ndarray) -> tuple[np.ndarray, float | None, float
     return scores(logits, labels)
 
 
-def _peak(history, final: float, epochs: int) -> tuple[float, int]:
-    """The best combined-model accuracy of a run and how many epochs its model had trained.
-
-    history[e] scores the models as they entered epoch e + 1 (the line "epoch e+1"): the
-    encoders after e epochs, with class embeddings and visual centres rebuilt from them. The
-    final model (the saved run, `epochs` epochs) is scored separately: its class embeddings
-    are those its last epoch started with, so it is none of the history's models. The first
-    of equal accuracies wins.
-    """
-    scored = [(h.accuracy["combined"], h.epoch) for h in history if "combined" in h.accuracy]
-    return max([*scored, (final, epochs)], key=lambda item: item[0])
+def _peak(history, zero_shot: float, final: float, epochs: int) -> tuple[float, int]:
+    """The best combined-model accuracy of a run and how many epochs its model had trained:
+    zero-shot (epoch 0), the model after each epoch (history[e] scores the model after epoch
+    e + 1, as the line "epoch e+1" does) and the final model (`epochs` epochs, the saved run).
+    The first of equal accuracies wins."""
+    scored = [(h.accuracy["combined"], h.epoch + 1) for h in history if "combined" in h.accuracy]
+    return max([(zero_shot, 0), *scored, (final, epochs)], key=lambda item: item[0])
 
 
 def _check_output(path: str, flag: str, *, folder: bool) -> None:
@@ -471,7 +467,8 @@ def adapt(args) -> int:
         acc = " ".join(f"{k} {v:.4f}" for k, v in e.accuracy.items())
         loss = " ".join(f"{k} {v:.4f}" for k, v in (("loss_T", e.loss_text), ("loss_V", e.loss_visual))
                         if v is not None)
-        _say(f"epoch {e.epoch + 1}: agreement {e.agreement:.3f} trained {e.trained} {loss} {acc}")
+        _say(" ".join(part for part in (f"epoch {e.epoch + 1}: agreement {e.agreement:.3f} "
+                                        f"trained {e.trained}", loss, acc) if part))
 
     # the same labels as the zero-shot and final accuracies: all -1 (no accuracy) when unknown
     main = clf.world.main
@@ -492,7 +489,7 @@ def adapt(args) -> int:
         if main:
             _write_predictions(data, pred, classnames, str(Path(args.out) / "predictions.tsv"))
         if acc is not None:
-            peak, peak_epoch = _peak(clf.history, acc, clf.epoch)
+            peak, peak_epoch = _peak(clf.history, zs_acc, acc, clf.epoch)
             report |= {f"{config.method}_ece": ece, "final_accuracy": acc, "peak_accuracy": peak,
                        "peak_epoch": peak_epoch, "peak_uses_labels": True, "note": PEAK_NOTE}
             _say(f"reclip: accuracy {acc:.4f} (zero-shot {zs_acc:.4f})")
@@ -505,6 +502,9 @@ def adapt(args) -> int:
     report["seconds"] = round(time.time() - start, 2)
     if main:
         write_json(Path(args.out) / "report.json", report)
+    _say(f"reclip: {clf.epoch} epoch{'s' if clf.epoch != 1 else ''} ({clf.iterations} "
+         f"iterations) in {report['seconds']:.0f} s; run and report.json in {args.out}"
+         + ("" if args.inductive else ", predictions in predictions.tsv"))
     clf.world.barrier()  # no rank leaves (and tears the group down) before the report exists
     return 0
 

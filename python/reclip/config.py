@@ -161,6 +161,7 @@ class EpochLog:
     trained: int  #: images trained on this epoch
     loss_text: float | None = None
     loss_visual: float | None = None
-    #: when labels are known: pseudo-label accuracies (pseudo_text / pseudo_visual / pseudo_shared)
-    #: and the T / V / combined models' accuracies as they enter the epoch
+    #: when labels are known: the accuracies of the pseudo labels this epoch trained on
+    #: (pseudo_text / pseudo_visual / pseudo_shared, or pseudo_shot) and of the T / V /
+    #: combined model after this epoch, as predict() would give them
     accuracy: dict[str, float] = field(default_factory=dict)

@@ -197,7 +197,7 @@ def run_demo(out_dir: str | Path, *, model: str | None = None, epochs: int = 10,
     curve: list[dict] = []
 
     def log(entry):
-        acc = float((clf.predict(images) == labels).mean())
+        acc = entry.accuracy["combined"]  # the model after this epoch, as predict gives it
         curve.append({"epoch": entry.epoch + 1, "reclip": acc, **entry.accuracy,
                       "agreement": entry.agreement})
         say(f"epoch {entry.epoch + 1:2d}: ReCLIP accuracy {acc:.4f}  pseudo-label accuracy "

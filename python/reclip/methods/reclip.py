@@ -22,15 +22,13 @@ from .. import projection, trainable
 from ..config import EpochLog
 from ..pseudo_labels import pseudo_labels
 from ..runner import no_sync
+from .base import Method
 
 
-class ReCLIPMethod:
+class ReCLIPMethod(Method):
     """ReCLIP's epoch and steps on the state of `clf` (a reclip.ReCLIP)."""
 
     name = "reclip"
-
-    def __init__(self, clf) -> None:
-        self.clf = clf
 
     @staticmethod
     def trainable(text_copy: nn.Module, visual_copy: nn.Module):
@@ -47,7 +45,7 @@ class ReCLIPMethod:
             clf.basis_t = projection.basis(clf.nodes_t, c.projection)
             labels_t = self.pseudo(frozen, clf.nodes_t, clf.basis_t)
         if use_v:
-            feats_v = clf.features.images(clf.visual_copy, data, loaders["encode"])
+            feats_v = self.visual_features(data, loaders)
             labels_v = self.pseudo(feats_v, clf.nodes_v, clf.basis_v)
             clf.centres = centres(feats_v, labels_v, clf.nodes_v)
         clf.last_pseudo = {"text": labels_t, "visual": labels_v}
@@ -84,14 +82,14 @@ class ReCLIPMethod:
                 entry.accuracy["pseudo_visual"] = float((labels_v == truth).mean())
             entry.accuracy["pseudo_shared"] = (float((target[keep] == truth[keep]).mean())
                                                if keep.any() else 0.0)
-            # The models' own predictions as they entered this epoch, from features computed
-            # anyway (training changed neither the features nor the class embeddings below).
-            # Only with labels: these are n x m matrices.
+            # The model after this epoch, as predict() sees it: the trained copies with the
+            # class embeddings and centres this epoch started from. Only with labels: these
+            # are n x m matrices, and the visual pass is the next epoch's first one.
             side_logits = {}
             if use_t:
                 side_logits["text"] = frozen @ clf.nodes_t.T
             if use_v:
-                side_logits["visual"] = feats_v @ clf.centres.T
+                side_logits["visual"] = self.trained_features(data, loaders) @ clf.centres.T
             for name, logits in side_logits.items():
                 entry.accuracy[name] = accuracy(logits, truth)
             entry.accuracy["combined"] = accuracy(sum(side_logits.values()), truth)

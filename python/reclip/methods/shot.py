@@ -19,16 +19,14 @@ from torch import nn
 from .. import distributed, trainable
 from ..config import EpochLog
 from ..runner import batch_mean
+from .base import Method
 from .reclip import accuracy
 
 
-class SHOT:
+class SHOT(Method):
     """SHOT's epoch and step on the state of `clf` (a reclip.ReCLIP)."""
 
     name = "shot"
-
-    def __init__(self, clf) -> None:
-        self.clf = clf
 
     def trainable(self, text_copy: nn.Module, visual_copy: nn.Module):
         text_copy.requires_grad_(False)  # SHOT never trains the text side
@@ -39,7 +37,7 @@ class SHOT:
         """One epoch of SHOT: cluster pseudo labels of the current visual features, then SGD
         on the information-maximisation loss + beta x their cross-entropy over every image."""
         clf = self.clf
-        feats = clf.features.images(clf.visual_copy, data, loaders["encode"])
+        feats = self.visual_features(data, loaders)
         # the frozen zero-shot classifier: `centres` stays `nodes_v` for SHOT
         logits = clf.config.logit_scale * feats @ clf.centres.T
         world = clf.world
@@ -60,8 +58,11 @@ class SHOT:
         if truth is not None:
             truth = np.asarray(truth)
             entry.accuracy["pseudo_shot"] = float((labels == truth).mean())
-            # the model as it entered this epoch (SHOT's classifier on these features)
-            entry.accuracy["combined"] = accuracy(logits, truth)
+            # the model after this epoch (SHOT's classifier on its features); the pass is the
+            # next epoch's first one
+            after = self.trained_features(data, loaders)
+            entry.accuracy["combined"] = accuracy(clf.config.logit_scale * after @ clf.centres.T,
+                                                  truth)
         return entry
 
     def step(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
