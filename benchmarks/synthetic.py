@@ -153,11 +153,15 @@ def projection_check(proj: Projection, *, sample: int = 2000, seed: int = 0) -> 
     return float(np.max(np.abs(a @ a.T - b @ b.T)))
 
 
-def zero_shot(text: np.ndarray, images: np.ndarray) -> np.ndarray:
-    """Labels by the nearest class-name embedding (cosine), in row chunks."""
-    t = _normalise(text.astype(np.float32))
-    out = np.empty(len(images), np.int64)
-    for start in range(0, len(images), 8192):
-        v = images[start:start + 8192].astype(np.float32)
-        out[start:start + len(v)] = np.argmax(v @ t.T, axis=1)
-    return out
+def zero_shot(text, images, chunk: int = 8192):
+    """Labels by the nearest class-name embedding (cosine), in row chunks; numpy (float32
+    products) or torch on any device (in the rows' dtype)."""
+    if isinstance(images, np.ndarray):
+        t = _normalise(text.astype(np.float32)).T
+        parts = [(images[i:i + chunk].astype(np.float32) @ t).argmax(1)
+                 for i in range(0, len(images), chunk)]
+        return np.concatenate(parts).astype(np.int64)
+    import torch
+
+    t = _normalise(text).T
+    return torch.cat([(images[i:i + chunk] @ t).argmax(1) for i in range(0, len(images), chunk)])
