@@ -143,13 +143,9 @@ def environment(threads: int, device: str = "cpu") -> dict:
         "threads": threads,
         "numpy": np.__version__,
     }
-    for name in ("scipy", "sklearn", "faiss", "torch", "psutil", "cupy"):
-        try:
-            module = __import__(name)
-            env[name] = getattr(module, "__version__", "?")
-        except Exception as err:  # cupy raises more than ImportError without a driver
-            env[name] = None if isinstance(err, ImportError) else f"not importable: {err}"
-    if env["torch"]:
+    for name in _DISTRIBUTIONS:
+        env[name] = _version(name)
+    if "torch" in sys.modules:
         torch = sys.modules["torch"]
         env["torch_cuda"] = torch.version.cuda
         if device == "cuda":
@@ -162,8 +158,8 @@ def environment(threads: int, device: str = "cpu") -> dict:
         env.update({"reclip_ext": rext.__version__, "reclip_ext_file": rext.__file__,
                     "simd_level": rext.simd_level(), "built_with_cuda": rext.built_with_cuda(),
                     "cuda_device_count": rext.cuda_device_count()})
-    except ImportError as err:
-        env["reclip_ext"] = f"not importable: {err}"
+    except Exception as err:  # a broken build may fail with more than ImportError
+        env["reclip_ext"] = f"not importable: {type(err).__name__}: {err}"
     try:
         import threadpoolctl
 
@@ -174,6 +170,27 @@ def environment(threads: int, device: str = "cpu") -> dict:
     except ImportError:
         pass
     return env
+
+
+#: the libraries whose versions a report names, and the distributions that install them
+_DISTRIBUTIONS = {"scipy": ("scipy",), "sklearn": ("scikit-learn",),
+                  "faiss": ("faiss-cpu", "faiss-gpu", "faiss"), "torch": ("torch",),
+                  "psutil": ("psutil",), "cupy": ("cupy-cuda12x", "cupy-cuda11x", "cupy")}
+
+
+def _version(name: str) -> str | None:
+    """A library's version: the loaded module's, else its installed distribution's. Nothing is
+    imported here: an import may start thread pools, or for cupy a CUDA context."""
+    from importlib import metadata
+
+    if name in sys.modules:
+        return getattr(sys.modules[name], "__version__", "?")
+    for dist in _DISTRIBUTIONS[name]:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return None
 
 
 def _cpu_model() -> str:
