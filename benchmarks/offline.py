@@ -1,5 +1,5 @@
-"""Set-up shared by the benchmark scripts that run the reclip pipeline on the embedded digits
-model; imported before reclip.
+"""Set-up shared by the scripts that run the reclip pipeline (the benchmarks here and the
+source-model trainers in training/); imported before reclip.
 
 - No network: the model's text tower is a local package, and nothing may reach a model hub.
 - Passive OpenMP waits: torch's and reclip_ext's thread pools share the cores, and a pool that

@@ -467,9 +467,10 @@ def print_report(r: dict) -> None:
 
 
 def environment(torch, clf, data) -> dict:
+    import recipes  # the machine and the library versions, as every harness reports them
+
     dev = clf.device
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "device": str(dev),
+    return {**recipes.environment(torch.get_num_threads(), dev.type), "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
             else f"cpu ({_cores()} cores)",
             "amp": str(clf.features.amp).replace("torch.", "") if clf.features.amp else "off",

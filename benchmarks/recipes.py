@@ -26,6 +26,11 @@ Recipes:
 
 All of them run with the same thread count (:func:`configure_threads`). :class:`PeakMemory` and
 :func:`child_run` let a harness measure each recipe in a fresh process.
+
+The pieces are shared with the GPU harness (device_bench.py) and the tests: :func:`torch_knn`,
+:func:`torch_normalize` and :func:`batched_cg` take arrays on any device (and numpy, for the CG),
+:func:`per_class_cg` is the one per-class CG (scipy or cupyx), :func:`environment` the one
+description of the machine.
 """
 from __future__ import annotations
 
@@ -124,8 +129,9 @@ def import_reclip_ext():
     return reclip_ext
 
 
-def environment(threads: int) -> dict:
-    """CPU, thread count, library versions and the extension's SIMD level."""
+def environment(threads: int, device: str = "cpu") -> dict:
+    """CPU, thread count, library versions, the extension's build and SIMD level; with
+    device="cuda" also the GPU torch sees first."""
     import platform
 
     env: dict[str, Any] = {
@@ -137,19 +143,23 @@ def environment(threads: int) -> dict:
         "threads": threads,
         "numpy": np.__version__,
     }
-    for name in ("scipy", "sklearn", "faiss", "torch", "psutil"):
-        try:
-            module = __import__(name)
-            env[name] = getattr(module, "__version__", "?")
-        except ImportError:
-            env[name] = None
+    for name in _DISTRIBUTIONS:
+        env[name] = _version(name)
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        env["torch_cuda"] = torch.version.cuda
+        if device == "cuda":
+            prop = torch.cuda.get_device_properties(0)
+            env.update({"gpu": prop.name, "sm_count": prop.multi_processor_count,
+                        "gpu_memory_bytes": prop.total_memory,
+                        "compute_capability": f"{prop.major}.{prop.minor}"})
     try:
         rext = import_reclip_ext()
-        env["reclip_ext"] = rext.__version__
-        env["simd_level"] = rext.simd_level()
-        env["built_with_cuda"] = rext.built_with_cuda()
-    except ImportError as err:
-        env["reclip_ext"] = f"not importable: {err}"
+        env.update({"reclip_ext": rext.__version__, "reclip_ext_file": rext.__file__,
+                    "simd_level": rext.simd_level(), "built_with_cuda": rext.built_with_cuda(),
+                    "cuda_device_count": rext.cuda_device_count()})
+    except Exception as err:  # a broken build may fail with more than ImportError
+        env["reclip_ext"] = f"not importable: {type(err).__name__}: {err}"
     try:
         import threadpoolctl
 
@@ -160,6 +170,27 @@ def environment(threads: int) -> dict:
     except ImportError:
         pass
     return env
+
+
+#: the libraries whose versions a report names, and the distributions that install them
+_DISTRIBUTIONS = {"scipy": ("scipy",), "sklearn": ("scikit-learn",),
+                  "faiss": ("faiss-cpu", "faiss-gpu", "faiss"), "torch": ("torch",),
+                  "psutil": ("psutil",), "cupy": ("cupy-cuda12x", "cupy-cuda11x", "cupy")}
+
+
+def _version(name: str) -> str | None:
+    """A library's version: the loaded module's, else its installed distribution's. Nothing is
+    imported here: an import may start thread pools, or for cupy a CUDA context."""
+    from importlib import metadata
+
+    if name in sys.modules:
+        return getattr(sys.modules[name], "__version__", "?")
+    for dist in _DISTRIBUTIONS[name]:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return None
 
 
 def _cpu_model() -> str:
@@ -274,66 +305,174 @@ def _drop_self(idx: np.ndarray, sim: np.ndarray, k: int) -> tuple[np.ndarray, np
     return np.take_along_axis(idx, keep, 1), np.take_along_axis(sim, keep, 1)
 
 
-def _rhs(n_nodes: int, m: int, dtype=np.float32) -> np.ndarray:
-    y = np.zeros((n_nodes, m), dtype)
-    y[np.arange(m), np.arange(m)] = 1
+def rhs(n_nodes: int, m: int, dtype=np.float32, device=None):
+    """Y (n_nodes, m): a one on each class node's own column. numpy, or torch on `device`
+    (then `dtype` is a torch dtype)."""
+    if device is None:
+        y = np.zeros((n_nodes, m), dtype)
+        np.fill_diagonal(y, 1)
+        return y
+    import torch
+
+    y = torch.zeros((n_nodes, m), dtype=dtype, device=device)
+    y.diagonal().fill_(1)
     return y
 
 
-def batched_cg_numpy(matmul, b: np.ndarray, alpha: float, max_iter: int, tol: float):
-    """(I - alpha W) X = B for all columns at once: one ``matmul(P) = W @ P`` per iteration,
-    per-column step sizes, a column freezes once ||r|| / ||b|| <= tol."""
-    x = np.zeros_like(b)
-    r = b.copy()
-    p = r.copy()
-    rr = np.einsum("ij,ij->j", r, r, dtype=np.float64)
-    bnorm = np.sqrt(rr)
+def batched_cg(w, b, alpha: float, max_iter: int, tol: float):
+    """(I - alpha W) X = B for all columns at once; B numpy (W scipy sparse or dense) or torch on
+    any device (W sparse CSR or dense). One W @ P per iteration, per-column step sizes, dot
+    products summed in float64, in-place updates; a column freezes once ||r|| / ||b|| <= tol.
+    Returns (x, iterations per column, relative residuals)."""
+    if isinstance(b, np.ndarray):
+        where, sqrt, cast = np.where, np.sqrt, lambda a: a.astype(b.dtype)
+
+        def dots(u, v):
+            return np.einsum("ij,ij->j", u, v, dtype=np.float64)
+
+        def axpy(y, a, x):  # y += a x, columnwise a
+            y += a * x
+
+        x, r, p = np.zeros_like(b), b.copy(), b.copy()
+        iterations = np.zeros(b.shape[1], np.int64)
+    else:
+        import torch
+
+        where, sqrt, cast = torch.where, torch.sqrt, lambda a: a.to(b.dtype)
+
+        def dots(u, v):
+            return (u * v).sum(0, dtype=torch.float64)
+
+        def axpy(y, a, x):
+            y.addcmul_(x, a)
+
+        x, r, p = torch.zeros_like(b), b.clone(), b.clone()
+        iterations = torch.zeros(b.shape[1], dtype=torch.int64, device=b.device)
+    rr = dots(r, r)
+    bnorm = sqrt(rr)
     active = bnorm > 0
-    iterations = np.zeros(b.shape[1], np.int64)
     for _ in range(max_iter):
         if not active.any():
             break
-        q = p - alpha * matmul(p)
-        pq = np.einsum("ij,ij->j", p, q, dtype=np.float64)
-        step = np.where(active, rr / np.where(pq != 0, pq, 1), 0).astype(b.dtype)
-        x += step * p
-        r -= step * q
-        rr_new = np.einsum("ij,ij->j", r, r, dtype=np.float64)
+        q = w @ p
+        q *= -alpha
+        q += p  # (I - alpha W) p
+        pq = dots(p, q)
+        step = cast(where(active, rr / where(pq != 0, pq, 1), 0))
+        axpy(x, step, p)
+        axpy(r, -step, q)
+        del q
+        rr_new = dots(r, r)
         iterations += active
-        active &= np.sqrt(rr_new) > tol * bnorm
-        beta = np.where(active, rr_new / np.where(rr != 0, rr, 1), 0).astype(b.dtype)
+        active &= sqrt(rr_new) > tol * bnorm
+        beta = cast(where(active, rr_new / where(rr != 0, rr, 1), 0))
         p *= beta
         p += r
         rr = rr_new
-    return x, iterations, np.sqrt(rr) / np.where(bnorm > 0, bnorm, 1)
+    return x, iterations, sqrt(rr) / where(bnorm > 0, bnorm, 1)
 
 
-def batched_cg_torch(w, b, alpha: float, max_iter: int, tol: float):
-    """:func:`batched_cg_numpy` in torch with a sparse CSR W."""
+def per_class_cg(lap, m: int, max_iter: int, tol: float, *, classes=None, keep: bool = True,
+                 xp=np, cg=None):
+    """The LP-DeepSSL / ZLaP solve: ``cg(lap, e_c)`` once per class column c (all m, or
+    `classes`), with scipy (default) or cupyx (xp=cupy, cg=cupyx.scipy.sparse.linalg.cg).
+    Returns (Z (N, m) if `keep` else None, iterations per solved class, the tolerance keyword
+    used: rtol in recent scipy / cupy, tol in older)."""
+    import inspect
+
+    if cg is None:
+        from scipy.sparse.linalg import cg
+    tol_kw = "rtol" if "rtol" in inspect.signature(cg).parameters else "tol"
+    n = lap.shape[0]
+    z = xp.zeros((n, m), dtype=lap.dtype) if keep else None
+    counts: list[int] = []
+    for c in range(m) if classes is None else classes:
+        y = xp.zeros(n, dtype=lap.dtype)
+        y[c] = 1
+        count = [0]
+
+        def tick(_xk, count=count):
+            count[0] += 1
+
+        xc, _info = cg(lap, y, maxiter=max_iter, callback=tick, **{tol_kw: tol})
+        counts.append(count[0])
+        if keep:
+            z[:, c] = xc
+    return z, counts, tol_kw
+
+
+def tf32_api() -> str:
+    """How this torch switches tf32 for float32 matmuls: the per-backend ``fp32_precision``
+    (torch >= 2.9; mixing it with the legacy flag is an error there) or ``allow_tf32``."""
     import torch
 
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rr = (r.double() * r.double()).sum(0)
-    bnorm = rr.sqrt()
-    active = bnorm > 0
-    iterations = torch.zeros(b.shape[1], dtype=torch.int64)
-    for _ in range(max_iter):
-        if not bool(active.any()):
-            break
-        q = p - alpha * (w @ p)
-        pq = (p.double() * q.double()).sum(0)
-        step = torch.where(active, rr / torch.where(pq != 0, pq, 1), 0).to(b.dtype)
-        x += step * p
-        r -= step * q
-        rr_new = (r.double() * r.double()).sum(0)
-        iterations += active
-        active &= rr_new.sqrt() > tol * bnorm
-        beta = torch.where(active, rr_new / torch.where(rr != 0, rr, 1), 0).to(b.dtype)
-        p.mul_(beta).add_(r)
-        rr = rr_new
-    return x, iterations, (rr.sqrt() / torch.where(bnorm > 0, bnorm, 1))
+    return ("torch.backends.cuda.matmul.fp32_precision"
+            if hasattr(torch.backends.cuda.matmul, "fp32_precision")
+            else "torch.backends.cuda.matmul.allow_tf32")
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """torch.mm operand precision for float32 on CUDA: tf32 for "tf32", full float32 otherwise."""
+    import torch
+
+    flags = torch.backends.cuda.matmul
+    new_api = hasattr(flags, "fp32_precision")
+    name, value = (("fp32_precision", "tf32" if precision == "tf32" else "ieee") if new_api
+                   else ("allow_tf32", precision == "tf32"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        old = getattr(flags, name)
+        setattr(flags, name, value)
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            setattr(flags, name, old)
+
+
+def torch_knn(x, k: int, chunk: int, precision: str = "exact"):
+    """k nearest neighbours of the unit rows of torch X (any device): row chunks of X @ X^T with
+    torch.mm at the operand precision (bf16: operands cast to bfloat16; tf32 / exact: float32
+    with tf32 on / off), self excluded, torch.topk per chunk, weights max(s, 0).
+    Returns (indices (N, k) int64, weights (N, k) in X's dtype)."""
+    import torch
+
+    n = x.shape[0]
+    xs = x.to(torch.bfloat16) if precision == "bf16" else x
+    idx = torch.empty((n, k), dtype=torch.int64, device=x.device)
+    val = torch.empty((n, k), dtype=x.dtype, device=x.device)
+    with matmul_precision(precision):
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            s = xs[start:stop] @ xs.T
+            s.diagonal(offset=start).fill_(-math.inf)  # self: entries (i, start + i)
+            v, i = torch.topk(s, k, dim=1)
+            del s
+            val[start:stop] = v.clamp_min_(0)
+            idx[start:stop] = i
+    return idx, val
+
+
+def torch_normalize(idx, val):
+    """W = D^-1/2 (A + A^T) D^-1/2 with torch sparse ops on the graph's device (A + A^T as COO,
+    coalesce, degrees, scaling), as a sparse CSR tensor."""
+    import torch
+
+    n, k = idx.shape
+    rows = torch.arange(n, device=idx.device).repeat_interleave(k)
+    a = torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1)]), val.reshape(-1), (n, n),
+                                check_invariants=False)
+    b = (a + a.t()).coalesce()
+    ij, v = b.indices(), b.values()
+    deg = torch.zeros(n, dtype=v.dtype, device=v.device).index_add_(0, ij[0], v)
+    dinv = torch.where(deg > 0, deg.rsqrt(), torch.zeros_like(deg))
+    w = torch.sparse_coo_tensor(ij, v * dinv[ij[0]] * dinv[ij[1]], (n, n), is_coalesced=True,
+                                check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return w.to_sparse_csr()
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,8 +528,8 @@ class ReclipExt(Recipe):
         return self.rext.sym_normalize(*graph, threads=self.p.threads)
 
     def solve(self, w, m):
-        rhs = _rhs(len(w.indptr) - 1, m, w.data.dtype)
-        res = self.rext.cg_solve(w, rhs, alpha=self.p.alpha, max_iter=self.p.max_iter,
+        y = rhs(len(w.indptr) - 1, m, w.data.dtype)
+        res = self.rext.cg_solve(w, y, alpha=self.p.alpha, max_iter=self.p.max_iter,
                                  tol=self.p.tol, threads=self.p.threads)
         labels = np.argmax(res.x[m:], axis=1)
         return labels, {"iterations_max": int(res.iterations.max()),
@@ -475,23 +614,10 @@ class ScipyRef(Recipe):
 
     def solve(self, w, m):
         import scipy.sparse as sp
-        from scipy.sparse.linalg import cg
 
-        n = w.shape[0]
-        lap = (sp.identity(n, dtype=w.dtype, format="csr") - self.p.alpha * w).tocsr()
-        z = np.zeros((n, m), w.dtype)
-        iterations = []
-        for c in range(m):
-            y = np.zeros(n, w.dtype)
-            y[c] = 1
-            count = [0]
-
-            def tick(_xk, count=count):
-                count[0] += 1
-
-            z[:, c], _ = cg(lap, y, rtol=self.p.tol, maxiter=self.p.max_iter, callback=tick)
-            iterations.append(count[0])
-        return np.argmax(z[m:], axis=1), {"iterations_max": max(iterations)}
+        lap = (sp.identity(w.shape[0], dtype=w.dtype, format="csr") - self.p.alpha * w).tocsr()
+        z, counts, _ = per_class_cg(lap, m, self.p.max_iter, self.p.tol)
+        return np.argmax(z[m:], axis=1), {"iterations_max": max(counts)}
 
 
 class ScipyBatched(ScipyRef):
@@ -500,8 +626,8 @@ class ScipyBatched(ScipyRef):
     name = "scipy-batched"
 
     def solve(self, w, m):
-        x, iterations, res = batched_cg_numpy(w.__matmul__, _rhs(w.shape[0], m, w.dtype),
-                                              self.p.alpha, self.p.max_iter, self.p.tol)
+        x, iterations, res = batched_cg(w, rhs(w.shape[0], m, w.dtype), self.p.alpha,
+                                        self.p.max_iter, self.p.tol)
         return np.argmax(x[m:], axis=1), {"iterations_max": int(iterations.max()),
                                           "residual_max": float(res.max())}
 
@@ -519,43 +645,17 @@ class TorchDenseChunked(Recipe):
         configure_threads(self.p.threads)
 
     def knn(self, text, images):
-        torch = self.torch
-        x = torch.nn.functional.normalize(torch.from_numpy(np.concatenate([text, images])), dim=1)
-        n, k, chunk = x.shape[0], self.p.k, self.p.chunk
-        idx = torch.empty((n, k), dtype=torch.int64)
-        val = torch.empty((n, k), dtype=x.dtype)
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            s = x[start:stop] @ x.T
-            s.diagonal(offset=start).fill_(-math.inf)  # exclude self: entries (i, start + i)
-            v, i = torch.topk(s, k, dim=1)
-            val[start:stop] = v.clamp_min_(0)
-            idx[start:stop] = i
-        return idx, val
+        return torch_knn(self.torch.from_numpy(stack_normalised(text, images)), self.p.k,
+                         self.p.chunk)
 
     def normalize(self, graph):
-        torch = self.torch
-        idx, val = graph
-        n, k = idx.shape
-        rows = torch.arange(n).repeat_interleave(k)
-        a = torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1)]), val.reshape(-1), (n, n),
-                                    check_invariants=False)
-        b = (a + a.t()).coalesce()
-        ij, v = b.indices(), b.values()
-        deg = torch.zeros(n, dtype=v.dtype).index_add_(0, ij[0], v)
-        dinv = torch.where(deg > 0, deg.rsqrt(), torch.zeros_like(deg))
-        w = torch.sparse_coo_tensor(ij, v * dinv[ij[0]] * dinv[ij[1]], (n, n),
-                                    is_coalesced=True, check_invariants=False)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return w.to_sparse_csr()
+        return torch_normalize(*graph)
 
     def solve(self, w, m):
-        torch = self.torch
-        rhs = torch.from_numpy(_rhs(w.shape[0], m, np.float32)).to(w.dtype)
-        x, iterations, res = batched_cg_torch(w, rhs, self.p.alpha, self.p.max_iter, self.p.tol)
-        return torch.argmax(x[m:], dim=1).numpy(), {"iterations_max": int(iterations.max()),
-                                                    "residual_max": float(res.max())}
+        y = rhs(w.shape[0], m, w.dtype, w.device)
+        x, iterations, res = batched_cg(w, y, self.p.alpha, self.p.max_iter, self.p.tol)
+        return self.torch.argmax(x[m:], dim=1).numpy(), {"iterations_max": int(iterations.max()),
+                                                         "residual_max": float(res.max())}
 
 
 def chunked_similarity(x: np.ndarray, chunk: int = 2048, lib: str = "numpy",

@@ -16,6 +16,7 @@ k-NN graph improves on it. Everything is seeded and float32 by default. Only num
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
@@ -35,14 +36,39 @@ class Projection(NamedTuple):
     basis: np.ndarray  #: (d, r) U', orthonormal columns
 
 
-def _normalise(a: np.ndarray) -> np.ndarray:
-    return a / np.linalg.norm(a, axis=1, keepdims=True)
+def _normalise(a):
+    """Rows scaled to unit L2 norm (numpy or torch)."""
+    if isinstance(a, np.ndarray):
+        return a / np.linalg.norm(a, axis=-1, keepdims=True)
+    return a / a.norm(dim=-1, keepdim=True)
+
+
+def _draws(seed: int, device):
+    """The random draws of :func:`clip_like` from numpy's generator (float64) or from torch's on a
+    device (float32): the model is written once, only the source of numbers differs."""
+    if device is None:
+        rng = np.random.default_rng(seed)
+        return SimpleNamespace(
+            normal=lambda *shape: rng.standard_normal(shape), uniform=rng.random,
+            integers=lambda low, high, n: rng.integers(low, high, size=n), arange=np.arange,
+            permutation=rng.permutation, where=np.where, empty=lambda n, d: np.empty((n, d)))
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    f32 = dict(device=device, dtype=torch.float32)
+    return SimpleNamespace(
+        normal=lambda *shape: torch.randn(*shape, generator=gen, **f32),
+        uniform=lambda n: torch.rand(n, generator=gen, **f32),
+        integers=lambda low, high, n: torch.randint(low, high, (n,), generator=gen, device=device),
+        arange=lambda n: torch.arange(n, device=device),
+        permutation=lambda a: a[torch.randperm(len(a), generator=gen, device=device)],
+        where=torch.where, empty=lambda n, d: torch.empty(n, d, **f32))
 
 
 def clip_like(n: int, m: int, d: int, *, seed: int = 0, dtype=np.float32, group: int = 5,
               superclass: float = 0.8, gap_text: float = 0.5, gap_image: float = 0.8,
-              mix: float = 0.7, shift: float = 0.3, own: float = 0.5,
-              noise: float = 0.6) -> ClipLike:
+              mix: float = 0.7, shift: float = 0.3, own: float = 0.5, noise: float = 0.6,
+              device=None, chunk: int = 131072) -> ClipLike:
     """Seeded CLIP-like data (see the module docstring).
 
     Args:
@@ -52,31 +78,39 @@ def clip_like(n: int, m: int, d: int, *, seed: int = 0, dtype=np.float32, group:
         mix: images mix in a sibling class with a weight drawn from U(0, mix).
         shift: norm of each class's in-span misalignment; own: norm of its image-only feature.
         noise: norm of the isotropic image noise.
+        device: None for numpy arrays (drawn in float64, returned as `dtype`); a torch device
+            ("cpu", "cuda") for torch tensors drawn there in float32 by torch's generator (the
+            same model, another random stream).
+        chunk: images drawn per block (bounds the temporary memory; numpy's stream and torch's
+            on the CPU do not depend on it).
     """
     if m < 2 or n < 1 or d < 1:
         raise ValueError(f"need m >= 2, n >= 1, d >= 1; got n={n}, m={m}, d={d}")
-    rng = np.random.default_rng(seed)
+    draw = _draws(seed, device)
     groups = max(1, m // group)
-    gid = np.arange(m) % groups
-    sup = _normalise(rng.standard_normal((groups, d)))
-    classes = _normalise(superclass * sup[gid] + _normalise(rng.standard_normal((m, d))))
-    gap_t = rng.standard_normal(d)
-    gap_t *= gap_text / np.linalg.norm(gap_t)
-    gap_i = rng.standard_normal(d)
-    gap_i *= gap_image / np.linalg.norm(gap_i)
+    gid = draw.arange(m) % groups
+    sup = _normalise(draw.normal(groups, d))
+    classes = _normalise(superclass * sup[gid] + _normalise(draw.normal(m, d)))
+    gap_t = _normalise(draw.normal(d)) * gap_text
+    gap_i = _normalise(draw.normal(d)) * gap_image
     text = _normalise(classes + gap_t)
 
-    y = rng.permutation(np.arange(n) % m)
+    y = draw.permutation(draw.arange(n) % m)
     per_group = max(2, m // groups)
-    sibling = (y + groups * rng.integers(1, per_group, size=n)) % m
-    sibling = np.where(sibling == y, (y + 1) % m, sibling)
-    weight = rng.uniform(0.0, mix, size=n)[:, None]
-    misalign = _normalise(rng.standard_normal((m, m)) @ classes) * shift
-    feature = _normalise(rng.standard_normal((m, d))) * own
-    iso = rng.standard_normal((n, d)) * (noise / np.sqrt(d))
-    images = _normalise((1 - weight) * classes[y] + weight * classes[sibling] + misalign[y]
-                        + feature[y] + gap_i + iso)
-    return ClipLike(text.astype(dtype), images.astype(dtype), y.astype(np.int64))
+    sibling = (y + groups * draw.integers(1, per_group, n)) % m
+    sibling = draw.where(sibling == y, (y + 1) % m, sibling)
+    weight = draw.uniform(n)[:, None] * mix
+    misalign = _normalise(draw.normal(m, m) @ classes) * shift
+    offset = misalign + _normalise(draw.normal(m, d)) * own + gap_i  # per class
+    images = draw.empty(n, d)
+    for start in range(0, n, chunk):  # the isotropic noise last: drawn block by block
+        w, yc = weight[start:start + chunk], y[start:start + chunk]
+        rows = (1 - w) * classes[yc] + w * classes[sibling[start:start + chunk]] + offset[yc]
+        rows += draw.normal(len(yc), d) * (noise / np.sqrt(d))
+        images[start:start + len(yc)] = _normalise(rows)
+    if device is None:
+        return ClipLike(text.astype(dtype), images.astype(dtype), y.astype(np.int64))
+    return ClipLike(text, images, y)
 
 
 def p2_projection(text: np.ndarray, images: np.ndarray) -> Projection:
@@ -119,11 +153,15 @@ def projection_check(proj: Projection, *, sample: int = 2000, seed: int = 0) -> 
     return float(np.max(np.abs(a @ a.T - b @ b.T)))
 
 
-def zero_shot(text: np.ndarray, images: np.ndarray) -> np.ndarray:
-    """Labels by the nearest class-name embedding (cosine), in row chunks."""
-    t = _normalise(text.astype(np.float32))
-    out = np.empty(len(images), np.int64)
-    for start in range(0, len(images), 8192):
-        v = images[start:start + 8192].astype(np.float32)
-        out[start:start + len(v)] = np.argmax(v @ t.T, axis=1)
-    return out
+def zero_shot(text, images, chunk: int = 8192):
+    """Labels by the nearest class-name embedding (cosine), in row chunks; numpy (float32
+    products) or torch on any device (in the rows' dtype)."""
+    if isinstance(images, np.ndarray):
+        t = _normalise(text.astype(np.float32)).T
+        parts = [(images[i:i + chunk].astype(np.float32) @ t).argmax(1)
+                 for i in range(0, len(images), chunk)]
+        return np.concatenate(parts).astype(np.int64)
+    import torch
+
+    t = _normalise(text).T
+    return torch.cat([(images[i:i + chunk] @ t).argmax(1) for i in range(0, len(images), chunk)])

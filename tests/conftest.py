@@ -1,6 +1,6 @@
 """Shared fixtures and helpers of the reclip_ext test suite.
 
-- synthetic CLIP-like data (m class directions, images = noisy copies, rows normalised),
+- synthetic CLIP-like data (benchmarks/synthetic.py with well-separated classes),
 - the hypothesis profiles ("ci" by default, "slow", "dev"; pick one with HYPOTHESIS_PROFILE)
   and the ``exhaustive`` marker (skipped unless ``--exhaustive`` or ``-m exhaustive``),
 - the markers of a fast subset: ``pytest tests -m "not subprocess and not distributed and not
@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -28,8 +29,10 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # synthetic.py
 
 import reference  # noqa: E402
+import synthetic  # noqa: E402
 
 try:  # torch is optional for the tests: its cases skip cleanly without it
     import torch
@@ -117,24 +120,12 @@ NEEDS_CUDA = [pytest.mark.cuda,
 # data
 
 
-def clip_like(n: int, m: int, d: int, *, noise: float = 0.5, seed: int = 0, dtype=np.float32,
-              text_noise: float = 0.05):
-    """Synthetic CLIP-like embeddings: m random unit class directions in d dims (the text
-    rows, slightly perturbed), n images = noisy copies of their class direction; every row
-    L2-normalised. Continuous random data, so ties have probability zero.
-
-    Returns (text (m, d), images (n, d), labels (n,)).
-    """
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((m, d))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    labels = np.arange(n) % m
-    rng.shuffle(labels)
-    images = centres[labels] + noise / np.sqrt(d) * rng.standard_normal((n, d))
-    text = centres + text_noise / np.sqrt(d) * rng.standard_normal((m, d))
-    images /= np.linalg.norm(images, axis=1, keepdims=True)
-    text /= np.linalg.norm(text, axis=1, keepdims=True)
-    return text.astype(dtype), images.astype(dtype), labels.astype(np.int64)
+#: CLIP-like data from the benchmarks' model (benchmarks/synthetic.py) with well-separated
+#: classes: the tests compare labels with the truth, so its confusions (superclasses, modality
+#: gaps, sibling mixing, misalignment, image-only features) are off and only isotropic noise is
+#: left. Returns (text (m, d), images (n, d), labels (n,)), rows L2-normalised, tie-free.
+clip_like = functools.partial(synthetic.clip_like, superclass=0.0, gap_text=0.0, gap_image=0.0,
+                              mix=0.0, shift=0.0, own=0.0, noise=0.5)
 
 
 def random_points(n: int, d: int, *, seed: int = 0, dtype=np.float64) -> np.ndarray:

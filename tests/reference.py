@@ -10,7 +10,8 @@ an explicit stable tie rule, densified and solved directly. It is only meant for
 - ``ref_solve``/``ref_cg`` step 5 (dense direct solve; textbook CG with the same stop rule)
 - ``ref_label_propagate``  steps 1-6
 - ``lp_deepssl_recipe``    the LP-DeepSSL style baseline (Iscen et al. 2019): float32
-  brute-force kNN in numpy, scipy.sparse CSR, scipy.sparse.linalg.cg per class column.
+  brute-force kNN in numpy, scipy.sparse CSR, scipy.sparse.linalg.cg per class column (the
+  benchmarks' ``recipes.per_class_cg``).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse
-import scipy.sparse.linalg
+
+import recipes  # benchmarks/recipes.py (tests/conftest.py puts it on the path): its per-class CG
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,18 +286,7 @@ def lp_deepssl_recipe(text, images, k: int = 20, alpha: float = 0.99, max_iter: 
     wn = (dinv @ b @ dinv).tocsr()
     op = (scipy.sparse.eye_array(n, dtype=np.float32, format="csr") - alpha * wn).tocsr()
     op = op.astype(np.float32)
-    z = np.zeros((n, m), np.float32)
-    iterations = np.zeros(m, np.int64)
-    for j in range(m):
-        y = np.zeros(n, np.float32)
-        y[j] = 1
-        count = [0]
-
-        def callback(_xk, count=count):
-            count[0] += 1
-
-        f, _info = scipy.sparse.linalg.cg(op, y, rtol=tol, maxiter=max_iter, callback=callback)
-        z[:, j] = f
-        iterations[j] = count[0]
+    z, iterations, _ = recipes.per_class_cg(op, m, max_iter, tol)
     scores = z[m:]
-    return RecipeResult(np.argmax(scores, axis=1).astype(np.int64), scores, iterations)
+    return RecipeResult(np.argmax(scores, axis=1).astype(np.int64), scores,
+                        np.array(iterations, np.int64))

@@ -2,7 +2,7 @@
 (frozen, only its projection head trains) and whose vision tower is a small ViT trained from
 scratch, CLIP-style, on the SOURCE domain: the 5000 handwritten digits of OpenCV's digits.png.
 
-    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python benchmarks/train_digits_source.py \
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python training/train_digits_source.py \
         [--digits PATH] [--out python/reclip/weights] [--epochs 30] [--seed 0] [--threads 2]
 
 Writes ``<out>/reclip-digits.json`` (the open_clip model config; text tower = the MiniLM of the
@@ -33,10 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
-from offline import ROOT  # before numpy, torch and reclip: it sets their environment
+# benchmarks/offline.py: the environment of every script that runs the reclip pipeline
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from offline import ROOT  # noqa: E402  (before numpy, torch and reclip: it sets their environment)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -2,7 +2,7 @@
 projection head trains) and a small ViT trained from scratch, CLIP-style, against the 1066
 class-name embeddings, on the SOURCE domain only: Noto Color Emoji.
 
-    HF_HUB_OFFLINE=1 python benchmarks/train_emoji_source.py [--steps 2000] [--batch 128]
+    HF_HUB_OFFLINE=1 python training/train_emoji_source.py [--steps 2000] [--batch 128]
         [--out python/reclip/weights] [--twemoji DIR] [--seed 0] [--threads 2]
 
 Writes ``<out>/reclip-emoji.json`` and ``<out>/reclip-emoji.safetensors`` (the vision tower, the
@@ -30,10 +30,13 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
-from offline import ROOT  # before numpy, torch and reclip: it sets their environment
+# benchmarks/offline.py: the environment of every script that runs the reclip pipeline
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from offline import ROOT  # noqa: E402  (before numpy, torch and reclip: it sets their environment)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
