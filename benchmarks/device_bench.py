@@ -378,11 +378,12 @@ def chunk_rows(n_nodes: int, itemsize: int, chunk: int, chunk_gib: float) -> int
 def rext_knn(rext, text, images, x, k: int, kw: dict):
     """reclip_ext.knn_affinity on the pair (text, images), stacked by rows inside the kernel as
     label_propagate does; on the concatenated X if this build refuses a pair. Returns
-    ((indices, weights), what was passed)."""
+    ((indices, weights), what was passed). Edges weigh max(s, 0), as in every baseline here."""
     try:
-        return rext.knn_affinity((text, images), k, normalize=True, **kw), "(text, images)"
+        return (rext.knn_affinity((text, images), k, normalize=True, weight="relu", **kw),
+                "(text, images)")
     except TypeError:
-        return rext.knn_affinity(x, k, normalize=True, **kw), "X = [text; images]"
+        return rext.knn_affinity(x, k, normalize=True, weight="relu", **kw), "X = [text; images]"
 
 
 def zlap_laplacian(torch, w, alpha: float):
@@ -481,7 +482,7 @@ class Case:
             base = torch.cuda.memory_allocated()
         lp, t_total = clock.time(lambda: rext.label_propagate(
             self.text, self.images, k=a.k, alpha=a.alpha, max_iter=a.max_iter, tol=a.tol,
-            normalize=True, **kw))
+            weight="relu", normalize=True, **kw))
         if self.device == "cuda":
             # what label_propagate took through torch's allocator above what was allocated
             out["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated() - base)
@@ -764,7 +765,8 @@ def warm_up(torch, rext, args, clock: Clock) -> dict:
                 csr = rext.sym_normalize(idx, w)
                 rext.cg_solve(csr, recipes.rhs(x.shape[0], tiny_m, x.dtype, args.device),
                               alpha=args.alpha, max_iter=2, tol=args.tol)
-                rext.label_propagate(x[:tiny_m], x[tiny_m:], k=args.k, max_iter=2, **kw)
+                rext.label_propagate(x[:tiny_m], x[tiny_m:], k=args.k, max_iter=2,
+                                     weight="relu", **kw)
             except Exception as err:
                 failed[f"reclip_ext/{prec}"] = f"{type(err).__name__}: {err}"
         if "torch" in args.baselines:

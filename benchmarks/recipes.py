@@ -521,8 +521,10 @@ class ReclipExt(Recipe):
 
     def knn(self, text, images):
         # The pair is stacked by rows inside the kernel, as label_propagate does: no copy.
+        # Every recipe here weights edges max(s, 0), LP-DeepSSL's choice; the engine's
+        # default is ReCLIP's shifted weight, at the same cost.
         return self.rext.knn_affinity((text, images), self.p.k, normalize=True,
-                                      threads=self.p.threads)
+                                      weight="relu", threads=self.p.threads)
 
     def normalize(self, graph):
         return self.rext.sym_normalize(*graph, threads=self.p.threads)
@@ -538,7 +540,8 @@ class ReclipExt(Recipe):
     def propagate(self, text, images):
         return self.rext.label_propagate(text, images, k=self.p.k, alpha=self.p.alpha,
                                          max_iter=self.p.max_iter, tol=self.p.tol,
-                                         normalize=True, threads=self.p.threads)
+                                         weight="relu", normalize=True,
+                                         threads=self.p.threads)
 
     def run(self, text, images, meter: PeakMemory | None = None) -> RunResult:
         # End to end first, in a fresh process state, so its peak memory is the one reported.
