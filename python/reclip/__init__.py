@@ -9,7 +9,7 @@ and benchmark presets (``prompts``), image inputs (``data``) and the ``reclip`` 
 (``cli``).
 
 >>> import reclip                                                      # doctest: +SKIP
->>> model = reclip.load_model("tests/assets/tiny-vit.json")            # doctest: +SKIP
+>>> model = reclip.load_model("ViT-B-32", pretrained="ViT-B-32.pt")    # doctest: +SKIP
 >>> clf = reclip.ReCLIP(model, ["cat", "dog"]).fit("images/")          # doctest: +SKIP
 >>> clf.predict("images/")                                             # doctest: +SKIP
 """

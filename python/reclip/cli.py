@@ -72,9 +72,33 @@ PEAK_NOTE = ("peak_accuracy and peak_epoch pick the best epoch by the target lab
              "final_accuracy is the model this run saved")
 
 
+def shown_default(action: argparse.Action) -> str | None:
+    """The default that --help (and README.md's reference, tools/cli_reference.py) shows for a
+    flag, or None: a switch (False), a required flag, or a default of None, whose help says in
+    words what leaving the flag out does (the method's value, one worker per core, ...)."""
+    # by identity: a default of 0 is a value to show, though 0 == False
+    if action.required or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+        return None
+    return str(action.default)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to the help of every flag that has a default to show, so that
+    no default is stated by hand in a help string and then goes stale."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if shown_default(action) is None or "%(default)" in (action.help or ""):
+            return action.help
+        return f"{action.help or ''} (default: %(default)s)".lstrip()
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its usage errors as one line like every other user error (sub-commands
-    get this class too)."""
+    """argparse, with its usage errors as one line like every other user error and every
+    default in --help (sub-commands get this class too)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -151,12 +175,13 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="adapt an embedded model to a real target (default: the "
                                     "digits model to scikit-learn's digits)")
     d.add_argument("--out", default="reclip-demo", help="folder for report.json and plots")
-    d.add_argument("--epochs", type=_at_least(0), default=10, help="maximum epochs (default 10)")
+    d.add_argument("--epochs", type=_at_least(0), default=10, help="maximum epochs")
     d.add_argument("--iterations", type=_at_least(1),
-                   help="maximum iterations (default 5000); on a CPU a 1066-class target's "
+                   help="maximum iterations (default: 5000); on a CPU a 1066-class target's "
                         "text step takes tens of seconds, so cap it there")
     d.add_argument("--model", help=argparse.SUPPRESS)  # default: the target's shipped model
-    d.add_argument("--no-plots", action="store_true")
+    d.add_argument("--no-plots", action="store_true",
+                   help="write report.json only (matplotlib is then not needed)")
     d.add_argument("--target", default="sklearn-digits", choices=tuple(TARGETS),
                    help="the target domain: a digits target (opencv-lowres needs OpenCV's "
                         "digits.png) or an emoji target of reclip-emoji (Symbola or EmojiOne "
@@ -181,9 +206,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--preset", help="class names and templates of a benchmark (e.g. cifar10)")
     a.add_argument("--out", required=True, help="run directory to write")
     a.add_argument("--epochs", type=_at_least(0),
-                   help="maximum epochs (default 50); 0 saves the zero-shot model as the run")
-    a.add_argument("--iterations", type=_at_least(1), help="maximum iterations (default 5000)")
-    a.add_argument("--batch-size", type=_at_least(1), help="default 64, or 32 above 200 classes")
+                   help="maximum epochs (default: 50); 0 saves the zero-shot model as the run")
+    a.add_argument("--iterations", type=_at_least(1), help="maximum iterations (default: 5000)")
+    a.add_argument("--batch-size", type=_at_least(1),
+                   help="images per training step (default: 64, or 32 above 200 classes)")
     a.add_argument("--method", choices=("reclip", "shot"), default="reclip",
                    help="ReCLIP, or the SHOT baseline (the visual encoder trained on SHOT's "
                         "loss against the frozen zero-shot classifier)")
@@ -192,7 +218,9 @@ def _parser() -> argparse.ArgumentParser:
                         "ReCLIP, 1e-6 for SHOT)")
     # The method's own flags default to None, so that one given for the other method is
     # refused rather than silently ignored (see _check_method_flags).
-    a.add_argument("--projection", choices=("P0", "P1", "P2"), help="ReCLIP: default P2")
+    a.add_argument("--projection", choices=("P0", "P1", "P2"),
+                   help="ReCLIP: none (P0), onto the class embeddings' span (P1), or that "
+                        "span without its class-agnostic direction (P2, the default)")
     a.add_argument("--sides", choices=("both", "text", "visual"),
                    help="ReCLIP (both, the default), ReCLIP-T (text) or ReCLIP-V (visual)")
     a.add_argument("--no-label-sharing", action="store_true", help="ReCLIP: train each side "
@@ -201,7 +229,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="ReCLIP-V loss: as in the authors' released code (divided by the batch "
                         "size once more; the default), or the plain batch mean")
     a.add_argument("--shot-beta", type=_non_negative_float,
-                   help="SHOT: weight of the pseudo-label cross-entropy (default 0.3)")
+                   help="SHOT: weight of the pseudo-label cross-entropy (default: 0.3)")
     a.add_argument("--shot-params", choices=("encoder", "norms"),
                    help="SHOT: train the whole visual tower (encoder, the default) or only "
                         "its norm layers")
@@ -212,13 +240,15 @@ def _parser() -> argparse.ArgumentParser:
     lp = reclip_ext.DEFAULTS
     a.add_argument("--k", type=_at_least(1),
                    help=f"ReCLIP: neighbours of each node in label propagation's graph "
-                        f"(default {lp.k}; at most the classes + images - 1)")
+                        f"(default: {lp.k}; at most the classes + images - 1)")
     a.add_argument("--alpha", type=_below_one,
-                   help=f"ReCLIP: label propagation's strength, in [0, 1) (default {lp.alpha})")
+                   help=f"ReCLIP: label propagation's strength, in [0, 1) (default: {lp.alpha})")
     a.add_argument("--weight", choices=("shift", "relu"),
                    help=f"ReCLIP: edge weight of a cosine s in the graph: shift (1+s)/2, as in "
-                        f"the authors' code, or relu max(s, 0) (default {lp.weight})")
-    a.add_argument("--seed", type=int, default=0)
+                        f"the authors' code, or relu max(s, 0) (default: {lp.weight})")
+    a.add_argument("--seed", type=int, default=0,
+                   help="seed of the training order and, for a model without weights, of its "
+                        "random initialisation")
     a.add_argument("--resume", action="store_true",
                    help="continue the run in --out (without it, an --out that holds a run is "
                         "refused; a restartable torchrun job always passes it). The run keeps "
@@ -231,8 +261,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="only adapt and save; do not predict the adaptation images")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.add_argument("--skip-bad-images", action="store_true", help=SKIP_HELP)
-    _runtime_flags(a, lp=True)
-    a.set_defaults(lp_precision=None)  # ReCLIP only; "exact" when not given
+    _runtime_flags(a, lp=True, lp_default=None)  # ReCLIP only; "exact" when not given
 
     for name, helptext in (("predict", "write the predicted class of every image"),
                            ("eval", "accuracy on an ImageFolder whose folders are class names "
@@ -250,7 +279,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _runtime_flags(p: argparse.ArgumentParser, *, lp: bool, workers: bool = True) -> None:
+def _runtime_flags(p: argparse.ArgumentParser, *, lp: bool, workers: bool = True,
+                   lp_default: str | None = "exact") -> None:
     from .device import AMP_MODES, LP_PRECISIONS
 
     p.add_argument("--device", default="auto",
@@ -260,8 +290,9 @@ def _runtime_flags(p: argparse.ArgumentParser, *, lp: bool, workers: bool = True
     if workers:
         p.add_argument("--workers", type=_at_least(0), help=WORKERS_HELP)
     if lp:
-        p.add_argument("--lp-precision", choices=LP_PRECISIONS, default="exact",
-                       help="label propagation's k-NN operands (tf32, bf16: CUDA only)")
+        p.add_argument("--lp-precision", choices=LP_PRECISIONS, default=lp_default,
+                       help="label propagation's k-NN operands (tf32, bf16: CUDA only)"
+                            + ("" if lp_default else "; exact when not given"))
 
 
 def _check_runtime(args) -> None:
