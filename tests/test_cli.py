@@ -939,14 +939,15 @@ def test_bad_input_is_one_line_error(jobs, case, command, argv, mentions, method
 def test_flags_of_the_other_method_are_refused(capsys, tmp_path):
     """Each flag of one method, given with the other, is a one-line error naming it, before
     anything is read or loaded (the classes file does not even exist)."""
+    from reclip import arguments
     from reclip import cli as reclip_cli
 
     values = {"--projection": ["P1"], "--sides": ["visual"], "--no-label-sharing": [],
               "--visual-loss": ["mean"], "--lp-precision": ["exact"], "--shot-beta": ["0.5"],
               "--shot-params": ["norms"], "--pseudo-labels": ["prediction"], "--k": ["5"],
               "--alpha": ["0.9"], "--weight": ["relu"]}
-    assert values.keys() == reclip_cli.METHOD_FLAGS.keys()
-    for flag, (_, method) in reclip_cli.METHOD_FLAGS.items():
+    assert values.keys() == arguments.METHOD_FLAGS.keys()
+    for flag, (_, method) in arguments.METHOD_FLAGS.items():
         other = "shot" if method == "reclip" else "reclip"
         argv = ["adapt", "--model", TINY_VIT, "--data", str(tmp_path), "--classes", "none.txt",
                 "--out", str(tmp_path / "run"), "--method", other, flag, *values[flag]]

@@ -17,7 +17,7 @@ ORDER = [
     "data", "folders", "emoji", "pseudo_labels", "resolve", "sources", "build", "config",
     "models", "features", "runner",
     "methods.base", "methods.reclip", "methods.shot", "methods", "runs", "adapt",
-    "demo", "cli", "__main__", "__init__",
+    "demo", "arguments", "cli", "__main__", "__init__",
 ]
 MAX_LINES = 600
 MAX_CLASS_LINES = 300

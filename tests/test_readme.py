@@ -2,7 +2,7 @@
 ``reclip`` parser, and every Python example runs as written.
 
 - The reference section (between the cli-reference markers) is what tools/cli_reference.py
-  renders from ``reclip.cli._parser()``; a second check reads its tables back and compares
+  renders from ``reclip.arguments.parser()``; a second check reads its tables back and compares
   each command's flags, defaults and required flags with the parser's actions directly, and
   ``--help`` is checked to print every default.
 - Every ```python block of README.md and docs/*.md runs on its own in a fresh interpreter, in
@@ -37,8 +37,8 @@ _spec.loader.exec_module(cli_reference)
 
 
 def _parser() -> argparse.ArgumentParser:
-    pytest.importorskip("torch")  # reclip.cli's parser imports the pipeline's modules
-    from reclip.cli import _parser
+    pytest.importorskip("torch")  # reclip.arguments' parser imports the pipeline's modules
+    from reclip.arguments import parser as _parser
 
     return _parser()
 
@@ -62,7 +62,7 @@ def _default(action) -> str | None:
 def test_cli_reference_is_current():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert cli_reference.section(readme) == cli_reference.render(_parser()), (
-        f"README.md's command-line reference does not match reclip/cli.py: run "
+        f"README.md's command-line reference does not match reclip/arguments.py: run "
         f"`{cli_reference.COMMAND}` and commit README.md")
 
 

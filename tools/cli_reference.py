@@ -4,7 +4,7 @@
     python tools/cli_reference.py --check   # exit 1 if the section is out of date
 
 Every visible flag of every command is listed with what ``--help`` says about it, so a flag
-added to reclip/cli.py needs only this command to be documented; tests/test_readme.py fails
+added to reclip/arguments.py needs only this command to be documented; tests/test_readme.py fails
 until it has run. The reclip package of this checkout (python/) is documented, whatever reclip
 is installed.
 """
@@ -47,7 +47,7 @@ def _help(action: argparse.Action, prog: str) -> str:
 
 
 def _table(parser: argparse.ArgumentParser) -> list[str]:
-    from reclip.cli import shown_default
+    from reclip.arguments import shown_default
 
     rows = []
     for action in parser._actions:  # argparse keeps no public list of them
@@ -88,7 +88,7 @@ def section(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     check = "--check" in (argv if argv is not None else sys.argv[1:])
     sys.path.insert(0, str(ROOT / "python"))
-    from reclip.cli import _parser
+    from reclip.arguments import parser as _parser
 
     text = README.read_text(encoding="utf-8")
     wanted = render(_parser())
