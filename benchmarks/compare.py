@@ -3,6 +3,7 @@
 
     python benchmarks/compare.py                       # small demo (~30 s on 2 cores)
     python benchmarks/compare.py --n 50000 --m 100 --d 768 --project --repeat 3 --json out.json
+    python benchmarks/compare.py --load 2                  # the same, beside 2 busy processes
 
 Generates seeded synthetic CLIP-like embeddings (benchmarks/synthetic.py), optionally applies
 ReCLIP's P2 projection (--project: the baselines get the projected d-dim rows, reclip_ext the
@@ -16,7 +17,9 @@ dimension, label agreement with reclip_ext, and accuracy against the synthetic g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="comma-separated subset of: " + ", ".join(ALL_RECIPES))
     ap.add_argument("--threads", type=int, default=None, help="threads for every recipe "
                     "(default: all usable cores)")
+    ap.add_argument("--load", type=int, default=0, help="busy-loop processes to run in the "
+                    "background while the recipes are measured (timings under a fixed load)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=2048,
                     help="rows per dense similarity chunk (torch recipe, sgemm floor)")
@@ -70,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("need --repeat >= 1 and --warmup >= 0")
     if args.threads is not None and args.threads < 1:
         ap.error("--threads must be >= 1")
+    if args.load < 0:
+        ap.error("--load must be >= 0")
     return args
 
 
@@ -89,6 +96,33 @@ def _loadavg():
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+# Spins, but looks up its parent every few milliseconds and exits once the parent is gone, so
+# a benchmark that is killed outright does not leave it running.
+_BUSY_LOOP = ("import os\nparent = os.getppid()\n"
+              "while os.getppid() == parent:\n    for _ in range(100_000): pass\n")
+
+
+@contextlib.contextmanager
+def busy_load(count: int):
+    """`count` busy-loop processes for the duration of the block (their Popen objects); they
+    are stopped when it ends, also when it raises."""
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(count):
+            procs.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP],
+                                          stdin=subprocess.DEVNULL))
+        yield procs
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def _run_job(job: dict, params, args, isolate: bool, repeat: int) -> dict:
@@ -182,7 +216,8 @@ def main(argv=None) -> int:
 
     params = recipes.Params(k=args.k, alpha=args.alpha, max_iter=args.max_iter, tol=args.tol,
                             threads=threads, chunk=args.chunk)
-    with tempfile.TemporaryDirectory(prefix="reclip-bench-") as tmp:
+    # The background load (--load) lasts from the inputs' files to the last recipe's run.
+    with tempfile.TemporaryDirectory(prefix="reclip-bench-") as tmp, busy_load(args.load):
         files = {}
         for tag, (t, v) in {"base": (base_text, base_images),
                             "reduced": (red_text, red_images)}.items():
@@ -251,7 +286,9 @@ def main(argv=None) -> int:
     print(f"reclip label propagation: n={n} images, m={m} classes, d={d}, N={n_nodes} nodes, "
           f"k={args.k}, alpha={args.alpha}, CG {args.max_iter} it / tol {args.tol:g}{proj_text}")
     plural = "s" if threads != 1 else ""
-    print(f"{env['cpu']}, {threads} thread{plural} | reclip_ext {env.get('reclip_ext')} "
+    print(f"{env['cpu']}, {threads} thread{plural}"
+          f"{f', --load {args.load} (busy-loop processes beside it)' if args.load else ''}"
+          f" | reclip_ext {env.get('reclip_ext')} "
           f"(simd {env.get('simd_level')}) | numpy {env['numpy']}, scipy {env.get('scipy')}, "
           f"faiss {env.get('faiss')}, torch {env.get('torch')} | median of {args.repeat}"
           f"{', ' + str(args.warmup) + ' warm-up' if args.warmup else ''}"

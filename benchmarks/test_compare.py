@@ -3,6 +3,10 @@ process and with one spawn child per recipe) and writes a complete JSON report."
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -74,3 +78,49 @@ def test_compare_spawn_children(tmp_path):
     assert rc == 0
     report = _check_report(out, ["reclip_ext", "scipy-ref"])
     assert report["results"]["reclip_ext"]["peak_method"] in ("VmHWM", "ru_maxrss")
+
+
+def test_busy_load_runs_and_stops_also_on_error():
+    with pytest.raises(KeyError):
+        with compare.busy_load(2) as procs:
+            time.sleep(0.2)
+            assert len(procs) == 2 and all(p.poll() is None for p in procs)
+            raise KeyError("a failing measurement")
+    assert all(p.poll() is not None for p in procs)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_busy_load_ends_with_a_killed_benchmark(tmp_path):
+    """A benchmark killed outright runs no finally clause; its busy processes see their parent
+    gone and exit by themselves."""
+    script = ("import os, sys, time\nsys.path.insert(0, sys.argv[1])\nimport compare\n"
+              "with compare.busy_load(2) as procs:\n"
+              "    print(*(p.pid for p in procs), flush=True)\n    time.sleep(0.2)\n"
+              "    os._exit(0)\n")
+    run = subprocess.run([sys.executable, "-c", script, os.path.dirname(compare.__file__)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    pids = [int(p) for p in run.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids)
+
+
+def test_load_option_is_checked_and_reported(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--load", "-1"])
+    out = tmp_path / "report.json"
+    rc = compare.main(["--n", "200", "--m", "3", "--d", "8", "--in-process", "--load", "1",
+                       "--recipes", "reclip_ext", "--json", str(out)])
+    assert rc == 0
+    assert "--load 1 (busy-loop processes beside it)" in capsys.readouterr().out
+    assert json.loads(out.read_text())["config"]["load"] == 1

@@ -18,9 +18,9 @@ Data flow (N = m + n nodes: the m class nodes, then every shard's images in rank
    CG and reads out labels with the code of the single-process function, then scatters each
    rank its rows and broadcasts the per-class CG iterations and residuals.
 
-Why rank 0 solves (instead of every rank solving the same graph): the CPU CG sums its
-per-thread partial dot products in the order the threads finish, so two solves of one graph
-can differ in the last bits, and ranks on different hardware (thread counts, SIMD level,
+Why rank 0 solves (instead of every rank solving the same graph): the CPU CG hands out the
+rows of its product with W to whichever thread is free, so its per-thread partial dot products
+cover other rows from run to run and two solves of one graph can differ in the last bits, and ranks on different hardware (thread counts, SIMD level,
 GPU model) differ more. One solve, scattered, makes every rank's result come from the same
 arithmetic, and needs the whole graph in one rank's memory only. The cost is that the other
 ranks wait during the solve.

@@ -713,7 +713,7 @@ def knn_affinity(x, k, *, rows=None, queries=None, exclude_self=None, weight=DEF
             which needs the whole graph, is :func:`sym_normalize`'s, not this.)
         block_rows: similarity tile size (rows and columns); default from cache sizes (CPU)
             or the kernel's 128-row tile (CUDA; smaller values force smaller tiles, for tests).
-        threads: CPU threads; default all cores.
+        threads: CPU threads; default from the problem size, at most all cores.
         precision: ``"exact"`` (the input dtype's arithmetic), or on CUDA with float32 input
             ``"tf32"`` / ``"bf16"``: tensor-core operands with float32 accumulation; the final
             k neighbours are re-scored in float32, so weights are exact dot products, while the
@@ -793,7 +793,7 @@ def sym_normalize(indices, weights, *, threads=None) -> Csr:
     Args:
         indices: (N, k) integer array, entries in [0, N).
         weights: (N, k) float32 or float64 array, finite and >= 0.
-        threads: CPU threads; default all cores.
+        threads: CPU threads; default from the problem size, at most all cores.
 
     Returns:
         :class:`Csr` (indptr (N+1,) int64, indices (nnz,) int64, data (nnz,) weights' dtype).
@@ -848,7 +848,7 @@ def cg_solve(W, rhs, *, alpha=DEFAULTS.alpha, max_iter=DEFAULTS.max_iter, tol=DE
         alpha: in [0, 1).
         max_iter: iteration limit, >= 0.
         tol: relative residual at which a column stops, >= 0.
-        threads: CPU threads; default all cores.
+        threads: CPU threads; default from the problem size, at most all cores.
 
     Returns:
         :class:`CgResult` (x (N, m), iterations (m,) int64, residuals (m,) float64).
@@ -890,7 +890,7 @@ def label_propagate(text, images, *, k=DEFAULTS.k, alpha=DEFAULTS.alpha,
         k, weight, gamma, block_rows: as in :func:`knn_affinity`; k <= m + n - 1.
         alpha, max_iter, tol: as in :func:`cg_solve`.
         normalize: L2-normalise every row first (a zero row is an error).
-        threads: CPU threads; default all cores.
+        threads: CPU threads; default from the problem size, at most all cores.
         precision: operand precision of the k-NN search, as in :func:`knn_affinity`
             (``"tf32"`` / ``"bf16"``: CUDA float32 only).
 

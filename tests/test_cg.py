@@ -2,6 +2,10 @@
 reference.py (docs/mathematics.md §2, step 5): per-column convergence, stop rules, input forms."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import scipy.sparse
@@ -198,10 +202,57 @@ def test_strided_rhs():
 def test_threads_close():
     w = graph(400, k=8)
     rhs = np.random.default_rng(9).standard_normal((400, 4))
-    a = reclip_ext.cg_solve(w, rhs, alpha=0.99, max_iter=50)
+    a = reclip_ext.cg_solve(w, rhs, alpha=0.99, max_iter=50, threads=3)
     b = reclip_ext.cg_solve(w, rhs, alpha=0.99, max_iter=50, threads=1)
     np.testing.assert_allclose(a.x, b.x, rtol=1e-10, atol=1e-12)
     assert (np.abs(a.iterations - b.iterations) <= 1).all()
+
+
+_NEW_THREADS = """
+import os, sys
+import numpy as np
+import reclip_ext
+n, m, threads = (int(a) for a in sys.argv[1:])
+x = np.random.default_rng(0).standard_normal((n, 4))
+w = reclip_ext.sym_normalize(*reclip_ext.knn_affinity(x, 4, normalize=True, threads=1), threads=1)
+before = len(os.listdir("/proc/self/task"))
+reclip_ext.cg_solve(w, np.ones((n, m)), threads=threads or None)
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+@pytest.mark.parametrize("n, m, threads, spawned", [
+    (50, 2, 0, 0),       # default: a tiny solve stays on the calling thread
+    (50, 2, 3, 2),       # an explicit count is used as given, however small the problem
+    (3000, 80, 0, 3),    # default: enough work for all OMP_NUM_THREADS = 4 threads
+])
+def test_default_threads_follow_the_work(tmp_path, n, m, threads, spawned):
+    """OpenMP starts its worker threads at the first parallel region that asks for them, so
+    the threads a fresh process gains during one solve are the solve's thread count - 1."""
+    env = dict(os.environ, OMP_NUM_THREADS="4", PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.run([sys.executable, "-c", _NEW_THREADS, str(n), str(m), str(threads)],
+                         env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) == spawned
+
+
+def test_team_smaller_than_asked(tmp_path):
+    """With OMP_THREAD_LIMIT=1 a region asking for 3 threads runs on 1: the solve's own barrier
+    must count the threads that came, not those asked for, or it would wait forever."""
+    script = """
+import numpy as np, reclip_ext
+x = np.random.default_rng(1).standard_normal((300, 4))
+w = reclip_ext.sym_normalize(*reclip_ext.knn_affinity(x, 5, normalize=True))
+rhs = np.random.default_rng(2).standard_normal((300, 3))
+a, b = (reclip_ext.cg_solve(w, rhs, threads=t, max_iter=30) for t in (3, 1))
+print(np.array_equal(a.x, b.x) and np.array_equal(a.iterations, b.iterations))
+"""
+    env = dict(os.environ, OMP_THREAD_LIMIT="1", PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "True"
 
 
 def test_label_propagation_system():

@@ -160,9 +160,10 @@ void full_graph(const StackedRows<T>& x, MatrixView<int64_t> indices, MatrixView
                 const AffinityParams& p) {
   const int64_t n = x.rows(), d = x.cols(), k = p.k;
   const TileKernels<T> kern = best_kernels<T>();
-  const int threads = resolve_threads(p.threads);
   const int64_t mr = kern.mr, nr = kern.nr, unit = mr / gcd(mr, nr) * nr;
   const int64_t bs = round_up(std::min(p.block_rows > 0 ? p.block_rows : kDefaultBlock, n), unit);
+  // The threads meet after each column block: on average half of a block column's products.
+  const int threads = resolve_threads(p.threads, 0.5 * double(n) * double(bs) * double(d));
   const int64_t a_len = round_up(n, mr) * d, b_len = round_up(n, nr) * d;
   check_workspace(double(a_len + b_len + int64_t(threads) * bs * (bs + 2 * k)) * sizeof(T) +
                       double(n) * k * (sizeof(T) + 8),
@@ -268,7 +269,9 @@ void knn_affinity_cpu(const StackedRows<T>& x, const StackedRows<T>* queries,
   const int64_t q1 = queries ? queries->rows() : (p.query_stop < 0 ? n : p.query_stop);
   if (!queries && q0 == 0 && q1 == n) return full_graph(x, indices, weights, p);
   if (q1 <= q0) return;
-  const int threads = resolve_threads(p.threads);
+  // The threads meet after each column block: the query rows against one block of x.
+  const double block_work = double(q1 - q0) * double(x.cols()) * double(std::min(kDefaultBlock, n));
+  const int threads = resolve_threads(p.threads, block_work);
   // Every database row is scaled (and, unnormalised, norm-checked) the same way as in the
   // whole graph, so a block's similarities are the whole graph's.
   const std::vector<T> x_scale = row_scales(x, p.normalize, threads, "x");

@@ -27,7 +27,8 @@ int64_t sym_normalize_cpu(MatrixView<const int64_t> indices, MatrixView<const T>
                           int64_t* out_indptr, int64_t* out_indices, T* out_data,
                           const NormalizeParams& p) {
   const int64_t n = indices.rows, k = indices.cols;
-  const int threads = resolve_threads(p.threads);
+  // Each pass touches every stored entry a few times.
+  const int threads = resolve_threads(p.threads, double(n) * double(k) * 4);
   check_workspace(double(2 * n * k) * sizeof(Entry<T>) + double(n) * 24, "sym_normalize");
 
   // Validate and count: row i gets its own nonzero entries, row j one per (i -> j).

@@ -20,7 +20,20 @@ struct WorkspaceError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-inline int resolve_threads(int threads) { return threads > 0 ? threads : omp_get_max_threads(); }
+// Multiply-adds below which one more thread does not pay for itself: it would spend about as
+// long being woken and waited for at the next synchronisation as it saves, and much longer
+// when the machine's cores are shared with other processes.
+constexpr double kWorkPerThread = double(1 << 18);
+
+// The thread count: `threads` when the caller gave one (> 0). Otherwise one thread per
+// kWorkPerThread of `work` (the multiply-adds the threads share between two synchronisations),
+// at least 1 and at most omp_get_max_threads() (all cores, or OMP_NUM_THREADS).
+inline int resolve_threads(int threads, double work) {
+  if (threads > 0) return threads;
+  const int most = omp_get_max_threads();
+  const double useful = work / kWorkPerThread;
+  return useful < 1 ? 1 : useful >= most ? most : int(useful);
+}
 
 inline std::string gib(double bytes) {
   char buf[32];
