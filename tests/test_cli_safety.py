@@ -422,6 +422,26 @@ def test_divergence_stops_every_rank_with_the_same_line(ws):
     assert not (ws / "run_diverged_2" / "run.json").exists()
 
 
+def test_a_user_error_under_torchrun_is_one_line(ws):
+    """A user error found before the ranks join (here a missing image folder) is said once, by
+    local rank 0, without a rank number and before any process group forms; no rank prints a
+    traceback (torchrun's agent adds only its own failure summary)."""
+    torch = pytest.importorskip("torch")
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    argv = adapt_args("no-such-folder", "run_missing_2", "--device", "cpu", "--workers", "0")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", "-m", "reclip", *argv], cwd=ws, env=ENV,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode != 0
+    ours = [line for line in r.stderr.splitlines() if line.startswith("reclip adapt")]
+    assert len(ours) == 1 and ours[0].startswith("reclip adapt: error: "), r.stderr
+    assert "no-such-folder" in ours[0]
+    # at most torchrun's own traceback of its ChildFailedError; none of a rank
+    assert r.stderr.count("Traceback (most recent call last)") <= 1, r.stderr
+    assert not (ws / "run_missing_2").exists()
+
+
 def _torchrun(ws: Path, argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              "--nproc_per_node=2", "-m", "reclip", *argv], cwd=ws, env=ENV,

@@ -198,17 +198,12 @@ def _write_predictions(data, pred: np.ndarray, classnames: list[str], out: str |
         write_text(out, lines)
 
 
-def adapt(args) -> int:
-    import torch
+def _adapt_inputs(args) -> dict:
+    """What adapt checks and reads before any process group forms: flags, files, the class
+    lists, --out and the image folder's listing, and the Config. Under torchrun every process
+    meets the same user error here, before it joins the others (see main)."""
+    from .config import Config
 
-    from . import adapt as adapt_mod
-    from . import checkpoint
-    from .checkpoint import write_json
-    from .data import class_labels
-    from .models import check_same_base, load_model, model_spec
-    from .prompts import DEFAULT_TEMPLATES
-
-    start = time.time()
     check_method_flags(args)
     if args.allow_changes and not args.resume:
         raise ValueError("--allow-changes: only with --resume (it continues a run under other "
@@ -223,17 +218,36 @@ def adapt(args) -> int:
              "shot_beta": args.shot_beta, "shot_params": args.shot_params,
              "pseudo_labels": args.pseudo_labels, "k": args.k, "alpha": args.alpha,
              "weight": args.weight}
-    config = adapt_mod.Config(method=args.method, seed=args.seed,
-                              label_sharing=not args.no_label_sharing, device=args.device,
-                              amp=args.amp, workers=args.workers,
-                              **{k: v for k, v in given.items() if v is not None})
+    config = Config(method=args.method, seed=args.seed, label_sharing=not args.no_label_sharing,
+                    device=args.device, amp=args.amp, workers=args.workers,
+                    **{k: v for k, v in given.items() if v is not None})
+    data = _images(args)
+    config.check_graph(len(classnames), len(data))
+    return {"pretrained": pretrained, "classnames": classnames, "templates": templates,
+            "folders": folders, "config": config, "data": data}
+
+
+def adapt(args, inputs: dict | None = None) -> int:
+    import torch
+
+    from . import adapt as adapt_mod
+    from . import checkpoint
+    from .checkpoint import write_json
+    from .data import class_labels
+    from .models import check_same_base, load_model, model_spec
+    from .prompts import DEFAULT_TEMPLATES
+
+    start = time.time()
+    inputs = inputs or _adapt_inputs(args)
+    pretrained, classnames, templates, folders, data = (
+        inputs[k] for k in ("pretrained", "classnames", "templates", "folders", "data"))
+    # --device may have become this rank's device since (distributed.setup)
+    config = dataclasses.replace(inputs["config"], device=args.device)
     _lock_run(args.out)
     # refused before any real work (no model is built, no image read), as is a mismatched
     # --resume
     if not args.resume:
         adapt_mod.check_new_run(args.out, "--out", "--resume")
-    data = _images(args)
-    config.check_graph(len(classnames), len(data))
     meta = checkpoint.read_meta(args.out) if args.resume and checkpoint.exists(args.out) else None
     if meta is not None:
         # the classes, the method, the settings, the data, and the model as far as its spec
@@ -376,6 +390,17 @@ def _join_torchrun(args) -> None:
     args.device = distributed.setup(args.device, "--device")
 
 
+def _torchrun_local_rank() -> int:
+    """This process's local rank under torchrun with several processes, else 0."""
+    from . import distributed
+
+    try:
+        size, _, local = distributed.requested_world()
+    except ValueError:
+        return 0
+    return local if size > 1 else 0
+
+
 class _Terminated(BaseException):
     """SIGTERM (a cluster's preemption) as an exception, so that a run stops as on Ctrl-C:
     a checkpoint being written is removed unfinished, the last one stays the run's state."""
@@ -411,12 +436,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"demo": demo, "adapt": adapt, "predict": predict, "eval": evaluate}
         check_runtime(args)
+        inputs = _adapt_inputs(args) if args.command == "adapt" else None
         _join_torchrun(args)
+        if inputs is not None:
+            return adapt(args, inputs)
         return commands[args.command](args)
     except USER_ERRORS as err:
         # one line, all of it: a message cut at its first line can stop mid-sentence
         message = " ".join(str(err).split()) or type(err).__name__
         world = distributed.current()
+        if not world.active and _torchrun_local_rank() > 0:
+            # before the process group formed: every process of a node met the same error,
+            # and one line a node says it (torchrun's own failure summary follows)
+            return 2
         # every rank that fails says so: an error only one rank meets (a file missing on
         # one node) must not go unexplained
         rank = f" (rank {world.rank} of {world.size})" if world.active else ""
