@@ -1025,6 +1025,49 @@ def test_help(jobs):
                                             "--resume", "--inductive", "--preset"))
 
 
+def _usage_error(capsys, argv: list[str]) -> str:
+    """The one stderr line of a usage error of main(argv) (argparse exits with status 2)."""
+    from reclip import cli as reclip_cli
+
+    with pytest.raises(SystemExit) as stop:
+        reclip_cli.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_unknown_flag_is_named_by_its_sub_command(capsys, tmp_path):
+    """An unknown flag of a sub-command is reported by that sub-command, with its own help."""
+    argv = adapt_args(str(tmp_path), str(tmp_path / "run"), "--epohcs", "1")
+    assert _usage_error(capsys, argv) == ("reclip adapt: error: unrecognized arguments: --epohcs 1 "
+                                          "(see reclip adapt --help)")
+    line = _usage_error(capsys, ["eval", "--run", "r", "--data", "d", "--bogus"])
+    assert line == "reclip eval: error: unrecognized arguments: --bogus (see reclip eval --help)"
+
+
+@pytest.mark.parametrize("command,prefix", [("adapt", "--epoch"), ("adapt", "--worker"),
+                                            ("adapt", "--pretrain"), ("predict", "--worker"),
+                                            ("demo", "--iter")])
+def test_abbreviated_flags_are_refused(capsys, tmp_path, command, prefix):
+    """A prefix of a flag is no flag: argparse's abbreviations are off in every sub-command."""
+    argv = {"adapt": adapt_args(str(tmp_path), str(tmp_path / "run")),
+            "predict": ["predict", "--run", "r", "--data", "d"], "demo": ["demo"]}[command]
+    line = _usage_error(capsys, [*argv, prefix, "1"])
+    assert line.startswith(f"reclip {command}: error: unrecognized arguments: {prefix} 1"), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_version(capsys):
+    import reclip
+    from reclip import cli as reclip_cli
+
+    with pytest.raises(SystemExit) as stop:
+        reclip_cli.main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out == f"reclip {reclip.__version__}\n"
+
+
 # ----------------------------------------------------------------------------------- 8. digits
 
 

@@ -74,10 +74,26 @@ PEAK_NOTE = ("peak_accuracy and peak_epoch pick the best epoch by the target lab
 
 class _Parser(argparse.ArgumentParser):
     """argparse, with its usage errors as one line like every other user error (sub-commands
-    get this class too)."""
+    get this class too). Abbreviated flags are refused: a prefix such as --epoch would keep
+    meaning --epochs only until a flag sharing it is added."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse collects a sub-command's unknown flags and reports them from the top
+        # parser, which names "reclip" and its help: report them from the sub-command's own
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            commands = next((a.choices for a in self._actions
+                             if isinstance(a, argparse._SubParsersAction)), {})
+            commands.get(getattr(parsed, "command", None), self).error(
+                f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
 
 
 def _at_least(minimum: int):
@@ -145,7 +161,10 @@ def _parser() -> argparse.ArgumentParser:
     from .pseudo_labels import METHODS as PSEUDO_LABEL_METHODS
     from .sources import TARGETS
 
+    from . import __version__
+
     p = _Parser(prog="reclip", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"reclip {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="adapt an embedded model to a real target (default: the "
