@@ -686,7 +686,10 @@ def test_unmapped_folders_report_no_accuracy(jobs):
     reported anywhere, rather than one computed from the sorted folder indices."""
     ws = jobs.ws
     adapt = ok(jobs.result("renamed"))
-    assert "accuracy" not in adapt.stderr, adapt.stderr
+    # the one line that says why (see test_misspelt_folders_are_named) is the only one that
+    # mentions accuracy
+    said = [ln for ln in adapt.stderr.splitlines() if "accuracy" in ln]
+    assert len(said) == 1 and "warning" in said[0] and "'hound'" in said[0], adapt.stderr
     epoch_lines = [ln for ln in adapt.stderr.splitlines() if ln.startswith("epoch ")]
     assert len(epoch_lines) == 2 and all("agreement" in ln for ln in epoch_lines), adapt.stderr
     assert not any(key in adapt.stderr for key in ("pseudo_text", "pseudo_visual", "combined"))
@@ -695,6 +698,39 @@ def test_unmapped_folders_report_no_accuracy(jobs):
     assert len(report["history"]) == 2 and all(h["accuracy"] == {} for h in report["history"])
     assert all(h["accuracy"] == {} for h in read_json(ws / "run_renamed" / "run.json")["history"])
     assert "folders" not in read_json(ws / "run_renamed" / "run.json")
+
+
+def test_misspelt_folders_are_named(tmp_path, capsys):
+    """A folder that is no class is named, with the class it probably meant: adapt says in one
+    warning line, before any model loads, that no accuracy can be reported because of it; eval
+    refuses the folder with the same names."""
+    from reclip import cli as reclip_cli
+
+    write_images(tmp_path / "good", CLASS_COUNTS)
+    write_images(tmp_path / "typo", {"cat": 7, "Dog": 7, "shp": 7})
+    (tmp_path / "classes.txt").write_text("".join(c + "\n" for c in CLASSES))
+    classes = str(tmp_path / "classes.txt")
+    run = str(tmp_path / "run")
+    assert reclip_cli.main(adapt_args(str(tmp_path / "good"), run, "--epochs", "0",
+                                      classes=classes)) == 0
+    err = capsys.readouterr().err
+    assert "warning" not in err and "zero-shot accuracy" in err, err
+
+    assert reclip_cli.main(adapt_args(str(tmp_path / "typo"), str(tmp_path / "run2"), "--epochs",
+                                      "0", classes=classes)) == 0
+    err = capsys.readouterr().err.splitlines()
+    warnings = [ln for ln in err if "warning" in ln]
+    assert warnings == [f"reclip: warning: --data {tmp_path / 'typo'}: 2 of its 3 folders match no "
+                        "class: 'Dog' (did you mean 'dog'?), 'shp' (did you mean 'ship'?); so no "
+                        "accuracy is reported"], err
+    assert err.index(warnings[0]) == 0  # said first, before the run's own lines
+    assert not any("accuracy" in ln for ln in err[1:]), err
+
+    assert reclip_cli.main(["eval", "--run", run, "--data", str(tmp_path / "typo")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"reclip eval: error: --data: {tmp_path / 'typo'} "), err
+    assert err[0].endswith("2 of its 3 folders match no class: 'Dog' (did you mean 'dog'?), "
+                           "'shp' (did you mean 'ship'?)"), err
 
 
 def test_class_lists_carry_the_folders(tmp_path):

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from reclip.data import (IMAGE_EXTENSIONS, ImageSet, array_image_set, class_labels, image_error,
-                         image_set, loader, tensor_image_set)
+from reclip.data import (IMAGE_EXTENSIONS, ImageSet, array_image_set, class_labels, closest_name,
+                         describe_unmatched, image_error, image_set, loader, tensor_image_set,
+                         unmatched_folders)
 
 
 def _png(path, value, size=(5, 4), mode="RGB"):
@@ -133,6 +134,49 @@ def test_class_labels_by_folder_name_or_id(tmp_path):
     assert class_labels(by_id, classes).tolist() == [-1] * 6  # ids without the mapping
     mixed = ["n0200", "cat", "dog"]  # ids for some folders, names for others: refused
     assert class_labels(by_id, classes, mixed).tolist() == [-1] * 6
+
+
+def test_unmatched_folders_are_named_with_their_likely_class(tmp_path):
+    """The folders that keep class_labels from labelling a set, each with the class it most
+    likely meant: the same words written with underscores or another case, or a near spelling."""
+    classes = ["zero", "seven", "great white shark", "Tench"]
+    for name in ("zero", "sevn", "great_white_shark", "tench", "xyzzy"):
+        _png(tmp_path / "d" / name / "0.png", 1)
+    (tmp_path / "d" / "emptyfolder").mkdir()  # holds no image: never reported
+    data = image_set(tmp_path / "d")
+    assert class_labels(data, classes).tolist() == [-1] * 5
+    # sorted folder order: great_white_shark, sevn, tench, xyzzy, zero
+    assert unmatched_folders(data, classes) == [("great_white_shark", "great white shark"),
+                                                ("sevn", "seven"), ("tench", "Tench"),
+                                                ("xyzzy", None)]
+    assert describe_unmatched(data, classes) == (
+        "4 of its 5 folders match no class: 'great_white_shark' (did you mean 'great white "
+        "shark'?), 'sevn' (did you mean 'seven'?), 'tench' (did you mean 'Tench'?), 'xyzzy'")
+    assert describe_unmatched(data, classes, shown=1).endswith("shark'?) and 3 more")
+
+    # every folder a class: nothing to report; a flat folder or an in-memory set neither
+    for name in classes:
+        _png(tmp_path / "fixed" / name / "0.png", 1)
+    fixed = image_set(tmp_path / "fixed")
+    assert unmatched_folders(fixed, classes) == [] and describe_unmatched(fixed, classes) is None
+    _png(tmp_path / "flat" / "0.png", 1)
+    assert unmatched_folders(image_set(tmp_path / "flat"), classes) == []
+    assert unmatched_folders(array_image_set(np.zeros((2, 3, 3), np.uint8), [0, 1]), classes) == []
+
+
+def test_unmatched_folders_named_by_id(tmp_path):
+    """Folders named by ids are compared with the ids, and a mistyped id is suggested its id;
+    one misspelt class name among class-named folders is compared with the class names."""
+    classes, ids = ["ship", "cat", "dog"], ["n0200", "n0300", "n0100"]
+    for name in ("n0200", "n0300", "n01000"):
+        _png(tmp_path / "ids" / name / "0.png", 1)
+    assert unmatched_folders(image_set(tmp_path / "ids"), classes, ids) == [("n01000", "n0100")]
+    for name in ("ship", "cta", "dog"):
+        _png(tmp_path / "names" / name / "0.png", 1)
+    assert unmatched_folders(image_set(tmp_path / "names"), classes, ids) == [("cta", "cat")]
+    assert closest_name("Cat_", classes) == "cat"
+    assert closest_name("shipp", classes) == "ship"
+    assert closest_name("Dogs and cats", classes) is None
 
 
 def test_class_labels_of_other_sources(tmp_path):

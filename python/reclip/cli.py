@@ -432,7 +432,7 @@ def adapt(args) -> int:
     from . import adapt as adapt_mod
     from . import checkpoint
     from .checkpoint import write_json
-    from .data import class_labels
+    from .data import class_labels, describe_unmatched
     from .models import check_same_base, load_model, model_spec
     from .prompts import DEFAULT_TEMPLATES
 
@@ -461,6 +461,9 @@ def adapt(args) -> int:
     if not args.resume:
         adapt_mod.check_new_run(args.out, "--out", "--resume")
     data = _images(args)
+    unmatched = describe_unmatched(data, classnames, folders)
+    if unmatched:  # said now, not after a run that then reports no accuracy
+        _say(f"reclip: warning: --data {args.data}: {unmatched}; so no accuracy is reported")
     config.check_graph(len(classnames), len(data))
     meta = checkpoint.read_meta(args.out) if args.resume and checkpoint.exists(args.out) else None
     if meta is not None:
@@ -548,13 +551,15 @@ def predict(args) -> int:
 
 
 def evaluate(args) -> int:
-    from .data import class_labels
+    from .data import class_labels, describe_unmatched
 
     clf, data = _load_run(args)
     if (class_labels(data, clf.classnames, clf.folders) < 0).any():  # before the images' pass
         ids = f" or its folder ids ({', '.join(clf.folders[:3])}, ...)" if clf.folders else ""
+        unmatched = describe_unmatched(data, clf.classnames, clf.folders)
         raise ValueError(f"--data: {args.data} needs an ImageFolder layout whose folders are "
-                         f"among the run's classes ({', '.join(clf.classnames[:5])}, ...){ids}")
+                         f"among the run's classes ({', '.join(clf.classnames[:5])}, ...){ids}"
+                         + (f"; {unmatched}" if unmatched else ""))
     logits = clf.logits(data)
     _warn_skipped(data)
     _, acc, ece = _scores(logits, class_labels(data, clf.classnames, clf.folders))
