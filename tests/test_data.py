@@ -394,5 +394,7 @@ def test_one_line_cause():
 
     assert one_line(OSError("broken\n  at byte 7\n")) == "OSError: broken at byte 7"
     assert one_line(KeyError()) == "KeyError"
+    # torch's messages set words in bold for a terminal: the codes are no text
+    assert one_line(ValueError("a \x1b[1mbold\x1b[0m word")) == "ValueError: a bold word"
     long = one_line(ValueError("x" * 1000))
     assert len(long) == MAX_CAUSE and long.startswith("ValueError: xxx") and long.endswith("...")
