@@ -733,6 +733,42 @@ def test_misspelt_folders_are_named(tmp_path, capsys):
                            "'shp' (did you mean 'ship'?)"), err
 
 
+def test_large_images_and_many_workers_say_one_line_each(tmp_path, capsys):
+    """--max-image-pixels: above it an image is refused in one line naming the file and the
+    flag; above half of it the first pass warns in one line naming the file; 0 lifts it.
+    --workers beyond the usable cores is capped with one warning line, and torch's own
+    paragraph about too many workers never comes."""
+    import warnings
+
+    from reclip import cli as reclip_cli
+
+    write_images(tmp_path / "data", CLASS_COUNTS)  # 32 x 32 = 1024 pixels each
+    PIL.new("RGB", (40, 40)).save(tmp_path / "data" / "cat" / "large.png")
+    PIL.new("RGB", (60, 60)).save(tmp_path / "data" / "ship" / "huge.png")
+    (tmp_path / "classes.txt").write_text("".join(c + "\n" for c in CLASSES))
+
+    def adapt(out, *flags):
+        return reclip_cli.main(adapt_args(str(tmp_path / "data"), str(tmp_path / out), "--epochs",
+                                          "0", *flags, classes=str(tmp_path / "classes.txt")))
+
+    assert adapt("r1", "--max-image-pixels", "3000", "--workers", "0") == 2
+    large, huge = tmp_path / "data" / "cat" / "large.png", tmp_path / "data" / "ship" / "huge.png"
+    assert capsys.readouterr().err.splitlines() == [
+        f"reclip: warning: {large}: a large image (40x40 = 1600 pixels), slow to decode; images "
+        "above 3000 pixels are refused (--max-image-pixels)",
+        f"reclip adapt: error: {huge}: cannot read image: 60x60 = 3600 pixels, more than the "
+        "limit of 3000 pixels (raise it with --max-image-pixels, 0 for no limit)"]
+
+    cores = len(os.sched_getaffinity(0))
+    with warnings.catch_warnings(record=True) as caught:  # what reaches Python's own display
+        warnings.simplefilter("always")
+        assert adapt("r2", "--max-image-pixels", "0", "--workers", "1000") == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [ln for ln in err if "warning" in ln] == [
+        f"reclip: warning: --workers: 1000 is more than the usable cores ({cores}); using {cores}"]
+    assert not [w for w in caught if "worker" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_class_lists_carry_the_folders(tmp_path):
     """--preset imagenet and a folder<TAB>class file give the folder of each class; class-name
     lists give none."""

@@ -236,6 +236,49 @@ def test_corrupt_image_named(tmp_path):
     _one_line(e, trunc)
 
 
+def test_image_pixel_limit(tmp_path):
+    """An image above the pixel limit is refused before it is decoded, naming the file, its
+    size and --max-image-pixels; above half the limit the first pass warns in one line naming
+    the file; 0 lifts the limit. PIL's own limit is left as it was."""
+    import warnings
+
+    from reclip.data import MAX_PIXELS, load_image
+    from reclip.errors import ReclipWarning
+
+    _png(tmp_path / "a" / "big.png", 5, size=(40, 30))  # 1200 pixels
+    _png(tmp_path / "a" / "small.png", 5, size=(20, 20))  # 400 pixels
+    big = tmp_path / "a" / "big.png"
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ValueError) as e:
+        load_image(big, 1199)
+    _one_line(e, f"{big}: cannot read image: 40x30 = 1200 pixels, more than the limit of 1199 "
+                 "pixels (raise it with --max-image-pixels, 0 for no limit)")
+    assert Image.MAX_IMAGE_PIXELS == pil_limit
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_image(big, 1200).size == (40, 30)  # at the limit: loaded, no warning
+        assert load_image(big, 2399, warn=True).size == (40, 30)
+        assert load_image(big, 0, warn=True).size == (40, 30)
+        assert load_image(big, 2400, warn=True).size == (40, 30)  # not above half of it
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (ReclipWarning, f"{big}: a large image (40x30 = 1200 pixels), slow to decode; images "
+                        "above 2399 pixels are refused (--max-image-pixels)")]
+    assert Image.MAX_IMAGE_PIXELS == pil_limit and MAX_PIXELS == 2 * pil_limit
+
+    # an ImageSet checks against its own limit, in this process and in the first pass
+    data = image_set(tmp_path / "a")
+    assert data.max_pixels == MAX_PIXELS
+    data.max_pixels = 1000
+    with pytest.raises(ValueError, match="big.png: cannot read image: 40x30"):
+        data.check()
+    with pytest.raises(ValueError, match="big.png: cannot read image: 40x30"):
+        data[0]
+    kept = data.check(skip_bad=True)
+    assert kept.skipped == [str(big)] and len(kept) == 1
+    first = data.check_in_first_pass(skip_bad=True)
+    assert sum(len(b[0]) for b in first.checking_batches(2)) == 1 and first.skipped == [str(big)]
+
+
 def test_check_can_skip_unreadable_images(tmp_path):
     _png(tmp_path / "a" / "1.png", 10)
     _png(tmp_path / "b" / "2.png", 20)

@@ -34,9 +34,11 @@ model. Choosing it needs the labels (peak_uses_labels, note). eval prints the EC
 Images are checked by the first pass over them (decoded in the DataLoader's workers, once):
 an unreadable image stops adapt, predict and eval there, before any training step; with
 --skip-bad-images it is left out instead (one warning line; adapt's report.json lists it).
+An image of more than --max-image-pixels pixels (default: Pillow's limit; 0: none) is
+unreadable, one above half of it gets a warning line.
 
 --device (auto: CUDA when available), --amp (auto: bf16 on CUDA, off on the CPU), --workers
-and --lp-precision are checked first, before any model loads.
+(at most the usable cores) and --lp-precision are checked first, before any model loads.
 
 Under torchrun (``torchrun --nproc_per_node=N -m reclip adapt ...``) adapt runs data-parallel
 on torch.distributed (see reclip.distributed): rank 0 prints, writes the checkpoints,
@@ -270,6 +272,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _runtime_flags(p: argparse.ArgumentParser, *, lp: bool, workers: bool = True) -> None:
+    from .data import MAX_PIXELS
     from .device import AMP_MODES, LP_PRECISIONS
 
     p.add_argument("--device", default="auto",
@@ -278,20 +281,26 @@ def _runtime_flags(p: argparse.ArgumentParser, *, lp: bool, workers: bool = True
                    help="autocast of forward passes (auto: bf16 on CUDA, off on the CPU)")
     if workers:
         p.add_argument("--workers", type=_at_least(0), help=WORKERS_HELP)
+        p.add_argument("--max-image-pixels", type=_at_least(0), metavar="N",
+                       help="refuse an image of more than N pixels, as a likely decompression "
+                            f"bomb (default {MAX_PIXELS}, where Pillow itself refuses one; "
+                            "0: no limit)")
     if lp:
         p.add_argument("--lp-precision", choices=LP_PRECISIONS, default="exact",
                        help="label propagation's k-NN operands (tf32, bf16: CUDA only)")
 
 
 def _check_runtime(args) -> None:
-    """--device, --amp and --lp-precision, before anything else: a device that does not exist
-    must not cost a model load."""
+    """--device, --amp, --lp-precision and --workers, before anything else: a device that does
+    not exist must not cost a model load."""
     from . import device as devices
 
     where = devices.resolve(args.device, "--device")
     devices.amp_dtype(args.amp, where, "--amp")
     if getattr(args, "lp_precision", None) is not None:
         devices.check_lp_precision(args.lp_precision, where, "--lp-precision")
+    if getattr(args, "workers", None) is not None:  # capped once here, not warned per loader
+        args.workers = devices.worker_count(args.workers, "--workers")
 
 
 def _images(args):
@@ -299,7 +308,10 @@ def _images(args):
     docstring), after which ``_warn_skipped`` reports what --skip-bad-images left out."""
     from .data import image_set
 
-    return image_set(args.data).check_in_first_pass(skip_bad=args.skip_bad_images)
+    data = image_set(args.data)
+    if args.max_image_pixels is not None:
+        data.max_pixels = args.max_image_pixels
+    return data.check_in_first_pass(skip_bad=args.skip_bad_images)
 
 
 def _warn_skipped(data) -> None:
@@ -632,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     import threading
 
     from . import distributed
+    from .errors import warnings_as_lines
 
     args = _parser().parse_args(argv)
     handler = None
@@ -639,9 +652,10 @@ def main(argv: list[str] | None = None) -> int:
         handler = signal.signal(signal.SIGTERM, _terminate)
     try:
         commands = {"demo": demo, "adapt": adapt, "predict": predict, "eval": evaluate}
-        _check_runtime(args)
-        _join_torchrun(args)
-        return commands[args.command](args)
+        with warnings_as_lines("reclip: warning: "):
+            _check_runtime(args)
+            _join_torchrun(args)
+            return commands[args.command](args)
     except USER_ERRORS as err:
         # one line, all of it: a message cut at its first line can stop mid-sentence
         message = " ".join(str(err).split()) or type(err).__name__
