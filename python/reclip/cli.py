@@ -160,10 +160,9 @@ def _check_method_flags(args) -> None:
 def _parser() -> argparse.ArgumentParser:
     import reclip_ext
 
+    from . import __version__
     from .pseudo_labels import METHODS as PSEUDO_LABEL_METHODS
     from .sources import TARGETS
-
-    from . import __version__
 
     p = _Parser(prog="reclip", description=__doc__.split("\n\n")[0])
     p.add_argument("--version", action="version", version=f"reclip {__version__}")
