@@ -260,7 +260,9 @@ def _zero_epochs_chain(ws: Path):
 
 
 def _skip_bad_chain(ws: Path):
-    adapt = cli(ws, *adapt_args("somebad", "run_skip", "--epochs", "1", "--skip-bad-images"))
+    # k 4: label propagation's graph here has 3 class nodes and 6 readable images
+    adapt = cli(ws, *adapt_args("somebad", "run_skip", "--epochs", "1", "--skip-bad-images",
+                                "--k", "4"))
     flags = ["--run", "run_skip", "--data", "somebad", "--skip-bad-images"]
     return adapt, cli(ws, "predict", *flags), cli(ws, "eval", *flags)
 
@@ -340,7 +342,7 @@ BAD_INPUTS = [
     ("one-class", "adapt", adapt_args("data", "r_bad", classes="one.txt"), None),
     ("empty-image-folder", "adapt", adapt_args("emptydir", "r_bad"), "emptydir"),
     ("missing-image-folder", "adapt", adapt_args("no-such-dir", "r_bad"), "no-such-dir"),
-    ("unreadable-image", "adapt", adapt_args("baddata", "r_bad"), "garbage.png"),
+    ("unreadable-image", "adapt", adapt_args("baddata", "r_bad", "--k", "4"), "garbage.png"),
     ("missing-pretrained", "adapt",
      adapt_args("data", "r_bad", "--pretrained", "no-such-weights.safetensors"),
      "no-such-weights.safetensors"),
@@ -355,7 +357,8 @@ BAD_INPUTS = [
      "mixed.tsv: line 2:"),
     # an unknown model / a folder that is no run: the --out error must come first, before any
     # model or run is loaded
-    ("unreadable-images-not-skipped", "adapt", adapt_args("somebad", "r_bad"), "empty.png"),
+    ("unreadable-images-not-skipped", "adapt", adapt_args("somebad", "r_bad", "--k", "4"),
+     "empty.png"),
     ("out-is-a-file", "adapt",
      ["adapt", "--model", "No-Such-Model-42", "--data", "data", "--classes", "classes.txt",
       "--out", "notes.txt", "--quiet"], "--out"),
@@ -686,7 +689,10 @@ def test_unmapped_folders_report_no_accuracy(jobs):
     reported anywhere, rather than one computed from the sorted folder indices."""
     ws = jobs.ws
     adapt = ok(jobs.result("renamed"))
-    assert "accuracy" not in adapt.stderr, adapt.stderr
+    # the one line that says why (see test_misspelt_folders_are_named) is the only one that
+    # mentions accuracy
+    said = [ln for ln in adapt.stderr.splitlines() if "accuracy" in ln]
+    assert len(said) == 1 and "warning" in said[0] and "'hound'" in said[0], adapt.stderr
     epoch_lines = [ln for ln in adapt.stderr.splitlines() if ln.startswith("epoch ")]
     assert len(epoch_lines) == 2 and all("agreement" in ln for ln in epoch_lines), adapt.stderr
     assert not any(key in adapt.stderr for key in ("pseudo_text", "pseudo_visual", "combined"))
@@ -695,6 +701,75 @@ def test_unmapped_folders_report_no_accuracy(jobs):
     assert len(report["history"]) == 2 and all(h["accuracy"] == {} for h in report["history"])
     assert all(h["accuracy"] == {} for h in read_json(ws / "run_renamed" / "run.json")["history"])
     assert "folders" not in read_json(ws / "run_renamed" / "run.json")
+
+
+def test_misspelt_folders_are_named(tmp_path, capsys):
+    """A folder that is no class is named, with the class it probably meant: adapt says in one
+    warning line, before any model loads, that no accuracy can be reported because of it; eval
+    refuses the folder with the same names."""
+    from reclip import cli as reclip_cli
+
+    write_images(tmp_path / "good", CLASS_COUNTS)
+    write_images(tmp_path / "typo", {"cat": 7, "Dog": 7, "shp": 7})
+    (tmp_path / "classes.txt").write_text("".join(c + "\n" for c in CLASSES))
+    classes = str(tmp_path / "classes.txt")
+    run = str(tmp_path / "run")
+    assert reclip_cli.main(adapt_args(str(tmp_path / "good"), run, "--epochs", "0",
+                                      classes=classes)) == 0
+    err = capsys.readouterr().err
+    assert "warning" not in err and "zero-shot accuracy" in err, err
+
+    assert reclip_cli.main(adapt_args(str(tmp_path / "typo"), str(tmp_path / "run2"), "--epochs",
+                                      "0", classes=classes)) == 0
+    err = capsys.readouterr().err.splitlines()
+    warnings = [ln for ln in err if "warning" in ln]
+    assert warnings == [f"reclip: warning: --data {tmp_path / 'typo'}: 2 of its 3 folders match no "
+                        "class: 'Dog' (did you mean 'dog'?), 'shp' (did you mean 'ship'?); so no "
+                        "accuracy is reported"], err
+    assert err.index(warnings[0]) == 0  # said first, before the run's own lines
+    assert not any("accuracy" in ln for ln in err[1:]), err
+
+    assert reclip_cli.main(["eval", "--run", run, "--data", str(tmp_path / "typo")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"reclip eval: error: --data: {tmp_path / 'typo'} "), err
+    assert err[0].endswith("2 of its 3 folders match no class: 'Dog' (did you mean 'dog'?), "
+                           "'shp' (did you mean 'ship'?)"), err
+
+
+def test_large_images_and_many_workers_say_one_line_each(tmp_path, capsys):
+    """--max-image-pixels: above it an image is refused in one line naming the file and the
+    flag; above half of it the first pass warns in one line naming the file; 0 lifts it.
+    --workers beyond the usable cores is capped with one warning line, and torch's own
+    paragraph about too many workers never comes."""
+    import warnings
+
+    from reclip import cli as reclip_cli
+
+    write_images(tmp_path / "data", CLASS_COUNTS)  # 32 x 32 = 1024 pixels each
+    PIL.new("RGB", (40, 40)).save(tmp_path / "data" / "cat" / "large.png")
+    PIL.new("RGB", (60, 60)).save(tmp_path / "data" / "ship" / "huge.png")
+    (tmp_path / "classes.txt").write_text("".join(c + "\n" for c in CLASSES))
+
+    def adapt(out, *flags):
+        return reclip_cli.main(adapt_args(str(tmp_path / "data"), str(tmp_path / out), "--epochs",
+                                          "0", *flags, classes=str(tmp_path / "classes.txt")))
+
+    assert adapt("r1", "--max-image-pixels", "3000", "--workers", "0") == 2
+    large, huge = tmp_path / "data" / "cat" / "large.png", tmp_path / "data" / "ship" / "huge.png"
+    assert capsys.readouterr().err.splitlines() == [
+        f"reclip: warning: {large}: a large image (40x40 = 1600 pixels), slow to decode; images "
+        "above 3000 pixels are refused (--max-image-pixels)",
+        f"reclip adapt: error: {huge}: cannot read image: 60x60 = 3600 pixels, more than the "
+        "limit of 3000 pixels (raise it with --max-image-pixels, 0 for no limit)"]
+
+    cores = len(os.sched_getaffinity(0))
+    with warnings.catch_warnings(record=True) as caught:  # what reaches Python's own display
+        warnings.simplefilter("always")
+        assert adapt("r2", "--max-image-pixels", "0", "--workers", "1000") == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [ln for ln in err if "warning" in ln] == [
+        f"reclip: warning: --workers: 1000 is more than the usable cores ({cores}); using {cores}"]
+    assert not [w for w in caught if "worker" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_class_lists_carry_the_folders(tmp_path):
@@ -1024,6 +1099,49 @@ def test_help(jobs):
     assert sub.returncode == 0, sub.stderr
     assert all(opt in sub.stdout for opt in ("--model", "--data", "--classes", "--out",
                                             "--resume", "--inductive", "--preset"))
+
+
+def _usage_error(capsys, argv: list[str]) -> str:
+    """The one stderr line of a usage error of main(argv) (argparse exits with status 2)."""
+    from reclip import cli as reclip_cli
+
+    with pytest.raises(SystemExit) as stop:
+        reclip_cli.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_unknown_flag_is_named_by_its_sub_command(capsys, tmp_path):
+    """An unknown flag of a sub-command is reported by that sub-command, with its own help."""
+    argv = adapt_args(str(tmp_path), str(tmp_path / "run"), "--epohcs", "1")
+    assert _usage_error(capsys, argv) == ("reclip adapt: error: unrecognized arguments: --epohcs 1 "
+                                          "(see reclip adapt --help)")
+    line = _usage_error(capsys, ["eval", "--run", "r", "--data", "d", "--bogus"])
+    assert line == "reclip eval: error: unrecognized arguments: --bogus (see reclip eval --help)"
+
+
+@pytest.mark.parametrize("command,prefix", [("adapt", "--epoch"), ("adapt", "--worker"),
+                                            ("adapt", "--pretrain"), ("predict", "--worker"),
+                                            ("demo", "--iter")])
+def test_abbreviated_flags_are_refused(capsys, tmp_path, command, prefix):
+    """A prefix of a flag is no flag: argparse's abbreviations are off in every sub-command."""
+    argv = {"adapt": adapt_args(str(tmp_path), str(tmp_path / "run")),
+            "predict": ["predict", "--run", "r", "--data", "d"], "demo": ["demo"]}[command]
+    line = _usage_error(capsys, [*argv, prefix, "1"])
+    assert line.startswith(f"reclip {command}: error: unrecognized arguments: {prefix} 1"), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_version(capsys):
+    import reclip
+    from reclip import cli as reclip_cli
+
+    with pytest.raises(SystemExit) as stop:
+        reclip_cli.main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out == f"reclip {reclip.__version__}\n"
 
 
 # ----------------------------------------------------------------------------------- 8. digits

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from reclip.data import (IMAGE_EXTENSIONS, ImageSet, array_image_set, class_labels, image_error,
-                         image_set, loader, tensor_image_set)
+from reclip.data import (IMAGE_EXTENSIONS, ImageSet, array_image_set, image_error, image_set,
+                         loader, tensor_image_set)
+from reclip.labels import class_labels, closest_name, describe_unmatched, unmatched_folders
 
 
 def _png(path, value, size=(5, 4), mode="RGB"):
@@ -135,6 +136,49 @@ def test_class_labels_by_folder_name_or_id(tmp_path):
     assert class_labels(by_id, classes, mixed).tolist() == [-1] * 6
 
 
+def test_unmatched_folders_are_named_with_their_likely_class(tmp_path):
+    """The folders that keep class_labels from labelling a set, each with the class it most
+    likely meant: the same words written with underscores or another case, or a near spelling."""
+    classes = ["zero", "seven", "great white shark", "Tench"]
+    for name in ("zero", "sevn", "great_white_shark", "tench", "xyzzy"):
+        _png(tmp_path / "d" / name / "0.png", 1)
+    (tmp_path / "d" / "emptyfolder").mkdir()  # holds no image: never reported
+    data = image_set(tmp_path / "d")
+    assert class_labels(data, classes).tolist() == [-1] * 5
+    # sorted folder order: great_white_shark, sevn, tench, xyzzy, zero
+    assert unmatched_folders(data, classes) == [("great_white_shark", "great white shark"),
+                                                ("sevn", "seven"), ("tench", "Tench"),
+                                                ("xyzzy", None)]
+    assert describe_unmatched(data, classes) == (
+        "4 of its 5 folders match no class: 'great_white_shark' (did you mean 'great white "
+        "shark'?), 'sevn' (did you mean 'seven'?), 'tench' (did you mean 'Tench'?), 'xyzzy'")
+    assert describe_unmatched(data, classes, shown=1).endswith("shark'?) and 3 more")
+
+    # every folder a class: nothing to report; a flat folder or an in-memory set neither
+    for name in classes:
+        _png(tmp_path / "fixed" / name / "0.png", 1)
+    fixed = image_set(tmp_path / "fixed")
+    assert unmatched_folders(fixed, classes) == [] and describe_unmatched(fixed, classes) is None
+    _png(tmp_path / "flat" / "0.png", 1)
+    assert unmatched_folders(image_set(tmp_path / "flat"), classes) == []
+    assert unmatched_folders(array_image_set(np.zeros((2, 3, 3), np.uint8), [0, 1]), classes) == []
+
+
+def test_unmatched_folders_named_by_id(tmp_path):
+    """Folders named by ids are compared with the ids, and a mistyped id is suggested its id;
+    one misspelt class name among class-named folders is compared with the class names."""
+    classes, ids = ["ship", "cat", "dog"], ["n0200", "n0300", "n0100"]
+    for name in ("n0200", "n0300", "n01000"):
+        _png(tmp_path / "ids" / name / "0.png", 1)
+    assert unmatched_folders(image_set(tmp_path / "ids"), classes, ids) == [("n01000", "n0100")]
+    for name in ("ship", "cta", "dog"):
+        _png(tmp_path / "names" / name / "0.png", 1)
+    assert unmatched_folders(image_set(tmp_path / "names"), classes, ids) == [("cta", "cat")]
+    assert closest_name("Cat_", classes) == "cat"
+    assert closest_name("shipp", classes) == "ship"
+    assert closest_name("Dogs and cats", classes) is None
+
+
 def test_class_labels_of_other_sources(tmp_path):
     for i in range(2):
         _png(tmp_path / f"{i}.png", i)
@@ -190,6 +234,49 @@ def test_corrupt_image_named(tmp_path):
     with pytest.raises(ValueError) as e:
         ds[2]
     _one_line(e, trunc)
+
+
+def test_image_pixel_limit(tmp_path):
+    """An image above the pixel limit is refused before it is decoded, naming the file, its
+    size and --max-image-pixels; above half the limit the first pass warns in one line naming
+    the file; 0 lifts the limit. PIL's own limit is left as it was."""
+    import warnings
+
+    from reclip.data import MAX_PIXELS, load_image
+    from reclip.errors import ReclipWarning
+
+    _png(tmp_path / "a" / "big.png", 5, size=(40, 30))  # 1200 pixels
+    _png(tmp_path / "a" / "small.png", 5, size=(20, 20))  # 400 pixels
+    big = tmp_path / "a" / "big.png"
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ValueError) as e:
+        load_image(big, 1199)
+    _one_line(e, f"{big}: cannot read image: 40x30 = 1200 pixels, more than the limit of 1199 "
+                 "pixels (raise it with --max-image-pixels, 0 for no limit)")
+    assert Image.MAX_IMAGE_PIXELS == pil_limit
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_image(big, 1200).size == (40, 30)  # at the limit: loaded, no warning
+        assert load_image(big, 2399, warn=True).size == (40, 30)
+        assert load_image(big, 0, warn=True).size == (40, 30)
+        assert load_image(big, 2400, warn=True).size == (40, 30)  # not above half of it
+    assert [(w.category, str(w.message)) for w in caught] == [
+        (ReclipWarning, f"{big}: a large image (40x30 = 1200 pixels), slow to decode; images "
+                        "above 2399 pixels are refused (--max-image-pixels)")]
+    assert Image.MAX_IMAGE_PIXELS == pil_limit and MAX_PIXELS == 2 * pil_limit
+
+    # an ImageSet checks against its own limit, in this process and in the first pass
+    data = image_set(tmp_path / "a")
+    assert data.max_pixels == MAX_PIXELS
+    data.max_pixels = 1000
+    with pytest.raises(ValueError, match="big.png: cannot read image: 40x30"):
+        data.check()
+    with pytest.raises(ValueError, match="big.png: cannot read image: 40x30"):
+        data[0]
+    kept = data.check(skip_bad=True)
+    assert kept.skipped == [str(big)] and len(kept) == 1
+    first = data.check_in_first_pass(skip_bad=True)
+    assert sum(len(b[0]) for b in first.checking_batches(2)) == 1 and first.skipped == [str(big)]
 
 
 def test_check_can_skip_unreadable_images(tmp_path):
@@ -350,5 +437,7 @@ def test_one_line_cause():
 
     assert one_line(OSError("broken\n  at byte 7\n")) == "OSError: broken at byte 7"
     assert one_line(KeyError()) == "KeyError"
+    # torch's messages set words in bold for a terminal: the codes are no text
+    assert one_line(ValueError("a \x1b[1mbold\x1b[0m word")) == "ValueError: a bold word"
     long = one_line(ValueError("x" * 1000))
     assert len(long) == MAX_CAUSE and long.startswith("ValueError: xxx") and long.endswith("...")

@@ -104,6 +104,26 @@ def test_bad_runtime_flag_values_are_usage_errors(capsys, flag, value):
     assert len(err) == 1 and flag in err[0], err
 
 
+def test_worker_count_is_capped_at_the_usable_cores_with_one_warning():
+    """More workers than cores only compete for them: capped, with one warning of reclip's
+    (torch would warn in a paragraph for every loader); None is one per core, at most 8."""
+    import warnings
+
+    from reclip.device import worker_count
+    from reclip.errors import ReclipWarning
+
+    cores = len(os.sched_getaffinity(0))
+    assert worker_count(None) == min(8, cores)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert worker_count(0) == 0 and worker_count(cores) == cores
+        assert caught == []
+        assert worker_count(cores + 50) == cores
+    assert len(caught) == 1 and caught[0].category is ReclipWarning
+    assert str(caught[0].message) == (f"workers: {cores + 50} is more than the usable cores "
+                                      f"({cores}); using {cores}")
+
+
 def test_config_validates_runtime_settings():
     for kwargs, name in (({"device": "tpu"}, "device"), ({"device": "cuda:99"}, "device"),
                          ({"device": "cpu", "amp": "fp16"}, "amp"),

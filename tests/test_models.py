@@ -442,13 +442,48 @@ def test_unreadable_and_unsafe_weights(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError) as e:
         load_model(TINY_VIT, pretrained=junk)
-    _one_line_error(e, str(junk.resolve()))
+    _one_line_error(e, str(junk.resolve()),
+                    "is not a torch checkpoint, safetensors or TorchScript file")
     # a pickle that would run code is refused (weights_only), never executed
     evil = tmp_path / "evil.pt"
     torch.save({"x": _Evil()}, evil)
     with pytest.raises(ValueError) as e:
         load_model(TINY_VIT, pretrained=evil)
-    _one_line_error(e, str(evil.resolve()))
+    _one_line_error(e, str(evil.resolve()), "holds pickled Python objects")
+
+
+def test_whole_pickled_model_is_explained(vit, tmp_path):
+    """torch.save(model) pickles the module itself: the message says so in plain words (no
+    terminal escapes, nothing cut off) and how to save a state dict instead, which then loads."""
+    whole = tmp_path / "whole.pt"
+    torch.save(vit.model, whole)
+    with pytest.raises(ValueError) as e:
+        load_model(TINY_VIT, pretrained=whole)
+    msg = _one_line_error(e, str(whole.resolve()), "holds pickled Python objects",
+                          "torch.save(model)", "weights_only",
+                          "torch.save(model.state_dict(), PATH)")
+    assert "\x1b" not in msg and not msg.endswith("...")
+    weights = tmp_path / "weights.pt"
+    torch.save(vit.model.state_dict(), weights)
+    assert load_model(TINY_VIT, pretrained=weights).spec["pretrained"] == str(weights.resolve())
+
+
+def test_weight_files_by_content_and_damage(vit, tmp_path):
+    """safetensors is recognised by its content whatever the file's name; a zip checkpoint or
+    safetensors file cut short is reported with its reader's cause, as one line."""
+    from safetensors.torch import save_file
+
+    renamed = tmp_path / "weights.bin"
+    save_file(vit.model.state_dict(), renamed)
+    assert load_model(TINY_VIT, pretrained=renamed).spec["pretrained"] == str(renamed.resolve())
+    zipped = tmp_path / "weights.pt"
+    torch.save(vit.model.state_dict(), zipped)
+    for full, cut in ((renamed, tmp_path / "cut.safetensors"), (zipped, tmp_path / "cut.pt")):
+        cut.write_bytes(full.read_bytes()[:200])
+        with pytest.raises(ValueError) as e:
+            load_model(TINY_VIT, pretrained=cut)
+        msg = _one_line_error(e, f"cannot read pretrained weights {cut.resolve()}: ")
+        assert "not a torch checkpoint" not in msg
 
 
 class _Evil:

@@ -32,8 +32,9 @@ import torch
 from . import checkpoint, distributed, projection, runs
 from .config import (FLAGS, METHODS, PAPER_LR, RESUMABLE, RUNTIME, SHOT_PARAMS, SIDES,
                      VISUAL_LOSSES, Config, EpochLog)
-from .data import BatchList, class_labels, image_set
+from .data import BatchList, image_set
 from .features import Features
+from .labels import class_labels
 from .methods import method_for, shot_loss, shot_pseudo_labels
 from .models import LoadedModel, model_from_spec
 from .progress import bar

@@ -35,14 +35,27 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 class _Parser(argparse.ArgumentParser):
     """argparse, with its usage errors as one line like every other user error and every
-    default in --help (sub-commands get this class too)."""
+    default in --help (sub-commands get this class too). Abbreviated flags are refused: a
+    prefix such as --epoch would keep meaning --epochs only until a flag sharing it is added."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse collects a sub-command's unknown flags and reports them from the top
+        # parser, which names "reclip" and its help: report them from the sub-command's own
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            commands = next((a.choices for a in self._actions
+                             if isinstance(a, argparse._SubParsersAction)), {})
+            commands.get(getattr(parsed, "command", None), self).error(
+                f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
 
 
 def _at_least(minimum: int):
@@ -107,10 +120,12 @@ def check_method_flags(args) -> None:
 def parser() -> argparse.ArgumentParser:
     import reclip_ext
 
+    from . import __version__
     from .pseudo_labels import METHODS as PSEUDO_LABEL_METHODS
     from .sources import TARGETS
 
     p = _Parser(prog="reclip", description=DESCRIPTION)
+    p.add_argument("--version", action="version", version=f"reclip {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="adapt an embedded model to a real target (default: the "
@@ -222,6 +237,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _runtime_flags(p: argparse.ArgumentParser, *, lp: bool, workers: bool = True,
                    lp_default: str | None = "exact") -> None:
+    from .data import MAX_PIXELS
     from .device import AMP_MODES, LP_PRECISIONS
 
     p.add_argument("--device", default="auto",
@@ -230,6 +246,10 @@ def _runtime_flags(p: argparse.ArgumentParser, *, lp: bool, workers: bool = True
                    help="autocast of forward passes (auto: bf16 on CUDA, off on the CPU)")
     if workers:
         p.add_argument("--workers", type=_at_least(0), help=WORKERS_HELP)
+        p.add_argument("--max-image-pixels", type=_at_least(0), metavar="N",
+                       help="refuse an image of more than N pixels, as a likely decompression "
+                            f"bomb (default: {MAX_PIXELS}, where Pillow itself refuses one; "
+                            "0: no limit)")
     if lp:
         p.add_argument("--lp-precision", choices=LP_PRECISIONS, default=lp_default,
                        help="label propagation's k-NN operands (tf32, bf16: CUDA only)"
@@ -237,11 +257,13 @@ def _runtime_flags(p: argparse.ArgumentParser, *, lp: bool, workers: bool = True
 
 
 def check_runtime(args) -> None:
-    """--device, --amp and --lp-precision, before anything else: a device that does not exist
-    must not cost a model load."""
+    """--device, --amp, --lp-precision and --workers, before anything else: a device that does
+    not exist must not cost a model load."""
     from . import device as devices
 
     where = devices.resolve(args.device, "--device")
     devices.amp_dtype(args.amp, where, "--amp")
     if getattr(args, "lp_precision", None) is not None:
         devices.check_lp_precision(args.lp_precision, where, "--lp-precision")
+    if getattr(args, "workers", None) is not None:  # capped once here, not warned per loader
+        args.workers = devices.worker_count(args.workers, "--workers")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import pickle
 import warnings
 import zipfile
 from importlib import resources
@@ -121,9 +122,45 @@ def _is_torchscript(path: str) -> bool:
         return False
 
 
+def _head(path: str, size: int) -> bytes:
+    """The first `size` bytes of a file (fewer for a shorter or unreadable one)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return b""
+
+
+def _is_safetensors(path: str) -> bool:
+    """Whether the file starts as safetensors does (a little-endian header length, then the
+    header's JSON), whatever its name."""
+    head = _head(path, 9)
+    return len(head) == 9 and head[8:] == b"{" and 0 < int.from_bytes(head[:8], "little") < 2**32
+
+
+def _unreadable(path: str, error: Exception) -> str:
+    """Why a weights file could not be read, for a user: what the file holds where that is
+    known (the readers' own messages, such as torch's advice to load pickles unsafely, are
+    for a programmer), else what it is not."""
+    # torch's weights-only reader refuses every class it does not know as an "unsupported
+    # global"; any other refusal is a byte that is no pickle at all
+    if isinstance(error, pickle.UnpicklingError) and "unsupported global" in str(error).lower():
+        return (f"pretrained weights file {path} holds pickled Python objects (such as a whole "
+                "model saved with torch.save(model)), not a state dict: reclip reads only "
+                "state dicts of tensors (torch.load with weights_only) and never runs pickled "
+                "code; where the model was saved, save its weights with "
+                "torch.save(model.state_dict(), PATH)")
+    # a zip archive (torch.save's format) or safetensors, damaged (a download cut short)
+    if _head(path, 4) == b"PK\x03\x04" or _is_safetensors(path):
+        return f"cannot read pretrained weights {path}: {one_line(error)}"
+    return (f"pretrained weights file {path} is not a torch checkpoint, safetensors or "
+            "TorchScript file")
+
+
 def _read_state_dict(path: str) -> dict:
     """State dict of a safetensors / torch.save / TorchScript file; no pickled code is run."""
     from open_clip.factory import load_state_dict
+    from safetensors.torch import load_file
 
     try:
         if _is_torchscript(path):  # OpenAI's released checkpoints; weights only are read
@@ -132,12 +169,16 @@ def _read_state_dict(path: str) -> dict:
                 sd = torch.jit.load(path, map_location="cpu").state_dict()
             for key in _JIT_EXTRA_KEYS:
                 sd.pop(key, None)
+        elif _is_safetensors(path):  # by its content: open_clip goes by the name's suffix
+            sd = load_file(path, device="cpu")
         else:
-            sd = load_state_dict(path, device="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's notes on pickle protocols: for a programmer
+                warnings.simplefilter("ignore", UserWarning)
+                sd = load_state_dict(path, device="cpu", weights_only=True)
     except StopIteration:
         raise ValueError(f"pretrained weights file {path} holds no tensors") from None
     except Exception as e:  # noqa: BLE001 - any reader failure is a user-facing one-liner
-        raise ValueError(f"cannot read pretrained weights {path}: {one_line(e)}") from None
+        raise ValueError(_unreadable(path, e)) from None
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"pretrained weights file {path} is not a state dict of tensors")
     return dict(sd)

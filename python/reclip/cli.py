@@ -34,9 +34,11 @@ eval prints the ECE too.
 Images are checked by the first pass over them (decoded in the DataLoader's workers, once):
 an unreadable image stops adapt, predict and eval there, before any training step; with
 --skip-bad-images it is left out instead (one warning line; adapt's report.json lists it).
+An image of more than --max-image-pixels pixels (default: Pillow's limit; 0: none) is
+unreadable, one above half of it gets a warning line.
 
 --device (auto: CUDA when available), --amp (auto: bf16 on CUDA, off on the CPU), --workers
-and --lp-precision are checked first, before any model loads.
+(at most the usable cores) and --lp-precision are checked first, before any model loads.
 
 Under torchrun (``torchrun --nproc_per_node=N -m reclip adapt ...``) adapt runs data-parallel
 on torch.distributed (see reclip.distributed): rank 0 prints, writes the checkpoints,
@@ -75,7 +77,10 @@ def _images(args):
     docstring), after which ``_warn_skipped`` reports what --skip-bad-images left out."""
     from .data import image_set
 
-    return image_set(args.data).check_in_first_pass(skip_bad=args.skip_bad_images)
+    data = image_set(args.data)
+    if args.max_image_pixels is not None:
+        data.max_pixels = args.max_image_pixels
+    return data.check_in_first_pass(skip_bad=args.skip_bad_images)
 
 
 def _warn_skipped(data) -> None:
@@ -104,7 +109,8 @@ def _say(text: str) -> None:
     """A message of the run, from one process only: rank 0 of a distributed run."""
     from .distributed import current
 
-    if current().main:
+    # before the ranks join every process is "main": then local rank 0 alone speaks
+    if current().main and _torchrun_local_rank() == 0:
         print(text, file=sys.stderr, flush=True)
 
 
@@ -203,6 +209,7 @@ def _adapt_inputs(args) -> dict:
     lists, --out and the image folder's listing, and the Config. Under torchrun every process
     meets the same user error here, before it joins the others (see main)."""
     from .config import Config
+    from .labels import describe_unmatched
 
     check_method_flags(args)
     if args.allow_changes and not args.resume:
@@ -222,6 +229,9 @@ def _adapt_inputs(args) -> dict:
                     device=args.device, amp=args.amp, workers=args.workers,
                     **{k: v for k, v in given.items() if v is not None})
     data = _images(args)
+    unmatched = describe_unmatched(data, classnames, folders)
+    if unmatched:  # said now, not after a run that then reports no accuracy
+        _say(f"reclip: warning: --data {args.data}: {unmatched}; so no accuracy is reported")
     config.check_graph(len(classnames), len(data))
     return {"pretrained": pretrained, "classnames": classnames, "templates": templates,
             "folders": folders, "config": config, "data": data}
@@ -233,7 +243,7 @@ def adapt(args, inputs: dict | None = None) -> int:
     from . import adapt as adapt_mod
     from . import checkpoint
     from .checkpoint import write_json
-    from .data import class_labels
+    from .labels import class_labels
     from .models import check_same_base, load_model, model_spec
     from .prompts import DEFAULT_TEMPLATES
 
@@ -338,13 +348,15 @@ def predict(args) -> int:
 
 
 def evaluate(args) -> int:
-    from .data import class_labels
+    from .labels import class_labels, describe_unmatched
 
     clf, data = _load_run(args)
     if (class_labels(data, clf.classnames, clf.folders) < 0).any():  # before the images' pass
         ids = f" or its folder ids ({', '.join(clf.folders[:3])}, ...)" if clf.folders else ""
+        unmatched = describe_unmatched(data, clf.classnames, clf.folders)
         raise ValueError(f"--data: {args.data} needs an ImageFolder layout whose folders are "
-                         f"among the run's classes ({', '.join(clf.classnames[:5])}, ...){ids}")
+                         f"among the run's classes ({', '.join(clf.classnames[:5])}, ...){ids}"
+                         + (f"; {unmatched}" if unmatched else ""))
     logits = clf.logits(data)
     _warn_skipped(data)
     _, acc, ece = _scores(logits, class_labels(data, clf.classnames, clf.folders))
@@ -428,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     import threading
 
     from . import distributed
+    from .errors import warnings_as_lines
 
     args = parser().parse_args(argv)
     handler = None
@@ -435,12 +448,13 @@ def main(argv: list[str] | None = None) -> int:
         handler = signal.signal(signal.SIGTERM, _terminate)
     try:
         commands = {"demo": demo, "adapt": adapt, "predict": predict, "eval": evaluate}
-        check_runtime(args)
-        inputs = _adapt_inputs(args) if args.command == "adapt" else None
-        _join_torchrun(args)
-        if inputs is not None:
-            return adapt(args, inputs)
-        return commands[args.command](args)
+        with warnings_as_lines("reclip: warning: "):
+            check_runtime(args)
+            inputs = _adapt_inputs(args) if args.command == "adapt" else None
+            _join_torchrun(args)
+            if inputs is not None:
+                return adapt(args, inputs)
+            return commands[args.command](args)
     except USER_ERRORS as err:
         # one line, all of it: a message cut at its first line can stop mid-sentence
         message = " ".join(str(err).split()) or type(err).__name__

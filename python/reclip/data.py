@@ -9,8 +9,8 @@ back). Sources:
   sorted sub-folder order, ``classes`` = the sub-folder names) or flat (images directly inside,
   labels -1). Only that one level is read; hidden files and folders are skipped, extensions are
   matched case-insensitively against IMAGE_EXTENSIONS, every order is sorted by name.
-  ``class_labels(data, classnames, folders)`` maps the folder labels onto a class list by
-  folder name (the class name, or an id such as ImageNet's ``n01440764`` given in ``folders``).
+  ``reclip.labels.class_labels(data, classnames, folders)`` maps the folder labels onto a
+  class list by folder name (the class name, or an id such as ImageNet's ``n01440764``).
 - a torch.Tensor (N, C, H, W) of already-preprocessed images (``transform`` is not applied).
 - a torch Dataset returning ``(image, label, ...)`` or ``image``; ``transform`` is applied to PIL
   images (and uint8 numpy arrays), tensors pass through.
@@ -29,7 +29,9 @@ Errors are single-line messages naming the path.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,7 +41,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data import default_collate
 
-from .errors import one_line
+from .errors import ReclipWarning, one_line
+
+#: the most pixels an image may have, by default: where PIL itself refuses one (twice its
+#: MAX_IMAGE_PIXELS, above which it warns); a larger one is more likely a decompression bomb
+#: than a photo. ImageSet.max_pixels (the CLI's --max-image-pixels) sets another; 0: no limit
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -80,31 +87,68 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(scaled).clip(0, 255).astype(np.uint8)).convert("RGB")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+@contextlib.contextmanager
+def _pil_limit(max_pixels: int | None):
+    """PIL's own decompression-bomb check set to `max_pixels` (0 or None: off) and its warning
+    silenced: load_image checks the image's size itself, with messages naming the file, and
+    leaves PIL's check only what it cannot see (the frames of a GIF, as they are decoded)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels or None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS, *,
+               warn: bool = False) -> Image.Image:
     """Open and fully decode an image file as RGB (see to_rgb); ValueError naming the file if
-    that fails."""
+    that fails, or if it has more than `max_pixels` pixels (0: no limit), which is checked
+    before it is decoded. With `warn`, an image above half the limit gets a ReclipWarning."""
     p = os.fspath(path)
+    limit = (f"the limit of {max_pixels} pixels (raise it with --max-image-pixels, 0 for no "
+             "limit)")
     try:
         with open(p, "rb") as f:
-            img = Image.open(f)
-            img.load()
-            return to_rgb(img)
+            with _pil_limit(None):  # the header only: the size is checked here
+                img = Image.open(f)
+            (w, h), pixels = img.size, img.size[0] * img.size[1]
+            size = f"{w}x{h} = {pixels} pixels"
+            if max_pixels and pixels > max_pixels:
+                too_large = f"{p}: cannot read image: {size}, more than {limit}"
+            else:
+                too_large = None
+                if warn and max_pixels and pixels > max_pixels // 2:
+                    warnings.warn(f"{p}: a large image ({size}), slow to decode; images "
+                                  f"above {max_pixels} pixels are refused "
+                                  "(--max-image-pixels)", ReclipWarning)
+                with _pil_limit(max_pixels):
+                    img.load()
+                img = to_rgb(img)
     except FileNotFoundError:
         raise ValueError(f"{p}: cannot read image (file not found)") from None
     except MemoryError:
         raise
+    except Image.DecompressionBombError:
+        raise ValueError(f"{p}: cannot read image: a frame of it has more than {limit}") from None
     except Exception as e:  # PIL raises many types for corrupt data (OSError, SyntaxError, struct.error, ...)
         raise ValueError(f"{p}: cannot read image ({one_line(e)})") from None
+    if too_large:
+        raise ValueError(too_large)
+    return img
 
 
-def image_error(path: str | os.PathLike) -> str | None:
-    """Why an image file cannot be used (the one-line message of load_image), or None.
+def image_error(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> str | None:
+    """Why an image file cannot be used (the one-line message of load_image), or None; an
+    image above half the limit gets load_image's warning.
 
-    The per-file decision behind ``ImageSet.check``: it decodes the file exactly as loading the
-    item does, so a file it passes loads.
+    The per-file decision behind ``ImageSet.check`` and the first pass's check: it decodes the
+    file exactly as loading the item does, so a file it passes loads.
     """
     try:
-        load_image(path)
+        load_image(path, max_pixels, warn=True)
     except ValueError as e:
         return str(e)
     return None
@@ -164,6 +208,7 @@ class ImageSet(Dataset):
         root: the folder of a folder source, else None.
         transform: applied to PIL images (never to tensor sources); None = ``to_tensor``.
         skipped: the unreadable files ``check(skip_bad=True)`` left out, in path order.
+        max_pixels: a file image with more pixels is unreadable (MAX_PIXELS; 0: no limit).
         unchecked: None, or how the first pass is to treat an unreadable file ("stop" or
             "skip"), set by ``check_in_first_pass``.
     """
@@ -185,6 +230,7 @@ class ImageSet(Dataset):
         self._array = array
         self.skipped: list[str] = []
         self.unchecked: str | None = None
+        self.max_pixels = MAX_PIXELS
 
     # -- sized dataset
     def __len__(self) -> int:
@@ -228,7 +274,8 @@ class ImageSet(Dataset):
         if not 0 <= i < self._n:
             raise IndexError(f"index {i} out of range for {self._n} images")
         if self.kind == "files":
-            return self._apply(load_image(self.paths[i])), int(self._labels[i]), i
+            img = load_image(self.paths[i], self.max_pixels)
+            return self._apply(img), int(self._labels[i]), i
         if self.kind == "tensor":
             return self._tensor[i], int(self._labels[i]), i
         if self.kind == "array":
@@ -257,7 +304,7 @@ class ImageSet(Dataset):
             return self
         bad: dict[int, str] = {}
         for i, p in enumerate(self.paths):
-            error = image_error(p)
+            error = image_error(p, self.max_pixels)
             if error is not None:
                 bad[i] = error
             if progress is not None:
@@ -361,8 +408,8 @@ class _Tolerant(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int):
-        try:
-            img = load_image(self.images.paths[i])
+        try:  # the first pass: the one that warns of a large image
+            img = load_image(self.images.paths[i], self.images.max_pixels, warn=True)
         except ValueError as e:
             return None, int(self.images.labels[i]), i, str(e)
         return self.images._apply(img), int(self.images.labels[i]), i, None
@@ -447,32 +494,6 @@ def folder_image_set(root: str | os.PathLike, transform: Transform | None = None
         return ImageSet(kind="files", n=len(top), paths=top, labels=np.full(len(top), -1, np.int64),
                         classes=None, transform=transform, root=r)
     raise ValueError(f"{r}: no images found (looked for {exts} directly inside it and in its sub-folders)")
-
-
-def class_labels(data: ImageSet, classnames: Sequence[str],
-                 folders: Sequence[str] | None = None) -> np.ndarray:
-    """The labels of ``data`` as indices into ``classnames``; -1 for every item when unknown.
-
-    An ImageFolder set is mapped by folder name: the folder ``folders[i]`` (an id such as
-    ImageNet's ``n01440764``) or, when those ids do not name every folder, the folder named
-    ``classnames[i]`` holds class ``i``. Only folders holding images count. When neither names
-    every one of them, no label is known: the set's own labels number its sorted folders, not
-    the classes, so any accuracy computed from them would be wrong. Other sets keep their
-    labels (class indices already, or -1).
-    """
-    labels = data.labels
-    if data.root is None or data.classes is None:
-        return labels.copy()
-    used = np.unique(labels[labels >= 0])
-    for names in (folders, classnames):
-        if names is None:
-            continue
-        position = {name: i for i, name in enumerate(names)}
-        if all(data.classes[k] in position for k in used):
-            remap = np.full(len(data.classes), -1, np.int64)
-            remap[used] = [position[data.classes[k]] for k in used]
-            return np.where(labels >= 0, remap[np.clip(labels, 0, None)], -1)
-    return np.full(len(data), -1, np.int64)
 
 
 def tensor_image_set(images: torch.Tensor, labels=None) -> ImageSet:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
+
+from .errors import ReclipWarning
 
 DEVICES = "auto, cpu, cuda or cuda:N"
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -66,10 +69,19 @@ def check_lp_precision(precision: str, device: torch.device, name: str = "lp_pre
         raise ValueError(f"{name}: {precision} runs on CUDA only; on the CPU use exact")
 
 
-def default_workers() -> int:
-    """Image-loading worker processes: one per usable core, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(8, cores or 1)
+def worker_count(requested: int | None, name: str = "workers") -> int:
+    """Image-loading worker processes: `requested`, but at most one per usable core (more only
+    compete for the same cores, and torch warns in a paragraph for each loader: instead a
+    ReclipWarning naming `name` says so); None: one per usable core, at most 8."""
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count()) or 1
+    if requested is None:
+        return min(8, cores)
+    if requested > cores:
+        warnings.warn(f"{name}: {requested} is more than the usable cores ({cores}); "
+                      f"using {cores}", ReclipWarning)
+        return cores
+    return requested
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -62,8 +62,7 @@ class Features:
         # only adds copies
         if data.kind == "tensor":
             return 0
-        workers = self.config.workers
-        return devices.default_workers() if workers is None else workers
+        return devices.worker_count(self.config.workers)
 
     def loader(self, data, batch_sampler=None):
         """A DataLoader over `data`: in order, batch_size per batch (in a distributed run: over
