@@ -451,6 +451,7 @@ TEST_JOBS = {
     "test_skip_bad_images": ["skip_bad"],
     "test_visual_side_only_run_is_saved": ["visual_only"],
     "test_pseudo_labels_from_predictions_are_recorded": ["by_prediction", "main"],
+    "test_label_propagation_flags_are_used_and_recorded": ["lp_flags", "main"],
     "test_resume_equals_uninterrupted": ["main", "resume"],
     "test_sigkill_mid_run_then_resume_equals_uninterrupted": ["kill", "kill_ref"],
     "test_resume_with_other_class_list_is_refused": ["mismatch"],

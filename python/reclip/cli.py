@@ -232,7 +232,6 @@ def _adapt_inputs(args) -> dict:
     unmatched = describe_unmatched(data, classnames, folders)
     if unmatched:  # said now, not after a run that then reports no accuracy
         _say(f"reclip: warning: --data {args.data}: {unmatched}; so no accuracy is reported")
-    config.check_graph(len(classnames), len(data))
     return {"pretrained": pretrained, "classnames": classnames, "templates": templates,
             "folders": folders, "config": config, "data": data}
 
@@ -268,6 +267,8 @@ def adapt(args, inputs: dict | None = None) -> int:
                                len(classnames), adapt_mod.data_fingerprint(data),
                                model_spec(args.model, pretrained),
                                allow_changes=args.allow_changes)
+    # after the run's own checks: another class list is the plainer error of a resume
+    config.check_graph(len(classnames), len(data))
     torch.manual_seed(args.seed)  # a config without weights starts from a seeded random init
     loaded = load_model(args.model, pretrained)
     if meta is not None:  # then the base weights by their sha256, still before any image pass
