@@ -216,6 +216,109 @@ def test_save_load_round_trip_is_bit_exact(tiny, colour_images, tmp_path):
     assert [h.agreement for h in back.history] == [h.agreement for h in clf.history]
 
 
+def _counting_prompts(loaded, seen: list[str] | None = None):
+    """`loaded` with a tokenizer that records the prompts it is given in `seen` (every text
+    pass tokenizes first), and that record."""
+    import dataclasses
+
+    seen = [] if seen is None else seen
+
+    def tokenizer(texts):
+        seen.extend(texts)
+        return loaded.tokenizer(texts)
+
+    return dataclasses.replace(loaded, tokenizer=tokenizer), seen
+
+
+def _spy_on_loading(monkeypatch) -> list[str]:
+    """The prompts that every model ReCLIP.load builds from here on encodes."""
+    seen: list[str] = []
+    build = adapt.model_from_spec
+
+    def spied(*args):
+        return _counting_prompts(build(*args), seen)[0]
+
+    monkeypatch.setattr(adapt, "model_from_spec", spied)
+    return seen
+
+
+def test_a_new_run_encodes_its_prompts_once_when_first_used(tiny, colour_images):
+    """Building a run encodes nothing; its first use encodes every class's prompts once, into
+    the original text encoder's class embeddings (the normalised mean over the templates)."""
+    templates = ["a photo of a {}.", "a {}."]
+    loaded, seen = _counting_prompts(tiny)
+    clf = reclip.ReCLIP(loaded, CLASSES, templates)
+    assert seen == []
+    logits = clf.zero_shot_logits(colour_images)
+    assert sorted(seen) == sorted(t.format(c) for c in CLASSES for t in templates)
+    with torch.no_grad():
+        per_template = [torch.nn.functional.normalize(tiny.model.encode_text(
+            tiny.tokenizer([t.format(c) for c in CLASSES])), dim=-1) for t in templates]
+        images = torch.nn.functional.normalize(tiny.model.encode_image(colour_images), dim=-1)
+    nodes = torch.nn.functional.normalize(sum(per_template), dim=-1)
+    torch.testing.assert_close(clf.nodes_v, nodes, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, clf.config.logit_scale * images @ nodes.T,
+                               atol=1e-4, rtol=1e-5)
+    clf.predict(colour_images)
+    assert len(seen) == len(CLASSES) * len(templates)  # not again
+
+
+def test_loading_a_run_encodes_no_prompt(tiny, colour_images, tmp_path, monkeypatch):
+    """A run holds its class embeddings: loading it and predicting with it encode no prompt
+    (at ImageNet's 1,000 classes x 80 templates that would be 80,000), and it predicts what
+    the run it was saved from does."""
+    clf = _fit(tiny, colour_images)
+    clf.save(tmp_path / "run")
+    seen = _spy_on_loading(monkeypatch)
+    back = reclip.ReCLIP.load(tmp_path / "run")
+    assert torch.equal(back.logits(colour_images), clf.logits(colour_images))
+    assert torch.equal(back.zero_shot_logits(colour_images), clf.zero_shot_logits(colour_images))
+    assert seen == []
+
+
+def _edit_tensors(run: Path, edit) -> None:
+    from reclip import checkpoint
+
+    tensors, meta = checkpoint.read(run)
+    edit(tensors)
+    # without the file entries: write names its new tensor file itself
+    checkpoint.write(run, tensors, {k: v for k, v in meta.items()
+                                    if k not in ("format", "tensors")})
+
+
+def test_a_run_without_its_original_class_embeddings_encodes_them(tiny, colour_images, tmp_path,
+                                                                    monkeypatch):
+    """The original class embeddings follow from the base model and the prompts, so a run
+    without them still loads, by encoding every prompt; it then predicts as before."""
+    clf = _fit(tiny, colour_images)
+    clf.save(tmp_path / "run")
+    _edit_tensors(tmp_path / "run", lambda t: t.pop("state.nodes_v"))
+    seen = _spy_on_loading(monkeypatch)
+    back = reclip.ReCLIP.load(tmp_path / "run")
+    assert len(seen) == len(CLASSES) * 2
+    assert torch.equal(back.nodes_v, clf.nodes_v)
+    assert torch.equal(back.logits(colour_images), clf.logits(colour_images))
+    assert torch.equal(back.zero_shot_logits(colour_images), clf.zero_shot_logits(colour_images))
+
+
+@pytest.mark.parametrize("key", ["state.nodes_v", "state.nodes_t", "state.centres"])
+def test_class_embeddings_of_another_shape_are_refused(tiny, colour_images, tmp_path, key):
+    _fit(tiny, colour_images, max_epochs=1).save(tmp_path / "run")
+    _edit_tensors(tmp_path / "run", lambda t: t.update({key: t[key][:2].clone()}))
+    with pytest.raises(ValueError, match=rf"checkpoint {key} has shape \(2, \d+\), the model "
+                                         rf"needs \(3, \d+\)"):
+        reclip.ReCLIP.load(tmp_path / "run")
+
+
+@pytest.mark.parametrize("key", ["state.nodes_t", "state.centres"])
+def test_a_run_without_its_trained_class_state_is_refused(tiny, colour_images, tmp_path, key):
+    """What training made of the class embeddings cannot be encoded again."""
+    _fit(tiny, colour_images, max_epochs=1).save(tmp_path / "run")
+    _edit_tensors(tmp_path / "run", lambda t: t.pop(key))
+    with pytest.raises(ValueError, match=f"checkpoint lacks {key}"):
+        reclip.ReCLIP.load(tmp_path / "run")
+
+
 def test_resume_equals_uninterrupted(tiny, colour_images, tmp_path):
     full = _fit(tiny, colour_images, max_epochs=3)
     torch.manual_seed(0)

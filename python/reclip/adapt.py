@@ -51,6 +51,12 @@ __all__ = ["FLAGS", "METHODS", "PAPER_LR", "RESUMABLE", "RUNTIME", "SHOT_PARAMS"
            "probabilities", "same_data", "scores", "shot_loss", "shot_pseudo_labels"]
 
 
+def _class_tensor(name: str, doc: str) -> property:
+    """An attribute of ReCLIP's class state (kept together: see ReCLIP._start_classes)."""
+    return property(lambda clf: clf._class_state()[name],
+                    lambda clf, value: clf._class_state().__setitem__(name, value), doc=doc)
+
+
 class ReCLIP:
     """Source-free adaptation of a CLIP model to unlabelled images.
 
@@ -66,6 +72,9 @@ class ReCLIP:
     id rather than by the class (``folders[i]`` holds ``classnames[i]``, e.g. ImageNet's
     ``n01440764``); it is saved with the run so that accuracies on such folders need no mapping
     file later.
+
+    Every class's prompts go through the text encoder once, when the run is first used, not
+    when it is built; a loaded run takes its class embeddings from the checkpoint instead.
 
     Collaborators, public for benchmarks and tests: ``features`` (the encoder), ``runner`` (the
     training loop: optimisers, scalers, towers) and ``method`` (what an epoch computes).
@@ -104,16 +113,41 @@ class ReCLIP:
         self.data: dict[str, Any] | None = None
         self.epoch = 0
         self.iterations = 0
-        # Frozen V-side classifier: class nodes of the original text encoder and its projection.
-        self.nodes_v = self.class_nodes(self.visual_copy)
-        self.basis_v = projection.basis(self.nodes_v, c.projection)
-        self.nodes_t = self.nodes_v.clone()
-        # a copy too: a saved run must not hold two views of one storage (safetensors refuses
-        # them), and the T side keeps this one until it rebuilds it (never, for ReCLIP-V)
-        self.basis_t = None if self.basis_v is None else self.basis_v.clone()
-        self.centres = self.nodes_v.clone()
+        # the class state (nodes_v ... centres), started when first used: see _start_classes
+        self._classes: dict[str, torch.Tensor | None] | None = None
         #: the pseudo labels of the last epoch ("text" / "visual": n int64, or None)
         self.last_pseudo: dict[str, np.ndarray | None] = {}
+
+    # The class state: read or written through _class_state, which starts it on first use.
+    nodes_v = _class_tensor("nodes_v", "(m, d) class embeddings of the original text encoder: "
+                            "the V side's frozen classifier (and SHOT's)")
+    basis_v = _class_tensor("basis_v", "the V side's projection of nodes_v (None for P0)")
+    nodes_t = _class_tensor("nodes_t", "(m, d) class embeddings of the T side's text encoder, "
+                            "rebuilt by each epoch of ReCLIP-T")
+    basis_t = _class_tensor("basis_t", "the T side's projection of nodes_t (None for P0)")
+    centres = _class_tensor("centres", "(m, d) the V side's classifier: its pseudo classes' "
+                            "mean features")
+
+    def _class_state(self) -> dict[str, torch.Tensor | None]:
+        if self._classes is None:
+            self._start_classes()
+        return self._classes
+
+    def _start_classes(self, nodes_v: torch.Tensor | None = None) -> None:
+        """Start the class state from the original text encoder's class embeddings: `nodes_v`
+        where a saved run holds them (reclip.runs.restore), encoded here otherwise. This is
+        the one place that decides: a new run encodes every prompt once, on first use, and a
+        loaded run never (at ImageNet's 1,000 classes x 80 templates, 80,000 prompts)."""
+        if nodes_v is None:
+            # the visual copy's text tower never trains: it is the original text encoder
+            # whenever this runs
+            nodes_v = self.class_nodes(self.visual_copy)
+        basis = projection.basis(nodes_v, self.config.projection)
+        # copies: a saved run must not hold two views of one storage (safetensors refuses
+        # them), and the T side keeps its own until it rebuilds them (never, for ReCLIP-V)
+        self._classes = {"nodes_v": nodes_v, "basis_v": basis, "nodes_t": nodes_v.clone(),
+                         "basis_t": None if basis is None else basis.clone(),
+                         "centres": nodes_v.clone()}
 
     def prompts(self, first_only: bool = False) -> list[str]:
         """Every class's prompts, class by class (the first template's alone: ReCLIP-T's)."""

@@ -63,13 +63,13 @@ def restore(clf, saved: tuple[dict[str, torch.Tensor], dict[str, Any]], where, *
     check_same_base(meta["model"], clf.loaded.spec, str(where))  # a resume's --model too
     clf.features.forget()  # base weights below may replace the T copy's visual tower
 
-    def tensor(key: str, like: torch.Tensor | None, required: bool = True):
+    def tensor(key: str, shape: tuple[int, ...] | None, required: bool = True):
         t = tensors.get(key)
         if t is None and required:
             raise ValueError(f"{where}: checkpoint lacks {key}; was it made for another model?")
-        if t is not None and like is not None and t.shape != like.shape:
+        if t is not None and shape is not None and tuple(t.shape) != tuple(shape):
             raise ValueError(f"{where}: checkpoint {key} has shape {tuple(t.shape)}, the model "
-                             f"needs {tuple(like.shape)}; was it made for another model?")
+                             f"needs {tuple(shape)}; was it made for another model?")
         return t
 
     base = {k[len("base."):]: v for k, v in tensors.items() if k.startswith("base.")}
@@ -84,21 +84,25 @@ def restore(clf, saved: tuple[dict[str, torch.Tensor], dict[str, Any]], where, *
     with torch.no_grad():
         for side, params in (("text", clf.text_params), ("visual", clf.visual_params)):
             for name, p in params.items():
-                p.copy_(tensor(f"{side}.{name}", p))
+                p.copy_(tensor(f"{side}.{name}", p.shape))
 
     def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(clf.device)
 
-    clf.nodes_t = on_device(tensor("state.nodes_t", clf.nodes_t))
-    clf.nodes_v = on_device(tensor("state.nodes_v", clf.nodes_v))
-    clf.centres = on_device(tensor("state.centres", clf.centres))
+    classes = (len(clf.classnames), clf.features.width)
+    # The original class embeddings are the run's where it holds them (encoding them again
+    # would give the same, at the cost of every prompt); the rest is trained state that only
+    # the run can give.
+    clf._start_classes(on_device(tensor("state.nodes_v", classes, required=False)))
+    clf.nodes_t = on_device(tensor("state.nodes_t", classes))
+    clf.centres = on_device(tensor("state.centres", classes))
     # no shape for the bases: their width follows the rank of the class embeddings
     clf.basis_t = on_device(tensor("state.basis_t", None, required=False))
     clf.basis_v = on_device(tensor("state.basis_v", None, required=False))
     for side, opt, params in (("text", clf.runner.optimizers["text"], clf.text_params),
                               ("visual", clf.runner.optimizers["visual"], clf.visual_params)):
         for name, p in params.items():
-            buf = tensor(f"momentum.{side}.{name}", p, required=False)
+            buf = tensor(f"momentum.{side}.{name}", p.shape, required=False)
             if buf is not None:
                 opt.state[p]["momentum_buffer"] = buf.to(p.device, copy=True)
     for side, scaler in clf.runner.scalers.items():
