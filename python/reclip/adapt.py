@@ -52,7 +52,7 @@ __all__ = ["FLAGS", "METHODS", "PAPER_LR", "RESUMABLE", "RUNTIME", "SHOT_PARAMS"
 
 
 def _class_tensor(name: str, doc: str) -> property:
-    """An attribute of ReCLIP's class state (kept together: see ReCLIP._start_classes)."""
+    """An attribute of ReCLIP's class state (kept together: see ReCLIP.start_classes)."""
     return property(lambda clf: clf._class_state()[name],
                     lambda clf, value: clf._class_state().__setitem__(name, value), doc=doc)
 
@@ -113,7 +113,7 @@ class ReCLIP:
         self.data: dict[str, Any] | None = None
         self.epoch = 0
         self.iterations = 0
-        # the class state (nodes_v ... centres), started when first used: see _start_classes
+        # the class state (nodes_v ... centres), started when first used: see start_classes
         self._classes: dict[str, torch.Tensor | None] | None = None
         #: the pseudo labels of the last epoch ("text" / "visual": n int64, or None)
         self.last_pseudo: dict[str, np.ndarray | None] = {}
@@ -130,10 +130,10 @@ class ReCLIP:
 
     def _class_state(self) -> dict[str, torch.Tensor | None]:
         if self._classes is None:
-            self._start_classes()
+            self.start_classes()
         return self._classes
 
-    def _start_classes(self, nodes_v: torch.Tensor | None = None) -> None:
+    def start_classes(self, nodes_v: torch.Tensor | None = None) -> None:
         """Start the class state from the original text encoder's class embeddings: `nodes_v`
         where a saved run holds them (reclip.runs.restore), encoded here otherwise. This is
         the one place that decides: a new run encodes every prompt once, on first use, and a

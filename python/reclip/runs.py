@@ -93,7 +93,7 @@ def restore(clf, saved: tuple[dict[str, torch.Tensor], dict[str, Any]], where, *
     # The original class embeddings are the run's where it holds them (encoding them again
     # would give the same, at the cost of every prompt); the rest is trained state that only
     # the run can give.
-    clf._start_classes(on_device(tensor("state.nodes_v", classes, required=False)))
+    clf.start_classes(on_device(tensor("state.nodes_v", classes, required=False)))
     clf.nodes_t = on_device(tensor("state.nodes_t", classes))
     clf.centres = on_device(tensor("state.centres", classes))
     # no shape for the bases: their width follows the rank of the class embeddings
