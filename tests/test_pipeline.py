@@ -432,3 +432,15 @@ def test_fit_scores_image_folders_by_folder_name_or_id_only(tiny, colour_images,
     assert reclip.ReCLIP.load(tmp_path / "run").folders == ids
     with pytest.raises(ValueError, match="2 folders for 3 classes"):
         reclip.ReCLIP(tiny, CLASSES, folders=ids[:2])
+
+
+def test_a_checkpoint_written_back_as_read_stays_readable(tmp_path):
+    """Writing back what checkpoint.read returned (its metadata still names the old tensor
+    file) gives a run whose run.json names the new file, not the one just replaced."""
+    from reclip import checkpoint
+
+    checkpoint.write(tmp_path / "run", {"w": torch.ones(3)}, {"epoch": 1})
+    tensors, meta = checkpoint.read(tmp_path / "run")
+    checkpoint.write(tmp_path / "run", {"w": tensors["w"] * 2}, meta)
+    again, meta2 = checkpoint.read(tmp_path / "run")
+    assert torch.equal(again["w"], torch.full((3,), 2.0)) and meta2["epoch"] == 1

@@ -123,7 +123,8 @@ def write(directory: str | Path, tensors: dict[str, torch.Tensor], meta: dict[st
     # SafetensorError, which names neither the file nor the cause as an OSError does
     _atomic_write(tensor_file, save(contiguous))
     try:
-        write_json(directory / META, {"format": FORMAT, "tensors": tensor_file.name, **meta})
+        # the file's own keys last: metadata read from an older checkpoint names its file
+        write_json(directory / META, {**meta, "format": FORMAT, "tensors": tensor_file.name})
     except BaseException:
         tensor_file.unlink(missing_ok=True)  # run.json still names the previous one
         raise
