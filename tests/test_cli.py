@@ -697,6 +697,10 @@ def test_unmapped_folders_report_no_accuracy(jobs):
     epoch_lines = [ln for ln in adapt.stderr.splitlines() if ln.startswith("epoch ")]
     assert len(epoch_lines) == 2 and all("agreement" in ln for ln in epoch_lines), adapt.stderr
     assert not any(key in adapt.stderr for key in ("pseudo_text", "pseudo_visual", "combined"))
+    # without accuracies the run still ends with a summary, and no line ends in spaces
+    last = adapt.stderr.splitlines()[-1]
+    assert last.startswith("reclip: 2 epochs (") and "run_renamed" in last, adapt.stderr
+    assert all(ln == ln.rstrip() for ln in adapt.stderr.splitlines()), adapt.stderr
     report = read_json(ws / "run_renamed" / "report.json")
     assert report["zero_shot_accuracy"] is None and report["reclip_accuracy"] is None
     assert len(report["history"]) == 2 and all(h["accuracy"] == {} for h in report["history"])
