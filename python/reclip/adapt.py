@@ -38,7 +38,7 @@ from .labels import class_labels
 from .methods import method_for, shot_loss, shot_pseudo_labels
 from .models import LoadedModel, model_from_spec
 from .progress import bar
-from .prompts import DEFAULT_TEMPLATES, check_folders, format_prompts
+from .prompts import DEFAULT_TEMPLATES, check_folders, check_run_classes, format_prompts
 from .runner import Runner
 from .runs import (check_meta, check_method, check_new_run, check_resume, data_fingerprint,
                    nonfinite, same_data)
@@ -82,10 +82,7 @@ class ReCLIP:
 
     def __init__(self, model: LoadedModel, classnames: list[str], templates: list[str] | None = None,
                  config: Config | None = None, *, folders: list[str] | None = None) -> None:
-        if len(classnames) < 2:
-            raise ValueError(f"classnames: need at least 2 classes, got {len(classnames)}")
-        if len(set(classnames)) != len(classnames):
-            raise ValueError("classnames: contains duplicates")
+        check_run_classes(classnames)
         self.loaded = model
         self.classnames = list(classnames)
         self.folders = None if folders is None else check_folders(folders, self.classnames)

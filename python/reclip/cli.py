@@ -210,6 +210,7 @@ def _adapt_inputs(args) -> dict:
     meets the same user error here, before it joins the others (see main)."""
     from .config import Config
     from .labels import describe_unmatched
+    from .prompts import check_run_classes
 
     check_method_flags(args)
     if args.allow_changes and not args.resume:
@@ -217,6 +218,7 @@ def _adapt_inputs(args) -> dict:
                          "settings)")
     pretrained = _pretrained(args)
     classnames, templates, folders = _class_lists(args)
+    check_run_classes(classnames)
     _check_output(args.out, "--out", folder=True)
     # a flag not given (None) leaves the Config default: the paper's, or the method's
     given = {"projection": args.projection, "sides": args.sides, "visual_loss": args.visual_loss,

@@ -107,6 +107,15 @@ def check_classnames(classnames: Iterable[str], source: str = "class names", *,
     return names
 
 
+def check_run_classes(classnames: Sequence[str]) -> None:
+    """What a run needs of its class list: at least 2 classes, all different (ValueError naming
+    classnames otherwise)."""
+    if len(classnames) < 2:
+        raise ValueError(f"classnames: need at least 2 classes, got {len(classnames)}")
+    if len(set(classnames)) != len(classnames):
+        raise ValueError("classnames: contains duplicates")
+
+
 def check_folders(folders: Iterable[str], classnames: Sequence[str], source: str = "folders") -> list[str]:
     """Validate the folder names of the classes (``folders[i]`` holds ``classnames[i]``): one
     per class, strings, no blanks, no duplicates; returns a stripped copy."""
