@@ -252,9 +252,10 @@ def data(tmp_path_factory):
 
 
 def _adapt(data: Path, model: str, out: Path, *extra: str) -> int:
+    # --k 5: the graph of 2 classes and 8 images has 10 nodes
     return cli.main(["adapt", "--model", model, *extra, "--data", str(data / "images"), "--classes",
                      str(data / "classes.txt"), "--out", str(out), "--epochs", "1", "--quiet",
-                     "--workers", "0", "--device", "cpu"])
+                     "--workers", "0", "--device", "cpu", "--k", "5"])
 
 
 def _predict(run: Path, data: Path, out: Path, *extra: str) -> int:

@@ -405,6 +405,11 @@ def _join_torchrun(args) -> None:
     args.device = distributed.setup(args.device, "--device")
 
 
+#: seconds a process that met a user error before joining the others waits for torchrun to
+#: stop it (see main)
+_QUIET_WAIT = 60.0
+
+
 def _torchrun_local_rank() -> int:
     """This process's local rank under torchrun with several processes, else 0."""
     from . import distributed
@@ -464,7 +469,16 @@ def main(argv: list[str] | None = None) -> int:
         world = distributed.current()
         if not world.active and _torchrun_local_rank() > 0:
             # before the process group formed: every process of a node met the same error,
-            # and one line a node says it (torchrun's own failure summary follows)
+            # and local rank 0 says it in one line. torchrun stops the others as soon as one
+            # process ends, so this one waits to be stopped rather than end first and cut
+            # local rank 0 off before it has said anything
+            # (if it is not stopped, local rank 0 did not meet the error: say it after all)
+            try:
+                time.sleep(_QUIET_WAIT)
+            except (_Terminated, KeyboardInterrupt):
+                return 2
+            print(f"reclip {args.command} (local rank {_torchrun_local_rank()}): error: "
+                  f"{message}", file=sys.stderr)
             return 2
         # every rank that fails says so: an error only one rank meets (a file missing on
         # one node) must not go unexplained
