@@ -154,6 +154,7 @@ def emoji_model():
 
 
 @needs_artwork
+@pytest.mark.slow
 def test_shipped_model_knows_its_source_design(emoji_model):
     """Zero-shot on fresh renders of the source design (a seed training never drew), scored
     against all 1066 classes, stays above a floor: the model and its class file agree."""
@@ -166,6 +167,7 @@ def test_shipped_model_knows_its_source_design(emoji_model):
 
 
 @needs_artwork
+@pytest.mark.slow
 def test_demo_adapts_the_emoji_model_to_an_emoji_target(emoji_model, tmp_path):
     """The demo on a 100-class target takes the target's own model and classes; its zero-shot
     figure is plain CLIP's, computed here independently."""

@@ -387,6 +387,7 @@ def test_classnames_errors(tiny):
         reclip.ReCLIP(tiny, ["a", "a"])
 
 
+@pytest.mark.slow
 def test_demo_writes_report_and_plots(tmp_path):
     """`reclip demo` end to end with the shipped model, shortened to one epoch."""
     from reclip.demo import run_demo

