@@ -43,7 +43,6 @@ import copy
 import math
 import multiprocessing
 import os
-import platform
 import shutil
 import statistics
 import sys
