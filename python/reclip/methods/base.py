@@ -18,6 +18,10 @@ class Method:
         # trains in between
         self._kept: tuple[Any, torch.Tensor] | None = None
 
+    def forget(self) -> None:
+        """Drop the kept features (n x d on the device) once fit is done with them."""
+        self._kept = None
+
     def visual_features(self, data, loaders: dict) -> torch.Tensor:
         """The visual copy's features of `data` now: those kept after the last epoch's steps,
         or a new pass."""
