@@ -25,9 +25,9 @@ except ImportError as err:  # e.g. the source tree shadows an installed (non-edi
         "source checkout, import from another directory (or run python -P), or install "
         "it editable: pip install --no-build-isolation -e ."
     ) from err
+from .arrays import Csr
 from .ops import (
     CgResult,
-    Csr,
     LabelPropagation,
     cg_solve,
     knn_affinity,

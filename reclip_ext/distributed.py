@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from . import ops
+from . import arrays, checks, ops
 from .defaults import DEFAULTS
 
 __all__ = ["label_propagate"]
@@ -198,19 +198,19 @@ def label_propagate(text, images_shard, group=None, *, k=DEFAULTS.k, alpha=DEFAU
         meta = _local_meta(torch, t, v)
         # The values are checked where they live, so that an error names this rank's own
         # array and row; on the gathered set it could only name the stacked pair.
-        ns = ops._namespace([(t, "text"), (v, "images_shard")], v)
+        ns = arrays.namespace([(t, "text"), (v, "images_shard")], v)
         with ns.guard:
             for a, name in ((t, "text"), (v, "images_shard")):
                 a = ns.array(a, name)
-                ops._check_finite(ns, a, name)
+                checks.check_finite(ns, a, name)
                 if normalize:
-                    ops._check_nonzero_rows(ns, a, name)
+                    checks.check_nonzero_rows(ns, a, name)
         # types and ranges only: k against N is checked on the gathered set, on every rank
-        ops._affinity_options(k, 1 << 62, True, weight, gamma, block_rows)
-        cg_opts = ops._cg_options(alpha, max_iter, tol)
-        ops._threads(threads)
-        if not isinstance(precision, str) or precision not in ops._PRECISIONS:
-            raise ValueError(f"precision must be one of {ops._PRECISIONS}, got {precision!r}")
+        checks.affinity_options(k, 1 << 62, True, weight, gamma, block_rows)
+        cg_opts = checks.cg_options(alpha, max_iter, tol)
+        checks.threads(threads)
+        if not isinstance(precision, str) or precision not in checks.PRECISIONS:
+            raise ValueError(f"precision must be one of {checks.PRECISIONS}, got {precision!r}")
         outcome = meta
     except (TypeError, ValueError, RuntimeError) as err:
         outcome = err
@@ -271,12 +271,12 @@ def label_propagate(text, images_shard, group=None, *, k=DEFAULTS.k, alpha=DEFAU
             graph = [torch.cat([a[:r] for a, r in zip(idx_list, owned)]).to(device),
                      torch.cat([a[:r] for a, r in zip(w_list, owned)]).to(device)]
             del idx_list, w_list
-            ns = ops._namespace([(graph[1], "weights")], graph[1])
+            ns = arrays.namespace([(graph[1], "weights")], graph[1])
             with ns.guard:
                 graph = [ns.layout(ns.array(a, name)) for a, name in
                          zip(graph, ("indices", "weights"))]
                 dt = metas[0]["text"][1]
-                result = ops._propagate_graph(ns, graph, m, dt, cg_opts, ops._threads(threads))
+                result = ops._propagate_graph(ns, graph, m, dt, cg_opts, checks.threads(threads))
         except (TypeError, ValueError, RuntimeError, MemoryError) as err:
             outcome = err
     status = [outcome]

@@ -618,7 +618,7 @@ def test_cg_matches_cpu_and_reference(_, dtype, m):
         rhs[:, 1] = 0  # a zero column never runs
     tol = 1e-5 if dtype == np.float32 else 1e-10
     want = reclip_ext.cg_solve(W, rhs, alpha=0.9, max_iter=60, tol=tol)
-    Wd = reclip_ext.ops.Csr(*(_cuda(a) for a in W))
+    Wd = reclip_ext.Csr(*(_cuda(a) for a in W))
     got = reclip_ext.cg_solve(Wd, _cuda(rhs), alpha=0.9, max_iter=60, tol=tol)
     assert got.x.is_cuda and got.iterations.is_cuda and got.residuals.is_cuda
     its = _assert_cg_matches(got, want, W, rhs, 0.9, 60, tol)
@@ -668,7 +668,7 @@ def test_cg_columns_converging_apart(dev, dtype):
     tol = 1e-5 if dtype == np.float32 else 1e-10
     want = reclip_ext.cg_solve(W, rhs, alpha=alpha, max_iter=100, tol=tol)
     assert want.iterations[-1] == 1 and want.iterations.max() >= 12  # the spread is there
-    got = reclip_ext.cg_solve(reclip_ext.ops.Csr(*(_on(dev, a) for a in W)), _on(dev, rhs),
+    got = reclip_ext.cg_solve(reclip_ext.Csr(*(_on(dev, a) for a in W)), _on(dev, rhs),
                               alpha=alpha, max_iter=100, tol=tol)
     assert got.x.device == got.iterations.device == got.residuals.device == _where(dev)
     its = _assert_cg_matches(got, want, W, rhs, alpha, 100, tol)
@@ -693,7 +693,7 @@ def _ragged_graph(n, seed):
     s = scipy.sparse.csr_array(on @ reclip_ext.sym_normalize(idx, w).to_scipy() @ on)
     s.eliminate_zeros()
     s.sort_indices()
-    return reclip_ext.ops.Csr(s.indptr.astype(np.int64), s.indices.astype(np.int64), s.data)
+    return reclip_ext.Csr(s.indptr.astype(np.int64), s.indices.astype(np.int64), s.data)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
@@ -707,11 +707,11 @@ def test_cg_ragged_rows_and_column_counts(dev, m, dtype):
     Wd = _ragged_graph(n, seed=m)
     lengths = np.diff(Wd.indptr)
     assert lengths.min() == 0 and lengths.max() > 40 and {31, 32, 33} <= set(lengths.tolist())
-    W = reclip_ext.ops.Csr(Wd.indptr, Wd.indices, Wd.data.astype(dtype))
+    W = reclip_ext.Csr(Wd.indptr, Wd.indices, Wd.data.astype(dtype))
     rhs = np.random.default_rng(m).standard_normal((n, m)).astype(dtype)
     tol = 1e-5 if dtype == np.float32 else 1e-10
     want = reclip_ext.cg_solve(W, rhs, alpha=0.9, max_iter=80, tol=tol)
-    got = reclip_ext.cg_solve(reclip_ext.ops.Csr(*(_on(dev, a) for a in W)), _on(dev, rhs),
+    got = reclip_ext.cg_solve(reclip_ext.Csr(*(_on(dev, a) for a in W)), _on(dev, rhs),
                               alpha=0.9, max_iter=80, tol=tol)
     assert got.x.device == _where(dev)
     _assert_cg_matches(got, want, W, rhs, 0.9, 80, tol)

@@ -396,13 +396,13 @@ def test_cuda_bad_input(case):
 def test_scans_in_small_chunks_find_the_right_row(monkeypatch):
     """The finite / zero-row scans and the read-out work chunk by chunk (sized by elements):
     forced to chunks of two rows, they still name the right row and give the same result."""
-    from reclip_ext import ops
+    from reclip_ext import checks
 
     rng = np.random.default_rng(3)
     text = rng.standard_normal((3, 4))
     images = rng.standard_normal((9, 4))
     want = reclip_ext.label_propagate(text, images, k=3)
-    monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", 8)  # two rows of four per chunk
+    monkeypatch.setattr(checks, "_CHUNK_ELEMENTS", 8)  # two rows of four per chunk
     got = reclip_ext.label_propagate(text, images, k=3)
     np.testing.assert_array_equal(got.labels, want.labels)
     np.testing.assert_allclose(got.confidence, want.confidence, rtol=1e-12)

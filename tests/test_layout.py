@@ -70,3 +70,12 @@ def test_modules_and_classes_stay_small(name):
         if isinstance(node, ast.ClassDef):
             size = node.end_lineno - node.lineno + 1
             assert size <= MAX_CLASS_LINES, f"{name}.{node.name}: {size} lines"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT.parents[1] / "reclip_ext").glob("*.py")),
+                         ids=lambda p: p.name)
+def test_engine_modules_stay_small(path):
+    """The engine's Python face too: where arrays live, argument checks, the ops, the
+    distributed op, each under the same limit."""
+    lines = len(path.read_text(encoding="utf-8").splitlines())
+    assert lines <= MAX_LINES, f"reclip_ext/{path.name}: {lines} lines"
