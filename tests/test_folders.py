@@ -328,19 +328,26 @@ def test_open_clip_hub_folder(open_clip_folder, data, tmp_path):
 # ------------------------------------------------------------------- portable runs
 
 
+def _assert_moved_then_found(run: Path, data: Path, tmp_path: Path, capsys, old: Path, new: Path,
+                             flag: str) -> None:
+    """Once the run's base (`old`) moves to `new`, predict names the old path and `flag` in one
+    line, then with `flag new` predicts what adapt did."""
+    old.rename(new)
+    capsys.readouterr()
+    assert _predict(run, data, tmp_path / "p.tsv") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(old) in err and flag in err, err
+    assert _predict(run, data, tmp_path / "p.tsv", flag, str(new)) == 0
+    assert (tmp_path / "p.tsv").read_text() == (run / "predictions.tsv").read_text()
+
+
 def test_moved_base_is_named_then_found_with_model(hf, data, tmp_path, capsys):
     folder = tmp_path / "base"
     shutil.copytree(hf[0], folder)
     run = tmp_path / "run"
     assert _adapt(data, str(folder), run) == 0
-    moved = tmp_path / "elsewhere"
-    folder.rename(moved)
-    capsys.readouterr()
-    assert _predict(run, data, tmp_path / "p.tsv") == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and str(folder) in err and "--model" in err, err
-    assert _predict(run, data, tmp_path / "p.tsv", "--model", str(moved)) == 0
-    assert (tmp_path / "p.tsv").read_text() == (run / "predictions.tsv").read_text()
+    _assert_moved_then_found(run, data, tmp_path, capsys, folder, tmp_path / "elsewhere",
+                             "--model")
 
 
 def test_moved_open_clip_weights_found_with_pretrained(data, tmp_path, capsys):
@@ -352,14 +359,8 @@ def test_moved_open_clip_weights_found_with_pretrained(data, tmp_path, capsys):
     assert _adapt(data, str(cfg), run, "--pretrained", str(weights)) == 0
     meta = json.loads((run / "run.json").read_text())["model"]
     assert meta["given"] == {"model": str(cfg), "pretrained": str(weights)}
-    moved = tmp_path / "moved.safetensors"
-    weights.rename(moved)
-    capsys.readouterr()
-    assert _predict(run, data, tmp_path / "p.tsv") == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and str(weights) in err and "--pretrained" in err, err
-    assert _predict(run, data, tmp_path / "p.tsv", "--pretrained", str(moved)) == 0
-    assert (tmp_path / "p.tsv").read_text() == (run / "predictions.tsv").read_text()
+    _assert_moved_then_found(run, data, tmp_path, capsys, weights,
+                             tmp_path / "moved.safetensors", "--pretrained")
 
 
 def test_hash_mismatch_on_reload_and_resume(hf, data, tmp_path, capsys):
