@@ -13,7 +13,7 @@ import torch
 import reclip_ext
 
 from . import device as devices, projection
-from .pseudo_labels import METHODS as PSEUDO_LABELS
+from .pseudo_labels import METHODS as PSEUDO_LABELS, source
 
 WEIGHTS = ("shift", "relu")
 SIDES = ("both", "text", "visual")
@@ -114,9 +114,8 @@ class Config:
 
     def propagates(self, classes: int) -> bool:
         """Whether this run's pseudo labels come from label propagation (else predictions)."""
-        return self.method == "reclip" and (
-            self.pseudo_labels == "propagation"
-            or (self.pseudo_labels == "auto" and classes <= self.many_classes))
+        return (self.method == "reclip"
+                and source(self.pseudo_labels, classes, self.many_classes) == "propagation")
 
     def check_graph(self, classes: int, images: int) -> None:
         """ValueError naming k when label propagation's graph, one node per class and per

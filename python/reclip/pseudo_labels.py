@@ -58,17 +58,23 @@ def predict(images: torch.Tensor, classes: torch.Tensor, u: torch.Tensor | None)
     return sims.argmax(dim=1).cpu().numpy().astype(np.int64)
 
 
+def source(method: str, classes: int, many_classes: int) -> str:
+    """Where the pseudo labels of `classes` classes come from under `method`: "propagation" or
+    "prediction" ("auto": propagation up to `many_classes` classes, the paper's rule)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        return "propagation" if classes <= many_classes else "prediction"
+    return method
+
+
 def pseudo_labels(images: torch.Tensor, classes: torch.Tensor, u: torch.Tensor | None, *,
                   method: str = "auto", many_classes: int = 500, k: int = DEFAULTS.k,
                   alpha: float = DEFAULTS.alpha, weight: str = DEFAULTS.weight,
                   precision: str = "exact", world=None) -> np.ndarray:
     """Pseudo labels by `method`: "propagation", "prediction", or "auto" (propagation up to
     `many_classes` classes, prediction above); the same on every rank of an active `world`."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "auto":
-        method = "propagation" if classes.shape[0] <= many_classes else "prediction"
-    if method == "prediction":
+    if source(method, classes.shape[0], many_classes) == "prediction":
         if world is None:
             return predict(images, classes, u)
         return world.labels_of_rank0(lambda: predict(images, classes, u), len(images))
