@@ -445,3 +445,23 @@ def test_a_checkpoint_written_back_as_read_stays_readable(tmp_path):
     checkpoint.write(tmp_path / "run", {"w": tensors["w"] * 2}, meta)
     again, meta2 = checkpoint.read(tmp_path / "run")
     assert torch.equal(again["w"], torch.full((3,), 2.0)) and meta2["epoch"] == 1
+
+
+@pytest.mark.parametrize("field,value", [("weight", "cosine"), ("pseudo_labels", "labels"),
+                                         ("k", 0), ("alpha", 1.0)])
+def test_config_names_a_bad_label_propagation_setting(field, value):
+    with pytest.raises(ValueError, match=f"^{field}"):
+        reclip.Config(**{field: value})
+
+
+@pytest.mark.parametrize("flag,value", [("--alpha", "1"), ("--alpha", "-0.5"), ("--k", "0"),
+                                        ("--weight", "cosine")])
+def test_label_propagation_flags_refuse_bad_values(flag, value, capsys):
+    from reclip import cli
+
+    argv = ["adapt", "--model", "m", "--data", "d", "--classes", "c", "--out", "o", flag, value]
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("reclip adapt: error: ") and flag in err, err
