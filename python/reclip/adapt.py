@@ -230,6 +230,7 @@ class ReCLIP:
         finally:
             self.features.progress = self.runner.progress = False
             self.method.forget()
+            self.runner.unwrap_ddp()
         if out_dir is not None and not saved:
             # No epoch ran (max_epochs 0: the zero-shot model, or a resumed run that is already
             # complete): out_dir must still hold this model, not nothing or an older run.

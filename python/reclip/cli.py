@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import warnings_as_lines
 
     args = parser().parse_args(argv)
-    handler = None
+    handler, finished = None, False
     if threading.current_thread() is threading.main_thread():
         handler = signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -460,9 +460,9 @@ def main(argv: list[str] | None = None) -> int:
             check_runtime(args)
             inputs = _adapt_inputs(args) if args.command == "adapt" else None
             _join_torchrun(args)
-            if inputs is not None:
-                return adapt(args, inputs)
-            return commands[args.command](args)
+            code = adapt(args, inputs) if inputs is not None else commands[args.command](args)
+            finished = True
+            return code
     except USER_ERRORS as err:
         # one line, all of it: a message cut at its first line can stop mid-sentence
         message = " ".join(str(err).split()) or type(err).__name__
@@ -505,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, handler)
         while _LOCKS:
             _LOCKS.pop().close()
-        distributed.shutdown()
+        # only ranks that all finished meet at a barrier: after an error they may not
+        distributed.shutdown(barrier=finished)
 
 
 if __name__ == "__main__":

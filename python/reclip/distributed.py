@@ -23,6 +23,7 @@ process group's timeout (torch's default: 30 minutes for gloo, 10 for NCCL).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
 import time
@@ -281,12 +282,20 @@ def setup(device: str, name: str = "--device") -> str:
     return "cpu" if backend == "gloo" else str(where)
 
 
-def shutdown() -> None:
-    """Leave the process group (at exit of a distributed run; nothing otherwise)."""
+def shutdown(barrier: bool = True) -> None:
+    """Leave the process group (at exit of a distributed run; nothing otherwise). With
+    `barrier`, first wait until every rank is here: only for a run all ranks finished, since
+    after an error one rank may never arrive."""
     global _WORLD
     if _WORLD.active:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            # every rank is past its last collective before any rank closes its connections,
+            # and what still holds the group (a DDP wrapper in a cycle) is freed while the
+            # group exists; otherwise gloo may abort one rank at exit
+            if barrier:
+                dist.barrier()
+            gc.collect()
             dist.destroy_process_group()
         _WORLD = World()

@@ -55,6 +55,12 @@ class Runner:
                 self.towers[side] = DDPTower(self.copies[side], visual=side == "visual",
                                              device=self.device)
 
+    def unwrap_ddp(self) -> None:
+        """Train the copies themselves again. A DDP wrapper holds the process group and its
+        gloo threads; dropped at the end of fit, it is freed before the group is destroyed,
+        not during the interpreter's exit, where gloo's teardown can abort the process."""
+        self.towers = dict(self.copies)
+
     def batches(self, index: np.ndarray, epoch: int, batch: int,
                 iterations: int) -> list[np.ndarray]:
         """The epoch's training batches: `index` in a permutation seeded by (seed, epoch), so a
