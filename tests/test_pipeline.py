@@ -207,6 +207,115 @@ def test_zero_shot_is_unadapted_clip(tiny, colour_images):
 # ---------------------------------------------------------------------------------- persistence
 
 
+# ------------------------------------------------------------------------------ text features
+
+# of very different lengths: each batch of a cut pass has padding to cut
+PROMPTS = ["a.", "a photo of a red square.", "x", "a very long prompt about a blue triangle "
+           "drawn on a green circle in a field", "a {}.", "green circle", "b b b b b b b b"]
+
+
+def _widths_seen(model):
+    """Record the token widths the model's encode_text is called with (the model is the seam)."""
+    seen, encode = [], model.encode_text
+
+    def spy(tokens, *args, **kwargs):
+        seen.append(tokens.shape[1])
+        return encode(tokens, *args, **kwargs)
+
+    model.encode_text = spy
+    return seen, lambda: vars(model).pop("encode_text")
+
+
+@pytest.mark.parametrize("asset, cut", [("tiny-vit.json", False), ("tiny-minilm.json", True)])
+def test_text_features_are_the_uncut_ones_with_padding_cut(asset, cut):
+    """Features equal one uncut batch's; a tower that takes shorter tokens gets them (an
+    attention-masked HF tower), one that refuses them does not (open_clip's fixed-width CLIP
+    text tower)."""
+    torch.manual_seed(0)
+    loaded = reclip.load_model(str(ASSETS / asset))
+    tokens = loaded.tokenizer(PROMPTS)
+    with torch.no_grad():
+        reference = loaded.model.encode_text(tokens, normalize=True).double()  # one uncut batch
+    features = reclip.features.Features(loaded.tokenizer, reference.shape[1],
+                                        reclip.Config(encode_batch_size=3))
+    seen, restore = _widths_seen(loaded.model)
+    try:
+        with torch.no_grad():
+            got = features.text(loaded.model, PROMPTS)
+    finally:
+        restore()
+    np.testing.assert_allclose(got.double().numpy(), reference.numpy(), atol=2e-6)
+    # after the one check (an uncut and a cut batch, refused or not), every batch is cut
+    # short, shortest prompts first; or none is
+    passes = seen[2:]
+    assert len(passes) == 3
+    if cut:
+        assert max(passes) < tokens.shape[1] and passes == sorted(passes)
+    else:
+        assert set(passes) == {tokens.shape[1]}
+
+
+class _ReadsItsPadding(torch.nn.Module):
+    """A text tower whose features depend on the last token position (padding included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 4)
+
+    def encode_text(self, tokens, normalize=False):
+        x = self.embed(tokens).mean(1)  # a mean over every position, padding too
+        return torch.nn.functional.normalize(x, dim=-1) if normalize else x
+
+
+def test_a_tower_that_reads_its_padding_is_never_cut():
+    torch.manual_seed(0)
+    model = _ReadsItsPadding()
+
+    def tokenizer(texts):
+        out = torch.zeros(len(texts), 16, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [1 + ord(ch) % 98 for ch in text[:16]]
+            out[row, : len(ids)] = torch.tensor(ids)
+        return out
+
+    features = reclip.features.Features(tokenizer, 4, reclip.Config(encode_batch_size=2))
+    seen, restore = _widths_seen(model)
+    try:
+        with torch.no_grad():
+            got = features.text(model, PROMPTS)
+    finally:
+        restore()
+    with torch.no_grad():
+        reference = model.encode_text(tokenizer(PROMPTS), normalize=True)
+    np.testing.assert_allclose(got.numpy(), reference.numpy(), atol=1e-6)
+    assert set(seen[2:]) == {16}
+
+
+def test_text_step_gradient_in_cut_chunks_is_the_whole_graphs():
+    """ReCLIP-T's chunked step (length-sorted chunks, padding cut) leaves the gradient of one
+    uncut graph over all prompts, computed here directly."""
+    import copy
+
+    torch.manual_seed(0)
+    tiny = reclip.load_model(str(ASSETS / "tiny-minilm.json"))
+    classes = ["red square", "a green circle on a white background", "blue triangle", "dot",
+               "a large yellow star with five points"]
+    clf = reclip.ReCLIP(tiny, classes, ["a photo of a {}."], reclip.Config(encode_batch_size=2))
+    reference = copy.deepcopy(clf.text_copy)
+    feats = torch.nn.functional.normalize(torch.randn(6, clf.features.width), dim=1)
+    y = torch.tensor([0, 1, 2, 3, 4, 1])
+    clf.method.step_text(feats, y)
+    prompts = clf.prompts(first_only=True)
+    text = reference.encode_text(tiny.tokenizer(prompts), normalize=True)
+    loss = torch.nn.functional.cross_entropy(clf.config.logit_scale * feats @ text.T, y)
+    loss.backward()
+    expected = dict(reference.named_parameters())
+    assert clf.text_params
+    for name, p in clf.text_params.items():
+        np.testing.assert_allclose(p.grad.numpy(), expected[name].grad.numpy(), atol=1e-5,
+                                   rtol=1e-4, err_msg=name)
+
+
 def test_save_load_round_trip_is_bit_exact(tiny, colour_images, tmp_path):
     clf = _fit(tiny, colour_images)
     clf.save(tmp_path / "run")

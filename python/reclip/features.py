@@ -41,6 +41,8 @@ class Features:
         self.frozen = frozen
         self.progress = False  #: progress bars over the batches of an image pass
         self._kept: tuple[Any, torch.Tensor] | None = None
+        self._tokenized: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._trim: bool | None = None  # whether the text tower ignores trailing padding
 
     @property
     def batch_size(self) -> int:
@@ -78,17 +80,75 @@ class Features:
                       batch_sampler=batch_sampler, pin_memory=self.device.type == "cuda")
 
     def text(self, model: nn.Module, prompts: list[str]) -> torch.Tensor:
-        """float32 features of `prompts`, batch_size per forward pass; with gradients when
-        autograd is on (ReCLIP-T's step)."""
+        """float32 features of `prompts` in their order, batch_size per forward pass; with
+        gradients when autograd is on (ReCLIP-T's step).
+
+        Prompts are far shorter than a tokenizer's context (emoji names: 11 of 32 tokens on
+        average), and a text tower's cost is linear in the tokens it reads. So a pass goes
+        over the prompts shortest first and cuts each batch after its longest prompt, when
+        the tower gives the same features without the trailing padding (see `_trims`)."""
+        tokens, lengths = self._tokens(prompts)
+        if not len(prompts):
+            return torch.empty(0, self.width, device=self.device)
+        trim = self._trims(model, tokens, lengths)
+        order = self.text_order(prompts) if trim else torch.arange(len(prompts))
         out = []
         for i in range(0, len(prompts), self.batch_size):
-            tokens = self.tokenizer(prompts[i : i + self.batch_size])
+            part = order[i : i + self.batch_size]
+            batch = tokens[part]
+            if trim:
+                batch = batch[:, : int(lengths[part].max())]
             with self.autocast():
-                feats = model.encode_text(tokens.to(self.device), normalize=True)
+                feats = model.encode_text(batch.to(self.device), normalize=True)
             out.append(feats.float())
-        if not out:
-            return torch.empty(0, self.width, device=self.device)
-        return torch.cat(out)
+        feats = torch.cat(out)
+        return feats if not trim else feats[torch.argsort(order).to(self.device)]
+
+    def text_order(self, prompts: list[str]) -> torch.Tensor:
+        """The prompts' indices, shortest first: the order `text` encodes them in (and the
+        one to split them by, so that each part is cut short)."""
+        return torch.argsort(self._tokens(prompts)[1], stable=True)
+
+    def _tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompts' tokens and, per prompt, the columns that matter: up to its last
+        token that is not padding, plus one padding column (a tower that pads with its
+        end-of-text token, as transformers' CLIP does, still finds that token). Kept for
+        recent prompt lists: ReCLIP-T encodes the same prompts (and chunks) at every step."""
+        key = tuple(prompts)
+        if key not in self._tokenized:
+            tokens = self.tokenizer(list(prompts)) if prompts else torch.zeros(0, 1, dtype=torch.long)
+            # padding is the last column's most common token; a prompt that fills the
+            # context keeps all of it
+            pad = tokens[:, -1].mode().values if len(tokens) else 0
+            content = (tokens != pad).int()
+            last = tokens.shape[1] - 1 - torch.argmax(content.flip(1), dim=1)
+            lengths = torch.where(content.any(1), last + 2, 1).clamp(max=tokens.shape[1])
+            if len(self._tokenized) >= 64:
+                self._tokenized.clear()
+            self._tokenized[key] = (tokens, lengths)
+        return self._tokenized[key]
+
+    def _trims(self, model: nn.Module, tokens: torch.Tensor, lengths: torch.Tensor) -> bool:
+        """Whether cutting trailing padding leaves this tower's features as they are. True for
+        the towers we know (a causal mask or an attention mask over the padding, pooled at a
+        token or over the unmasked ones), but a tower that pools at the last position or
+        attends to its padding would change, and one with a fixed input width (open_clip's
+        own CLIP text tower) refuses shorter tokens: so it is checked once, in float32, on a
+        few of the prompts, against the uncut tokens."""
+        if self._trim is None:
+            if int(lengths.max()) >= tokens.shape[1]:
+                return False  # nothing to cut in these prompts; ask again for others
+            pick = torch.argsort(lengths, stable=True)[torch.linspace(0, len(lengths) - 1, 4).long()]
+            batch = tokens[pick].to(self.device)
+            with torch.no_grad():
+                whole = model.encode_text(batch, normalize=True).float()
+                try:
+                    cut = model.encode_text(batch[:, : int(lengths[pick].max())],
+                                            normalize=True).float()
+                except (RuntimeError, ValueError, IndexError):  # a fixed width: never cut
+                    cut = None
+            self._trim = cut is not None and bool(torch.allclose(whole, cut, atol=1e-4, rtol=0))
+        return self._trim
 
     @torch.no_grad()
     def images(self, model: nn.Module, images, dl=None) -> torch.Tensor:

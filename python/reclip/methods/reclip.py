@@ -135,13 +135,16 @@ class ReCLIPMethod(Method):
         text.requires_grad_(True)
 
         def through_the_encoder() -> None:
+            # chunks of similar length: each is cut after its longest prompt
+            order = clf.features.text_order(prompts)
             starts = range(0, len(prompts), size)
             for i in starts:
+                chunk = order[i : i + size]
                 # under DDP the chunks' gradients accumulate locally and the last chunk's
                 # backward all-reduces the sum (one all-reduce per step, as with one chunk)
                 with contextlib.nullcontext() if i == starts[-1] else no_sync(tower):
-                    part = clf.features.text(tower, prompts[i : i + size])
-                    part.backward(text.grad[i : i + size])
+                    part = clf.features.text(tower, [prompts[j] for j in chunk])
+                    part.backward(text.grad[chunk.to(text.device)])
 
         return clf.runner.step("text", self.text_loss(feats, text, y, weight, count),
                                then=through_the_encoder)
