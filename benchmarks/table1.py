@@ -3,7 +3,7 @@
     python benchmarks/table1.py [--targets sklearn-digits,opencv-lowres,printed-digits]
                                 [--seeds 0,1,2] [--epochs 4] [--paper-schedule]
                                 [--shot-lrs 1e-6,1e-5,1e-4] [--out benchmarks/results/table1]
-                                [--propagation-row] [--per-class N]
+                                [--propagation-row] [--per-class N] [--protocols P,...]
 
 Each target is adapted from the shipped model it belongs to (reclip.sources.TARGETS: the digit
 targets from reclip-digits, the emoji targets from reclip-emoji), with that model's class names
@@ -104,7 +104,7 @@ def evaluate_target(name: str, args, say) -> dict:
     out: dict = {"model": target.model, "classes": classes, "images": int(len(labels)),
                  "train": int(len(train_idx)),
                  "test": int(len(test_idx)), "runs": {}}
-    for protocol in PROTOCOLS:
+    for protocol in args.protocols:
         train, test, truth = sets[protocol]
         zs = reclip.ReCLIP(loaded, target.classnames(), list(target.templates),
                            reclip.Config(max_epochs=0))
@@ -135,15 +135,17 @@ def table(results: dict, args) -> str:
     for name, r in results.items():
         lines += [f"### {name} ({r['images']} images, {r['classes']} classes, "
                   f"{r['model']}; inductive: {r['train']} train / {r['test']} test)", "",
-                  "| method | transductive | inductive |", "|---|---|---|"]
+                  "| method | " + " | ".join(args.protocols) + " |",
+                  "|---" * (1 + len(args.protocols)) + "|"]
         lines.append("| CLIP zero-shot | " + " | ".join(
-            cell([r["zero_shot"][p]]) for p in PROTOCOLS) + " |")
+            cell([r["zero_shot"][p]]) for p in args.protocols) + " |")
         for method, _ in methods(args, r["classes"]):
             label = method if method.startswith("ReCLIP") else (
                 "SHOT" if float(method.split()[-1]) == PAPER_SHOT_LR
                 else f"SHOT, lr {method.split()[-1]} (sensitivity)")
             for when in ("final", "peak"):
-                runs = [[run[when] for run in r["runs"][p][method].values()] for p in PROTOCOLS]
+                runs = [[run[when] for run in r["runs"][p][method].values()]
+                        for p in args.protocols]
                 lines.append(f"| {label}, {when} epoch{' (uses labels)' if when == 'peak' else ''}"
                              f" | " + " | ".join(cell(v) for v in runs) + " |")
         lines.append("")
@@ -169,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--shot-only", action="store_true",
                    help="zero-shot and SHOT rows only (ReCLIP's text step is the costly part "
                         "at many classes)")
+    p.add_argument("--protocols", default=",".join(PROTOCOLS),
+                   help="comma-separated columns: transductive, inductive or both")
     p.add_argument("--per-class", type=int, default=0,
                    help="keep the first N images of each class (0: all)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
@@ -187,6 +191,9 @@ def main(argv=None) -> int:
         p.error(f"--shot-lrs: learning rates must be positive and finite, got {args.shot_lrs}")
     if args.epochs < 0 or args.iterations < 1 or args.per_class < 0:
         p.error("--epochs and --per-class must be at least 0 and --iterations at least 1")
+    args.protocols = args.protocols.split(",")
+    if not args.protocols or not set(args.protocols) <= set(PROTOCOLS):
+        p.error(f"--protocols: expected some of {', '.join(PROTOCOLS)}, got {args.protocols}")
     if args.paper_schedule:
         args.epochs, args.iterations = 50, 5000
     targets = args.targets.split(",")
