@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "python" / "reclip"
 ORDER = [
     "errors", "optional", "device", "distributed", "progress", "checkpoint", "projection",
     "prompts", "metrics", "trainable",
-    "data", "labels", "folders", "emoji", "pseudo_labels", "resolve", "sources", "build", "config",
+    "data", "labels", "folders", "emoji", "pseudo_labels", "resolve", "sources", "cut_text", "build", "config",
     "models", "features", "runner",
     "methods.base", "methods.reclip", "methods.shot", "methods", "runs", "adapt",
     "demo", "arguments", "cli", "__main__", "__init__",

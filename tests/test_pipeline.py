@@ -226,13 +226,18 @@ def _widths_seen(model):
     return seen, lambda: vars(model).pop("encode_text")
 
 
-@pytest.mark.parametrize("asset, cut", [("tiny-vit.json", False), ("tiny-minilm.json", True)])
+@pytest.mark.parametrize("asset, cut", [("tiny-vit.json", True), ("tiny-minilm.json", True),
+                                        ("tiny-vit.json", False)])
 def test_text_features_are_the_uncut_ones_with_padding_cut(asset, cut):
-    """Features equal one uncut batch's; a tower that takes shorter tokens gets them (an
-    attention-masked HF tower), one that refuses them does not (open_clip's fixed-width CLIP
-    text tower)."""
+    """Features equal one uncut batch's; a tower that takes shorter tokens gets them (open_clip's
+    CLIP as reclip builds it, an attention-masked HF tower), one that refuses them does not
+    (open_clip's own fixed-width CLIP text tower)."""
     torch.manual_seed(0)
     loaded = reclip.load_model(str(ASSETS / asset))
+    if not cut:
+        import open_clip
+
+        loaded.model.__class__ = open_clip.model.CLIP  # the class open_clip builds
     tokens = loaded.tokenizer(PROMPTS)
     with torch.no_grad():
         reference = loaded.model.encode_text(tokens, normalize=True).double()  # one uncut batch
@@ -245,6 +250,12 @@ def test_text_features_are_the_uncut_ones_with_padding_cut(asset, cut):
     finally:
         restore()
     np.testing.assert_allclose(got.double().numpy(), reference.numpy(), atol=2e-6)
+    if asset == "tiny-vit.json" and cut:  # at the full width, open_clip's own computation
+        import open_clip
+
+        with torch.no_grad():
+            own = open_clip.model.CLIP.encode_text(loaded.model, tokens, normalize=True)
+        assert torch.equal(own.double(), reference)
     # after the one check (an uncut and a cut batch, refused or not), every batch is cut
     # short, shortest prompts first; or none is
     passes = seen[2:]
@@ -291,13 +302,14 @@ def test_a_tower_that_reads_its_padding_is_never_cut():
     assert set(seen[2:]) == {16}
 
 
-def test_text_step_gradient_in_cut_chunks_is_the_whole_graphs():
+@pytest.mark.parametrize("asset", ["tiny-vit.json", "tiny-minilm.json"])
+def test_text_step_gradient_in_cut_chunks_is_the_whole_graphs(asset):
     """ReCLIP-T's chunked step (length-sorted chunks, padding cut) leaves the gradient of one
     uncut graph over all prompts, computed here directly."""
     import copy
 
     torch.manual_seed(0)
-    tiny = reclip.load_model(str(ASSETS / "tiny-minilm.json"))
+    tiny = reclip.load_model(str(ASSETS / asset))
     classes = ["red square", "a green circle on a white background", "blue triangle", "dot",
                "a large yellow star with five points"]
     clf = reclip.ReCLIP(tiny, classes, ["a photo of a {}."], reclip.Config(encode_batch_size=2))

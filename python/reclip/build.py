@@ -86,7 +86,9 @@ def hf_load_guard():
 
 def _build(cfg: dict, where: str) -> nn.Module:
     from open_clip.coca_model import CoCa
-    from open_clip.model import CLIP, CustomTextCLIP
+    from open_clip.model import CustomTextCLIP
+
+    from .cut_text import CutTextCLIP
 
     cfg = copy.deepcopy(cfg)
     is_hf = bool(cfg["text_cfg"].get("hf_model_name"))
@@ -94,7 +96,7 @@ def _build(cfg: dict, where: str) -> nn.Module:
     if custom_text:
         cls = CoCa if "multimodal_cfg" in cfg else CustomTextCLIP
     else:
-        cls = CLIP
+        cls = CutTextCLIP  # open_clip's CLIP, whose text tower may be given fewer tokens
     try:
         with hf_load_guard() as reports:
             net = cls(**cfg, cast_dtype=None)

@@ -138,14 +138,16 @@ class Features:
         if self._trim is None:
             if int(lengths.max()) >= tokens.shape[1]:
                 return False  # nothing to cut in these prompts; ask again for others
-            pick = torch.argsort(lengths, stable=True)[torch.linspace(0, len(lengths) - 1, 4).long()]
+            count = min(4, len(lengths), self.batch_size)  # no more than a batch holds
+            pick = torch.argsort(lengths, stable=True)[
+                torch.linspace(0, len(lengths) - 1, count).round().long()]
             batch = tokens[pick].to(self.device)
             with torch.no_grad():
                 whole = model.encode_text(batch, normalize=True).float()
                 try:
                     cut = model.encode_text(batch[:, : int(lengths[pick].max())],
                                             normalize=True).float()
-                except (RuntimeError, ValueError, IndexError):  # a fixed width: never cut
+                except Exception:  # a fixed width, refused in any way: never cut
                     cut = None
             self._trim = cut is not None and bool(torch.allclose(whole, cut, atol=1e-4, rtol=0))
         return self._trim
