@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import math
 import os
 import statistics
@@ -264,14 +265,14 @@ def measure_rates(torch, device: str, size: int, repeat: int, copy_mib: int) -> 
             t = median_seconds(lambda: torch.mm(a, b, out=c))
         out["mm_seconds"][name] = t
         out["mm_tflops"][name] = 2.0 * size ** 3 / t / 1e12
-        del a, b, c
+        a = b = c = None
     numel = copy_mib * 2 ** 20 // 4
     src = torch.randn(numel, device=device, generator=gen)
     dst = torch.empty_like(src)
     t = median_seconds(lambda: dst.copy_(src))
     out.update(tf32_api=recipes.tf32_api(), copy_bytes=2 * numel * 4, copy_seconds=t,
                copy_gbps=2 * numel * 4 / t / 1e9)
-    del src, dst
+    src = dst = None
     _free(torch, device)
     return out
 
@@ -399,6 +400,15 @@ class Case:
     def _accuracy(self, labels) -> float:
         return float((labels.to(self.truth.device) == self.truth).float().mean())
 
+    def _done(self, out: dict, labels, knn, normalize, solve, total) -> dict:
+        """A run's record with its stage times, its accuracy if it has labels, which are kept
+        for the agreement with reclip_ext."""
+        out["times"] = {"knn": knn, "normalize": normalize, "solve": solve, "total": total}
+        if labels is not None:
+            out["accuracy"] = self._accuracy(labels)
+            self.labels[f"{out['recipe']}/{out['precision']}"] = labels
+        return out
+
     # -- reclip_ext --------------------------------------------------------------------------
 
     def run_reclip_ext(self, precision: str) -> dict:
@@ -409,12 +419,12 @@ class Case:
             lambda: rext_knn(rext, self.text, self.images, self.x, a.k, kw))
         out["recall"] = recall(torch, torch.as_tensor(idx)[self.sample], self.reference)
         csr, t_norm = clock.time(lambda: rext.sym_normalize(idx, w))
-        del idx, w
+        idx = w = None
         out["nnz"] = int(torch.as_tensor(csr.data).numel())
         y = recipes.rhs(self.N, self.m, torch.float32, self.device)
         res, t_solve = clock.time(lambda: rext.cg_solve(csr, y, alpha=a.alpha,
                                                         max_iter=a.max_iter, tol=a.tol))
-        del csr, y
+        csr = y = None
         staged = torch.argmax(torch.as_tensor(res.x)[self.m:], dim=1)
         out["iterations"] = int(torch.as_tensor(res.iterations).max())
         out["residual_max"] = float(torch.as_tensor(res.residuals).max())
@@ -433,43 +443,33 @@ class Case:
         out["iterations_end_to_end"] = int(torch.as_tensor(lp.iterations).max())
         del lp
         out["staged_label_agreement"] = float((staged.to(labels.device) == labels).float().mean())
-        out["times"] = {"knn": t_knn, "normalize": t_norm, "solve": t_solve, "total": t_total}
         out["stages_sum"] = t_knn + t_norm + t_solve
-        out["accuracy"] = self._accuracy(labels)
-        self.labels[f"reclip_ext/{precision}"] = labels
-        return out
+        return self._done(out, labels, t_knn, t_norm, t_solve, t_total)
 
     # -- torch -------------------------------------------------------------------------------
 
     def run_torch(self, precision: str) -> dict:
         torch, a, clock = self.torch, self.a, self.clock
-        out: dict[str, Any] = {"recipe": "torch", "precision": precision}
-        itemsize = 2 if precision == "bf16" else 4
-        chunk = chunk_rows(self.N, itemsize, a.chunk, a.chunk_gib)
-        out["chunk_rows"] = chunk
+        chunk = chunk_rows(self.N, 2 if precision == "bf16" else 4, a.chunk, a.chunk_gib)
+        out: dict[str, Any] = {"recipe": "torch", "precision": precision, "chunk_rows": chunk}
         out["mm"] = {"bf16": "operands .to(bfloat16), bf16 output",
                      "tf32": f"float32, tf32 on ({recipes.tf32_api()})",
                      "exact": f"float32, tf32 off ({recipes.tf32_api()})"}[precision]
-        clock.sync()
-        t0 = time.perf_counter()
+        t0 = clock.now()
         (idx, val), t_knn = clock.time(lambda: recipes.torch_knn(self.x, a.k, chunk, precision))
         sample_idx = idx[self.sample]
         w, t_norm = clock.time(lambda: recipes.torch_normalize(idx, val))
-        del idx, val
+        idx = val = None
         out["nnz"] = int(w.values().numel())
         y = recipes.rhs(self.N, self.m, torch.float32, self.device)
         (z, its, res), t_solve = clock.time(
             lambda: recipes.batched_cg(w, y, a.alpha, a.max_iter, a.tol))
         labels = torch.argmax(z[self.m:], dim=1)
-        clock.sync()
-        t_total = time.perf_counter() - t0
-        del z, y
-        out["recall"] = recall(torch, sample_idx, self.reference)
-        out["iterations"] = int(its.max())
-        out["residual_max"] = float(res.max())
-        out["times"] = {"knn": t_knn, "normalize": t_norm, "solve": t_solve, "total": t_total}
-        out["accuracy"] = self._accuracy(labels)
-        self.labels[f"torch/{precision}"] = labels
+        t_total = clock.now() - t0
+        z = y = None
+        out.update(recall=recall(torch, sample_idx, self.reference), iterations=int(its.max()),
+                   residual_max=float(res.max()))
+        self._done(out, labels, t_knn, t_norm, t_solve, t_total)
         if "zlap" in a.baselines:
             self.graphs[precision] = (w, out["times"])
         return out
@@ -482,13 +482,13 @@ class Case:
         out: dict[str, Any] = {"recipe": "zlap", "precision": precision,
                                "graph": f"torch/{precision} (same W)"}
         lap, t_build = clock.time(lambda: zlap_laplacian(torch, w, a.alpha))
-        del w
+        w = None
         timed = min(a.zlap_classes, self.m)
         classes = [c * self.m // timed for c in range(timed)]
         keep = timed == self.m
         (z, counts, tol_kw), t_cg = clock.time(
             lambda: zlap_solve(lap, self.m, classes, a.max_iter, a.tol, keep))
-        del lap
+        lap = None
         scale = self.m / timed
         t_solve = t_build + t_cg * scale
         out.update({"classes_timed": timed, "extrapolated": not keep,
@@ -496,16 +496,13 @@ class Case:
                                       f"({t_cg:.3f} s), scaled x{scale:g}") if not keep else None,
                     "build_s": t_build, "cg_timed_s": t_cg, "iterations": max(counts),
                     "tol_keyword": tol_kw})
-        out["times"] = {"knn": tt["knn"], "normalize": tt["normalize"], "solve": t_solve,
-                        "total": tt["knn"] + tt["normalize"] + t_solve}
+        labels = None
         if keep:
             import cupy
 
             labels = torch.from_dlpack(cupy.argmax(z[self.m:], axis=1)).to(self.device)
-            out["accuracy"] = self._accuracy(labels)
-            self.labels[f"zlap/{precision}"] = labels
-        del z
-        return out
+        return self._done(out, labels, tt["knn"], tt["normalize"], t_solve,
+                          tt["knn"] + tt["normalize"] + t_solve)
 
     # -- derived numbers ----------------------------------------------------------------------
 
@@ -662,40 +659,23 @@ def _guard(torch, device: str, fn, *fargs) -> tuple[dict, float]:
 
 
 def warm_up(torch, rext, args, clock: Clock) -> dict:
-    """One tiny run of every method at every precision, untimed: module loads, cuBLAS/cuSPARSE
-    handles and cupy's kernel compilation stay out of the numbers. Returns what failed."""
+    """Every method at every precision once on a tiny case, untimed: module loads, cuBLAS /
+    cuSPARSE handles and cupy's kernel compilation stay out of the numbers. Returns what failed
+    (ZLaP's under "zlap": its solve does not depend on the precision)."""
     failed: dict[str, str] = {}
-    tiny_n, tiny_m = max(64, 4 * args.k), 4
-    text, images, _ = synthetic.clip_like(tiny_n, tiny_m, args.d, seed=99, device=args.device)
-    x = torch.cat([text, images])
+    case = Case(torch, rext, args, clock, Budget(None), max(64, 4 * args.k), 4, {})
+    case.prepare()
     for prec in args.precisions:
-        kw = {} if prec == "exact" else {"precision": prec}
-        if rext is not None:
+        for recipe in (["reclip_ext"] if rext is not None else []) + args.baselines:
+            if recipe == "zlap" and (prec not in case.graphs or "zlap" in failed):
+                continue  # ZLaP solves on the torch baseline's graph
             try:
-                (idx, w), _ = rext_knn(rext, x[:tiny_m], x[tiny_m:], x, args.k, kw)
-                csr = rext.sym_normalize(idx, w)
-                rext.cg_solve(csr, recipes.rhs(x.shape[0], tiny_m, x.dtype, args.device),
-                              alpha=args.alpha, max_iter=2, tol=args.tol)
-                rext.label_propagate(x[:tiny_m], x[tiny_m:], k=args.k, max_iter=2,
-                                     weight="relu", **kw)
+                getattr(case, f"run_{recipe}")(prec)
             except Exception as err:
-                failed[f"reclip_ext/{prec}"] = f"{type(err).__name__}: {err}"
-        if "torch" in args.baselines:
-            try:
-                w = recipes.torch_normalize(*recipes.torch_knn(x, args.k, 64, prec))
-                recipes.batched_cg(w, recipes.rhs(x.shape[0], tiny_m, x.dtype, args.device),
-                                   args.alpha, 2, args.tol)
-            except Exception as err:
-                failed[f"torch/{prec}"] = f"{type(err).__name__}: {err}"
-    if "zlap" in args.baselines:
-        try:  # the recipe's own code on a tiny graph: cupy compiles its kernels here
-            w = recipes.torch_normalize(*recipes.torch_knn(x, args.k, 64))
-            lap = zlap_laplacian(torch, w, args.alpha)
-            z, _, _ = zlap_solve(lap, tiny_m, range(tiny_m), 3, 1e-30, keep=True)
-            torch.from_dlpack(z.argmax(axis=1))
-        except Exception as err:
-            failed["zlap"] = f"{type(err).__name__}: {err}"
+                key = "zlap" if recipe == "zlap" else f"{recipe}/{prec}"
+                failed[key] = f"{type(err).__name__}: {err}"
     clock.sync()
+    del case
     _free(torch, args.device)
     return failed
 
@@ -777,8 +757,7 @@ def main(argv=None) -> int:
         print("note: zlap not run (the cupyx recipe needs a CUDA device)")
     if "zlap" in args.baselines:
         try:
-            import cupy  # noqa: F401
-            import cupyx.scipy.sparse.linalg  # noqa: F401
+            importlib.import_module("cupyx.scipy.sparse.linalg")  # and cupy
         except Exception as err:
             args.baselines = [b for b in args.baselines if b != "zlap"]
             note = f"zlap skipped: cupy is not importable ({type(err).__name__}: {err})"
