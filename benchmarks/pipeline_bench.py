@@ -282,7 +282,7 @@ def measure_floor(torch, clf, loaded, args, clock: Clock) -> dict:
 
     out["v_step_img_s"] = steps(visual_loss, trainable.optimizer(
         trainable.tower_params(model, visual=True), c))
-    del xv
+    xv = None
 
     tokens = loaded.tokenizer(clf.prompts(first_only=True)).to(dev)
     image_feats = nn.functional.normalize(torch.randn(train_b, d, generator=g), dim=1).to(dev)
@@ -296,7 +296,7 @@ def measure_floor(torch, clf, loaded, args, clock: Clock) -> dict:
         trainable.tower_params(model, visual=False), c))
     if clock.cuda:
         out["peak_device_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
-    del model
+    model = None
     if clock.cuda:
         torch.cuda.empty_cache()
     return out

@@ -17,6 +17,8 @@ description of the machine.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import math
 import os
 import resource
@@ -65,9 +67,13 @@ def configure_threads(threads: int) -> dict:
 
 
 def _importable(name: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(name) is not None
+
+
+def _preload(*names) -> None:
+    """Import these modules (None: nothing) now, so that their import time is not measured."""
+    for name in filter(None, names):
+        importlib.import_module(name)
 
 
 def _faiss():
@@ -531,11 +537,7 @@ class ScipyRef(Recipe):
 
     def __init__(self, params: Params | None = None) -> None:
         super().__init__(params)
-        import scipy.sparse  # noqa: F401  (import time outside the measurement)
-        import scipy.sparse.linalg  # noqa: F401
-
-        if _faiss() is None:
-            import sklearn.neighbors  # noqa: F401
+        _preload("scipy.sparse.linalg", None if _faiss() else "sklearn.neighbors")
         configure_threads(self.p.threads)
 
     def knn(self, text, images):
@@ -683,8 +685,7 @@ class SgemmFloor(Recipe):
 
     def __init__(self, params: Params | None = None) -> None:
         super().__init__(params)
-        if _importable("torch"):
-            import torch  # noqa: F401  (import outside the measurement)
+        _preload("torch" if _importable("torch") else None)
 
     def run(self, text, images, meter: PeakMemory | None = None) -> RunResult:
         x = stack_normalised(text, images)
