@@ -167,17 +167,22 @@ def _version(name: str) -> str | None:
     return None
 
 
-def _cpu_model() -> str:
+def _proc_field(path: str, key: str) -> str | None:
+    """The value of `key` in a /proc file of "key: value" lines; None where there is none."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return None
+
+
+def _cpu_model() -> str:
     import platform
 
-    return platform.processor() or platform.machine()
+    return _proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,14 +191,8 @@ def _cpu_model() -> str:
 
 def _status_bytes(key: str) -> int | None:
     """A size from /proc/self/status (VmRSS, VmHWM) in bytes; None where there is none."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    value = _proc_field("/proc/self/status", key)
+    return None if value is None else int(value.split()[0]) * 1024
 
 
 def _rss_bytes() -> int:
@@ -263,6 +262,11 @@ class RunResult:
     labels: np.ndarray | None  #: (n,) int64, None for the sgemm floor
     info: dict = field(default_factory=dict)
     peak: int | None = None  #: set by a recipe that measures its own peak (else the harness's)
+
+
+def _cg_info(iterations, residuals) -> dict:
+    """What a batched CG reports: its most iterations and largest relative residual."""
+    return {"iterations_max": int(iterations.max()), "residual_max": float(residuals.max())}
 
 
 def stack_normalised(text: np.ndarray, images: np.ndarray) -> np.ndarray:
@@ -498,8 +502,7 @@ class ReclipExt(Recipe):
         res = self.rext.cg_solve(w, y, alpha=self.p.alpha, max_iter=self.p.max_iter,
                                  tol=self.p.tol, threads=self.p.threads)
         labels = np.argmax(res.x[m:], axis=1)
-        return labels, {"iterations_max": int(res.iterations.max()),
-                        "residual_max": float(res.residuals.max())}
+        return labels, _cg_info(res.iterations, res.residuals)
 
     def propagate(self, text, images):
         return self.rext.label_propagate(text, images, k=self.p.k, alpha=self.p.alpha,
@@ -516,8 +519,7 @@ class ReclipExt(Recipe):
         total = time.perf_counter() - t0
         peak = meter.peak() if meter is not None else None
         labels = np.asarray(out.labels)
-        info = {"iterations_max": int(np.max(out.iterations)),
-                "residual_max": float(np.max(out.residuals))}
+        info = _cg_info(np.asarray(out.iterations), np.asarray(out.residuals))
         del out
         if meter is not None:
             meter.reset()
@@ -591,8 +593,7 @@ class ScipyBatched(ScipyRef):
     def solve(self, w, m):
         x, iterations, res = batched_cg(w, rhs(w.shape[0], m, w.dtype), self.p.alpha,
                                         self.p.max_iter, self.p.tol)
-        return np.argmax(x[m:], axis=1), {"iterations_max": int(iterations.max()),
-                                          "residual_max": float(res.max())}
+        return np.argmax(x[m:], axis=1), _cg_info(iterations, res)
 
 
 class TorchDenseChunked(Recipe):
@@ -617,8 +618,7 @@ class TorchDenseChunked(Recipe):
     def solve(self, w, m):
         y = rhs(w.shape[0], m, w.dtype, w.device)
         x, iterations, res = batched_cg(w, y, self.p.alpha, self.p.max_iter, self.p.tol)
-        return self.torch.argmax(x[m:], dim=1).numpy(), {"iterations_max": int(iterations.max()),
-                                                         "residual_max": float(res.max())}
+        return self.torch.argmax(x[m:], dim=1).numpy(), _cg_info(iterations, res)
 
 
 def chunked_similarity(x: np.ndarray, chunk: int = 2048, lib: str = "numpy",
@@ -632,20 +632,13 @@ def chunked_similarity(x: np.ndarray, chunk: int = 2048, lib: str = "numpy",
     chunk = max(1, min(chunk, n))
     if lib == "numpy":
         rows, buf = x, np.empty((chunk, n), np.float32)
-        xt = x.T
-
-        def mm(a, o):
-            np.matmul(a, xt, out=o)
+        mm = lambda a, o: np.matmul(a, x.T, out=o)  # noqa: E731
     elif lib == "torch":
         import torch
 
         configure_threads(threads or default_threads())
-        rows = torch.from_numpy(x)
-        buf = torch.empty((chunk, n), dtype=torch.float32)
-        xt = rows.T
-
-        def mm(a, o):
-            torch.mm(a, xt, out=o)
+        rows, buf = torch.from_numpy(x), torch.empty((chunk, n), dtype=torch.float32)
+        mm = lambda a, o: torch.mm(a, rows.T, out=o)  # noqa: E731
     else:
         raise ValueError(f"lib must be 'numpy' or 'torch', got {lib!r}")
 
