@@ -25,7 +25,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # python -P does not add the script's folder
     sys.path.insert(0, str(HERE))
 
-from report import fmt_ratio, fmt_time, header, log, set_thread_env, usable_cores  # noqa: E402
+from report import (fmt_ratio, fmt_time, header, loadavg, log, set_thread_env,  # noqa: E402
+                    usable_cores)
 
 ALL_RECIPES = ("reclip_ext", "scipy-ref", "scipy-batched", "torch-dense-chunked", "sgemm-floor")
 
@@ -79,13 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.load < 0:
         ap.error("--load must be >= 0")
     return args
-
-
-def _loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 # Spins, but looks up its parent every few milliseconds and exits once the parent is gone, so
@@ -169,7 +163,7 @@ def main(argv=None) -> int:
 
     recipes.configure_threads(threads)
     env = recipes.environment(threads)
-    env["loadavg_start"] = _loadavg()
+    env["loadavg_start"] = loadavg()
     n, m, d = args.n, args.m, args.d
     n_nodes = n + m
 
@@ -224,7 +218,7 @@ def main(argv=None) -> int:
                 log(f"  {job['key']}: {status} (wall {out['wall_s']:.1f} s)")
         results = {key: _merge(o) for key, o in outs.items()}
 
-    env["loadavg_end"] = _loadavg()
+    env["loadavg_end"] = loadavg()
 
     # Ratios, agreement, accuracy
     ref = results.get("reclip_ext")

@@ -37,7 +37,7 @@ if str(HERE) not in sys.path:  # python -P does not add the script's folder
     sys.path.insert(0, str(HERE))
 
 from reclip.checkpoint import write_json  # noqa: E402  (stdlib only: the project's atomic writer)
-from report import Clock, header, log, passive_omp_waits, usable_cores  # noqa: E402
+from report import Clock, header, loadavg, log, passive_omp_waits, usable_cores  # noqa: E402
 
 TARGET = 0.85  #: pipeline / floor, for encode and the V step
 
@@ -436,7 +436,7 @@ def environment(torch, clf, data) -> dict:
             "torch_threads": torch.get_num_threads(), "cores": usable_cores(),
             "encode_batch": clf.config.encode_batch_size,
             "train_batch": clf.config.batch_for(len(clf.classnames)),
-            "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None}
+            "loadavg": loadavg()}
 
 
 def main(argv=None) -> int:
