@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
 import time
 
-import offline  # noqa: F401 - before numpy, torch and reclip: it sets their environment
+importlib.import_module("offline")  # before numpy, torch and reclip: it sets their environment
 
 import numpy as np
 import torch

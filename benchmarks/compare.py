@@ -5,14 +5,10 @@
     python benchmarks/compare.py --n 50000 --m 100 --d 768 --project --repeat 3 --json out.json
     python benchmarks/compare.py --load 2                  # the same, beside 2 busy processes
 
-Generates seeded synthetic CLIP-like embeddings (benchmarks/synthetic.py), optionally applies
-ReCLIP's P2 projection (--project: the baselines get the projected d-dim rows, reclip_ext the
-exact r = m - 1 coordinates, checked to give the same cosine similarities), then runs every
-recipe of benchmarks/recipes.py on the same data, each in a fresh 'spawn' child process with
-the same thread count, and reports per-stage times (median of --repeat), peak RSS increase,
-total time relative to reclip_ext, kNN time relative to the sgemm floor at the recipe's input
-dimension, label agreement with reclip_ext, and accuracy against the synthetic ground truth.
---json writes everything, with the environment, atomically.
+Seeded synthetic CLIP-like embeddings (synthetic.py), optionally ReCLIP's P2 projection
+(--project: reclip_ext gets the exact r = m - 1 coordinates), then every recipe of recipes.py on
+the same data, each in a fresh 'spawn' child process with the same thread count; per-stage times,
+peak RSS, ratios and label agreement as benchmarks/README.md ("compare.py") describes.
 """
 from __future__ import annotations
 
@@ -26,6 +22,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # python -P does not add the script's folder
+    sys.path.insert(0, str(HERE))
+
+from report import (fmt_ratio, fmt_time, header, loadavg, log, set_thread_env,  # noqa: E402
+                    usable_cores)
+
 ALL_RECIPES = ("reclip_ext", "scipy-ref", "scipy-batched", "torch-dense-chunked", "sgemm-floor")
 
 
@@ -78,24 +80,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.load < 0:
         ap.error("--load must be >= 0")
     return args
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # Spins, but looks up its parent every few milliseconds and exits once the parent is gone, so
@@ -167,23 +151,10 @@ def _merge(outs: list[dict]) -> dict:
     return merged
 
 
-def _fmt_time(t) -> str:
-    return "-" if t is None else (f"{t:.3f}" if t < 100 else f"{t:.1f}")
-
-
-def _fmt_ratio(r) -> str:
-    return "-" if r is None else f"{r:.2f}x"
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    threads = args.threads or _usable_cores()
-    # Before numpy/BLAS load here and in every child (children inherit the environment).
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                 "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
-        os.environ[name] = str(threads)
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
+    threads = args.threads or usable_cores()
+    set_thread_env(threads)  # before numpy/BLAS load here and in every child (they inherit it)
 
     import numpy as np
 
@@ -192,17 +163,16 @@ def main(argv=None) -> int:
 
     recipes.configure_threads(threads)
     env = recipes.environment(threads)
-    env["loadavg_start"] = _loadavg()
+    env["loadavg_start"] = loadavg()
     n, m, d = args.n, args.m, args.d
     n_nodes = n + m
 
     t0 = time.perf_counter()
     data = synthetic.clip_like(n, m, d, seed=args.seed)
-    _log(f"data: {n} images, {m} classes, d={d} in {time.perf_counter() - t0:.1f} s")
+    log(f"data: {n} images, {m} classes, d={d} in {time.perf_counter() - t0:.1f} s")
     info: dict = {"zero_shot_accuracy": float(np.mean(synthetic.zero_shot(data.text, data.images)
                                                      == data.labels))}
-    base_text, base_images = data.text, data.images
-    red_text, red_images = data.text, data.images
+    inputs = {"base": (data.text, data.images), "reduced": (data.text, data.images)}
     if args.project:
         t0 = time.perf_counter()
         proj = synthetic.p2_projection(data.text, data.images)
@@ -211,31 +181,23 @@ def main(argv=None) -> int:
         info["projection_max_cos_diff"] = synthetic.projection_check(proj, seed=args.seed)
         info["zero_shot_accuracy_projected"] = float(
             np.mean(synthetic.zero_shot(proj.text, proj.images) == data.labels))
-        base_text, base_images = proj.text, proj.images
-        red_text, red_images = proj.text_r, proj.images_r
+        inputs = {"base": (proj.text, proj.images), "reduced": (proj.text_r, proj.images_r)}
 
     params = recipes.Params(k=args.k, alpha=args.alpha, max_iter=args.max_iter, tol=args.tol,
                             threads=threads, chunk=args.chunk)
     # The background load (--load) lasts from the inputs' files to the last recipe's run.
     with tempfile.TemporaryDirectory(prefix="reclip-bench-") as tmp, busy_load(args.load):
-        files = {}
-        for tag, (t, v) in {"base": (base_text, base_images),
-                            "reduced": (red_text, red_images)}.items():
-            files[tag] = {"text": os.path.join(tmp, f"{tag}_text.npy"),
-                          "images": os.path.join(tmp, f"{tag}_images.npy")}
-            np.save(files[tag]["text"], np.ascontiguousarray(t))
-            np.save(files[tag]["images"], np.ascontiguousarray(v))
-        dims = {"base": int(base_text.shape[1]), "reduced": int(red_text.shape[1])}
-
-        jobs = []
-        for name in args.recipes:
-            if name == "sgemm-floor":
-                continue
-            tag = "reduced" if name == "reclip_ext" else "base"
-            jobs.append({"key": name, "recipe": name, "inputs": files[tag], "dim": dims[tag]})
-        if "sgemm-floor" in args.recipes:
-            wanted = {dims["reduced" if j["recipe"] == "reclip_ext" else "base"] for j in jobs}
-            wanted = wanted or {dims["base"]}
+        files, dims = {}, {tag: int(text.shape[1]) for tag, (text, _) in inputs.items()}
+        for tag, pair in inputs.items():
+            files[tag] = {key: os.path.join(tmp, f"{tag}_{key}.npy") for key in ("text", "images")}
+            for key, rows in zip(("text", "images"), pair):
+                np.save(files[tag][key], np.ascontiguousarray(rows))
+        tag_of = {name: "reduced" if cls.reduced_input else "base"  # reclip_ext gets r dims
+                  for name, cls in recipes.RECIPE_CLASSES.items()}
+        jobs = [{"key": name, "recipe": name, "inputs": files[tag_of[name]],
+                 "dim": dims[tag_of[name]]} for name in args.recipes if name != "sgemm-floor"]
+        if "sgemm-floor" in args.recipes:  # a floor at each dimension a recipe gets
+            wanted = {job["dim"] for job in jobs} or {dims["base"]}
             for tag in ("reduced", "base"):
                 if dims[tag] in wanted:
                     wanted.discard(dims[tag])
@@ -248,15 +210,15 @@ def main(argv=None) -> int:
                 if outs[job["key"]] and "error" in outs[job["key"]][-1]:
                     continue
                 tag = f" round {rnd + 1}/{rounds}" if rounds > 1 else ""
-                _log(f"running {job['key']} (dim {job['dim']}){tag} ...")
+                log(f"running {job['key']} (dim {job['dim']}){tag} ...")
                 out = _run_job(job, params, args, not args.in_process, per_run)
                 outs[job["key"]].append(out)
                 times = out.get("times", {})
                 status = out.get("error") or f"{times.get('total', times.get('knn')):.3f} s"
-                _log(f"  {job['key']}: {status} (wall {out['wall_s']:.1f} s)")
+                log(f"  {job['key']}: {status} (wall {out['wall_s']:.1f} s)")
         results = {key: _merge(o) for key, o in outs.items()}
 
-    env["loadavg_end"] = _loadavg()
+    env["loadavg_end"] = loadavg()
 
     # Ratios, agreement, accuracy
     ref = results.get("reclip_ext")
@@ -296,8 +258,8 @@ def main(argv=None) -> int:
           f"{' per run, interleaved' if args.interleave and not args.in_process else ''}")
     load = env["loadavg_start"]
     if load is not None:
-        busy = load[0] >= 0.5 * _usable_cores()
-        print(f"load average at start {load[0]:.2f} (1 min) on {_usable_cores()} cores"
+        busy = load[0] >= 0.5 * usable_cores()
+        print(f"load average at start {load[0]:.2f} (1 min) on {usable_cores()} cores"
               + (": the machine is busy, timings may be noisy (try --repeat 3 --interleave)"
                  if busy else ""))
     if args.project:
@@ -305,10 +267,8 @@ def main(argv=None) -> int:
               f"{min(2000, n_nodes)} rows = {info['projection_max_cos_diff']:.2e}")
     print(f"N x N float32 would be {nxn / 2**20:,.1f} MiB ({nxn / 1e9:.2f} GB) — compare peak "
           f"memory against it")
-    zs = f"zero-shot accuracy {info['zero_shot_accuracy']:.4f}"
-    if args.project:
-        zs += f" (after P2: {info['zero_shot_accuracy_projected']:.4f})"
-    print(zs)
+    print(f"zero-shot accuracy {info['zero_shot_accuracy']:.4f}" + (
+        f" (after P2: {info['zero_shot_accuracy_projected']:.4f})" if args.project else ""))
     print()
     head = (f"{'recipe':<22} {'dim':>5} {'knn s':>9} {'norm s':>8} {'solve s':>8} {'total s':>9} "
             f"{'peak MiB':>9} {'tot/rext':>9} {'knn/floor':>9} {'agree':>7} {'acc':>7}")
@@ -322,16 +282,16 @@ def main(argv=None) -> int:
         if key.startswith("sgemm-floor"):
             fi = r["info"]
             blank = " " * 29
-            print(f"{'sgemm-floor':<22} {r['dim']:>5} {_fmt_time(t['knn']):>9}{blank}"
+            print(f"{'sgemm-floor':<22} {r['dim']:>5} {fmt_time(t['knn']):>9}{blank}"
                   f"{r['peak_rss'] / 2**20:>9.1f}   {fi['best']} {fi['gflops']:.0f} GFLOP/s "
                   f"(numpy {fi.get('numpy', float('nan')):.3f} s, "
                   f"torch {fi.get('torch', float('nan')):.3f} s)")
             continue
         agree = r.get("agreement")
-        print(f"{key:<22} {r['dim']:>5} {_fmt_time(t['knn']):>9} {_fmt_time(t['normalize']):>8} "
-              f"{_fmt_time(t['solve']):>8} {_fmt_time(t['total']):>9} "
-              f"{r['peak_rss'] / 2**20:>9.1f} {_fmt_ratio(r.get('total_vs_reclip_ext')):>9} "
-              f"{_fmt_ratio(r.get('knn_vs_floor')):>9} "
+        print(f"{key:<22} {r['dim']:>5} {fmt_time(t['knn']):>9} {fmt_time(t['normalize']):>8} "
+              f"{fmt_time(t['solve']):>8} {fmt_time(t['total']):>9} "
+              f"{r['peak_rss'] / 2**20:>9.1f} {fmt_ratio(r.get('total_vs_reclip_ext')):>9} "
+              f"{fmt_ratio(r.get('knn_vs_floor')):>9} "
               f"{'-' if agree is None else f'{agree:.4f}':>7} {r['accuracy']:>7.4f}")
     if ref_ok:
         ri = ref["info"]
@@ -349,10 +309,7 @@ def main(argv=None) -> int:
 
     if args.json is not None:
         payload = {
-            "command": [sys.executable, *sys.argv] if argv is None else ["compare.py", *argv],
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "config": {k: v for k, v in vars(args).items() if k != "json"} | {
-                "threads": threads, "N": n_nodes},
+            **header("compare.py", argv, args, threads=threads, N=n_nodes),
             "environment": env,
             "data": info,
             "nxn_float32_bytes": nxn,
@@ -362,7 +319,7 @@ def main(argv=None) -> int:
         from reclip.checkpoint import write_json  # atomic, as reclip's run files are
 
         write_json(args.json, payload)
-        _log(f"wrote {args.json}")
+        log(f"wrote {args.json}")
     if failed:
         return 1
     return 2 if low else 0

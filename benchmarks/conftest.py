@@ -8,13 +8,14 @@ the default test run (pyproject testpaths = ["tests"]).
 """
 from __future__ import annotations
 
+import functools
 import os
 
+import report
+
 # Before numpy (and its BLAS) is imported by anything below.
-_THREADS = int(os.environ.get("REXT_BENCH_THREADS", "0")) or len(os.sched_getaffinity(0))
-for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-              "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
-    os.environ[_name] = str(_THREADS)
+_THREADS = int(os.environ.get("REXT_BENCH_THREADS", "0")) or report.usable_cores()
+report.set_thread_env(_THREADS)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -46,43 +47,31 @@ class Workload:
             proj = synthetic.p2_projection(data.text, data.images)
             self.base = (proj.text, proj.images)
             self.reduced = (proj.text_r, proj.images_r)
-        self._recipes: dict = {}
-        self._graphs: dict = {}
-        self._ws: dict = {}
-        self._labels: dict = {}
 
+    @functools.cache
     def recipe(self, name: str) -> recipes.Recipe:
-        if name not in self._recipes:
-            self._recipes[name] = recipes.make(name, self.params)
-        return self._recipes[name]
+        return recipes.make(name, self.params)
 
     def inputs(self, name: str):
         """reclip_ext gets the r-dim coordinates under P2, everything else the d-dim rows."""
         return self.reduced if recipes.RECIPE_CLASSES[name].reduced_input else self.base
 
-    @staticmethod
-    def _graph_owner(name: str) -> str:
-        return "scipy-ref" if name == "scipy-batched" else name  # same graph and W
-
+    @functools.cache
     def graph(self, name: str):
-        owner = self._graph_owner(name)
-        if owner not in self._graphs:
-            self._graphs[owner] = self.recipe(owner).knn(*self.inputs(owner))
-        return self._graphs[owner]
+        if name == "scipy-batched":  # the same graph and W as scipy-ref
+            return self.graph("scipy-ref")
+        return self.recipe(name).knn(*self.inputs(name))
 
+    @functools.cache
     def w(self, name: str):
-        owner = self._graph_owner(name)
-        if owner not in self._ws:
-            self._ws[owner] = self.recipe(owner).normalize(self.graph(owner))
-        return self._ws[owner]
+        if name == "scipy-batched":
+            return self.w("scipy-ref")
+        return self.recipe(name).normalize(self.graph(name))
 
+    @functools.cache
     def reference_labels(self) -> np.ndarray:
         """reclip_ext's labels (label_propagate), the yardstick for agreement."""
-        if "reclip_ext" not in self._labels:
-            rext = self.recipe("reclip_ext")
-            self._labels["reclip_ext"] = np.asarray(
-                rext.propagate(*self.inputs("reclip_ext")).labels)
-        return self._labels["reclip_ext"]
+        return np.asarray(self.recipe("reclip_ext").propagate(*self.inputs("reclip_ext")).labels)
 
 
 @pytest.fixture(scope="session")
@@ -93,14 +82,7 @@ def threads() -> int:
 
 @pytest.fixture(scope="session")
 def workloads(threads):
-    cache: dict[str, Workload] = {}
-
-    def get(name: str) -> Workload:
-        if name not in cache:
-            cache[name] = Workload(name, threads)
-        return cache[name]
-
-    return get
+    return functools.cache(lambda name: Workload(name, threads))
 
 
 def pytest_generate_tests(metafunc):

@@ -5,42 +5,25 @@
     python -P benchmarks/device_bench.py --quick --json out.json        # n = 100k only
     python -P benchmarks/device_bench.py --device cpu --n 2000 --m 10 --d 64   # CPU smoke run
 
-For every case (n images, m classes, d dims, k neighbours; N = n + m graph nodes) and operand
-precision (bf16, tf32; exact fp32 only up to --exact-max-n; the baselines only up to
---baselines-max-n) it measures, in one process:
-
-* the machine: torch.mm rates at bf16 / tf32 / fp32 (TFLOP/s, median of --mm-repeat products of
-  --mm-size squared matrices) and device copy bandwidth (GB/s, bytes read + written);
-* reclip_ext: knn_affinity, sym_normalize and cg_solve called one by one (stage times), and
-  label_propagate end to end (total);
-* torch: chunked torch.mm + torch.topk, the symmetric normalised graph with torch sparse ops
-  (A + Aᵀ as COO, coalesce, degrees, D^-1/2 scaling, CSR), batched CG with sparse @ dense;
-* ZLaP: the torch graph as a cupyx.scipy.sparse CSR and cupyx.scipy.sparse.linalg.cg once per
-  class column (at most --zlap-classes classes timed, the rest extrapolated linearly);
-* neighbour-set recall of both kNN graphs against an exact float64 top-k of --recall-sample rows,
-  label agreement of reclip_ext with torch, accuracy against the synthetic ground truth;
-* derived: kNN TFLOP/s (the full N×N similarity, 2·N·N·d FLOP) and its fraction of the mm rate
-  at the same precision; CG GB/s per iteration under the model
-  bytes/iteration = nnz·(4 + 8) + passes·N·m·4 (fp32 values + int64 column indices of W, and
-  `passes` (default 10, ≈ 51 GB at N = 1.28M, m = 1000) full N×m fp32 reads or
-  writes: SpMM reads P and writes Q, the vector updates of X, R and P read and write the rest)
-  and its fraction of the copy bandwidth; time ratios torch / reclip_ext and ZLaP / reclip_ext.
-
-Stages: knn (from the fp32 rows to the (N, k) graph), normalize (graph to CSR W), solve (the CG
-call alone: Y is built before and the argmax taken after), total (reclip_ext: label_propagate
-end to end; torch: its whole pipeline; ZLaP: torch knn + normalize + its solve, which includes
-building I - αW in cupyx). Data: synthetic CLIP-like rows (the model of benchmarks/synthetic.py)
-generated on the device with a fixed torch seed. Cases run in order of n (largest first with
---largest-first), then m descending, so the headline case (largest n, largest m) comes before
-the smaller m. --budget-s skips whatever would run past it (predicted from the same method's
-time at another N; a method's first run is never skipped that way); the JSON is rewritten
-atomically after every case, and a failed method is recorded without losing the others.
+benchmarks/README.md ("GPU") describes what is measured: per case (n, m, d, k; N = n + m graph
+nodes) and operand precision, the stages knn / normalize / solve / total of reclip_ext, of the
+torch baseline and of ZLaP (torch graph, cupyx per-class CG, classes past --zlap-classes
+extrapolated), the machine's torch.mm rates and copy bandwidth, neighbour recall against a
+float64 top-k, label agreement and accuracy, and the derived kNN TFLOP/s and CG GB/s (the byte
+model: nnz·(4 + 8) + passes·N·m·4 per iteration, `passes` full N×m fp32 reads or writes: SpMM
+reads P and writes Q, the updates of X, R and P the rest). Data: synthetic.clip_like generated
+on the device with a fixed torch seed. Cases run in order of n (largest first with
+--largest-first), then m descending, so the headline case comes before the smaller m.
+--budget-s skips whatever would run past it (predicted from the same method's time at another N;
+a method's first run is never skipped that way); the JSON is rewritten atomically after every
+case, and a failed method is recorded without losing the others.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import gc
+import importlib
 import math
 import os
 import statistics
@@ -56,6 +39,7 @@ if str(HERE) not in sys.path:  # python -P does not add the script's folder
 
 import recipes  # noqa: E402  (numpy only at import: the shared torch / CG pieces)
 import synthetic  # noqa: E402  (numpy only at import: the data model)
+from report import Clock, fmt_ratio, fmt_time, header, log, passive_omp_waits  # noqa: E402
 from reclip.checkpoint import write_json  # noqa: E402  (stdlib only: the project's atomic writer)
 
 #: a raw torch loop measured on one H200 (torch 2.11, same sizes): sanity anchors for the table
@@ -87,16 +71,11 @@ STAGES = ("knn", "normalize", "solve", "total")
 
 
 def _int_list(text: str) -> list[int]:
+    """Comma-separated integers, with k / M suffixes (100k, 1.28M)."""
     out = []
-    for part in text.split(","):
-        part = part.strip().lower().replace("_", "")
-        if not part:
-            continue
-        scale = 1
-        if part[-1] in "km":
-            scale = 1000 if part[-1] == "k" else 1_000_000
-            part = part[:-1]
-        out.append(int(round(float(part) * scale)))
+    for part in filter(None, (p.strip().lower().replace("_", "") for p in text.split(","))):
+        scale = {"k": 1000, "m": 1_000_000}.get(part[-1], 1)
+        out.append(int(round(float(part.rstrip("km")) * scale)))
     if not out:
         raise argparse.ArgumentTypeError("need at least one integer")
     return out
@@ -156,28 +135,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path, default=None,
                     help="write all results here (atomically, after every case)")
     args = ap.parse_args(argv)
-
-    if args.n is None:
-        args.n = [100_000] if args.quick else [100_000, 1_280_000]
-    if args.zlap_classes is None:
-        args.zlap_classes = 50 if args.quick else 100
-    if args.recall_sample is None:
-        args.recall_sample = 500 if args.quick else 1000
-    if args.mm_size is None:
-        args.mm_size = 8192 if args.device == "cuda" else 256
-    if args.copy_mib is None:
-        args.copy_mib = 2048 if args.device == "cuda" else 64
-    if args.precisions is None:
-        args.precisions = "bf16,tf32,exact" if args.device == "cuda" else "exact"
+    cuda, quick = args.device == "cuda", args.quick
+    for name, value in (("n", [100_000] if quick else [100_000, 1_280_000]),
+                        ("zlap_classes", 50 if quick else 100),
+                        ("recall_sample", 500 if quick else 1000),
+                        ("mm_size", 8192 if cuda else 256), ("copy_mib", 2048 if cuda else 64),
+                        ("precisions", "bf16,tf32,exact" if cuda else "exact"),
+                        ("baselines", "torch,zlap" if cuda else "torch")):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     bad = sorted(set(args.precisions) - set(PRECISIONS))
     if bad or not args.precisions:
         ap.error(f"--precisions: choose from {', '.join(PRECISIONS)} (got {bad or 'none'})")
-    if args.device == "cpu" and set(args.precisions) - {"exact"}:
+    if not cuda and set(args.precisions) - {"exact"}:
         ap.error("--device cpu supports --precisions exact only (bf16/tf32 are CUDA modes)")
-    if args.baselines is None:
-        args.baselines = "torch,zlap" if args.device == "cuda" else "torch"
-    args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     bad = sorted(set(args.baselines) - {"torch", "zlap"})
     if bad:
         ap.error(f"--baselines: choose from torch, zlap (got {', '.join(bad)})")
@@ -189,12 +162,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--k must be in [1, n + m - 1] for every case")
     if not 0 <= args.alpha < 1 or args.max_iter < 1 or args.tol < 0:
         ap.error("need 0 <= alpha < 1, max-iter >= 1, tol >= 0")
-    if args.baselines_max_n is not None and args.baselines_max_n < 1:
-        ap.error("--baselines-max-n must be >= 1")
-    if args.zlap_classes < 1 or args.recall_sample < 1 or args.cg_passes < 1:
-        ap.error("--zlap-classes, --recall-sample and --cg-passes must be >= 1")
-    if args.mm_size < 1 or args.mm_repeat < 1 or args.copy_mib < 1:
-        ap.error("--mm-size, --mm-repeat and --copy-mib must be >= 1")
+    for name in ("baselines_max_n", "zlap_classes", "recall_sample", "cg_passes", "mm_size",
+                 "mm_repeat", "copy_mib"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
 
 
@@ -207,28 +178,6 @@ def cases_of(args) -> list[tuple[int, int]]:
 
 # --------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-class Clock:
-    """Wall time of device work: synchronise before reading the host clock."""
-
-    def __init__(self, torch, device: str) -> None:
-        self.torch, self.cuda = torch, device == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            self.torch.cuda.synchronize()
-
-    def time(self, fn):
-        self.sync()
-        t0 = time.perf_counter()
-        out = fn()
-        self.sync()
-        return out, time.perf_counter() - t0
 
 
 class Budget:
@@ -295,18 +244,15 @@ def measure_rates(torch, device: str, size: int, repeat: int, copy_mib: int) -> 
             fn()
         times = []
         for _ in range(repeat):
-            if cuda:
-                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
-                    enable_timing=True)
-                start.record()
-                fn()
-                stop.record()
-                stop.synchronize()
-                times.append(start.elapsed_time(stop) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
+            if not cuda:
+                times.append(Clock(torch, device).time(fn)[1])
+                continue
+            start, stop = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) / 1e3)
         return statistics.median(times)
 
     out: dict[str, Any] = {"mm_size": size, "repeat": repeat, "mm_tflops": {}, "mm_seconds": {}}
@@ -319,16 +265,14 @@ def measure_rates(torch, device: str, size: int, repeat: int, copy_mib: int) -> 
             t = median_seconds(lambda: torch.mm(a, b, out=c))
         out["mm_seconds"][name] = t
         out["mm_tflops"][name] = 2.0 * size ** 3 / t / 1e12
-        del a, b, c
+        a = b = c = None
     numel = copy_mib * 2 ** 20 // 4
     src = torch.randn(numel, device=device, generator=gen)
     dst = torch.empty_like(src)
     t = median_seconds(lambda: dst.copy_(src))
-    out["tf32_api"] = recipes.tf32_api()
-    out["copy_bytes"] = 2 * numel * 4
-    out["copy_seconds"] = t
-    out["copy_gbps"] = 2 * numel * 4 / t / 1e9
-    del src, dst
+    out.update(tf32_api=recipes.tf32_api(), copy_bytes=2 * numel * 4, copy_seconds=t,
+               copy_gbps=2 * numel * 4 / t / 1e9)
+    src = dst = None
     _free(torch, device)
     return out
 
@@ -450,11 +394,20 @@ class Case:
                                "seed": self.a.seed}
         self.record["reference"] = {"rows": s, "seconds": t_ref,
                                     "method": "float64 brute force against all N rows"}
-        _log(f"  data {t:.1f} s (zero-shot accuracy {acc:.4f}); float64 reference of {s} rows "
+        log(f"  data {t:.1f} s (zero-shot accuracy {acc:.4f}); float64 reference of {s} rows "
              f"{t_ref:.1f} s")
 
     def _accuracy(self, labels) -> float:
         return float((labels.to(self.truth.device) == self.truth).float().mean())
+
+    def _done(self, out: dict, labels, knn, normalize, solve, total) -> dict:
+        """A run's record with its stage times, its accuracy if it has labels, which are kept
+        for the agreement with reclip_ext."""
+        out["times"] = {"knn": knn, "normalize": normalize, "solve": solve, "total": total}
+        if labels is not None:
+            out["accuracy"] = self._accuracy(labels)
+            self.labels[f"{out['recipe']}/{out['precision']}"] = labels
+        return out
 
     # -- reclip_ext --------------------------------------------------------------------------
 
@@ -466,12 +419,12 @@ class Case:
             lambda: rext_knn(rext, self.text, self.images, self.x, a.k, kw))
         out["recall"] = recall(torch, torch.as_tensor(idx)[self.sample], self.reference)
         csr, t_norm = clock.time(lambda: rext.sym_normalize(idx, w))
-        del idx, w
+        idx = w = None
         out["nnz"] = int(torch.as_tensor(csr.data).numel())
         y = recipes.rhs(self.N, self.m, torch.float32, self.device)
         res, t_solve = clock.time(lambda: rext.cg_solve(csr, y, alpha=a.alpha,
                                                         max_iter=a.max_iter, tol=a.tol))
-        del csr, y
+        csr = y = None
         staged = torch.argmax(torch.as_tensor(res.x)[self.m:], dim=1)
         out["iterations"] = int(torch.as_tensor(res.iterations).max())
         out["residual_max"] = float(torch.as_tensor(res.residuals).max())
@@ -490,43 +443,33 @@ class Case:
         out["iterations_end_to_end"] = int(torch.as_tensor(lp.iterations).max())
         del lp
         out["staged_label_agreement"] = float((staged.to(labels.device) == labels).float().mean())
-        out["times"] = {"knn": t_knn, "normalize": t_norm, "solve": t_solve, "total": t_total}
         out["stages_sum"] = t_knn + t_norm + t_solve
-        out["accuracy"] = self._accuracy(labels)
-        self.labels[f"reclip_ext/{precision}"] = labels
-        return out
+        return self._done(out, labels, t_knn, t_norm, t_solve, t_total)
 
     # -- torch -------------------------------------------------------------------------------
 
     def run_torch(self, precision: str) -> dict:
         torch, a, clock = self.torch, self.a, self.clock
-        out: dict[str, Any] = {"recipe": "torch", "precision": precision}
-        itemsize = 2 if precision == "bf16" else 4
-        chunk = chunk_rows(self.N, itemsize, a.chunk, a.chunk_gib)
-        out["chunk_rows"] = chunk
+        chunk = chunk_rows(self.N, 2 if precision == "bf16" else 4, a.chunk, a.chunk_gib)
+        out: dict[str, Any] = {"recipe": "torch", "precision": precision, "chunk_rows": chunk}
         out["mm"] = {"bf16": "operands .to(bfloat16), bf16 output",
                      "tf32": f"float32, tf32 on ({recipes.tf32_api()})",
                      "exact": f"float32, tf32 off ({recipes.tf32_api()})"}[precision]
-        clock.sync()
-        t0 = time.perf_counter()
+        t0 = clock.now()
         (idx, val), t_knn = clock.time(lambda: recipes.torch_knn(self.x, a.k, chunk, precision))
         sample_idx = idx[self.sample]
         w, t_norm = clock.time(lambda: recipes.torch_normalize(idx, val))
-        del idx, val
+        idx = val = None
         out["nnz"] = int(w.values().numel())
         y = recipes.rhs(self.N, self.m, torch.float32, self.device)
         (z, its, res), t_solve = clock.time(
             lambda: recipes.batched_cg(w, y, a.alpha, a.max_iter, a.tol))
         labels = torch.argmax(z[self.m:], dim=1)
-        clock.sync()
-        t_total = time.perf_counter() - t0
-        del z, y
-        out["recall"] = recall(torch, sample_idx, self.reference)
-        out["iterations"] = int(its.max())
-        out["residual_max"] = float(res.max())
-        out["times"] = {"knn": t_knn, "normalize": t_norm, "solve": t_solve, "total": t_total}
-        out["accuracy"] = self._accuracy(labels)
-        self.labels[f"torch/{precision}"] = labels
+        t_total = clock.now() - t0
+        z = y = None
+        out.update(recall=recall(torch, sample_idx, self.reference), iterations=int(its.max()),
+                   residual_max=float(res.max()))
+        self._done(out, labels, t_knn, t_norm, t_solve, t_total)
         if "zlap" in a.baselines:
             self.graphs[precision] = (w, out["times"])
         return out
@@ -539,13 +482,13 @@ class Case:
         out: dict[str, Any] = {"recipe": "zlap", "precision": precision,
                                "graph": f"torch/{precision} (same W)"}
         lap, t_build = clock.time(lambda: zlap_laplacian(torch, w, a.alpha))
-        del w
+        w = None
         timed = min(a.zlap_classes, self.m)
         classes = [c * self.m // timed for c in range(timed)]
         keep = timed == self.m
         (z, counts, tol_kw), t_cg = clock.time(
             lambda: zlap_solve(lap, self.m, classes, a.max_iter, a.tol, keep))
-        del lap
+        lap = None
         scale = self.m / timed
         t_solve = t_build + t_cg * scale
         out.update({"classes_timed": timed, "extrapolated": not keep,
@@ -553,16 +496,13 @@ class Case:
                                       f"({t_cg:.3f} s), scaled x{scale:g}") if not keep else None,
                     "build_s": t_build, "cg_timed_s": t_cg, "iterations": max(counts),
                     "tol_keyword": tol_kw})
-        out["times"] = {"knn": tt["knn"], "normalize": tt["normalize"], "solve": t_solve,
-                        "total": tt["knn"] + tt["normalize"] + t_solve}
+        labels = None
         if keep:
             import cupy
 
             labels = torch.from_dlpack(cupy.argmax(z[self.m:], axis=1)).to(self.device)
-            out["accuracy"] = self._accuracy(labels)
-            self.labels[f"zlap/{precision}"] = labels
-        del z
-        return out
+        return self._done(out, labels, tt["knn"], tt["normalize"], t_solve,
+                          tt["knn"] + tt["normalize"] + t_solve)
 
     # -- derived numbers ----------------------------------------------------------------------
 
@@ -594,54 +534,43 @@ class Case:
             ref = self.labels.get(f"reclip_ext/{prec}")
             if own is not None and ref is not None and r["recipe"] != "reclip_ext":
                 r["agreement_with_reclip_ext"] = float((own == ref).float().mean())
-        ratios: dict[str, Any] = {}
+        self.record["ratios"] = ratios = {}
         for prec in a.precisions:
             base = runs.get(f"reclip_ext/{prec}", {}).get("times")
-            if not base:
-                continue
-            entry = {}
-            for other in ("torch", "zlap"):
-                t = runs.get(f"{other}/{prec}", {}).get("times")
-                if t:
-                    entry[f"{other}_over_reclip_ext"] = {
-                        s: (t[s] / base[s] if base[s] > 0 else None) for s in STAGES}
-            ratios[prec] = entry
-        self.record["ratios"] = ratios
+            if base:
+                ratios[prec] = {
+                    f"{other}_over_reclip_ext": {s: t[s] / base[s] if base[s] > 0 else None
+                                                 for s in STAGES}
+                    for other in ("torch", "zlap")
+                    if (t := runs.get(f"{other}/{prec}", {}).get("times"))}
         self.record["targets"] = self._targets()
 
     def _targets(self) -> dict:
         runs, out = self.record["runs"], {}
         headline = self.n >= 1_280_000 and self.m >= 1000 and self.a.d == 768 and self.a.k == 20
 
-        def put(name, value, ok):
+        def put(name, value, least=-math.inf, most=math.inf):
             if value is not None:
-                out[name] = {"value": value, "pass": bool(ok)}
+                out[name] = {"value": value, "pass": bool(least <= value <= most)}
 
-        r = runs.get("reclip_ext/bf16", {})
-        if "times" in r:
+        rx = {prec: runs.get(f"reclip_ext/{prec}", {}) for prec in PRECISIONS}
+        if "times" in rx["bf16"]:
             if headline:
-                put("total_s_bf16 <= 6", r["times"]["total"],
-                    r["times"]["total"] <= TARGETS["total_s_bf16_max"])
-            put("recall_bf16 >= 0.98", r["recall"], r["recall"] >= TARGETS["recall_bf16_min"])
-            frac = r["derived"]["knn_frac_mm"]
-            put("knn_frac_mm_bf16 >= 0.6", frac,
-                frac is not None and frac >= TARGETS["knn_frac_mm_bf16_min"])
+                put("total_s_bf16 <= 6", rx["bf16"]["times"]["total"],
+                    most=TARGETS["total_s_bf16_max"])
+            put("recall_bf16 >= 0.98", rx["bf16"]["recall"], TARGETS["recall_bf16_min"])
+            put("knn_frac_mm_bf16 >= 0.6", rx["bf16"]["derived"]["knn_frac_mm"],
+                TARGETS["knn_frac_mm_bf16_min"])
         for prec in ("tf32", "exact"):
-            r = runs.get(f"reclip_ext/{prec}", {})
-            if "recall" in r:
-                put(f"recall_{prec} >= 0.999", r["recall"],
-                    r["recall"] >= TARGETS["recall_tf32_min"])
+            put(f"recall_{prec} >= 0.999", rx[prec].get("recall"), TARGETS["recall_tf32_min"])
         for prec in self.a.precisions:
-            r = runs.get(f"reclip_ext/{prec}", {})
-            if "derived" in r and r["derived"]["cg_frac_copy"] is not None:
-                put(f"cg_frac_copy_{prec} >= 0.5", r["derived"]["cg_frac_copy"],
-                    r["derived"]["cg_frac_copy"] >= TARGETS["cg_frac_copy_min"])
-            for other, need in (("torch", TARGETS["speedup_vs_torch_min"]),
-                                ("zlap", TARGETS["speedup_vs_zlap_min"])):
+            put(f"cg_frac_copy_{prec} >= 0.5", rx[prec].get("derived", {}).get("cg_frac_copy"),
+                TARGETS["cg_frac_copy_min"])
+            for other in ("torch", "zlap"):
+                need = TARGETS[f"speedup_vs_{other}_min"]
                 ratio = (self.record["ratios"].get(prec, {})
                          .get(f"{other}_over_reclip_ext", {}).get("total"))
-                put(f"total_{prec}: {other} / reclip_ext >= {need:g}", ratio,
-                    ratio is not None and ratio >= need)
+                put(f"total_{prec}: {other} / reclip_ext >= {need:g}", ratio, need)
         return out
 
 
@@ -649,82 +578,61 @@ class Case:
 # Report
 
 
-def _f(t, width=9) -> str:
-    if t is None:
-        return f"{'-':>{width}}"
-    return f"{t:>{width}.3f}" if t < 100 else f"{t:>{width}.1f}"
-
-
-def _x(r, width=8) -> str:
-    return f"{'-':>{width}}" if r is None else f"{r:>{width - 1}.2f}x"
-
-
 def print_case(rec: dict, rates: dict, file=None) -> None:
     p = lambda *s: print(*s, file=file or sys.stdout)  # noqa: E731
-    n, m = rec["n"], rec["m"]
-    p(f"\n== n={n:,} m={m:,} d={rec['d']} k={rec['k']} (N={rec['N']:,})"
+    p(f"\n== n={rec['n']:,} m={rec['m']:,} d={rec['d']} k={rec['k']} (N={rec['N']:,})"
       + (f"  data {rec['data']['generate_s']:.1f} s, zero-shot accuracy "
          f"{rec['data']['zero_shot_accuracy']:.4f}" if "data" in rec else ""))
     if rec.get("status") not in (None, "ok"):
         p(f"   {rec['status']}: {rec.get('error') or rec.get('note', '')}")
     runs = rec["runs"]
-    precs = sorted({r["precision"] for r in runs.values()}, key=PRECISIONS.index)
     head = (f"{'prec':<5} {'stage':<9} {'reclip_ext':>10} {'torch':>9} {'torch/rx':>8} "
             f"{'zlap':>9} {'zlap/rx':>8}")
     p(head)
     p("-" * len(head))
     zlap_notes = []
-    for prec in precs:
+    for prec in sorted({r["precision"] for r in runs.values()}, key=PRECISIONS.index):
         rx, tr, zl = (runs.get(f"{r}/{prec}", {}) for r in ("reclip_ext", "torch", "zlap"))
         for s in STAGES:
             trx, ttr, tzl = (r.get("times", {}).get(s) for r in (rx, tr, zl))
             if s in ("knn", "normalize") and tzl is not None:
-                tzl_txt, zr = f"{'(torch)':>9}", None
+                tzl_txt, zr = "(torch)", None
             else:
-                tzl_txt = _f(tzl) + ("*" if tzl is not None and zl.get("extrapolated") else "")
+                tzl_txt = fmt_time(tzl, 9) + ("*" if tzl is not None and zl.get("extrapolated")
+                                              else "")
                 zr = tzl / trx if tzl and trx else None
-            label = "total e2e" if s == "total" else s
-            p(f"{prec:<5} {label:<9} {_f(trx, 10)} {_f(ttr)} "
-              f"{_x(ttr / trx if ttr and trx else None)} {tzl_txt:>9} {_x(zr)}")
+            p(f"{prec:<5} {'total e2e' if s == 'total' else s:<9} {fmt_time(trx, 10)} "
+              f"{fmt_time(ttr, 9)} {fmt_ratio(ttr / trx if ttr and trx else None, 8)} "
+              f"{tzl_txt:>9} {fmt_ratio(zr, 8)}")
         for r in (rx, tr, zl):
             for tag in ("error", "skipped"):
                 if tag in r:
                     p(f"{prec:<5} {r['recipe']} {tag}: {r[tag]}")
         mmk = MM_RATE_KEY[prec]
-        parts = []
-        for r in (rx, tr):
-            dv = r.get("derived")
-            if dv and dv["knn_tflops"] is not None:
-                parts.append(f"{r['recipe']} {dv['knn_tflops']:.3g} TFLOP/s = "
-                             f"{100 * dv['knn_frac_mm']:.0f}%")
-        if parts:
-            p(f"{prec:<5} kNN  {' | '.join(parts)} of {mmk} mm "
-              f"{rates['mm_tflops'][mmk]:.3g} TFLOP/s")
-        parts = []
-        for r in (rx, tr):
-            dv = r.get("derived")
-            if dv and dv["cg_gbps"] is not None:
-                parts.append(f"{r['recipe']} {dv['cg_gbps']:.3g} GB/s = "
-                             f"{100 * dv['cg_frac_copy']:.0f}% ({r['iterations']} it, "
-                             f"{1e3 * dv['cg_seconds_per_iteration']:.2f} ms/it)")
-        if parts:
-            p(f"{prec:<5} CG   {' | '.join(parts)} of copy {rates['copy_gbps']:.3g} GB/s")
-        parts = [f"{r['recipe']} {r['recall']:.4f}" for r in (rx, tr) if "recall" in r]
-        if parts:
-            p(f"{prec:<5} recall vs float64 ({rec['reference']['rows']} rows): "
-              + " | ".join(parts))
-        parts = [f"{r['recipe']} {r['agreement_with_reclip_ext']:.4f}" for r in (tr, zl)
+        derived = [(r, r["derived"]) for r in (rx, tr) if r.get("derived")]
+        lines = {
+            "kNN  {} of " + f"{mmk} mm {rates['mm_tflops'][mmk]:.3g} TFLOP/s": [
+                f"{r['recipe']} {d['knn_tflops']:.3g} TFLOP/s = {100 * d['knn_frac_mm']:.0f}%"
+                for r, d in derived if d["knn_tflops"] is not None],
+            "CG   {} of " + f"copy {rates['copy_gbps']:.3g} GB/s": [
+                f"{r['recipe']} {d['cg_gbps']:.3g} GB/s = {100 * d['cg_frac_copy']:.0f}% "
+                f"({r['iterations']} it, {1e3 * d['cg_seconds_per_iteration']:.2f} ms/it)"
+                for r, d in derived if d["cg_gbps"] is not None],
+            "recall vs float64 ({} rows): ".format(rec.get("reference", {}).get("rows")) + "{}": [
+                f"{r['recipe']} {r['recall']:.4f}" for r in (rx, tr) if "recall" in r]}
+        for text, parts in lines.items():
+            if parts:
+                p(f"{prec:<5} " + text.format(" | ".join(parts)))
+        agree = [f"{r['recipe']} {r['agreement_with_reclip_ext']:.4f}" for r in (tr, zl)
                  if "agreement_with_reclip_ext" in r]
         acc = [f"{r['recipe']} {r['accuracy']:.4f}" for r in (rx, tr, zl) if "accuracy" in r]
-        if parts or acc:
-            p(f"{prec:<5} labels agree with reclip_ext: {' | '.join(parts) or '-'}; "
+        if agree or acc:
+            p(f"{prec:<5} labels agree with reclip_ext: {' | '.join(agree) or '-'}; "
               f"accuracy: {' | '.join(acc)}")
         if zl.get("extrapolated"):
             zlap_notes.append(f"{prec}: {zl['extrapolation']}")
-    for note in zlap_notes:
-        p(f"* zlap {note}")
-    for note in rec.get("notes", []):
-        p(f"note: {note}")
+    for note in [f"* zlap {n}" for n in zlap_notes] + [f"note: {n}" for n in rec.get("notes", [])]:
+        p(note)
     targets = rec.get("targets") or {}
     if targets and rec["n"] >= 1_000_000:
         p("performance targets (stated for n=1.28M, m=1000): " + "; ".join(
@@ -751,40 +659,23 @@ def _guard(torch, device: str, fn, *fargs) -> tuple[dict, float]:
 
 
 def warm_up(torch, rext, args, clock: Clock) -> dict:
-    """One tiny run of every method at every precision, untimed: module loads, cuBLAS/cuSPARSE
-    handles and cupy's kernel compilation stay out of the numbers. Returns what failed."""
+    """Every method at every precision once on a tiny case, untimed: module loads, cuBLAS /
+    cuSPARSE handles and cupy's kernel compilation stay out of the numbers. Returns what failed
+    (ZLaP's under "zlap": its solve does not depend on the precision)."""
     failed: dict[str, str] = {}
-    tiny_n, tiny_m = max(64, 4 * args.k), 4
-    text, images, _ = synthetic.clip_like(tiny_n, tiny_m, args.d, seed=99, device=args.device)
-    x = torch.cat([text, images])
+    case = Case(torch, rext, args, clock, Budget(None), max(64, 4 * args.k), 4, {})
+    case.prepare()
     for prec in args.precisions:
-        kw = {} if prec == "exact" else {"precision": prec}
-        if rext is not None:
+        for recipe in (["reclip_ext"] if rext is not None else []) + args.baselines:
+            if recipe == "zlap" and (prec not in case.graphs or "zlap" in failed):
+                continue  # ZLaP solves on the torch baseline's graph
             try:
-                (idx, w), _ = rext_knn(rext, x[:tiny_m], x[tiny_m:], x, args.k, kw)
-                csr = rext.sym_normalize(idx, w)
-                rext.cg_solve(csr, recipes.rhs(x.shape[0], tiny_m, x.dtype, args.device),
-                              alpha=args.alpha, max_iter=2, tol=args.tol)
-                rext.label_propagate(x[:tiny_m], x[tiny_m:], k=args.k, max_iter=2,
-                                     weight="relu", **kw)
+                getattr(case, f"run_{recipe}")(prec)
             except Exception as err:
-                failed[f"reclip_ext/{prec}"] = f"{type(err).__name__}: {err}"
-        if "torch" in args.baselines:
-            try:
-                w = recipes.torch_normalize(*recipes.torch_knn(x, args.k, 64, prec))
-                recipes.batched_cg(w, recipes.rhs(x.shape[0], tiny_m, x.dtype, args.device),
-                                   args.alpha, 2, args.tol)
-            except Exception as err:
-                failed[f"torch/{prec}"] = f"{type(err).__name__}: {err}"
-    if "zlap" in args.baselines:
-        try:  # the recipe's own code on a tiny graph: cupy compiles its kernels here
-            w = recipes.torch_normalize(*recipes.torch_knn(x, args.k, 64))
-            lap = zlap_laplacian(torch, w, args.alpha)
-            z, _, _ = zlap_solve(lap, tiny_m, range(tiny_m), 3, 1e-30, keep=True)
-            torch.from_dlpack(z.argmax(axis=1))
-        except Exception as err:
-            failed["zlap"] = f"{type(err).__name__}: {err}"
+                key = "zlap" if recipe == "zlap" else f"{recipe}/{prec}"
+                failed[key] = f"{type(err).__name__}: {err}"
     clock.sync()
+    del case
     _free(torch, args.device)
     return failed
 
@@ -793,14 +684,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    if args.device == "cpu" and "torch" not in sys.modules:
-        # torch's and reclip_ext's OpenMP pools in one process: with the default active
-        # spin-wait, each starves the other on a small machine (tests/conftest.py does the same)
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.device == "cpu":
+        passive_omp_waits()
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        _log("device_bench: torch sees no CUDA device (use --device cpu for a smoke run)")
+        log("device_bench: torch sees no CUDA device (use --device cpu for a smoke run)")
         return 3
     clock = Clock(torch, args.device)
     budget = Budget(args.budget_s)
@@ -809,11 +698,11 @@ def main(argv=None) -> int:
         rext_error = None
     except Exception as err:  # still measure the machine and the baselines
         rext, rext_error = None, f"{type(err).__name__}: {err}"
-        _log(f"reclip_ext is not importable: {rext_error}")
+        log(f"reclip_ext is not importable: {rext_error}")
     env = recipes.environment(torch.get_num_threads(), args.device)
     if rext_error:
         env["reclip_ext"] = f"not importable: {rext_error}"
-    _log(f"device_bench: {env.get('gpu', 'cpu')}, torch {env['torch']}, reclip_ext "
+    log(f"device_bench: {env.get('gpu', 'cpu')}, torch {env['torch']}, reclip_ext "
          f"{env.get('reclip_ext')} ({env.get('reclip_ext_file', '')})")
 
     rates, t_rates = clock.time(lambda: measure_rates(torch, args.device, args.mm_size,
@@ -835,9 +724,7 @@ def main(argv=None) -> int:
           f"faster); reclip_ext total = label_propagate end to end")
 
     payload: dict[str, Any] = {
-        "command": [sys.executable, *sys.argv] if argv is None else ["device_bench.py", *argv],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        **header("device_bench.py", argv, args),
         "environment": env,
         "machine": rates,
         "anchors": ANCHORS,
@@ -870,8 +757,7 @@ def main(argv=None) -> int:
         print("note: zlap not run (the cupyx recipe needs a CUDA device)")
     if "zlap" in args.baselines:
         try:
-            import cupy  # noqa: F401
-            import cupyx.scipy.sparse.linalg  # noqa: F401
+            importlib.import_module("cupyx.scipy.sparse.linalg")  # and cupy
         except Exception as err:
             args.baselines = [b for b in args.baselines if b != "zlap"]
             note = f"zlap skipped: cupy is not importable ({type(err).__name__}: {err})"
@@ -895,7 +781,7 @@ def main(argv=None) -> int:
             print(f"\n== n={n:,} m={m:,}: skipped, {rec['note']}")
             save()
             continue
-        _log(f"case n={n} m={m} d={args.d} k={args.k} ({budget.elapsed():.0f} s elapsed)")
+        log(f"case n={n} m={m} d={args.d} k={args.k} ({budget.elapsed():.0f} s elapsed)")
         try:
             case.prepare()
             for prec in args.precisions:
@@ -925,19 +811,19 @@ def main(argv=None) -> int:
                     if why:
                         rec["runs"][key] = {"recipe": recipe, "precision": prec, **why}
                         continue
-                    _log(f"  {key} ...")
+                    log(f"  {key} ...")
                     out, wall = _guard(torch, args.device, fn, prec)
                     out.setdefault("recipe", recipe)
                     out.setdefault("precision", prec)
                     rec["runs"][key] = out
                     if "error" in out:
-                        _log(f"  {key}: {out['error']}")
+                        log(f"  {key}: {out['error']}")
                         continue
                     # the part that grows with N^2: reclip_ext computes the kNN twice (staged,
                     # then end to end); ZLaP's kNN is the torch baseline's, already counted
                     quad = {"reclip_ext": 2, "torch": 1}.get(recipe, 0) * out["times"]["knn"]
                     budget.record(key, case.N, m_eff, wall, quad)
-                    _log(f"  {key}: total {out['times']['total']:.3f} s (wall {wall:.1f} s)")
+                    log(f"  {key}: total {out['times']['total']:.3f} s (wall {wall:.1f} s)")
                 case.graphs.pop(prec, None)
                 _free(torch, args.device)
             case.derive(rates)
@@ -950,16 +836,12 @@ def main(argv=None) -> int:
             case.labels.clear()
             case.graphs.clear()
             for name in ("x", "text", "images", "truth", "reference", "sample"):
-                if hasattr(case, name):
-                    delattr(case, name)
+                case.__dict__.pop(name, None)
             _free(torch, args.device)
-        for key, r in rec["runs"].items():
-            if "error" in r:
-                payload["errors"].append(f"n={n} m={m} {key}: {r['error']}")
-            if "skipped" in r:
-                payload["skipped"].append(f"n={n} m={m} {key}: {r['skipped']}")
-        if rec["status"] == "error":
-            payload["errors"].append(f"n={n} m={m}: {rec['error']}")
+        for key, r in [*rec["runs"].items(), ("", rec)]:  # each run's, then the case's
+            for tag, into in (("error", "errors"), ("skipped", "skipped")):
+                if tag in r:
+                    payload[into].append(f"n={n} m={m}{' ' * bool(key)}{key}: {r[tag]}")
         print_case(rec, rates)
         sys.stdout.flush()
         save()
@@ -967,13 +849,12 @@ def main(argv=None) -> int:
     payload["wall_s"] = time.perf_counter() - t_start
     print(f"\ndevice_bench: {len(payload['cases'])} cases in {payload['wall_s']:.0f} s; "
           f"{len(payload['errors'])} errors, {len(payload['skipped'])} skipped")
-    for line in payload["errors"]:
-        print(f"  error: {line}")
-    for line in payload["skipped"]:
-        print(f"  skipped: {line}")
+    for tag, into in (("error", "errors"), ("skipped", "skipped")):
+        for line in payload[into]:
+            print(f"  {tag}: {line}")
     save()
     if args.json is not None:
-        _log(f"wrote {args.json}")
+        log(f"wrote {args.json}")
     return 1 if payload["errors"] else 0
 
 

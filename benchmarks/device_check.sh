@@ -4,36 +4,13 @@
 #
 #   OUT=/some/folder bash benchmarks/device_check.sh
 #
-# Stages, in order of value (a later one is worth less if an earlier one fails or overruns):
-#   stage     cap    kept back  what
-#   build     150 s  -          reclip_ext with its CUDA half for sm_90 into a venv, import check
-#   tests      60 s   45 s      pytest -m cuda (the CUDA cases and the NCCL group of one), with
-#                               REXT_SYNC=1 so that a fault fails the test that caused it
-#   bench     120 s  100 s      device_bench.py: the headline case first (n = 1.28M, m = 1000,
-#                               d = 768, bf16, reclip_ext alone), then the torch and ZLaP
-#                               baselines with reclip_ext at n = 100k
-#   sanitize   75 s   45 s      compute-sanitizer: a ~1 s probe run first (skipped, with its
-#                               reason, when the tool is missing or says e.g. "Device not
-#                               supported"), then memcheck and racecheck on the small CUDA cases
-#                               (pytest -m "cuda and sanitize"), our kernels only
-#   pipeline   60 s    -        pipeline_bench.py on 10,000 JPEGs (needs open_clip: installed
-#                               offline from REXT_CHECK_WHEELS, else skipped saying why)
-# The whole run stays within REXT_CHECK_BUDGET_S (420 s, so that a second, shorter run fits in
-# the same machine window): a stage's time limit is its cap, or less so that the stages after it
-# keep their share ("kept back") and 15 s stay for the kill grace and the summary. A stage that
-# overruns thus squeezes the later ones, never the budget. A stage left less than 10 s (or its
-# cap, if smaller) does not run ("no time"), and counts as failed, for the exit status and the
-# rerun line.
-#
-# $OUT gets at most 6 files (the device tool returns only a few): device_check.log (everything,
-# step by step), device_check.json (every stage: status, seconds, limit, note; the sanitizer's
-# probe and tools; the rerun command), tests-junit.xml, device_bench.json, pipeline_bench.json
-# and logs.tar.gz (each stage's full log). The last lines of device_check.log give the one
-# command that reruns just the stages that failed, timed out or had no time.
-#
-# Exit status: 0 all passed; 1 build or import check failed; 2 tests failed or timed out;
-# 4 a sanitizer run failed; 3 a benchmark failed or timed out (2 wins over 4 over 3). A stage
-# skipped for want of its tool (compute-sanitizer, open_clip) or by its knob is not a failure.
+# benchmarks/README.md ("GPU") describes it in full: the stages in order of value (build, tests,
+# bench, sanitize, pipeline), each under its cap with time kept back for the later ones, the whole
+# within REXT_CHECK_BUDGET_S (420 s, so that a second, shorter run fits in the same machine
+# window); the at most 6 files in $OUT (the device tool returns only a few); the exit status
+# (0 all passed; 1 build or import check; 2 tests; 4 a sanitizer run; 3 a benchmark; 2 wins over
+# 4 over 3; a stage skipped for want of its tool or by its knob is not a failure) and the RERUN
+# line that repeats just the stages that failed, timed out or had no time.
 #
 # Knobs (environment): PYTHON (python3), REXT_CHECK_VENV (/tmp/rext-device-venv),
 # REXT_CHECK_BUDGET_S, REXT_CHECK_{BUILD,TESTS,BENCH,SANITIZE,PIPELINE}_S (caps in s),
@@ -46,9 +23,8 @@
 # benchmarks in their CPU smoke modes);
 # REXT_CHECK_DRY_RUN=1 (also chosen when no GPU is visible and REXT_CHECK_DEVICE is not cpu):
 # every stage's command is printed and replaced by `sleep REXT_CHECK_DRY_SLEEP_S` (0) under the
-# same time limit, writing placeholder outputs, so stage selection, the budget, the file limit
-# and the rerun line can be checked anywhere in seconds; the sanitizer's lookup and probe run
-# for real (a stand-in tool can be given with REXT_CHECK_SANITIZER).
+# same time limit, writing placeholder outputs; the sanitizer's lookup and probe run for real (a
+# stand-in tool can be given with REXT_CHECK_SANITIZER).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1

@@ -6,6 +6,7 @@ source-model trainers in training/); imported before reclip.
   spins while waiting starves the other.
 - Run from a source tree without an install, the tree's ``python/`` joins the path.
 """
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -17,7 +18,5 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-try:
-    import reclip  # noqa: F401
-except ImportError:
+if importlib.util.find_spec("reclip") is None:
     sys.path.insert(0, str(ROOT / "python"))

@@ -7,34 +7,15 @@
     python -P benchmarks/pipeline_bench.py --device cpu --workers 0 \\
         --model tests/assets/tiny-vit.json --n 64        # smoke run, seconds
 
-Data: a synthetic ImageFolder of --n JPEGs (--size px square, --classes class folders, random
-smooth images with a little noise, PIL quality --quality), built once with a process pool and
-kept under --cache (default $XDG_CACHE_HOME/reclip-bench, else ~/.cache/reclip-bench) in a
-folder named by n / size / classes / quality. The model is built without weights (random
-init): throughput does not depend on the weights.
-
-Measured in one process, on --device, with the pipeline's own settings (Config.device / amp /
-workers / batch_size / encode_batch_size):
-
-* pipeline: the folder scan (``reclip.data.image_set``), then ``ReCLIP.fit`` for --epochs with
-  a checkpoint after every epoch, as a user runs it. Per stage: encode img/s of each full
-  pass through fit's DataLoader (the frozen pass and one per epoch), the pseudo-label calls
-  (label propagation), ReCLIP-V steps (loader wait + step, i.e. what the V side of the training
-  loop costs), ReCLIP-T steps, the checkpoint writes; peak RSS of this process (VmHWM, reset
-  before fit; the loader workers are other processes) and peak device memory on CUDA.
-* floor: the same architecture, batch sizes and autocast fed from one batch of random inputs
-  already on the device (no files, no decode, no loader): encode (forward + copy of the
-  features into one float32 buffer), V step (forward, cross-entropy against class centres,
-  backward, SGD over the visual LayerNorm parameters), T step (text forward of the
-  pre-tokenised first-template prompts, cross-entropy, backward, SGD over the text LayerNorm
-  parameters). No host synchronisation inside the loops.
-* the loader's own cost: decode + preprocess of one image in this process with one torch
-  thread (what one worker pays per image), and the throughput it predicts for --workers.
-
-Ratios pipeline / floor for encode, V and T (target >= 0.85 for encode and V). The first batch
-or step of every loop is warm-up and not counted (worker start-up, the first decode, lazy
-initialisation); CUDA timings synchronise before reading the clock. Prints a table and writes
---json atomically.
+Data: a synthetic ImageFolder of --n JPEGs, built once by a process pool and cached under --cache
+(default $XDG_CACHE_HOME/reclip-bench); the model is built without weights (throughput does not
+depend on them). Measured in one process, with the pipeline's own settings: the *pipeline*
+(the folder scan, then ``ReCLIP.fit`` for --epochs with a checkpoint per epoch, timed per stage
+by wrappers around the instance's methods), the *floor* (the same model, batches and autocast fed
+from random tensors already on the device: no files, no decode, no loader, no host
+synchronisation inside the loops) and the loader's own cost per image. The first batch or step
+of every loop is warm-up and not counted. benchmarks/README.md ("pipeline_bench.py") explains
+every column; the target is pipeline / floor >= 0.85 for encode and the V step.
 """
 from __future__ import annotations
 
@@ -56,6 +37,7 @@ if str(HERE) not in sys.path:  # python -P does not add the script's folder
     sys.path.insert(0, str(HERE))
 
 from reclip.checkpoint import write_json  # noqa: E402  (stdlib only: the project's atomic writer)
+from report import Clock, header, loadavg, log, passive_omp_waits, usable_cores  # noqa: E402
 
 TARGET = 0.85  #: pipeline / floor, for encode and the V step
 
@@ -92,14 +74,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.n < 2 * args.classes:
         p.error("--n must be at least twice --classes")
     return args
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # ------------------------------------------------------------------------------- JPEG folder
@@ -145,7 +119,7 @@ def jpeg_folder(args) -> tuple[Path, dict]:
         return final, info
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
-    procs = max(1, args.build_workers or _cores())
+    procs = max(1, args.build_workers or usable_cores())
     t0 = time.perf_counter()
     try:
         for c in range(args.classes):
@@ -166,21 +140,6 @@ def jpeg_folder(args) -> tuple[Path, dict]:
 
 
 # ------------------------------------------------------------------------------- timing
-
-
-class Clock:
-    """Host wall time that includes the device's queued work on CUDA."""
-
-    def __init__(self, torch, device) -> None:
-        self.torch, self.cuda = torch, device.type == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            self.torch.cuda.synchronize()
-
-    def now(self) -> float:
-        self.sync()
-        return time.perf_counter()
 
 
 class TimedLoader:
@@ -323,7 +282,7 @@ def measure_floor(torch, clf, loaded, args, clock: Clock) -> dict:
 
     out["v_step_img_s"] = steps(visual_loss, trainable.optimizer(
         trainable.tower_params(model, visual=True), c))
-    del xv
+    xv = None
 
     tokens = loaded.tokenizer(clf.prompts(first_only=True)).to(dev)
     image_feats = nn.functional.normalize(torch.randn(train_b, d, generator=g), dim=1).to(dev)
@@ -337,7 +296,7 @@ def measure_floor(torch, clf, loaded, args, clock: Clock) -> dict:
         trainable.tower_params(model, visual=False), c))
     if clock.cuda:
         out["peak_device_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
-    del model
+    model = None
     if clock.cuda:
         torch.cuda.empty_cache()
     return out
@@ -471,30 +430,27 @@ def environment(torch, clf, data) -> dict:
     dev = clf.device
     return {**recipes.environment(torch.get_num_threads(), dev.type), "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-            else f"cpu ({_cores()} cores)",
+            else f"cpu ({usable_cores()} cores)",
             "amp": str(clf.features.amp).replace("torch.", "") if clf.features.amp else "off",
             "workers": clf.features.workers(data),
-            "torch_threads": torch.get_num_threads(), "cores": _cores(),
+            "torch_threads": torch.get_num_threads(), "cores": usable_cores(),
             "encode_batch": clf.config.encode_batch_size,
             "train_batch": clf.config.batch_for(len(clf.classnames)),
-            "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None}
+            "loadavg": loadavg()}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
-    if args.device == "cpu" and "torch" not in sys.modules:
-        # torch's and reclip_ext's OpenMP pools in one process: with the default active
-        # spin-wait each starves the other on a small machine, by up to 75x for a small model
-        # (device_bench.py and tests/conftest.py do the same)
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.device == "cpu":
+        passive_omp_waits()
     import torch
 
     import reclip
     from reclip.data import image_set
 
     folder, folder_info = jpeg_folder(args)
-    _log(f"pipeline_bench: folder {folder} ({'built' if folder_info['built'] else 'cached'})")
+    log(f"pipeline_bench: folder {folder} ({'built' if folder_info['built'] else 'cached'})")
     loaded = reclip.load_model(args.model)
     config = reclip.Config(device=args.device, amp=args.amp, workers=args.workers,
                            batch_size=args.batch_size, encode_batch_size=args.encode_batch_size,
@@ -508,13 +464,13 @@ def main(argv=None) -> int:
     clf = reclip.ReCLIP(loaded, list(data.classes), config=config)
     clock = Clock(torch, clf.device)
     env = environment(torch, clf, data)
-    _log(f"pipeline_bench: {env['device_name']}, amp {env['amp']}, workers {env['workers']}")
+    log(f"pipeline_bench: {env['device_name']}, amp {env['amp']}, workers {env['workers']}")
     loader_cost = measure_loader_cost(torch, data, min(args.n, 128))
     per_image = (loader_cost["decode_ms"] + loader_cost["preprocess_ms"]) / 1e3
     loader_cost["predicted_img_s"] = max(1, env["workers"]) / per_image
-    _log("pipeline_bench: floor")
+    log("pipeline_bench: floor")
     floor = measure_floor(torch, clf, loaded, args, clock)
-    _log("pipeline_bench: pipeline (ReCLIP.fit)")
+    log("pipeline_bench: pipeline (ReCLIP.fit)")
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as run_dir:
         pipeline = measure_pipeline(torch, clf, data, args, clock, Path(run_dir))
     ratios = {"encode": ratio(pipeline["encode_img_s"], floor["encode_img_s"]),
@@ -522,9 +478,7 @@ def main(argv=None) -> int:
               "v_compute": ratio(pipeline.get("v_compute_img_s"), floor["v_step_img_s"]),
               "t_step": ratio(pipeline["t_step_img_s"], floor["t_step_img_s"])}
     report = {
-        "command": [sys.executable, *sys.argv] if argv is None else ["pipeline_bench.py", *argv],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": {k: v for k, v in vars(args).items() if k != "json"},  # write_json: paths
+        **header("pipeline_bench.py", argv, args),
         "environment": env, "folder": folder_info, "scan_s": statistics.median(scans),
         "scan_runs_s": scans, "loader_cost": loader_cost, "floor": floor,
         "pipeline": pipeline, "ratios": ratios, "target": TARGET,

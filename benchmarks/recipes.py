@@ -1,31 +1,13 @@
 """The label-propagation implementations the benchmarks compare, stage by stage.
 
 Every recipe turns (text (m, d), images (n, d)) into pseudo labels for the images through the
-same three stages (docs/mathematics.md §2) and reports the wall time of each:
-
-* ``knn``       X = [text; images] L2-normalised, the k nearest neighbours j != i of every row
-                by inner product, weights max(s, 0) (gamma = 1);
-* ``normalize`` W = D^-1/2 (A + A^T) D^-1/2 as a sparse matrix;
-* ``solve``     (I - alpha W) Z = Y for the m class indicator columns (CG, 20 iterations,
-                relative tolerance 1e-6), labels = argmax of the image rows of Z.
-
-Recipes:
-
-``reclip_ext``           the compiled extension: knn_affinity(normalize=True) + sym_normalize +
-                         cg_solve, timed per stage; ``total`` is label_propagate end to end.
-``scipy-ref``            the LP-DeepSSL / ZLaP recipe: exact kNN with faiss ``IndexFlatIP``
-                         (sklearn brute force if faiss is missing), scipy.sparse CSR, and
-                         ``scipy.sparse.linalg.cg`` once per class with ``rtol``.
-``scipy-batched``        the same graph, then one batched CG in numpy/scipy (one W @ P per
-                         iteration for all columns, per-column scalars and convergence).
-``torch-dense-chunked``  torch: row chunks of X @ X^T, ``torch.topk`` per chunk, a torch sparse
-                         CSR matrix, batched CG with sparse @ dense.
-``sgemm-floor``          not a recipe: the time of the similarity FLOPs alone (X @ X^T in row
-                         chunks, results discarded), the faster of numpy.matmul and torch.mm;
-                         the floor for the kNN stage at the dimension it is given.
-
-All of them run with the same thread count (:func:`configure_threads`). :class:`PeakMemory` and
-:func:`child_run` let a harness measure each recipe in a fresh process.
+same three timed stages (docs/mathematics.md §2): ``knn`` (X = [text; images] L2-normalised, the
+k nearest neighbours j != i of every row by inner product, weights max(s, 0)), ``normalize``
+(W = D^-1/2 (A + A^T) D^-1/2, sparse) and ``solve`` ((I - alpha W) Z = Y for the m class
+indicator columns by CG, labels = argmax of the image rows of Z). benchmarks/README.md describes
+each recipe of ``RECIPES`` and the sgemm floor. All run with the same thread count
+(:func:`configure_threads`); :class:`PeakMemory` and :func:`child_run` let a harness measure
+each recipe in a fresh process.
 
 The pieces are shared with the GPU harness (device_bench.py) and the tests: :func:`torch_knn`,
 :func:`torch_normalize` and :func:`batched_cg` take arrays on any device (and numpy, for the CG),
@@ -35,6 +17,8 @@ description of the machine.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import math
 import os
 import resource
@@ -46,30 +30,16 @@ from typing import Any
 
 import numpy as np
 
+from report import set_thread_env
+from report import usable_cores as default_threads
+
 STAGES = ("knn", "normalize", "solve", "total")
 RECIPES = ("reclip_ext", "scipy-ref", "scipy-batched", "torch-dense-chunked", "sgemm-floor")
-_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-               "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 _limits: list[Any] = []  # keeps threadpoolctl limits alive
 
 
 # --------------------------------------------------------------------------------------------
 # Environment
-
-
-def default_threads() -> int:
-    """All cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def set_thread_env(threads: int) -> None:
-    """Thread-count environment variables; effective for libraries loaded afterwards and for
-    child processes (call it before numpy/torch are imported where possible)."""
-    for name in _THREAD_ENV:
-        os.environ[name] = str(threads)
 
 
 def configure_threads(threads: int) -> dict:
@@ -97,9 +67,13 @@ def configure_threads(threads: int) -> dict:
 
 
 def _importable(name: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(name) is not None
+
+
+def _preload(*names) -> None:
+    """Import these modules (None: nothing) now, so that their import time is not measured."""
+    for name in filter(None, names):
+        importlib.import_module(name)
 
 
 def _faiss():
@@ -193,42 +167,41 @@ def _version(name: str) -> str | None:
     return None
 
 
-def _cpu_model() -> str:
+def _proc_field(path: str, key: str) -> str | None:
+    """The value of `key` in a /proc file of "key: value" lines; None where there is none."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return None
+
+
+def _cpu_model() -> str:
     import platform
 
-    return platform.processor() or platform.machine()
+    return _proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
 
 
 # --------------------------------------------------------------------------------------------
 # Memory
 
 
+def _status_bytes(key: str) -> int | None:
+    """A size from /proc/self/status (VmRSS, VmHWM) in bytes; None where there is none."""
+    value = _proc_field("/proc/self/status", key)
+    return None if value is None else int(value.split()[0]) * 1024
+
+
 def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
+    rss = _status_bytes("VmRSS:")
+    if rss is None:
         import psutil
 
-        return psutil.Process().memory_info().rss
-
-
-def _hwm_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+        rss = psutil.Process().memory_info().rss
+    return rss
 
 
 def _maxrss_bytes() -> int:
@@ -256,7 +229,7 @@ class PeakMemory:
                 f.write("5")
         except OSError:
             return False
-        return _hwm_bytes() is not None
+        return _status_bytes("VmHWM:") is not None
 
     def reset(self) -> None:
         self.base = _rss_bytes()
@@ -265,7 +238,7 @@ class PeakMemory:
 
     def peak(self) -> int:
         """Bytes above the RSS at the last reset (>= 0)."""
-        top = _hwm_bytes() if self.method == "VmHWM" else _maxrss_bytes()
+        top = _status_bytes("VmHWM:") if self.method == "VmHWM" else _maxrss_bytes()
         return max(0, (top or 0) - self.base)
 
 
@@ -289,6 +262,11 @@ class RunResult:
     labels: np.ndarray | None  #: (n,) int64, None for the sgemm floor
     info: dict = field(default_factory=dict)
     peak: int | None = None  #: set by a recipe that measures its own peak (else the harness's)
+
+
+def _cg_info(iterations, residuals) -> dict:
+    """What a batched CG reports: its most iterations and largest relative residual."""
+    return {"iterations_max": int(iterations.max()), "residual_max": float(residuals.max())}
 
 
 def stack_normalised(text: np.ndarray, images: np.ndarray) -> np.ndarray:
@@ -325,31 +303,21 @@ def batched_cg(w, b, alpha: float, max_iter: int, tol: float):
     products summed in float64, in-place updates; a column freezes once ||r|| / ||b|| <= tol.
     Returns (x, iterations per column, relative residuals)."""
     if isinstance(b, np.ndarray):
-        where, sqrt, cast = np.where, np.sqrt, lambda a: a.astype(b.dtype)
-
-        def dots(u, v):
-            return np.einsum("ij,ij->j", u, v, dtype=np.float64)
-
-        def axpy(y, a, x):  # y += a x, columnwise a
-            y += a * x
-
-        x, r, p = np.zeros_like(b), b.copy(), b.copy()
+        xp, x, r, p = np, np.zeros_like(b), b.copy(), b.copy()
         iterations = np.zeros(b.shape[1], np.int64)
+        dots = lambda u, v: np.einsum("ij,ij->j", u, v, dtype=np.float64)  # noqa: E731
+        axpy = lambda y, a, v: np.add(y, a * v, out=y)  # noqa: E731  (y += a v, columnwise a)
+        cast = lambda a: a.astype(b.dtype)  # noqa: E731
     else:
         import torch
 
-        where, sqrt, cast = torch.where, torch.sqrt, lambda a: a.to(b.dtype)
-
-        def dots(u, v):
-            return (u * v).sum(0, dtype=torch.float64)
-
-        def axpy(y, a, x):
-            y.addcmul_(x, a)
-
-        x, r, p = torch.zeros_like(b), b.clone(), b.clone()
+        xp, x, r, p = torch, torch.zeros_like(b), b.clone(), b.clone()
         iterations = torch.zeros(b.shape[1], dtype=torch.int64, device=b.device)
+        dots = lambda u, v: (u * v).sum(0, dtype=torch.float64)  # noqa: E731
+        axpy = lambda y, a, v: y.addcmul_(v, a)  # noqa: E731
+        cast = lambda a: a.to(b.dtype)  # noqa: E731
     rr = dots(r, r)
-    bnorm = sqrt(rr)
+    bnorm = xp.sqrt(rr)
     active = bnorm > 0
     for _ in range(max_iter):
         if not active.any():
@@ -358,18 +326,18 @@ def batched_cg(w, b, alpha: float, max_iter: int, tol: float):
         q *= -alpha
         q += p  # (I - alpha W) p
         pq = dots(p, q)
-        step = cast(where(active, rr / where(pq != 0, pq, 1), 0))
+        step = cast(xp.where(active, rr / xp.where(pq != 0, pq, 1), 0))
         axpy(x, step, p)
         axpy(r, -step, q)
         del q
         rr_new = dots(r, r)
         iterations += active
-        active &= sqrt(rr_new) > tol * bnorm
-        beta = cast(where(active, rr_new / where(rr != 0, rr, 1), 0))
+        active &= xp.sqrt(rr_new) > tol * bnorm
+        beta = cast(xp.where(active, rr_new / xp.where(rr != 0, rr, 1), 0))
         p *= beta
         p += r
         rr = rr_new
-    return x, iterations, sqrt(rr) / where(bnorm > 0, bnorm, 1)
+    return x, iterations, xp.sqrt(rr) / xp.where(bnorm > 0, bnorm, 1)
 
 
 def per_class_cg(lap, m: int, max_iter: int, tol: float, *, classes=None, keep: bool = True,
@@ -534,8 +502,7 @@ class ReclipExt(Recipe):
         res = self.rext.cg_solve(w, y, alpha=self.p.alpha, max_iter=self.p.max_iter,
                                  tol=self.p.tol, threads=self.p.threads)
         labels = np.argmax(res.x[m:], axis=1)
-        return labels, {"iterations_max": int(res.iterations.max()),
-                        "residual_max": float(res.residuals.max())}
+        return labels, _cg_info(res.iterations, res.residuals)
 
     def propagate(self, text, images):
         return self.rext.label_propagate(text, images, k=self.p.k, alpha=self.p.alpha,
@@ -552,8 +519,7 @@ class ReclipExt(Recipe):
         total = time.perf_counter() - t0
         peak = meter.peak() if meter is not None else None
         labels = np.asarray(out.labels)
-        info = {"iterations_max": int(np.max(out.iterations)),
-                "residual_max": float(np.max(out.residuals))}
+        info = _cg_info(np.asarray(out.iterations), np.asarray(out.residuals))
         del out
         if meter is not None:
             meter.reset()
@@ -573,11 +539,7 @@ class ScipyRef(Recipe):
 
     def __init__(self, params: Params | None = None) -> None:
         super().__init__(params)
-        import scipy.sparse  # noqa: F401  (import time outside the measurement)
-        import scipy.sparse.linalg  # noqa: F401
-
-        if _faiss() is None:
-            import sklearn.neighbors  # noqa: F401
+        _preload("scipy.sparse.linalg", None if _faiss() else "sklearn.neighbors")
         configure_threads(self.p.threads)
 
     def knn(self, text, images):
@@ -631,8 +593,7 @@ class ScipyBatched(ScipyRef):
     def solve(self, w, m):
         x, iterations, res = batched_cg(w, rhs(w.shape[0], m, w.dtype), self.p.alpha,
                                         self.p.max_iter, self.p.tol)
-        return np.argmax(x[m:], axis=1), {"iterations_max": int(iterations.max()),
-                                          "residual_max": float(res.max())}
+        return np.argmax(x[m:], axis=1), _cg_info(iterations, res)
 
 
 class TorchDenseChunked(Recipe):
@@ -657,8 +618,7 @@ class TorchDenseChunked(Recipe):
     def solve(self, w, m):
         y = rhs(w.shape[0], m, w.dtype, w.device)
         x, iterations, res = batched_cg(w, y, self.p.alpha, self.p.max_iter, self.p.tol)
-        return self.torch.argmax(x[m:], dim=1).numpy(), {"iterations_max": int(iterations.max()),
-                                                         "residual_max": float(res.max())}
+        return self.torch.argmax(x[m:], dim=1).numpy(), _cg_info(iterations, res)
 
 
 def chunked_similarity(x: np.ndarray, chunk: int = 2048, lib: str = "numpy",
@@ -672,20 +632,13 @@ def chunked_similarity(x: np.ndarray, chunk: int = 2048, lib: str = "numpy",
     chunk = max(1, min(chunk, n))
     if lib == "numpy":
         rows, buf = x, np.empty((chunk, n), np.float32)
-        xt = x.T
-
-        def mm(a, o):
-            np.matmul(a, xt, out=o)
+        mm = lambda a, o: np.matmul(a, x.T, out=o)  # noqa: E731
     elif lib == "torch":
         import torch
 
         configure_threads(threads or default_threads())
-        rows = torch.from_numpy(x)
-        buf = torch.empty((chunk, n), dtype=torch.float32)
-        xt = rows.T
-
-        def mm(a, o):
-            torch.mm(a, xt, out=o)
+        rows, buf = torch.from_numpy(x), torch.empty((chunk, n), dtype=torch.float32)
+        mm = lambda a, o: torch.mm(a, rows.T, out=o)  # noqa: E731
     else:
         raise ValueError(f"lib must be 'numpy' or 'torch', got {lib!r}")
 
@@ -725,8 +678,7 @@ class SgemmFloor(Recipe):
 
     def __init__(self, params: Params | None = None) -> None:
         super().__init__(params)
-        if _importable("torch"):
-            import torch  # noqa: F401  (import outside the measurement)
+        _preload("torch" if _importable("torch") else None)
 
     def run(self, text, images, meter: PeakMemory | None = None) -> RunResult:
         x = stack_normalised(text, images)

@@ -90,11 +90,16 @@ def test_cases_run_headline_first():
     assert device_bench.parse_args(["--quick", "--device", "cpu"]).n == [100_000]
     assert device_bench.parse_args(["--n", "1.28M,100k", "--device", "cpu"]).n == [1_280_000,
                                                                                  100_000]
+    args = device_bench.parse_args(["--n", "200,300", "--m", "10,20", "--largest-first"])
+    assert device_bench.cases_of(args) == [(300, 20), (300, 10), (200, 20), (200, 10)]
+    args = device_bench.parse_args(["--n", "300,200", "--m", "10,20"])
+    assert device_bench.cases_of(args) == [(200, 20), (200, 10), (300, 20), (300, 10)]
     with pytest.raises(SystemExit):
         device_bench.parse_args(["--device", "cpu", "--precisions", "bf16"])
 
 
 def test_budget_prediction():
+    assert device_bench.Budget(None).left() == math.inf
     budget = device_bench.Budget(100.0)
     assert budget.refuse("torch/bf16", 1000, 10) is None  # nothing known: allowed
     budget.record("torch/bf16", 1000, 10, wall=2.0, knn=1.0)
@@ -155,7 +160,6 @@ def test_chunk_rows():
     assert device_bench.chunk_rows(1_281_000, 4, 0, 4.0) == 768
     assert device_bench.chunk_rows(100, 4, 0, 4.0) == 100
     assert device_bench.chunk_rows(100, 4, 30, 4.0) == 30
-    assert math.isfinite(device_bench.Budget(None).left()) is False
 
 
 def test_device_check_script_parses():
@@ -323,7 +327,3 @@ def test_baselines_only_up_to_baselines_max_n(tmp_path):
     assert set(big["runs"]) == {"reclip_ext/exact"}
     assert big["status"] == "ok" and "times" in big["runs"]["reclip_ext/exact"]
     assert "baselines run only for n <= 200" in big["notes"]
-    args = device_bench.parse_args(["--n", "200,300", "--m", "10,20", "--largest-first"])
-    assert device_bench.cases_of(args) == [(300, 20), (300, 10), (200, 20), (200, 10)]
-    args = device_bench.parse_args(["--n", "300,200", "--m", "10,20"])
-    assert device_bench.cases_of(args) == [(200, 20), (200, 10), (300, 20), (300, 10)]
