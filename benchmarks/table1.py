@@ -133,8 +133,10 @@ def cell(values: list[dict]) -> str:
 def table(results: dict, args) -> str:
     lines = []
     for name, r in results.items():
+        split = (f"; inductive: {r['train']} train / {r['test']} test"
+                 if "inductive" in args.protocols else "")
         lines += [f"### {name} ({r['images']} images, {r['classes']} classes, "
-                  f"{r['model']}; inductive: {r['train']} train / {r['test']} test)", "",
+                  f"{r['model']}{split})", "",
                   "| method | " + " | ".join(args.protocols) + " |",
                   "|---" * (1 + len(args.protocols)) + "|"]
         lines.append("| CLIP zero-shot | " + " | ".join(
