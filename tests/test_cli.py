@@ -581,6 +581,14 @@ def test_adapt_writes_run_report_and_predictions(jobs, method):
     assert stages["train_images"] == sum(h["trained"] for h in report["history"]) > 0
     assert stages["encode_images"] % n == 0 and stages["encode_images"] >= 3 * n
     assert all(stages[k] > 0 for k in ("encode_seconds", "train_seconds"))
+    # each of ReCLIP's sides times its own steps, one per iteration (SHOT has neither)
+    sides = ("text", "visual") if method == "reclip" else ()
+    for side in ("text", "visual"):
+        steps, seconds = stages[f"{side}_steps"], stages[f"{side}_step_seconds"]
+        assert (steps, seconds > 0) == ((report["iterations"], True) if side in sides
+                                        else (0, False))
+    if sides:
+        assert stages["text_step_seconds"] + stages["visual_step_seconds"] <= stages["train_seconds"]
 
     rows = parse_predictions((run / "predictions.tsv").read_text())
     assert [p for p, _ in rows] == expected_paths("data", CLASS_COUNTS)

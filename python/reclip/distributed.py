@@ -69,9 +69,13 @@ class World:
         self.collective_calls = 0
         #: this rank's work, for report.json: images and wall seconds of encoding and
         #: training, and the wall seconds of the pseudo labels (the sharded label propagation,
-        #: its own collectives and rank 0's solve included)
+        #: its own collectives and rank 0's solve included); of the training, the steps and
+        #: wall seconds of each side (ReCLIP-T's grow with the classes, ReCLIP-V's with the
+        #: batch)
         self.work = {"encode_images": 0, "encode_seconds": 0.0,
-                     "train_images": 0, "train_seconds": 0.0, "pseudo_label_seconds": 0.0}
+                     "train_images": 0, "train_seconds": 0.0, "pseudo_label_seconds": 0.0,
+                     "text_steps": 0, "text_step_seconds": 0.0,
+                     "visual_steps": 0, "visual_step_seconds": 0.0}
 
     @property
     def active(self) -> bool:
@@ -190,7 +194,8 @@ class World:
             mine[f"{kind}_images_per_s"] = (round(self.work[f"{kind}_images"] / seconds, 2)
                                             if seconds > 0 else None)
             mine[f"{kind}_seconds"] = round(seconds, 3)
-        mine["pseudo_label_seconds"] = round(self.work["pseudo_label_seconds"], 3)
+        for kind in ("pseudo_label", "text_step", "visual_step"):
+            mine[f"{kind}_seconds"] = round(self.work[f"{kind}_seconds"], 3)
         ranks = self.gather_objects(mine)
         return {"world_size": self.size, "backend": self.backend,
                 "collective_seconds": round(self.collective_seconds, 3),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -62,10 +63,10 @@ class ReCLIPMethod(Method):
 
         def step(idx, x, part):
             y = torch.as_tensor(target[idx]).to(clf.device)
-            return torch.stack([
-                self.step_text(frozen[torch.as_tensor(idx).to(clf.device)], y, **part)
-                if use_t else none,
-                self.step_visual(x, y, **part) if use_v else none])
+            loss_t = self.timed("text", lambda: self.step_text(
+                frozen[torch.as_tensor(idx).to(clf.device)], y, **part)) if use_t else none
+            loss_v = self.timed("visual", lambda: self.step_visual(x, y, **part)) if use_v else none
+            return torch.stack([loss_t, loss_v])
 
         loss_t, loss_v = clf.runner.train(batches, loaders, step, images=use_v,
                                           sides=("T", "V"), epoch=epoch)
@@ -111,6 +112,18 @@ class ReCLIPMethod(Method):
                                precision=c.lp_precision, world=world)
         world.work["pseudo_label_seconds"] += time.perf_counter() - start
         return labels
+
+    def timed(self, side: str, step: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run one step of `side`, adding its wall seconds to the run's work (on CUDA the
+        step's kernels are waited for, so that the seconds are the side's own)."""
+        device, work = self.clf.device, self.clf.world.work
+        start = time.perf_counter()
+        loss = step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        work[f"{side}_steps"] += 1
+        work[f"{side}_step_seconds"] += time.perf_counter() - start
+        return loss
 
     def step_text(self, feats: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None,
                   count: int | None = None) -> torch.Tensor:
