@@ -3,6 +3,7 @@ target at m = 1066 classes and n up to 106,600 images (100 renders per class), o
 
     python benchmarks/emoji_scale.py [--design symbola] [--points 1066x10,1066x30,1066x100,100x320]
                                      [--steps 3] [--out benchmarks/results/emoji-scale-DATE]
+                                     [--cli WORK]
 
 Each point ``MxR`` (M classes: the 100-class subset or all 1066; R renders per class) runs in a
 fresh process, so that its peak resident memory is its own. A point times each stage of a
@@ -21,6 +22,11 @@ ReCLIP epoch through the public API, on in-memory renders:
   two sides agree on every label, so the per-epoch figures are that many steps (extrapolated,
   and marked so).
 
+With ``--cli WORK`` a point is ``reclip adapt`` itself, on the renders written as an image
+folder under WORK (kept for the next run): one epoch capped at ``--steps`` iterations, timed
+by the run's own report.json (encode passes, pseudo labels, each side's steps), with the run's
+wall seconds and the peak RSS of it and its loader workers.
+
 Growth exponents are least-squares slopes of log(seconds) against log(n) over the 1066-class
 points, and the ratio between the two 32k-image points for m.
 """
@@ -31,14 +37,18 @@ import datetime
 import json
 import math
 import resource
+import shutil
 import subprocess
 import sys
 import time
 
 from offline import ROOT  # before numpy, torch and reclip: it sets their environment
 
+from pathlib import Path  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 import reclip  # noqa: E402
 from reclip import emoji, models, projection, sources  # noqa: E402
@@ -104,6 +114,62 @@ def one_point(design: str, m: int, renders: int, steps: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def cli_point(design: str, m: int, renders: int, steps: int, work: Path) -> dict:
+    """`reclip adapt` itself on a folder of the renders (one epoch capped at `steps`
+    iterations: a whole epoch of ReCLIP-T at 1066 classes takes hours on a CPU): its wall
+    seconds, its report's stages and the peak RSS of the run and its loader workers."""
+    codes = emoji.classes() if m == len(emoji.classes()) else emoji.small_classes()
+    names = emoji.class_names(codes)
+    folder = work / f"{design}-{m}x{renders}"
+    if not (folder / "done").exists():  # written once: the images are the same every time
+        images, labels = emoji.render(design, codes, renders, seed=0)
+        for c, name in enumerate(names):
+            (folder / "data" / name).mkdir(parents=True, exist_ok=True)
+        for i, (image, c) in enumerate(zip(images, labels)):
+            Image.fromarray(image).save(folder / "data" / names[c] / f"{i:06d}.png")
+        (folder / "classes.txt").write_text("\n".join(names) + "\n")
+        (folder / "templates.txt").write_text("\n".join(sources.EMOJI_TEMPLATES) + "\n")
+        (folder / "done").touch()
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "reclip", "adapt", "--model", "reclip-emoji",
+                    "--data", "data", "--classes", "classes.txt", "--templates", "templates.txt",
+                    "--out", "run", "--epochs", "1", "--iterations", str(steps), "--seed", "0",
+                    "--device", "cpu", "--quiet"], cwd=folder, check=True)
+    wall = time.perf_counter() - start
+    report = json.loads((folder / "run" / "report.json").read_text())
+    shutil.rmtree(folder / "run")
+    return {"design": design, "classes": m, "renders": renders, "images": report["images"],
+            "batch": report["config"]["batch_size"] or reclip.Config().batch_for(m),
+            "wall_seconds": round(wall, 1), "stages": report["stages"],
+            "zero_shot_accuracy": report["zero_shot_accuracy"],
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+
+
+def cli_table(points: list[dict]) -> str:
+    lines = ["| m | n | wall | encode passes | encode | per pass | pseudo labels | T step | "
+             "V step | T epoch* | V epoch* | peak RSS |", "|---" * 12 + "|"]
+    for p in points:
+        s = p["stages"]
+        passes = s["encode_images"] / p["images"]
+        t, v = (s[f"{k}_step_seconds"] / max(1, s[f"{k}_steps"]) for k in ("text", "visual"))
+        steps = math.ceil(p["images"] / p["batch"])
+        lines.append(f"| {p['classes']} | {p['images']} | {p['wall_seconds']:.0f} | {passes:g} | "
+                     f"{s['encode_seconds']:.0f} | {s['encode_seconds'] / passes:.0f} | "
+                     f"{s['pseudo_label_seconds']:.2f} | {t:.2f} | {v:.3f} | {t * steps:.0f} | "
+                     f"{v * steps:.0f} | {p['peak_rss_mib'] / 1024:.2f} GiB |")
+    many = sorted((p for p in points if p["classes"] == 1066), key=lambda p: p["images"])
+    n = [p["images"] for p in many]
+    grow = {"encode": slope(n, [p["stages"]["encode_seconds"] for p in many]),
+            "pseudo labels": slope(n, [p["stages"]["pseudo_label_seconds"] for p in many]),
+            "peak RSS": slope(n, [p["peak_rss_mib"] for p in many])}
+    if len(many) > 1:
+        lines += ["", "Growth with n at m = 1066 (slope of log seconds on log n): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in grow.items()) + "."]
+    lines.append("* per epoch: seconds per step times ceil(n / batch) steps, extrapolated, "
+                 "not run.")
+    return "\n".join(lines)
+
+
 def slope(xs, ys) -> float | None:
     pts = [(math.log(a), math.log(b)) for a, b in zip(xs, ys) if a > 0 and b > 0]
     if len(pts) < 2:
@@ -148,25 +214,32 @@ def main(argv=None) -> int:
     p.add_argument("--design", default="symbola", choices=("symbola", "emojione"))
     p.add_argument("--points", default="1066x10,1066x30,1066x100,100x320")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--cli", metavar="WORK",
+                   help="time `reclip adapt` itself on image folders written under WORK "
+                        "(--steps iterations of one epoch) instead of the stages in-process")
     p.add_argument("--one", help=argparse.SUPPRESS)  # MxR: run one point here, print its JSON
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
                                         f"emoji-scale-{datetime.date.today().isoformat()}"))
     args = p.parse_args(argv)
     if args.one:
         m, r = map(int, args.one.split("x"))
-        print(json.dumps(one_point(args.design, m, r, args.steps)))
+        point = (cli_point(args.design, m, r, args.steps, Path(args.cli)) if args.cli
+                 else one_point(args.design, m, r, args.steps))
+        print(json.dumps(point))
         return 0
     points = []
     for point in args.points.split(","):
         print(f"== {point}", file=sys.stderr, flush=True)
         done = subprocess.run([sys.executable, __file__, "--one", point, "--design", args.design,
-                               "--steps", str(args.steps)], capture_output=True, text=True)
+                               "--steps", str(args.steps),
+                               *(["--cli", str(Path(args.cli).resolve())] if args.cli else [])],
+                              capture_output=True, text=True)
         if done.returncode:
             print(done.stderr[-3000:], file=sys.stderr)
             return done.returncode
         points.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(points[-1]), file=sys.stderr, flush=True)
-    text = table(points)
+    text = cli_table(points) if args.cli else table(points)
     print(text)
     write_json(f"{args.out}.json", {"points": points, "torch": torch.__version__})
     write_text(f"{args.out}.md", text + "\n")
