@@ -189,6 +189,25 @@ def test_the_frozen_tower_encodes_one_image_set_once(tiny, colour_images):
     torch.testing.assert_close(logits, ref.logits(colour_images))
 
 
+def test_the_first_visual_pass_is_the_frozen_one(tiny, colour_images):
+    """Before any step the visual copy's image tower is the frozen one, so the V side's first
+    pseudo labels come from the frozen pass: the visual copy is encoded only after it trained
+    (here to score the epoch), and the reuse is exact."""
+    torch.manual_seed(0)
+    clf = reclip.ReCLIP(tiny, CLASSES, ["a photo of a {}."], reclip.Config(max_epochs=1))
+    frozen = clf.encode_images(colour_images, side="text")
+    assert torch.equal(frozen, clf.encode_images(colour_images, side="visual"))
+    seen, original = [], clf.features.images
+    clf.features.images = lambda model, *a, **k: (seen.append(model), original(model, *a, **k))[1]
+    clf.fit(colour_images, labels=np.arange(len(colour_images)) % 3)
+    assert [m is clf.visual_copy for m in seen] == [False, True]
+    assert not clf.method.untrained()  # one epoch of steps moved it
+    # a fresh copy is untrained again, and so is a visual copy whose norms are set back
+    for name, p in clf.visual_params.items():
+        p.data.copy_(dict(clf.text_copy.named_parameters())[name])
+    assert clf.method.untrained()
+
+
 def test_zero_shot_is_unadapted_clip(tiny, colour_images):
     feats = torch.nn.functional.normalize(tiny.model.encode_image(colour_images), dim=-1)
     clf = _fit(tiny, colour_images, max_epochs=1)

@@ -22,13 +22,23 @@ class Method:
         """Drop the kept features (n x d on the device) once fit is done with them."""
         self._kept = None
 
-    def visual_features(self, data, loaders: dict) -> torch.Tensor:
-        """The visual copy's features of `data` now: those kept after the last epoch's steps,
-        or a new pass."""
+    def visual_features(self, data, loaders: dict, frozen: torch.Tensor) -> torch.Tensor:
+        """The visual copy's features of `data` now: those kept after the last epoch's steps;
+        before any step, the frozen tower's `frozen` (the same weights give the same
+        features, and a pass over n images is the costliest stage of a short run); or a new
+        pass."""
         kept, self._kept = self._kept, None
         if kept is not None and kept[0] is data:
             return kept[1]
+        if self.untrained():
+            return frozen
         return self.clf.features.images(self.clf.visual_copy, data, loaders["encode"])
+
+    def untrained(self) -> bool:
+        """Whether the visual copy's image tower is still the frozen one: every parameter that
+        trains equals the text copy's (nothing else of them ever differs)."""
+        base = dict(self.clf.text_copy.named_parameters())
+        return all(torch.equal(p, base[name]) for name, p in self.clf.visual_params.items())
 
     def trained_features(self, data, loaders: dict) -> torch.Tensor:
         """The visual copy's features of `data` after this epoch's steps, kept for the next

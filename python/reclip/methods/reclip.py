@@ -46,7 +46,7 @@ class ReCLIPMethod(Method):
             clf.basis_t = projection.basis(clf.nodes_t, c.projection)
             labels_t = self.pseudo(frozen, clf.nodes_t, clf.basis_t)
         if use_v:
-            feats_v = self.visual_features(data, loaders)
+            feats_v = self.visual_features(data, loaders, frozen)
             labels_v = self.pseudo(feats_v, clf.nodes_v, clf.basis_v)
             clf.centres = centres(feats_v, labels_v, clf.nodes_v)
         clf.last_pseudo = {"text": labels_t, "visual": labels_v}

@@ -37,7 +37,7 @@ class SHOT(Method):
         """One epoch of SHOT: cluster pseudo labels of the current visual features, then SGD
         on the information-maximisation loss + beta x their cross-entropy over every image."""
         clf = self.clf
-        feats = self.visual_features(data, loaders)
+        feats = self.visual_features(data, loaders, frozen)
         # the frozen zero-shot classifier: `centres` stays `nodes_v` for SHOT
         logits = clf.config.logit_scale * feats @ clf.centres.T
         world = clf.world
