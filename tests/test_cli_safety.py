@@ -79,10 +79,11 @@ def all_finite(run: Path) -> bool:
 # ----------------------------------------------------------------------------- divergence
 
 
-@pytest.mark.parametrize("method,side", [("reclip", "side T"), ("shot", "side SHOT")])
+@pytest.mark.parametrize("method,side", [("reclip", "side V"), ("shot", "side SHOT")])
 def test_divergence_names_the_step_and_saves_nothing(ws, method, side):
-    """Five steps an epoch at lr 1e6: a loss is non-finite within the first epoch; the line
-    names epoch, step, side and learning rate, and no run is written."""
+    """Five steps an epoch at lr 1e6: a loss is non-finite within the first epoch (for ReCLIP,
+    the visual side's); the line names epoch, step, side and learning rate, and no run is
+    written."""
     out = f"run_diverged_{method}"
     r = cli(ws, *adapt_args("data", out, "--epochs", "3", "--lr", "1e6", "--batch-size", "8",
                             *(["--method", "shot"] if method == "shot" else [])))
@@ -91,15 +92,15 @@ def test_divergence_names_the_step_and_saves_nothing(ws, method, side):
 
 
 def test_divergence_after_an_epochs_last_step_keeps_the_last_checkpoint(ws):
-    """lr 1e6 at one step an epoch: the weights break in an epoch's last step, which no loss
+    """lr 1e8 at one step an epoch: the weights break in an epoch's last step, which no loss
     shows, so the check of the parameters before the checkpoint must catch it. The last
     checkpoint stays: finite, and the only tensor file."""
     out = ws / "run_broken_weights"
-    r = cli(ws, *adapt_args("data", out.name, "--epochs", "5", "--lr", "1e6"))
+    r = cli(ws, *adapt_args("data", out.name, "--epochs", "5", "--lr", "1e8"))
     meta = read_json(out / "run.json")
     saved = meta["epoch"]
     assert 1 <= saved < 5
-    one_line_error(r, f"epoch {saved + 1}, after its last step", "non-finite", "1e+06", "--lr")
+    one_line_error(r, f"epoch {saved + 1}, after its last step", "non-finite", "1e+08", "--lr")
     assert all_finite(out)
     assert run_files(out) == sorted(["run.json", meta["tensors"]])
 
@@ -142,6 +143,26 @@ def test_api_raises_floating_point_error_and_save_refuses(tmp_path):
     assert not (tmp_path / "run" / "run.json").exists()
     with pytest.raises(FloatingPointError, match="non-finite"):
         clf.save(tmp_path / "run")
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+@pytest.mark.parametrize("break_it, what", [
+    (lambda ln: ln.weight.data.fill_(float("inf")), "class embeddings are not finite"),
+    # every prompt's embedding the same vector: rank 1, which P2 cannot project
+    (lambda ln: (ln.weight.data.zero_(), ln.bias.data.fill_(0.5)), "class embeddings collapsed")])
+def test_text_weights_that_break_the_class_embeddings_are_divergence(tmp_path, break_it, what):
+    """Weights that pass the check after an epoch (finite) can still break the next epoch's
+    class embeddings: that is the run diverging, named as such, not a failed SVD."""
+    torch = pytest.importorskip("torch")
+    from reclip.adapt import Config, ReCLIP
+    from reclip.models import load_model
+
+    torch.manual_seed(0)
+    clf = ReCLIP(load_model(TINY_VIT), CLASSES, config=Config(max_epochs=2, device="cpu",
+                                                              workers=0))
+    break_it(clf.text_copy.ln_final)
+    with pytest.raises(FloatingPointError, match=f"epoch 1, at its start: the text copy's {what}"):
+        clf.fit(torch.rand(24, 3, 32, 32), out_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "run.json").exists()
 
 
@@ -416,7 +437,7 @@ def test_divergence_stops_every_rank_with_the_same_line(ws):
                 lines[rank] = line[len(prefix):]
     assert set(lines) <= {0, 1} and 0 in lines, r.stderr
     assert all(text == lines[0] for text in lines.values()), lines
-    assert "epoch 1, step " in lines[0] and "side T" in lines[0] and "1e+06" in lines[0]
+    assert "epoch 1, step " in lines[0] and "side V" in lines[0] and "1e+06" in lines[0]
     # torchrun's agent prints its own traceback (ChildFailedError); no rank's shows
     assert "FloatingPointError" not in r.stderr and "LinAlgError" not in r.stderr, r.stderr
     assert not (ws / "run_diverged_2" / "run.json").exists()

@@ -43,10 +43,23 @@ class ReCLIPMethod(Method):
         labels_t = labels_v = None
         if use_t:
             clf.nodes_t = clf.class_nodes(clf.text_copy)
-            clf.basis_t = projection.basis(clf.nodes_t, c.projection)
+            # weights that are finite but huge after the last epoch (which the check after it
+            # lets through) can overflow here: that is divergence too, not a failed SVD
+            if not torch.isfinite(clf.nodes_t).all():
+                raise FloatingPointError(clf.runner.diverged(
+                    epoch, "at its start: the text copy's class embeddings are not finite"))
+            try:
+                clf.basis_t = projection.basis(clf.nodes_t, c.projection)
+            except ValueError as err:  # embeddings the training collapsed (fine at the start)
+                raise FloatingPointError(clf.runner.diverged(
+                    epoch, f"at its start: the text copy's class embeddings collapsed ({err})")
+                ) from None
             labels_t = self.pseudo(frozen, clf.nodes_t, clf.basis_t)
         if use_v:
             feats_v = self.visual_features(data, loaders, frozen)
+            if not torch.isfinite(feats_v).all():  # the same for the visual copy's features
+                raise FloatingPointError(clf.runner.diverged(
+                    epoch, "at its start: the visual copy's image features are not finite"))
             labels_v = self.pseudo(feats_v, clf.nodes_v, clf.basis_v)
             clf.centres = centres(feats_v, labels_v, clf.nodes_v)
         clf.last_pseudo = {"text": labels_t, "visual": labels_v}
