@@ -66,6 +66,10 @@ def _selftest_cg_scale(bmax: float) -> float:
 def _selftest_cg_floor(n: int, tiny: float) -> float:
     """The shared ||r||^2 below which a CG column stops as converged."""
 
+def _selftest_mma_layout() -> list[tuple[tuple[int, int], tuple[int, int],
+                                         list[tuple[int, int]]]]:
+    """Per lane of the tensor-core tile loop: A and B ldmatrix addresses, accumulator entries."""
+
 def built_with_cuda() -> bool:
     """True when the CUDA kernels were compiled in."""
 

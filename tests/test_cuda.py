@@ -116,6 +116,57 @@ def test_selftest_cg_rules():
     assert not r["start_active"] and r["residual"] == 0.0 and r["iterations"] == 0
 
 
+def _ldmatrix_x4(memory, addresses, esize):
+    """ldmatrix.sync.aligned.m8n8.x4.b16 as the PTX ISA defines it: lanes 8i .. 8i + 7 give the
+    row addresses of matrix i (8 rows of 16 bytes); lane t receives, from each matrix, the 4
+    bytes at row t // 4, byte 4 (t % 4). memory[row][e] is the element at byte e * esize;
+    returns per lane its 4 registers, each the tuple of elements its 4 bytes hold."""
+    regs = []
+    for t in range(32):
+        lane_regs = []
+        for i in range(4):
+            row, col_bytes = addresses[8 * i + t // 4]
+            first = (col_bytes + 4 * (t % 4)) // esize
+            lane_regs.append(tuple(memory[row][first + e] for e in range(4 // esize)))
+        regs.append(lane_regs)
+    return regs
+
+
+@pytest.mark.parametrize("esize", [2, 4], ids=["bf16", "tf32"])
+def test_selftest_mma_layout_matches_the_ptx_fragments(esize):
+    """The tensor-core tile loop's lane roles (core/mma_layout.h) against the fragment layouts
+    of mma.sync m16n8k16.bf16 (2-byte values) and m16n8k8.tf32 (4-byte values): what each
+    lane's ldmatrix.x4 receives must be the A fragment, and the B fragments of two n8 blocks,
+    of one 32-byte K chunk; its accumulator entries must be where the D fragment puts them."""
+    lanes = _core._selftest_mma_layout()
+    assert len(lanes) == 32
+    kc = 32 // esize  # values per 32-byte K chunk: 16 bf16 or 8 tf32
+    # operands as 16 rows of one K chunk, K contiguous; each element names its (row, k)
+    memory = [[(r, k) for k in range(kc)] for r in range(16)]
+    for operand in (0, 1):
+        addresses = [lane[operand] for lane in lanes]
+        for i in range(4):  # ldmatrix: 8 distinct rows per matrix, 16-byte aligned pieces
+            rows = [addresses[8 * i + j][0] for j in range(8)]
+            assert len(set(rows)) == 8 and all(0 <= r < 16 for r in rows)
+            assert all(addresses[8 * i + j][1] in (0, 16) for j in range(8))
+        regs = _ldmatrix_x4(memory, addresses, esize)
+        for t in range(32):
+            g, tig = t // 4, t % 4
+            per_reg = 4 // esize  # values per 32-bit register
+            for j in range(4):
+                if operand == 0:  # A: a_j at row g + 8 (j % 2), k from the chunk's half j // 2
+                    want = [(g + 8 * (j % 2), per_reg * tig + (kc // 2) * (j // 2) + e)
+                            for e in range(per_reg)]
+                else:  # B: registers (0, 1) are b0, b1 of rows 0-7, (2, 3) those of rows 8-15
+                    want = [(g + 8 * (j // 2), per_reg * tig + (kc // 2) * (j % 2) + e)
+                            for e in range(per_reg)]
+                assert list(regs[t][j]) == want, (operand, t, j)
+    for t, lane in enumerate(lanes):  # D: c0, c1 at row g, c2, c3 at row g + 8; columns 2 tig + 0/1
+        g, tig = t // 4, t % 4
+        assert [tuple(rc) for rc in lane[2]] == [(g, 2 * tig), (g, 2 * tig + 1),
+                                                 (g + 8, 2 * tig), (g + 8, 2 * tig + 1)]
+
+
 # --------------------------------------------------------------------------------------------
 # Workspace sizes
 

@@ -13,6 +13,7 @@
 
 #include "bindings/dlpack.h"
 #include "core/graph_math.h"
+#include "core/mma_layout.h"
 #include "core/topk.h"
 #include "cpu/workspace.h"
 #include "dispatch/ops.h"
@@ -349,6 +350,22 @@ PYBIND11_MODULE(_core, m) {
         "The shared power-of-two scale of a CG column with largest entry bmax.");
   m.def("_selftest_cg_floor", &cg_residual_floor, py::arg("n"), py::arg("tiny"),
         "The shared ||r||^2 below which a CG column stops as converged.");
+  m.def(
+      "_selftest_mma_layout",
+      [] {
+        py::list lanes;
+        for (int lane = 0; lane < 32; ++lane) {
+          const MmaLaneAddress a = mma_a_address(lane), b = mma_b_address(lane);
+          py::list acc;
+          for (int e = 0; e < 4; ++e)
+            acc.append(py::make_tuple(mma_acc_row(lane, e), mma_acc_col(lane, e)));
+          lanes.append(py::make_tuple(py::make_tuple(a.row, a.col_bytes),
+                                      py::make_tuple(b.row, b.col_bytes), acc));
+        }
+        return lanes;
+      },
+      "Per lane of the tensor-core tile loop: its A and B ldmatrix addresses (row, byte\n"
+      "offset) and the (row, column) of its four accumulator entries (core/mma_layout.h).");
   m.def("built_with_cuda", &rext::built_with_cuda, "True when the CUDA kernels were compiled in.");
   m.def("cuda_device_count", &rext::cuda_device_count,
         "Visible CUDA devices (0 without CUDA support, a driver or a device).");

@@ -8,12 +8,13 @@
 //    alignment is handled here, so the main kernel issues only aligned 16-byte cp.async loads.
 // 2. topk_tiles: per CTA a BM-row block; per column tile a BM x BN product over 32-deep K
 //    steps, pipelined through shared memory with cp.async (3 stages for bf16, 2 for fp32 /
-//    fp64; one barrier per K step); CUDA-core FMA tiles for
-//    "exact" (fp32 / fp64), nvcuda::wmma tensor-core tiles for bf16 (m16n16k16) and tf32
-//    (m16n16k8), fp32 accumulation. The finished tile goes to shared memory; each warp then
-//    scans its rows: candidates are filtered against the row's current k-th entry with a warp
-//    ballot, and only the survivors (after the first tiles, very few) are inserted into the
-//    sorted list by a warp-cooperative shift. Lists live in shared memory for k <= 64 and in
+//    fp64; one barrier per K step; each thread's copy addresses only advance); CUDA-core FMA
+//    tiles for "exact" (fp32 / fp64), tensor-core tiles for bf16 and tf32 (ldmatrix operands,
+//    mma.sync m16n8k16 / m16n8k8, fp32 accumulation; lane roles in core/mma_layout.h). The
+//    finished tile goes to shared memory; each warp then scans its rows: candidates are
+//    filtered against the row's current k-th entry with a warp ballot, and only the survivors
+//    (after the first tiles, very few) are inserted into the sorted list by a warp-cooperative
+//    shift. Lists live in shared memory for k <= 64 and in
 //    the global workspace above that (same code, slower).
 // 3. finalize: for bf16 / tf32 the k neighbours are re-scored in fp32 from the original rows
 //    and re-sorted (so weights are exact dot products; the neighbour set may differ slightly
@@ -27,7 +28,6 @@
 #include <cuda_bf16.h>
 #include <cuda_pipeline.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include <cmath>
 #include <cstring>
@@ -38,6 +38,7 @@
 
 #include "core/check.h"
 #include "core/graph_math.h"
+#include "core/mma_layout.h"
 #include "core/topk.h"
 #include "core/workspace_layout.h"
 #include "cuda/affinity_cuda.h"
@@ -55,7 +56,7 @@ enum class Mma { Simt, Bf16, Tf32 };
 
 // Tile shape per operand kind. Simt: a 16 x 16 thread grid, thread (ty, tx) owns rows
 // ty + 16 m and columns tx + 16 n (strided, so shared-memory reads hit distinct banks).
-// Wmma: 4 x 2 warps, each a 32 x 64 block of 2 x 4 16x16 accumulators.
+// Tensor cores: 4 x 2 warps, each a 32 x 64 block of 2 x 8 m16n8 accumulators.
 template <class Op, class Acc, Mma M>
 struct Cfg {
   static constexpr int BM = sizeof(Acc) == 8 ? 64 : 128;
@@ -105,7 +106,10 @@ __device__ __forceinline__ Op to_operand(float v, bool tf32);
 template <>
 __device__ __forceinline__ float to_operand<float>(float v, bool tf32) {
   // Rounded to tf32 here, once, so the tensor-core fragments need no per-element conversion.
-  return tf32 ? nvcuda::wmma::__float_to_tf32(v) : v;
+  if (!tf32) return v;
+  uint32_t bits;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(bits) : "f"(v));
+  return __uint_as_float(bits);
 }
 template <>
 __device__ __forceinline__ __nv_bfloat16 to_operand<__nv_bfloat16>(float v, bool) {
@@ -155,19 +159,72 @@ __global__ void pack_rows(StackedRows<T> x, bool normalize, bool tf32, T* scale,
     dst[c] = to_operand<Op>(row && c < d ? row[c] * s : T(0), tf32);
 }
 
-// Issue the copies of one K step of the A rows [row0, row0 + BM) and B rows
-// [col0, col0 + BN); the caller commits them as one pipeline group.
+// The cp.async copies of the K steps. A stage is BM A rows then BN B rows of kBK operands,
+// kPerRow 16-byte pieces per row; thread t always copies piece t % kPerRow of rows
+// t / kPerRow + i kRowStep, so its sources advance by kBK per K step and by kRowStep rows per
+// copy: two pointer additions per copy, nothing recomputed from the row index.
 template <class C, class Op>
-__device__ __forceinline__ void load_stage(Op* stage, const Op* a_rows, const Op* b_rows,
-                                           int64_t d_pad, int64_t k0) {
-  constexpr int kVec = 16 / int(sizeof(Op));
-  constexpr int kPerRow = kBK / kVec;
-#pragma unroll 2  // fully unrolled, the addresses push the bf16 tile over 128 registers
-  for (int c = threadIdx.x; c < (C::BM + C::BN) * kPerRow; c += kThreads) {
-    const int r = c / kPerRow, piece = c % kPerRow;
-    const Op* src = r < C::BM ? a_rows + r * d_pad : b_rows + (r - C::BM) * d_pad;
-    __pipeline_memcpy_async(stage + r * C::LDA + piece * kVec, src + k0 + piece * kVec, 16);
+struct StageCopies {
+  static constexpr int kVec = 16 / int(sizeof(Op));
+  static constexpr int kPerRow = kBK / kVec;
+  static constexpr int kRowStep = kThreads / kPerRow;
+  static constexpr int kCopies = (C::BM + C::BN) / kRowStep;
+  static_assert(kThreads % kPerRow == 0 && C::BM % kRowStep == 0 && C::BN % kRowStep == 0,
+                "every copy reads A or B rows only, never both");
+  const Op* a_src;      // this thread's first A piece of the next K step
+  const Op* b_src;      // this thread's first B piece of the next K step
+  int64_t row_step;     // kRowStep rows of the packed operands, in elements
+  uint32_t dst;         // this thread's first piece in a stage (shared-memory address)
+
+  __device__ StageCopies(const Op* a_rows, const Op* b_rows, int64_t d_pad, const Op* stages) {
+    const int r = threadIdx.x / kPerRow, piece = threadIdx.x % kPerRow;
+    a_src = a_rows + r * d_pad + piece * kVec;
+    b_src = b_rows + r * d_pad + piece * kVec;
+    row_step = kRowStep * d_pad;
+    dst = uint32_t(__cvta_generic_to_shared(stages + r * C::LDA + piece * kVec));
   }
+
+  // Issues the copies of the next K step into the stage at byte offset `stage` and moves on.
+  __device__ __forceinline__ void issue(uint32_t stage) {
+    const Op* src = a_src;
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i) {
+      if (i * kRowStep == C::BM) src = b_src;
+      const uint32_t to = dst + stage + uint32_t(i * kRowStep * C::LDA * int(sizeof(Op)));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(to), "l"(src)
+                   : "memory");
+      src += row_step;
+    }
+    a_src += kBK;
+    b_src += kBK;
+  }
+};
+
+// Tensor-core operands and products as PTX: the wmma API loads fragments through generic
+// addresses (no ldmatrix) and fixes the accumulator shape; core/mma_layout.h has the lane roles.
+// Volatile, with its memory operand hidden from the compiler: it must not move across the
+// barriers that publish the cp.async copies.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <Mma M>
+__device__ __forceinline__ void mma_16x8(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  // Not volatile: a pure function of registers, which the compiler may schedule freely.
+  if constexpr (M == Mma::Bf16)
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // S tile (BM x BN, pitch LDS) of query rows [row0, ...) of xa against rows [col0, ...) of xb
@@ -176,13 +233,10 @@ template <class C, class Op, class Acc, Mma M>
 __device__ void compute_tile(Op* stages, Acc* tile, const Op* xa, const Op* xb, int64_t d_pad,
                              int64_t row0, int64_t col0) {
   const int steps = int(d_pad / kBK);
-  const int warp = threadIdx.x >> 5;
-  (void)warp;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   [[maybe_unused]] Acc acc[M == Mma::Simt ? C::TM : 1][M == Mma::Simt ? C::TN : 1];
-  using namespace nvcuda;
-  using FragIn = std::conditional_t<M == Mma::Bf16, __nv_bfloat16, wmma::precision::tf32>;
-  constexpr int KS = M == Mma::Bf16 ? 16 : 8;
-  wmma::fragment<wmma::accumulator, 16, 16, KS, float> wacc[2][4];
+  // Tensor cores: a warp's 32 x 64 block is 2 x 8 m16n8 accumulators of 4 floats.
+  [[maybe_unused]] float macc[M == Mma::Simt ? 1 : 2][M == Mma::Simt ? 1 : 8][4];
   if constexpr (M == Mma::Simt) {
 #pragma unroll
     for (int a = 0; a < C::TM; ++a)
@@ -192,7 +246,9 @@ __device__ void compute_tile(Op* stages, Acc* tile, const Op* xa, const Op* xb, 
 #pragma unroll
     for (int a = 0; a < 2; ++a)
 #pragma unroll
-      for (int b = 0; b < 4; ++b) wmma::fill_fragment(wacc[a][b], 0.0f);
+      for (int b = 0; b < 8; ++b)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) macc[a][b][e] = 0.0f;
   }
 
   // Pipeline: group g holds K step g in stage g % S. Before step s, S - 1 + s groups have
@@ -200,41 +256,44 @@ __device__ void compute_tile(Op* stages, Acc* tile, const Op* xa, const Op* xb, 
   // at most S - 2 are pending means group s has landed. The barrier then also guarantees that
   // every warp has finished step s - 1, whose stage the next copy overwrites.
   constexpr int S = C::kStages;
+  constexpr uint32_t kStageBytes = uint32_t(C::kStageElems * sizeof(Op));
   // Layout invariants the copies and fragments rely on (checked here, where they are used):
-  // 16-byte cp.async destinations; 256-bit aligned wmma pointers (fragment rows start at
-  // multiples of 16 rows, K offsets at multiples of KS) with ldm a multiple of 16 bytes; the
-  // warp grids cover the tile exactly; the stages fit the region the S tile reuses.
+  // 16-byte cp.async destinations and ldmatrix rows; the warp grids cover the tile exactly;
+  // a K step is whole 32-byte mma chunks; the stages fit the region the S tile reuses.
   static_assert(C::LDA * sizeof(Op) % 16 == 0 && C::kStageElems * sizeof(Op) % 128 == 0);
   static_assert(C::kStagesBytes <= C::kRegion0 && C::kTileBytes <= C::kRegion0);
   static_assert(S >= 2 && kBK % (16 / sizeof(Op)) == 0);
   if constexpr (M == Mma::Simt) {
     static_assert(C::BM == 16 * C::TM && C::BN == 16 * C::TN && kThreads == 256);
   } else {
-    static_assert(C::BM == 4 * 32 && C::BN == 2 * 64 && kWarps == 8 && kBK % KS == 0);
-    static_assert(16 * C::LDA * sizeof(Op) % 32 == 0 && KS * sizeof(Op) % 32 == 0 &&
-                  C::BM * C::LDA * sizeof(Op) % 32 == 0 && C::LDA * sizeof(Op) % 16 == 0);
-    static_assert(16 * C::LDS * sizeof(Acc) % 32 == 0 && 16 * sizeof(Acc) % 32 == 0 &&
-                  C::LDS * sizeof(Acc) % 16 == 0);
+    static_assert(C::BM == 4 * 32 && C::BN == 2 * 64 && kWarps == 8 && sizeof(Acc) == 4);
+    static_assert(kBK * sizeof(Op) % 32 == 0 && C::LDS % 2 == 0);
   }
-  const Op* a_rows = xa + row0 * d_pad;
-  const Op* b_rows = xb + col0 * d_pad;
+  StageCopies<C, Op> copies(xa + row0 * d_pad, xb + col0 * d_pad, d_pad, stages);
+  const uint32_t stages_at = uint32_t(__cvta_generic_to_shared(stages));
 #pragma unroll
   for (int g = 0; g < S - 1; ++g) {
-    if (g < steps)
-      load_stage<C>(stages + g * C::kStageElems, a_rows, b_rows, d_pad, int64_t(g) * kBK);
+    if (g < steps) copies.issue(g * kStageBytes);
     __pipeline_commit();
+  }
+  // This lane's ldmatrix addresses within a stage (tensor cores only).
+  [[maybe_unused]] uint32_t a_at = 0, b_at = 0;
+  if constexpr (M != Mma::Simt) {
+    const int wm = warp >> 1, wn = warp & 1;
+    const MmaLaneAddress a = mma_a_address(lane), b = mma_b_address(lane);
+    a_at = stages_at + uint32_t(((wm * 32 + a.row) * C::LDA) * sizeof(Op) + a.col_bytes);
+    b_at = stages_at +
+           uint32_t(((C::BM + wn * 64 + b.row) * C::LDA) * sizeof(Op) + b.col_bytes);
   }
   for (int s = 0; s < steps; ++s) {
     __pipeline_wait_prior(S - 2);
     __syncthreads();
     const int next = s + S - 1;
-    if (next < steps)
-      load_stage<C>(stages + (next % S) * C::kStageElems, a_rows, b_rows, d_pad,
-                    int64_t(next) * kBK);
+    if (next < steps) copies.issue((next % S) * kStageBytes);
     __pipeline_commit();
-    const Op* As = stages + (s % S) * C::kStageElems;
-    const Op* Bs = As + C::BM * C::LDA;
     if constexpr (M == Mma::Simt) {
+      const Op* As = stages + (s % S) * C::kStageElems;
+      const Op* Bs = As + C::BM * C::LDA;
       const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
 #pragma unroll 4
       for (int kk = 0; kk < kBK; ++kk) {
@@ -249,24 +308,23 @@ __device__ void compute_tile(Op* stages, Acc* tile, const Op* xa, const Op* xb, 
           for (int q = 0; q < C::TN; ++q) acc[m][q] = fma(a[m], b[q], acc[m][q]);
       }
     } else {
-      const int wm = warp >> 1, wn = warp & 1;
-      // Not unrolled: with two CTAs per SM the other warps hide the fragment loads, and the
-      // unrolled loop would not fit the 128-register cap without spilling.
-#pragma unroll 1
-      for (int ks = 0; ks < kBK; ks += KS) {
-        wmma::fragment<wmma::matrix_a, 16, 16, KS, FragIn, wmma::row_major> fa[2];
-        wmma::fragment<wmma::matrix_b, 16, 16, KS, FragIn, wmma::col_major> fb[4];
+      const uint32_t stage = (s % S) * kStageBytes;
+      constexpr uint32_t kBlockBytes = 16 * C::LDA * sizeof(Op);  // 16 operand rows
+#pragma unroll 2
+      for (int chunk = 0; chunk < int(kBK * sizeof(Op)) / 32; ++chunk) {
+        uint32_t fa[2][4];
 #pragma unroll
-        for (int a = 0; a < 2; ++a)
-          wmma::load_matrix_sync(fa[a], As + (wm * 32 + a * 16) * C::LDA + ks, C::LDA);
-        // matrix_b col_major: element (k, n) at n * LDA + k, i.e. the B rows as stored.
+        for (int a = 0; a < 2; ++a) ldmatrix_x4(a_at + stage + a * kBlockBytes + chunk * 32, fa[a]);
 #pragma unroll
-        for (int b = 0; b < 4; ++b)
-          wmma::load_matrix_sync(fb[b], Bs + (wn * 64 + b * 16) * C::LDA + ks, C::LDA);
+        for (int b = 0; b < 4; ++b) {
+          uint32_t fb[4];  // b0, b1 of the n8 block of rows 16b .. 16b + 7, then of 16b + 8 ..
+          ldmatrix_x4(b_at + stage + b * kBlockBytes + chunk * 32, fb);
 #pragma unroll
-        for (int a = 0; a < 2; ++a)
-#pragma unroll
-          for (int b = 0; b < 4; ++b) wmma::mma_sync(wacc[a][b], fa[a], fb[b], wacc[a][b]);
+          for (int a = 0; a < 2; ++a) {
+            mma_16x8<M>(macc[a][2 * b], fa[a], fb[0], fb[1]);
+            mma_16x8<M>(macc[a][2 * b + 1], fa[a], fb[2], fb[3]);
+          }
+        }
       }
     }
   }
@@ -282,12 +340,18 @@ __device__ void compute_tile(Op* stages, Acc* tile, const Op* xa, const Op* xb, 
       for (int q = 0; q < C::TN; ++q) tile[(ty + 16 * m) * C::LDS + tx + 16 * q] = acc[m][q];
   } else {
     const int wm = warp >> 1, wn = warp & 1;
+    // Entries 0, 1 (and 2, 3) of an accumulator are adjacent columns: one 8-byte store each.
 #pragma unroll
     for (int a = 0; a < 2; ++a)
 #pragma unroll
-      for (int b = 0; b < 4; ++b)
-        wmma::store_matrix_sync(tile + (wm * 32 + a * 16) * C::LDS + wn * 64 + b * 16,
-                                wacc[a][b], C::LDS, wmma::mem_row_major);
+      for (int b = 0; b < 8; ++b)
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {
+          const int row = wm * 32 + a * 16 + mma_acc_row(lane, e);
+          const int col = wn * 64 + b * 8 + mma_acc_col(lane, e);
+          *reinterpret_cast<float2*>(tile + row * C::LDS + col) =
+              make_float2(macc[a][b][e], macc[a][b][e + 1]);
+        }
   }
   __syncthreads();
 }
