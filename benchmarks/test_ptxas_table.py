@@ -65,7 +65,9 @@ def test_knn_tile_loops(kernels):
     assert all(any(f"(Mma){m}" in name for name in tiles) for m in range(3)), list(tiles)
     for name, loops in tiles.items():
         inner, step = loops["inner"], loops["K step"]
-        assert step["LDGSTS"] > 0 and step["nest"] >= 1
+        # operands arrive by cp.async and are read from shared memory only, never through
+        # generic addresses (which the wmma API compiled to)
+        assert step["LDGSTS"] > 0 and step["LD"] == 0, name
         # The K loop holds the inner loop: at least as many of every kind.
         assert all(step[k] >= inner[k] for k in ("instr",) + ptxas_table.KINDS), name
         if "(Mma)0" in name:  # CUDA cores: FMAs in the inner loop, no tensor-core op
@@ -73,6 +75,7 @@ def test_knn_tile_loops(kernels):
             assert inner[fma] > 0 and inner["HMMA"] == 0, name
         else:
             assert inner["HMMA"] > 0 and inner["FFMA"] == inner["DFMA"] == 0, name
+            assert inner["LDSM"] > 0, name  # fragments through ldmatrix
 
 
 def test_spmm_loops(kernels):
