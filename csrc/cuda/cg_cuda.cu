@@ -232,14 +232,16 @@ __global__ void column_dots(const T* p, const T* q, int64_t n, int64_t m, State 
 // q = p - alpha W p through cuSPARSE's SpMM, for one solve: W in CSR with 64-bit indices, P and
 // Q dense row-major n x m (the CG's own layout, so nothing is transposed). CSR_ALG2 is the
 // CSR algorithm for row-major dense operands with either index width, and deterministic (the
-// same bits every run, as the fused kernel). It computes every column, converged or not:
-// that costs work, never correctness, since update and direction read only active columns.
+// same bits every run, as the fused kernel); a cuSPARSE that refuses it for these operands
+// gets ALG_DEFAULT instead. It computes every column, converged or not: that costs work,
+// never correctness, since update and direction read only active columns.
 template <class T>
 class CusparseSpmm {
  public:
   CusparseSpmm(int device, const CsrView<T>& w, const T* p, T* q, int64_t m, cudaStream_t stream)
       : api_(cusparse_api()), device_(device), stream_(stream), p_(p), q_(q), n_(w.rows),
         m_(m), nnz_(w.nnz) {
+    if (nnz_ == 0) return;  // W = 0: run() copies p, nothing for cuSPARSE to describe
     try {
       cusparse_check(api_.create_const_csr(&a_, n_, n_, nnz_, w.indptr, w.indices, w.data,
                                            CUSPARSE_INDEX_64I, CUSPARSE_INDEX_64I,
@@ -253,10 +255,17 @@ class CusparseSpmm {
       size_t bytes = 0;
       {
         CusparseHandle h(device_, stream_);
-        cusparse_check(api_.spmm_buffer_size(h.get(), CUSPARSE_OPERATION_NON_TRANSPOSE,
-                                             CUSPARSE_OPERATION_NON_TRANSPOSE, &one, a_, b_,
-                                             &one, c_, kType, kAlg, &bytes),
-                       "cusparseSpMM_bufferSize");
+        auto size = [&] {
+          return api_.spmm_buffer_size(h.get(), CUSPARSE_OPERATION_NON_TRANSPOSE,
+                                       CUSPARSE_OPERATION_NON_TRANSPOSE, &one, a_, b_, &one, c_,
+                                       kType, alg_, &bytes);
+        };
+        cusparseStatus_t status = size();
+        if (status == CUSPARSE_STATUS_NOT_SUPPORTED) {
+          alg_ = CUSPARSE_SPMM_ALG_DEFAULT;
+          status = size();
+        }
+        cusparse_check(status, "cusparseSpMM_bufferSize");
       }
       // The one allocation of the CG: every other buffer is the caller's workspace, sized by
       // cg_solve_workspace_bytes, plain arithmetic that needs neither a device nor cuSPARSE;
@@ -277,18 +286,17 @@ class CusparseSpmm {
   void run(T alpha) {
     REXT_CUDA_CHECK(cudaMemcpyAsync(q_, p_, size_t(n_) * size_t(m_) * sizeof(T),
                                     cudaMemcpyDeviceToDevice, stream_));
-    if (nnz_ == 0) return;  // W = 0: q = p, and nothing for cuSPARSE to multiply
+    if (nnz_ == 0) return;  // W = 0: q = p
     const T scale = -alpha, one = T(1);
     CusparseHandle h(device_, stream_);  // the device's handle, locked for this call only
     cusparse_check(api_.spmm(h.get(), CUSPARSE_OPERATION_NON_TRANSPOSE,
                              CUSPARSE_OPERATION_NON_TRANSPOSE, &scale, a_, b_, &one, c_, kType,
-                             kAlg, buffer_),
+                             alg_, buffer_),
                    "cusparseSpMM");
   }
 
  private:
   static constexpr cudaDataType kType = sizeof(T) == 8 ? CUDA_R_64F : CUDA_R_32F;
-  static constexpr cusparseSpMMAlg_t kAlg = CUSPARSE_SPMM_CSR_ALG2;
 
   // Statuses ignored: this runs on the way out, also of an exception already thrown.
   void release() {
@@ -305,6 +313,7 @@ class CusparseSpmm {
   const T* p_;
   T* q_;
   int64_t n_, m_, nnz_;
+  cusparseSpMMAlg_t alg_ = CUSPARSE_SPMM_CSR_ALG2;
   cusparseConstSpMatDescr_t a_ = nullptr;
   cusparseConstDnMatDescr_t b_ = nullptr;
   cusparseDnMatDescr_t c_ = nullptr;
