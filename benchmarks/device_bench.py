@@ -62,6 +62,7 @@ TARGETS = {
     "speedup_vs_zlap_min": 4.0,
 }
 PRECISIONS = ("bf16", "tf32", "exact")
+SPMMS = ("kernel", "cusparse")  # reclip_ext.cg_solve(spmm=...)
 MM_RATE_KEY = {"bf16": "bf16", "tf32": "tf32", "exact": "fp32"}
 STAGES = ("knn", "normalize", "solve", "total")
 
@@ -100,6 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--precisions", default=None,
                     help="comma-separated subset of bf16,tf32,exact [default: all three on "
                     "cuda, exact on cpu]")
+    ap.add_argument("--spmm", default=None,
+                    help="comma-separated CUDA CG SpMMs timed in reclip_ext's staged solve, "
+                    "side by side (kernel, cusparse); the first is the one label_propagate runs "
+                    "end to end [default: kernel,cusparse on cuda when reclip_ext was built with "
+                    "cuSPARSE, else kernel]")
     ap.add_argument("--exact-max-n", type=int, default=100_000,
                     help="run the exact fp32 precision (reclip_ext and torch) only up to this n")
     ap.add_argument("--baselines", default=None,
@@ -151,6 +157,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--precisions: choose from {', '.join(PRECISIONS)} (got {bad or 'none'})")
     if not cuda and set(args.precisions) - {"exact"}:
         ap.error("--device cpu supports --precisions exact only (bf16/tf32 are CUDA modes)")
+    if args.spmm is not None:
+        args.spmm = [s.strip() for s in args.spmm.split(",") if s.strip()]
+        bad = sorted(set(args.spmm) - set(SPMMS))
+        if bad or not args.spmm or len(set(args.spmm)) < len(args.spmm):
+            ap.error(f"--spmm: distinct names from {', '.join(SPMMS)} (got {args.spmm})")
+        if not cuda and args.spmm != ["kernel"]:
+            ap.error("--device cpu supports --spmm kernel only (cusparse is a CUDA SpMM)")
+    elif not cuda:
+        args.spmm = ["kernel"]  # on cuda, main() picks by what reclip_ext was built with
     bad = sorted(set(args.baselines) - {"torch", "zlap"})
     if bad:
         ap.error(f"--baselines: choose from torch, zlap (got {', '.join(bad)})")
@@ -167,6 +182,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
+
+
+def spmm_default(rext, device: str) -> list[str]:
+    """Both SpMMs where the build has cuSPARSE's and the run is on CUDA, else the kernel's."""
+    both = device == "cuda" and rext is not None and rext.built_with_cusparse()
+    return ["kernel", "cusparse"] if both else ["kernel"]
 
 
 def cases_of(args) -> list[tuple[int, int]]:
@@ -422,20 +443,30 @@ class Case:
         idx = w = None
         out["nnz"] = int(torch.as_tensor(csr.data).numel())
         y = recipes.rhs(self.N, self.m, torch.float32, self.device)
-        res, t_solve = clock.time(lambda: rext.cg_solve(csr, y, alpha=a.alpha,
-                                                        max_iter=a.max_iter, tol=a.tol))
+        # the same solve with each SpMM; the first one's is the staged solve (and e2e's)
+        out["spmm"], out["solve_by_spmm"], staged = a.spmm[0], {}, None
+        for spmm in a.spmm:
+            res, t = clock.time(lambda: rext.cg_solve(csr, y, alpha=a.alpha, max_iter=a.max_iter,
+                                                      tol=a.tol, spmm=spmm))
+            labels = torch.argmax(torch.as_tensor(res.x)[self.m:], dim=1)
+            its = int(torch.as_tensor(res.iterations).max())
+            out["solve_by_spmm"][spmm] = {"solve": t, "iterations": its}
+            if staged is None:
+                staged, t_solve = labels, t
+                out["iterations"] = its
+                out["residual_max"] = float(torch.as_tensor(res.residuals).max())
+            else:
+                out["solve_by_spmm"][spmm]["label_agreement"] = float(
+                    (labels == staged).float().mean())
+            del res, labels
         csr = y = None
-        staged = torch.argmax(torch.as_tensor(res.x)[self.m:], dim=1)
-        out["iterations"] = int(torch.as_tensor(res.iterations).max())
-        out["residual_max"] = float(torch.as_tensor(res.residuals).max())
-        del res
         _free(torch, self.device)
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         lp, t_total = clock.time(lambda: rext.label_propagate(
             self.text, self.images, k=a.k, alpha=a.alpha, max_iter=a.max_iter, tol=a.tol,
-            weight="relu", normalize=True, **kw))
+            weight="relu", normalize=True, spmm=a.spmm[0], **kw))
         if self.device == "cuda":
             # what label_propagate took through torch's allocator above what was allocated
             out["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated() - base)
@@ -623,6 +654,13 @@ def print_case(rec: dict, rates: dict, file=None) -> None:
         for text, parts in lines.items():
             if parts:
                 p(f"{prec:<5} " + text.format(" | ".join(parts)))
+        by_spmm = rx.get("solve_by_spmm", {})
+        if len(by_spmm) > 1:
+            first = by_spmm[rx["spmm"]]["solve"]
+            p(f"{prec:<5} reclip_ext solve by SpMM: " + " | ".join(
+                f"{name} {fmt_time(s['solve'])} s ({s['iterations']} it"
+                + (f", x{s['solve'] / first:.2f}, labels agree {s['label_agreement']:.4f}"
+                   if "label_agreement" in s else "") + ")" for name, s in by_spmm.items()))
         agree = [f"{r['recipe']} {r['agreement_with_reclip_ext']:.4f}" for r in (tr, zl)
                  if "agreement_with_reclip_ext" in r]
         acc = [f"{r['recipe']} {r['accuracy']:.4f}" for r in (rx, tr, zl) if "accuracy" in r]
@@ -699,6 +737,8 @@ def main(argv=None) -> int:
     except Exception as err:  # still measure the machine and the baselines
         rext, rext_error = None, f"{type(err).__name__}: {err}"
         log(f"reclip_ext is not importable: {rext_error}")
+    if args.spmm is None:
+        args.spmm = spmm_default(rext, args.device)
     env = recipes.environment(torch.get_num_threads(), args.device)
     if rext_error:
         env["reclip_ext"] = f"not importable: {rext_error}"

@@ -199,7 +199,11 @@ import reclip_ext
 device, venv, with_cuda = sys.argv[1:4]
 count = reclip_ext.cuda_device_count()
 print("reclip_ext", reclip_ext.__version__, "from", os.path.dirname(reclip_ext.__file__),
-      "| built_with_cuda:", reclip_ext.built_with_cuda(), "| cuda devices:", count)
+      "| built_with_cuda:", reclip_ext.built_with_cuda(), "| built_with_cusparse:",
+      reclip_ext.built_with_cusparse(), "| cuda devices:", count)
+if reclip_ext.built_with_cuda() and not reclip_ext.built_with_cusparse():
+    print("note: no cusparse.h was found (set REXT_CUSPARSE_INCLUDE): the spmm='cusparse' tests "
+          "are skipped and the bench times the kernel SpMM alone")
 if not os.path.realpath(reclip_ext.__file__).startswith(os.path.realpath(venv) + os.sep):
     sys.exit(f"IMPORT CHECK FAILED: reclip_ext came from {reclip_ext.__file__}, not {venv}")
 if with_cuda.upper() != "OFF" and not reclip_ext.built_with_cuda():

@@ -65,6 +65,8 @@ def test_smoke_report_structure(smoke_report):
         assert derived["cg_bytes_per_iteration"] == run["nnz"] * 12 + 10 * 2010 * 10 * 4
     rext = case["runs"]["reclip_ext/exact"]
     assert rext["staged_label_agreement"] == 1.0
+    assert report["config"]["spmm"] == ["kernel"] and list(rext["solve_by_spmm"]) == ["kernel"]
+    assert rext["solve_by_spmm"]["kernel"]["solve"] == rext["times"]["solve"]
     assert case["runs"]["torch/exact"]["agreement_with_reclip_ext"] >= 0.99
     assert set(case["ratios"]["exact"]["torch_over_reclip_ext"]) == {"knn", "normalize", "solve",
                                                                       "total"}
@@ -96,6 +98,51 @@ def test_cases_run_headline_first():
     assert device_bench.cases_of(args) == [(200, 20), (200, 10), (300, 20), (300, 10)]
     with pytest.raises(SystemExit):
         device_bench.parse_args(["--device", "cpu", "--precisions", "bf16"])
+
+
+def test_spmm_choice():
+    assert device_bench.parse_args(["--device", "cpu"]).spmm == ["kernel"]
+    assert device_bench.parse_args([]).spmm is None  # main() decides from the build
+    assert device_bench.parse_args(["--spmm", "cusparse, kernel"]).spmm == ["cusparse", "kernel"]
+    for bad in (["--spmm", "kernel,cublas"], ["--spmm", "kernel,kernel"], ["--spmm", ","],
+                ["--device", "cpu", "--spmm", "kernel,cusparse"]):
+        with pytest.raises(SystemExit):
+            device_bench.parse_args(bad)
+    rext = recipes.import_reclip_ext()
+    assert device_bench.spmm_default(rext, "cpu") == ["kernel"]
+    assert device_bench.spmm_default(None, "cuda") == ["kernel"]
+    assert device_bench.spmm_default(rext, "cuda") == (
+        ["kernel", "cusparse"] if rext.built_with_cusparse() else ["kernel"])
+
+
+def test_solve_by_spmm_side_by_side(monkeypatch, capsys):
+    """Two SpMMs timed on the same system and printed side by side; on the CPU the second is
+    a stand-in (the kernel's own product under the name 'cusparse'), so only the harness is
+    under test here."""
+    case = _case()
+    rext = case.rext
+    solve = rext.cg_solve
+    seen = []
+
+    def stand_in(*args, spmm="kernel", **kw):
+        seen.append(spmm)
+        return solve(*args, spmm="kernel", **kw)
+
+    monkeypatch.setattr(rext, "cg_solve", stand_in)
+    case.a.spmm = ["kernel", "cusparse"]
+    run = case.run_reclip_ext("exact")
+    assert seen == ["kernel", "cusparse"] and run["spmm"] == "kernel"
+    by = run["solve_by_spmm"]
+    assert list(by) == ["kernel", "cusparse"]
+    assert by["kernel"]["solve"] == run["times"]["solve"] and by["cusparse"]["solve"] > 0
+    assert by["cusparse"]["iterations"] == by["kernel"]["iterations"] == run["iterations"]
+    assert by["cusparse"]["label_agreement"] == 1.0 and "label_agreement" not in by["kernel"]
+    case.record["runs"] = {"reclip_ext/exact": run}
+    rates = {"mm_tflops": {"bf16": 1.0, "tf32": 1.0, "fp32": 1.0}, "copy_gbps": 10.0}
+    case.derive(rates)
+    device_bench.print_case(case.record, rates)
+    out = capsys.readouterr().out
+    assert "reclip_ext solve by SpMM: kernel " in out and "labels agree 1.0000" in out
 
 
 def test_budget_prediction():

@@ -6,7 +6,9 @@ them. Every function takes numpy arrays, torch tensors, cupy arrays or any objec
 ``__dlpack__`` and returns results of the same kind, on the same device: CUDA inputs run on
 their GPU, on the framework's current stream, with outputs and workspace allocated through the
 caller's framework. ``knn_affinity`` / ``label_propagate`` take ``precision="exact"`` (default),
-or ``"tf32"`` / ``"bf16"`` tensor-core operands for float32 CUDA input.
+or ``"tf32"`` / ``"bf16"`` tensor-core operands for float32 CUDA input; ``cg_solve`` /
+``label_propagate`` take ``spmm="kernel"`` (default) or ``"cusparse"`` for the CUDA CG's
+sparse product.
 ``reclip_ext.distributed.label_propagate`` runs label propagation over torch.distributed ranks
 that each hold a shard of the images.
 
@@ -45,6 +47,7 @@ __all__ = [
     "DEFAULTS",
     "LabelPropagation",
     "built_with_cuda",
+    "built_with_cusparse",
     "cg_solve",
     "cuda_device_count",
     "distributed",
@@ -58,6 +61,12 @@ __all__ = [
 def built_with_cuda() -> bool:
     """True when this build contains the CUDA kernels (it may still find no GPU)."""
     return bool(_core.built_with_cuda())
+
+
+def built_with_cusparse() -> bool:
+    """True when this build can run the CUDA CG with ``spmm="cusparse"`` (compiled against
+    cuSPARSE's header; the library itself, libcusparse.so.12, is opened on first use)."""
+    return bool(_core.built_with_cusparse())
 
 
 def cuda_device_count() -> int:

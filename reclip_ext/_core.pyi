@@ -27,10 +27,11 @@ def sym_normalize(
 def cg_solve(
     indptr: Any, indices: Any, data: Any, rhs: Any, out_x: Any, out_iterations: Any,
     out_residuals: Any, alpha: float, max_iter: int, tol: float, threads: int, stream: int,
-    workspace: Any = None,
+    workspace: Any = None, spmm: str = "kernel",
 ) -> None:
     """Batched CG for (I - alpha W) X = rhs into caller-allocated outputs. workspace: a uint8
-    device buffer of cg_solve_workspace_bytes (CUDA only)."""
+    device buffer of cg_solve_workspace_bytes (CUDA only). spmm: 'kernel' | 'cusparse' (CUDA
+    only; load_cusparse first)."""
 
 def knn_affinity_workspace_bytes(n: int, d: int, k: int, dtype: str, precision: str = "exact",
                                  queries: int = -1, separate: bool = False) -> int:
@@ -72,6 +73,15 @@ def _selftest_mma_layout() -> list[tuple[tuple[int, int], tuple[int, int],
 
 def built_with_cuda() -> bool:
     """True when the CUDA kernels were compiled in."""
+
+def built_with_cusparse() -> bool:
+    """True when cg_solve's spmm='cusparse' path was compiled in (cuSPARSE itself is opened at
+    run time)."""
+
+def load_cusparse(candidates: Sequence[str] = ...) -> str:
+    """Opens libcusparse.so.12 for spmm='cusparse' (once per process) and returns what was
+    opened: $REXT_CUSPARSE_LIBRARY if set, else the soname, then `candidates` (paths).
+    RuntimeError listing the tries when none opens, or in a build without the path."""
 
 def cuda_device_count() -> int:
     """Visible CUDA devices (0 without CUDA support, a driver or a device)."""

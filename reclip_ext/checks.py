@@ -4,14 +4,17 @@ compute dtype, through the namespace of where they live (reclip_ext.arrays).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
+import os
 from typing import Any
 
-from . import arrays
+from . import _core, arrays
 
 WEIGHTS = ("relu", "shift")
 PRECISIONS = ("exact", "tf32", "bf16")
+SPMMS = ("kernel", "cusparse")
 _CHUNK_ELEMENTS = 1 << 24  # elements per chunk of the scans below (bounds their temporaries)
 # --------------------------------------------------------------------------------------------
 # Argument checks
@@ -137,7 +140,7 @@ def affinity_options(k, n, exclude_self, weight, gamma, block_rows) -> dict:
                 block_rows=block_rows)
 
 
-def cg_options(alpha, max_iter, tol) -> dict:
+def cg_options(alpha, max_iter, tol, spmm, on_cuda: bool) -> dict:
     alpha = real_arg(alpha, "alpha")
     if not 0 <= alpha < 1:
         raise ValueError(f"alpha must be in [0, 1), got {alpha}")
@@ -145,7 +148,7 @@ def cg_options(alpha, max_iter, tol) -> dict:
     tol = real_arg(tol, "tol")
     if tol < 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
-    return dict(alpha=alpha, max_iter=max_iter, tol=tol)
+    return dict(alpha=alpha, max_iter=max_iter, tol=tol, spmm=spmm_arg(spmm, on_cuda))
 
 
 def precision_arg(precision: Any, on_cuda: bool, dtype: str) -> str:
@@ -159,6 +162,33 @@ def precision_arg(precision: Any, on_cuda: bool, dtype: str) -> str:
             raise ValueError(f"precision: {precision!r} needs float32 input (or float16 / "
                              "bfloat16); float64 takes precision='exact'")
     return precision
+
+
+def spmm_arg(spmm: Any, on_cuda: bool) -> str:
+    """The CG's SpMM; for 'cusparse' on CUDA the library is opened here, so that a missing
+    cuSPARSE (or a build without that path) is a RuntimeError before any work is done."""
+    if not isinstance(spmm, str) or spmm not in SPMMS:
+        raise ValueError(f"spmm must be one of {SPMMS}, got {spmm!r}")
+    if spmm == "cusparse":
+        if not on_cuda:
+            raise ValueError("spmm: 'cusparse' runs on CUDA only; CPU arrays take "
+                             "spmm='kernel'")
+        _core.load_cusparse(cusparse_candidates())
+    return spmm
+
+
+def cusparse_candidates() -> list[str]:
+    """libcusparse.so.12 of the nvidia-cusparse wheel in this environment, where it exists
+    (CUDA 13 wheels keep it in nvidia/cu13/lib, CUDA 12 wheels in nvidia/cusparse/lib): the
+    loader tries these after the soname, which finds it when torch has already loaded it."""
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return []
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    paths = [os.path.join(root, sub, "lib", "libcusparse.so.12") for root in roots
+             for sub in ("cu13", "cusparse")]
+    return [p for p in paths if os.path.isfile(p)]
 
 
 def csr_parts(w: Any):

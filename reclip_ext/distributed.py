@@ -141,7 +141,7 @@ def _padded(torch, x, rows: int):
 def label_propagate(text, images_shard, group=None, *, k=DEFAULTS.k, alpha=DEFAULTS.alpha,
                     max_iter=DEFAULTS.max_iter, tol=DEFAULTS.tol, weight=DEFAULTS.weight,
                     gamma=DEFAULTS.gamma, normalize=True, block_rows=None, threads=None,
-                    precision="exact") -> ops.LabelPropagation:
+                    precision="exact", spmm="kernel") -> ops.LabelPropagation:
     """Pseudo labels for sharded images by label propagation (ReCLIP §3.2) over
     torch.distributed: :func:`reclip_ext.label_propagate` on the images of every rank, each
     rank receiving the rows of its own shard.
@@ -163,8 +163,10 @@ def label_propagate(text, images_shard, group=None, *, k=DEFAULTS.k, alpha=DEFAU
             rank on its own device, set with ``torch.cuda.set_device``).
         group: the torch.distributed process group; None is the default group, which must
             be initialised (``torch.distributed.init_process_group``).
-        k, alpha, max_iter, tol, weight, gamma, normalize, block_rows, threads, precision: as
-            in :func:`reclip_ext.label_propagate`; k <= m + n - 1 for the n images of all ranks.
+        k, alpha, max_iter, tol, weight, gamma, normalize, block_rows, threads, precision,
+            spmm: as in :func:`reclip_ext.label_propagate`; k <= m + n - 1 for the n images of
+            all ranks (``spmm="cusparse"`` is checked, and cuSPARSE loaded, on every rank, so
+            that a rank that cannot load it fails all of them before any collective work).
 
     Argument errors are found on every rank: a rank whose arguments are wrong raises its
     error and every other rank raises it too, naming that rank, rather than waiting in a
@@ -207,7 +209,7 @@ def label_propagate(text, images_shard, group=None, *, k=DEFAULTS.k, alpha=DEFAU
                     checks.check_nonzero_rows(ns, a, name)
         # types and ranges only: k against N is checked on the gathered set, on every rank
         checks.affinity_options(k, 1 << 62, True, weight, gamma, block_rows)
-        cg_opts = checks.cg_options(alpha, max_iter, tol)
+        cg_opts = checks.cg_options(alpha, max_iter, tol, spmm, v.device.type == "cuda")
         checks.threads(threads)
         if not isinstance(precision, str) or precision not in checks.PRECISIONS:
             raise ValueError(f"precision must be one of {checks.PRECISIONS}, got {precision!r}")

@@ -309,7 +309,7 @@ def sym_normalize(indices, weights, *, threads=None) -> arrays.Csr:
 
 
 def cg_solve(W, rhs, *, alpha=DEFAULTS.alpha, max_iter=DEFAULTS.max_iter, tol=DEFAULTS.tol,
-             threads=None) -> CgResult:
+             threads=None, spmm="kernel") -> CgResult:
     """Solve (I - alpha W) X = rhs for all columns at once by batched conjugate gradient.
 
     The m columns are m independent CG recurrences that share one sparse x dense product per
@@ -325,6 +325,13 @@ def cg_solve(W, rhs, *, alpha=DEFAULTS.alpha, max_iter=DEFAULTS.max_iter, tol=DE
         max_iter: iteration limit, >= 0.
         tol: relative residual at which a column stops, >= 0.
         threads: CPU threads; default from the problem size, at most all cores.
+        spmm: the sparse x dense product of each iteration on CUDA: ``"kernel"`` (default,
+            reclip_ext's own, fused with the column dot products) or ``"cusparse"`` (cuSPARSE's
+            SpMM, opened at run time from libcusparse.so.12: torch's CUDA wheels bring it, or
+            set REXT_CUSPARSE_LIBRARY to its path; RuntimeError when it cannot be loaded or
+            the build lacks this path, see :func:`reclip_ext.built_with_cusparse`). CPU arrays
+            take ``"kernel"``; anything else is a ValueError. Both give the same solution to
+            rounding (the sums run in another order).
 
     Returns:
         :class:`CgResult` (x (N, m), iterations (m,) int64, residuals (m,) float64).
@@ -343,7 +350,7 @@ def cg_solve(W, rhs, *, alpha=DEFAULTS.alpha, max_iter=DEFAULTS.max_iter, tol=DE
     ns = arrays.namespace([(rhs, "rhs")] + parts, rhs)
     with ns.guard:
         b, dt = checks.float_matrix(ns, rhs, "rhs")
-        opts = checks.cg_options(alpha, max_iter, tol)
+        opts = checks.cg_options(alpha, max_iter, tol, spmm, ns.on_cuda)
         w = checks.csr_arg(ns, W, int(b.shape[0]), dt)
         result = _run_cg(ns, w, b, opts, checks.threads(threads))
         return CgResult(ns.result(ns.astype(result.x, dt)), ns.result(result.iterations),
@@ -353,7 +360,7 @@ def cg_solve(W, rhs, *, alpha=DEFAULTS.alpha, max_iter=DEFAULTS.max_iter, tol=DE
 def label_propagate(text, images, *, k=DEFAULTS.k, alpha=DEFAULTS.alpha,
                     max_iter=DEFAULTS.max_iter, tol=DEFAULTS.tol, weight=DEFAULTS.weight,
                     gamma=DEFAULTS.gamma, normalize=True, block_rows=None, threads=None,
-                    precision="exact") -> LabelPropagation:
+                    precision="exact", spmm="kernel") -> LabelPropagation:
     """Pseudo labels for images by label propagation from class-name embeddings (ReCLIP §3.2).
 
     Builds the k-NN graph over X = [text; images] (rows L2-normalised when ``normalize``),
@@ -364,7 +371,7 @@ def label_propagate(text, images, *, k=DEFAULTS.k, alpha=DEFAULTS.alpha,
         text: (m, d) class embeddings, m >= 2.
         images: (n, d) image embeddings of the same dtype (float32 or float64).
         k, weight, gamma, block_rows: as in :func:`knn_affinity`; k <= m + n - 1.
-        alpha, max_iter, tol: as in :func:`cg_solve`.
+        alpha, max_iter, tol, spmm: as in :func:`cg_solve`.
         normalize: L2-normalise every row first (a zero row is an error).
         threads: CPU threads; default from the problem size, at most all cores.
         precision: operand precision of the k-NN search, as in :func:`knn_affinity`
@@ -390,7 +397,7 @@ def label_propagate(text, images, *, k=DEFAULTS.k, alpha=DEFAULTS.alpha,
             raise ValueError(f"text: needs at least 2 rows (classes), got shape {tuple(t.shape)}")
         m, n = int(t.shape[0]), int(v.shape[0])
         opts = checks.affinity_options(k, m + n, True, weight, gamma, block_rows)
-        cg_opts = checks.cg_options(alpha, max_iter, tol)
+        cg_opts = checks.cg_options(alpha, max_iter, tol, spmm, ns.on_cuda)
         precision = checks.precision_arg(precision, ns.on_cuda, dt)
         if normalize:
             checks.check_nonzero_rows(ns, t, "text")

@@ -3,12 +3,12 @@
 Two halves. The first runs everywhere: the __host__ __device__ logic the GPU shares with the
 CPU (top-k insert and re-sort with int32 lists, the weight, the overflow-safe sqrt(d_i d_j),
 the CG scalar rules) through _core._selftest_*; the workspace-size functions; the `precision`
-argument's validation; CUDA input on a CPU-only build and mixed devices (simulated through
+and `spmm` arguments' validation, and loading cuSPARSE (or its absence from the build); CUDA input on a CPU-only build and mixed devices (simulated through
 _core). The second needs a device and is skipped visibly without one: knn_affinity over
 dtype x precision x shape x forced tiles x k (lists of 32 or 64 in shared memory, and beyond)
 x weight, ragged shapes with k = n - 1, two host threads at once, sym_normalize (also with
-sort keys past 32 bits), cg_solve (also with columns stopping far apart) and label_propagate
-against the reference and the CPU, torch streams, cupy inputs, device errors. Some device
+sort keys past 32 bits), cg_solve (also with columns stopping far apart; each with both
+SpMMs, ours and cuSPARSE's) and label_propagate against the reference and the CPU, torch streams, cupy inputs, device errors. Some device
 cases have a CPU twin (the same body on CPU tensors), so that their data and comparisons run
 everywhere; the cases marked `sanitize` also run under compute-sanitizer in
 benchmarks/device_check.sh. A last part runs everywhere again: CPU torch tensors through the
@@ -19,6 +19,9 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import math
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -238,6 +241,61 @@ def test_exact_precision_on_cpu_is_the_default():
     np.testing.assert_array_equal(a[1], b[1])
 
 
+W2 = reclip_ext.sym_normalize(np.array([[1], [0]]), np.ones((2, 1)))
+
+
+@pytest.mark.parametrize("spmm", ["KERNEL", "cuSPARSE", "", None, 1])
+def test_unknown_spmm_is_value_error(spmm):
+    with pytest.raises(ValueError, match=r"^spmm must be one of \('kernel', 'cusparse'\)"):
+        reclip_ext.cg_solve(W2, np.eye(2), spmm=spmm)
+    with pytest.raises(ValueError, match=r"^spmm must be one of"):
+        reclip_ext.label_propagate(X[:3], X[3:], k=2, spmm=spmm)
+
+
+def test_cusparse_spmm_on_cpu_is_value_error():
+    with pytest.raises(ValueError, match=r"^spmm: 'cusparse' runs on CUDA only"):
+        reclip_ext.cg_solve(W2, np.eye(2), spmm="cusparse")
+    with pytest.raises(ValueError, match=r"^spmm: 'cusparse' runs on CUDA only"):
+        reclip_ext.label_propagate(X[:3], X[3:], k=2, spmm="cusparse")
+    # the kernels' own check, behind the Python one
+    def solve(spmm):
+        arrays = [*W2, np.eye(2), np.empty((2, 2)), np.empty(2, np.int64), np.empty(2)]
+        _core.cg_solve(*(a.__dlpack__() for a in arrays), alpha=0.5, max_iter=5, tol=0.0,
+                       threads=1, stream=0, spmm=spmm)
+
+    with pytest.raises(ValueError, match=r"^spmm: 'cusparse' runs on CUDA only"):
+        solve("cusparse")
+    with pytest.raises(ValueError, match=r"^spmm must be 'kernel' or 'cusparse'"):
+        solve("cublas")
+    got = reclip_ext.cg_solve(W2, np.eye(2), alpha=0.5, spmm="kernel")
+    np.testing.assert_allclose(got.x, np.linalg.inv(np.eye(2) - 0.5 * W2.to_scipy().toarray()),
+                               rtol=1e-6)
+
+
+def test_cusparse_loading(tmp_path):
+    """Without the path compiled in, asking for it is a RuntimeError that says so; with it, a
+    library that cannot be opened is a RuntimeError naming what was tried (in a fresh process:
+    the library, once opened, stays for the process)."""
+    assert isinstance(reclip_ext.built_with_cusparse(), bool)
+    if not reclip_ext.built_with_cusparse():
+        with pytest.raises(RuntimeError, match=r"^spmm: 'cusparse' is not in this build"):
+            _core.load_cusparse([])
+        return
+    code = ("import reclip_ext._core as c\n"
+            "try:\n    c.load_cusparse(['/nonexistent/b/libcusparse.so.12'])\n"
+            "except RuntimeError as e:\n    print('RuntimeError:', e)\n")
+    for env, named in ((dict(REXT_CUSPARSE_LIBRARY="/nonexistent/a/libcusparse.so.12"),
+                        ["/nonexistent/a/"]),
+                       (dict(REXT_CUSPARSE_LIBRARY=""), ["libcusparse.so.12", "/nonexistent/b/"])):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, **env}, cwd=tmp_path, check=True).stdout
+        if not out.startswith("RuntimeError"):
+            assert env["REXT_CUSPARSE_LIBRARY"] == ""  # only the soname may open (a machine
+            continue                                   # with cuSPARSE on the loader's path)
+        assert "could not load cuSPARSE" in out
+        assert all(name in out for name in named), out
+
+
 class FakeCudaArray:
     """Reports a CUDA device through __dlpack_device__; its data are never read here."""
 
@@ -309,14 +367,22 @@ def _recall(idx, ref_idx):
 ON_DEVICE_AND_CPU = [pytest.param("cuda", marks=NEEDS_CUDA, id="cuda"),
                      pytest.param("cpu", marks=requires_torch, id="cpu")]
 
+NEEDS_CUSPARSE = pytest.mark.skipif(not reclip_ext.built_with_cusparse(),
+                                    reason="built without cuSPARSE's header")
+
+#: the CG cases: the CUDA CG with its own SpMM and with cuSPARSE's ("cuda-cusparse", also
+#: checked against the kernel SpMM on the same device), and the CPU twin
+CG_DEVICES = ON_DEVICE_AND_CPU + [
+    pytest.param("cuda-cusparse", marks=[*NEEDS_CUDA, NEEDS_CUSPARSE], id="cuda-cusparse")]
+
 
 def _on(dev, a):
-    return _cuda(a) if dev == "cuda" else torch.from_numpy(np.ascontiguousarray(a))
+    return _cuda(a) if dev.startswith("cuda") else torch.from_numpy(np.ascontiguousarray(a))
 
 
 def _where(dev):
     """The torch device _on(dev, ...) puts arrays on."""
-    if dev == "cuda":
+    if dev.startswith("cuda"):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -696,9 +762,22 @@ def _assert_cg_matches(got, want, W, rhs, alpha, max_iter, tol):
     return its
 
 
+def _cg_on(dev, W, rhs, **kw):
+    """cg_solve on `dev` (see CG_DEVICES); for cuSPARSE's SpMM, also checked against the
+    kernel SpMM's solve on the same device."""
+    Wd, b = reclip_ext.Csr(*(_on(dev, a) for a in W)), _on(dev, rhs)
+    if dev != "cuda-cusparse":
+        return reclip_ext.cg_solve(Wd, b, **kw)
+    got = reclip_ext.cg_solve(Wd, b, spmm="cusparse", **kw)
+    ours = reclip_ext.cg_solve(Wd, b, spmm="kernel", **kw)
+    _assert_cg_matches(got, reclip_ext.CgResult(*(_np(a) for a in ours)), W, rhs, kw["alpha"],
+                       kw["max_iter"], kw["tol"])
+    return got
+
+
 @SANITIZE
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("dev", ON_DEVICE_AND_CPU)
+@pytest.mark.parametrize("dev", CG_DEVICES)
 def test_cg_columns_converging_apart(dev, dtype):
     """65 columns (two full 32-column chunks and one alone) stopping between iteration 1 and ~27:
     column j mixes c_j eigenvectors of W, and CG ends after at most c_j steps in exact
@@ -719,8 +798,7 @@ def test_cg_columns_converging_apart(dev, dtype):
     tol = 1e-5 if dtype == np.float32 else 1e-10
     want = reclip_ext.cg_solve(W, rhs, alpha=alpha, max_iter=100, tol=tol)
     assert want.iterations[-1] == 1 and want.iterations.max() >= 12  # the spread is there
-    got = reclip_ext.cg_solve(reclip_ext.Csr(*(_on(dev, a) for a in W)), _on(dev, rhs),
-                              alpha=alpha, max_iter=100, tol=tol)
+    got = _cg_on(dev, W, rhs, alpha=alpha, max_iter=100, tol=tol)
     assert got.x.device == got.iterations.device == got.residuals.device == _where(dev)
     its = _assert_cg_matches(got, want, W, rhs, alpha, 100, tol)
     if dtype == np.float64:
@@ -749,11 +827,11 @@ def _ragged_graph(n, seed):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("m", [1, 31, 32, pytest.param(33, marks=SANITIZE), 1000])
-@pytest.mark.parametrize("dev", ON_DEVICE_AND_CPU)
+@pytest.mark.parametrize("dev", CG_DEVICES)
 def test_cg_ragged_rows_and_column_counts(dev, m, dtype):
     """The SpMM's shapes: m around one 32-column piece and far past four of them (1, 2 and 4
     pieces per lane), rows of every length around its groups of 32 nonzeros, empty rows too;
-    against the CPU and the float64 solve."""
+    against the CPU and the float64 solve (and cuSPARSE's SpMM also against ours)."""
     n = 300
     Wd = _ragged_graph(n, seed=m)
     lengths = np.diff(Wd.indptr)
@@ -762,8 +840,7 @@ def test_cg_ragged_rows_and_column_counts(dev, m, dtype):
     rhs = np.random.default_rng(m).standard_normal((n, m)).astype(dtype)
     tol = 1e-5 if dtype == np.float32 else 1e-10
     want = reclip_ext.cg_solve(W, rhs, alpha=0.9, max_iter=80, tol=tol)
-    got = reclip_ext.cg_solve(reclip_ext.Csr(*(_on(dev, a) for a in W)), _on(dev, rhs),
-                              alpha=0.9, max_iter=80, tol=tol)
+    got = _cg_on(dev, W, rhs, alpha=0.9, max_iter=80, tol=tol)
     assert got.x.device == _where(dev)
     _assert_cg_matches(got, want, W, rhs, 0.9, 80, tol)
 
@@ -776,15 +853,19 @@ def test_cg_max_iter_zero(_):
     np.testing.assert_array_equal(_np(got.residuals), [1.0, 1.0])
 
 
+@pytest.mark.parametrize("spmm", ["kernel", pytest.param("cusparse", marks=NEEDS_CUSPARSE)])
 @pytest.mark.parametrize("precision", ["exact", "tf32", "bf16"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("_", [pytest.param(0, marks=NEEDS_CUDA)], ids=["cuda"])
-def test_label_propagate_matches_cpu(_, dtype, precision):
+def test_label_propagate_matches_cpu(_, dtype, precision, spmm):
     if dtype == np.float64 and precision != "exact":
         pytest.skip("tensor-core precisions take float32")
+    if spmm == "cusparse" and precision != "exact":
+        pytest.skip("the SpMM is independent of the k-NN precision: exact suffices")
     text, images, labels = clip_like(800, 8, 32, seed=11, dtype=dtype)
     want = reclip_ext.label_propagate(text, images, k=10)
-    got = reclip_ext.label_propagate(_cuda(text), _cuda(images), k=10, precision=precision)
+    got = reclip_ext.label_propagate(_cuda(text), _cuda(images), k=10, precision=precision,
+                                     spmm=spmm)
     assert got.labels.is_cuda and got.scores.is_cuda and got.confidence.is_cuda
     agree = (_np(got.labels) == want.labels).mean()
     assert agree >= (1.0 if precision == "exact" else 0.98)

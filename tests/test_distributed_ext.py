@@ -91,6 +91,10 @@ def check_refused(rank, world, case):
     elif case == "nan" and rank == 1:
         mine = mine.copy()
         mine[7, 2] = np.nan
+    elif case == "spmm" and rank == 1:
+        kwargs["spmm"] = "cuSPARSE"
+    elif case == "cusparse on cpu" and rank == 0:
+        kwargs["spmm"] = "cusparse"
     try:
         reclip_ext.distributed.label_propagate(text, mine, threads=1, **kwargs)
     except Exception as err:  # noqa: BLE001 - the error itself is the result
@@ -202,6 +206,8 @@ REFUSED = [
     # bad values are named by the rank's own array and row, not by the gathered set's
     ("zero row", "ValueError", r"^images_shard: row 4 is all zeros .* \(on rank 1\)$"),
     ("nan", "ValueError", r"^images_shard: contains NaN or Inf \(on rank 1\)$"),
+    ("spmm", "ValueError", r"^spmm must be one of \('kernel', 'cusparse'\), got 'cuSPARSE'"),
+    ("cusparse on cpu", "ValueError", r"^spmm: 'cusparse' runs on CUDA only"),
 ]
 
 
@@ -246,6 +252,10 @@ want = reclip_ext.label_propagate(t, v, k=5)
 assert got.labels.is_cuda, "results come back on the caller's device"
 assert torch.equal(got.labels, want.labels), (got.labels, want.labels)
 torch.testing.assert_close(got.scores, want.scores)
+if reclip_ext.built_with_cusparse():  # the CG's other SpMM, forwarded to rank 0's solve
+    alt = reclip_ext.distributed.label_propagate(t, v, k=5, spmm="cusparse")
+    assert torch.equal(alt.labels, want.labels), (alt.labels, want.labels)
+    torch.testing.assert_close(alt.scores, want.scores, rtol=1e-4, atol=1e-5)
 dist.destroy_process_group()
 print("nccl ok")
 """

@@ -58,6 +58,12 @@ Precision parse_precision(const std::string& p) {
   throw std::invalid_argument("precision must be 'exact', 'tf32' or 'bf16', got '" + p + "'");
 }
 
+Spmm parse_spmm(const std::string& s) {
+  if (s == "kernel") return Spmm::Kernel;
+  if (s == "cusparse") return Spmm::Cusparse;
+  throw std::invalid_argument("spmm must be 'kernel' or 'cusparse', got '" + s + "'");
+}
+
 bool parse_float_dtype(const std::string& dtype) {
   if (dtype == "float32") return false;
   if (dtype == "float64") return true;
@@ -179,7 +185,7 @@ int64_t sym_normalize_binding(py::object indices, py::object weights, py::object
 void cg_solve_binding(py::object indptr, py::object indices, py::object data, py::object rhs,
                       py::object out_x, py::object out_iterations, py::object out_residuals,
                       double alpha, int64_t max_iter, double tol, int threads, uintptr_t stream,
-                      py::object workspace) {
+                      py::object workspace, const std::string& spmm) {
   DlArray a_ptr(indptr.ptr(), "W.indptr"), a_idx(indices.ptr(), "W.indices"),
       a_data(data.ptr(), "W.data"), b(rhs.ptr(), "rhs"), x(out_x.ptr(), "x"),
       its(out_iterations.ptr(), "iterations"), res(out_residuals.ptr(), "residuals");
@@ -197,6 +203,7 @@ void cg_solve_binding(py::object indptr, py::object indices, py::object data, py
   p.tol = tol;
   p.threads = threads;
   p.stream = reinterpret_cast<void*>(stream);
+  p.spmm = parse_spmm(spmm);
   const Device dev = b.device();
   std::unique_ptr<DlArray> ws_holder;
   p.workspace = workspace_of(workspace, dev, ws_holder);
@@ -297,9 +304,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("cg_solve", &cg_solve_binding, py::arg("indptr"), py::arg("indices"), py::arg("data"),
         py::arg("rhs"), py::arg("out_x"), py::arg("out_iterations"), py::arg("out_residuals"),
         py::arg("alpha"), py::arg("max_iter"), py::arg("tol"), py::arg("threads"),
-        py::arg("stream"), py::arg("workspace") = py::none(),
+        py::arg("stream"), py::arg("workspace") = py::none(), py::arg("spmm") = "kernel",
         "Batched CG for (I - alpha W) X = rhs into caller-allocated outputs. workspace: a uint8 "
-        "device buffer of cg_solve_workspace_bytes (CUDA only).");
+        "device buffer of cg_solve_workspace_bytes (CUDA only). spmm: 'kernel' | 'cusparse' "
+        "(CUDA only; load_cusparse first).");
   m.def(
       "knn_affinity_workspace_bytes",
       [](int64_t n, int64_t d, int64_t k, const std::string& dtype, const std::string& precision,
@@ -367,6 +375,19 @@ PYBIND11_MODULE(_core, m) {
       "Per lane of the tensor-core tile loop: its A and B ldmatrix addresses (row, byte\n"
       "offset) and the (row, column) of its four accumulator entries (core/mma_layout.h).");
   m.def("built_with_cuda", &rext::built_with_cuda, "True when the CUDA kernels were compiled in.");
+  m.def("built_with_cusparse", &rext::built_with_cusparse,
+        "True when cg_solve's spmm='cusparse' path was compiled in (cuSPARSE itself is opened "
+        "at run time).");
+  m.def(
+      "load_cusparse",
+      [](const std::vector<std::string>& candidates) {
+        py::gil_scoped_release nogil;
+        return rext::load_cusparse(candidates);
+      },
+      py::arg("candidates") = std::vector<std::string>{},
+      "Opens libcusparse.so.12 for spmm='cusparse' (once per process) and returns what was "
+      "opened: $REXT_CUSPARSE_LIBRARY if set, else the soname, then `candidates` (paths). "
+      "RuntimeError listing the tries when none opens, or in a build without the path.");
   m.def("cuda_device_count", &rext::cuda_device_count,
         "Visible CUDA devices (0 without CUDA support, a driver or a device).");
   m.def("simd_level", &rext::simd_level, "CPU tile kernels in use: 'avx2' or 'generic'.");

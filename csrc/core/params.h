@@ -42,6 +42,11 @@ struct NormalizeParams {
   Workspace workspace;
 };
 
+// The sparse x dense product of each CG iteration on CUDA. Kernel: our own, fused with the
+// column dot products. Cusparse: cuSPARSE's SpMM (loaded at run time) and a dot-product pass.
+// The CPU has its own product and takes Kernel only.
+enum class Spmm { Kernel, Cusparse };
+
 struct CgParams {
   double alpha = 0.99;
   int64_t max_iter = 20;
@@ -49,6 +54,7 @@ struct CgParams {
   int threads = 0;
   void* stream = nullptr;
   Workspace workspace;
+  Spmm spmm = Spmm::Kernel;
 };
 
 }  // namespace rext

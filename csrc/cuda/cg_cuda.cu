@@ -10,7 +10,8 @@
 // Before: colmax (max |b_j|, turned into the power-of-two scale_j), init (r = p = b scale_j).
 // Per iteration:
 //   spmm:    q = p - alpha W p, pq_j += p_j . q_j, pp_j += p_j . p_j  (fused; a warp per row,
-//            lanes = columns, up to 128 columns per CTA; see spmm)
+//            lanes = columns, up to 128 columns per CTA; see spmm). Or, with
+//            CgParams::spmm = Cusparse: q = p, cuSPARSE's q += -alpha W p, then column_dots.
 //   step:    per column, step = rs / pq or stop            (one tiny kernel)
 //   update:  x += step p, r -= step q, rs_new_j += r_j . r_j
 //   advance: per column, residual, stop test, beta         (one tiny kernel; counts active)
@@ -24,12 +25,17 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <stdexcept>
 
 #include "core/check.h"
 #include "core/graph_math.h"
 #include "core/workspace_layout.h"
 #include "cuda/cg_cuda.h"
 #include "cuda/common.cuh"
+#ifdef REXT_HAVE_CUSPARSE
+#include "cuda/cusparse_lib.h"
+#endif
 
 namespace rext::cuda {
 namespace {
@@ -203,6 +209,118 @@ void launch_spmm(const CsrView<T>& w, const T* p, T* q, int64_t m, T alpha, Stat
     spmm<T, 1><<<grid, kThreads, 0, stream>>>(w.indptr, w.indices, w.data, p, q, n, m, alpha, s);
 }
 
+#ifdef REXT_HAVE_CUSPARSE
+// pq_j += p_j . q_j, pp_j += p_j . p_j over active columns: the half of the fused spmm that
+// cuSPARSE's product leaves to us, summed in double in the same way.
+template <class T>
+__global__ void column_dots(const T* p, const T* q, int64_t n, int64_t m, State s) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t col = int64_t(blockIdx.y) * 32 + lane;
+  const bool act = col < m && s.active[col];
+  if (!__syncthreads_or(act)) return;
+  double part = 0, part_pp = 0;
+  for (int64_t i = int64_t(blockIdx.x) * kWarpsPerBlock + warp; act && i < n;
+       i += int64_t(gridDim.x) * kWarpsPerBlock) {
+    const double pi = double(p[i * m + col]);
+    part += pi * double(q[i * m + col]);
+    part_pp += pi * pi;
+  }
+  block_add(part, col, m, s.pq);
+  block_add(part_pp, col, m, s.pp);
+}
+
+// q = p - alpha W p through cuSPARSE's SpMM, for one solve: W in CSR with 64-bit indices, P and
+// Q dense row-major n x m (the CG's own layout, so nothing is transposed). CSR_ALG2 is the
+// CSR algorithm for row-major dense operands with either index width, and deterministic (the
+// same bits every run, as the fused kernel); a cuSPARSE that refuses it for these operands
+// gets ALG_DEFAULT instead. It computes every column, converged or not: that costs work,
+// never correctness, since update and direction read only active columns.
+template <class T>
+class CusparseSpmm {
+ public:
+  CusparseSpmm(int device, const CsrView<T>& w, const T* p, T* q, int64_t m, cudaStream_t stream)
+      : api_(cusparse_api()), device_(device), stream_(stream), p_(p), q_(q), n_(w.rows),
+        m_(m), nnz_(w.nnz) {
+    if (nnz_ == 0) return;  // W = 0: run() copies p, nothing for cuSPARSE to describe
+    try {
+      cusparse_check(api_.create_const_csr(&a_, n_, n_, nnz_, w.indptr, w.indices, w.data,
+                                           CUSPARSE_INDEX_64I, CUSPARSE_INDEX_64I,
+                                           CUSPARSE_INDEX_BASE_ZERO, kType),
+                     "cusparseCreateConstCsr");
+      cusparse_check(api_.create_const_dn_mat(&b_, n_, m_, m_, p, kType, CUSPARSE_ORDER_ROW),
+                     "cusparseCreateConstDnMat");
+      cusparse_check(api_.create_dn_mat(&c_, n_, m_, m_, q, kType, CUSPARSE_ORDER_ROW),
+                     "cusparseCreateDnMat");
+      const T one = T(1);
+      size_t bytes = 0;
+      {
+        CusparseHandle h(device_, stream_);
+        auto size = [&] {
+          return api_.spmm_buffer_size(h.get(), CUSPARSE_OPERATION_NON_TRANSPOSE,
+                                       CUSPARSE_OPERATION_NON_TRANSPOSE, &one, a_, b_, &one, c_,
+                                       kType, alg_, &bytes);
+        };
+        cusparseStatus_t status = size();
+        if (status == CUSPARSE_STATUS_NOT_SUPPORTED) {
+          alg_ = CUSPARSE_SPMM_ALG_DEFAULT;
+          status = size();
+        }
+        cusparse_check(status, "cusparseSpMM_bufferSize");
+      }
+      // The one allocation of the CG: every other buffer is the caller's workspace, sized by
+      // cg_solve_workspace_bytes, plain arithmetic that needs neither a device nor cuSPARSE;
+      // this size is cuSPARSE's (its version, algorithm and operands) and exists only once
+      // the descriptors do. Stream-ordered on the solve's stream: no device-wide sync, and
+      // the memory returns to the pool when the stream reaches the free.
+      if (bytes > 0) REXT_CUDA_CHECK(cudaMallocAsync(&buffer_, bytes, stream_));
+    } catch (...) {
+      release();
+      throw;
+    }
+  }
+  ~CusparseSpmm() { release(); }
+  CusparseSpmm(const CusparseSpmm&) = delete;
+  CusparseSpmm& operator=(const CusparseSpmm&) = delete;
+
+  // q = p - alpha W p (every column).
+  void run(T alpha) {
+    REXT_CUDA_CHECK(cudaMemcpyAsync(q_, p_, size_t(n_) * size_t(m_) * sizeof(T),
+                                    cudaMemcpyDeviceToDevice, stream_));
+    if (nnz_ == 0) return;  // W = 0: q = p
+    const T scale = -alpha, one = T(1);
+    CusparseHandle h(device_, stream_);  // the device's handle, locked for this call only
+    cusparse_check(api_.spmm(h.get(), CUSPARSE_OPERATION_NON_TRANSPOSE,
+                             CUSPARSE_OPERATION_NON_TRANSPOSE, &scale, a_, b_, &one, c_, kType,
+                             alg_, buffer_),
+                   "cusparseSpMM");
+  }
+
+ private:
+  static constexpr cudaDataType kType = sizeof(T) == 8 ? CUDA_R_64F : CUDA_R_32F;
+
+  // Statuses ignored: this runs on the way out, also of an exception already thrown.
+  void release() {
+    if (buffer_) cudaFreeAsync(buffer_, stream_);
+    if (c_) api_.destroy_dn_mat(c_);
+    if (b_) api_.destroy_dn_mat(b_);
+    if (a_) api_.destroy_sp_mat(a_);
+    buffer_ = nullptr, c_ = nullptr, b_ = nullptr, a_ = nullptr;
+  }
+
+  const CusparseApi& api_;
+  int device_;
+  cudaStream_t stream_;
+  const T* p_;
+  T* q_;
+  int64_t n_, m_, nnz_;
+  cusparseSpMMAlg_t alg_ = CUSPARSE_SPMM_CSR_ALG2;
+  cusparseConstSpMatDescr_t a_ = nullptr;
+  cusparseConstDnMatDescr_t b_ = nullptr;
+  cusparseDnMatDescr_t c_ = nullptr;
+  void* buffer_ = nullptr;
+};
+#endif
+
 __global__ void step_rule(State s, int64_t m) {
   for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < m;
        j += int64_t(gridDim.x) * blockDim.x) {
@@ -330,8 +448,26 @@ void cg_solve_cuda(Device dev, const CsrView<T>& w, MatrixView<const T> rhs, Mat
   int host[2];
   read_count(s.count, host, stream);
 
+#ifdef REXT_HAVE_CUSPARSE
+  std::unique_ptr<CusparseSpmm<T>> sparse;
+  if (p.spmm == Spmm::Cusparse && host[0] > 0)
+    sparse = std::make_unique<CusparseSpmm<T>>(dev.index, w, dir, q, m, stream);
+#else
+  if (p.spmm == Spmm::Cusparse)
+    throw std::runtime_error("spmm: 'cusparse' is not in this build of reclip_ext (cusparse.h "
+                             "was not found when it was compiled); use spmm='kernel'");
+#endif
   for (int64_t it = 1; it <= p.max_iter && host[0] > 0; ++it) {
+#ifdef REXT_HAVE_CUSPARSE
+    if (sparse) {
+      sparse->run(alpha);
+      column_dots<T><<<grid, kThreads, 0, stream>>>(dir, q, n, m, s);
+    } else {
+      launch_spmm(w, dir, q, m, alpha, s, unsigned(row_blocks), stream);
+    }
+#else
     launch_spmm(w, dir, q, m, alpha, s, unsigned(row_blocks), stream);
+#endif
     step_rule<<<col_blocks, 256, 0, stream>>>(s, m);
     update<T><<<grid, kThreads, 0, stream>>>(x, r, dir, q, n, m, s);
     REXT_CUDA_CHECK(cudaMemsetAsync(s.count, 0, sizeof(int), stream));

@@ -19,6 +19,8 @@ void cg_solve(Device dev, const CsrView<T>& w, MatrixView<const T> rhs, MatrixVi
   REXT_CHECK(p.alpha >= 0 && p.alpha < 1, "alpha must be in [0, 1), got ", p.alpha);
   REXT_CHECK(p.max_iter >= 0, "max_iter must be >= 0, got ", p.max_iter);
   REXT_CHECK(p.tol >= 0, "tol must be >= 0, got ", p.tol);
+  REXT_CHECK(p.spmm == Spmm::Kernel || dev.kind == DeviceKind::CUDA,
+             "spmm: 'cusparse' runs on CUDA only; CPU arrays take spmm='kernel'");
   if (dev.kind == DeviceKind::CPU)
     return cpu::cg_solve_cpu(w, rhs, x, iterations, residuals, p);
 #ifdef REXT_WITH_CUDA

@@ -8,6 +8,9 @@
 #include "cuda/device_cuda.h"
 #include "cuda/normalize_cuda.h"
 #endif
+#ifdef REXT_HAVE_CUSPARSE
+#include "cuda/cusparse_lib.h"
+#endif
 
 namespace rext {
 
@@ -17,6 +20,19 @@ int cuda_device_count() { return cuda::device_count(); }
 #else
 bool built_with_cuda() { return false; }
 int cuda_device_count() { return 0; }
+#endif
+
+#ifdef REXT_HAVE_CUSPARSE
+bool built_with_cusparse() { return true; }
+std::string load_cusparse(const std::vector<std::string>& candidates) {
+  return cuda::load_cusparse(candidates);
+}
+#else
+bool built_with_cusparse() { return false; }
+std::string load_cusparse(const std::vector<std::string>&) {
+  throw std::runtime_error("spmm: 'cusparse' is not in this build of reclip_ext (cusparse.h "
+                           "was not found when it was compiled); use spmm='kernel'");
+}
 #endif
 
 int64_t knn_affinity_workspace_bytes(int64_t n, int64_t d, int64_t k, bool dbl, Precision prec,

@@ -1,5 +1,8 @@
 // The device switch for each op: CPU kernels always, CUDA kernels when compiled in.
 #pragma once
+#include <string>
+#include <vector>
+
 #include "core/params.h"
 #include "core/views.h"
 
@@ -31,6 +34,11 @@ int64_t sym_normalize_workspace_bytes(Device dev, int64_t n, int64_t k, bool dbl
 int64_t cg_solve_workspace_bytes(int64_t n, int64_t m, bool dbl);
 
 bool built_with_cuda();
+bool built_with_cusparse();  // the CG's spmm='cusparse' path is compiled in
+// Opens cuSPARSE for that path (once per process; `candidates` are extra paths to try after
+// the soname) and returns what it opened; std::runtime_error when it cannot, or in a build
+// without the path.
+std::string load_cusparse(const std::vector<std::string>& candidates);
 int cuda_device_count();  // 0 without CUDA, without a driver or without a device
 const char* simd_level();
 
