@@ -29,6 +29,11 @@
 #include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
+// cp.async, ldmatrix, and mma.sync on bf16 / tf32 all need sm_80 or newer.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "reclip_ext's CUDA kernels need sm_80 or newer (set CMAKE_CUDA_ARCHITECTURES)"
+#endif
+
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -64,7 +69,10 @@ struct Cfg {
   static constexpr int TM = BM / 16, TN = BN / 16;
   static constexpr int PAD = 16 / int(sizeof(Op));    // keeps rows 16-byte aligned
   static constexpr int LDA = kBK + PAD;                // operand row pitch (elements)
-  static constexpr int LDS = BN + (sizeof(Acc) == 8 ? 8 : 16);  // S tile row pitch
+  // S tile row pitch, chosen for conflict-free stores of the accumulators: a Simt warp's two
+  // rows land half a bank row apart with 16 extra floats; a tensor-core warp's 8-byte stores
+  // cover eight rows, a quarter apart with 8.
+  static constexpr int LDS = BN + (sizeof(Acc) == 8 || M != Mma::Simt ? 8 : 16);
   static constexpr int kStageElems = (BM + BN) * LDA;
   // cp.async pipeline depth: bf16 stages are small enough for three inside the S tile's
   // footprint; fp32 / fp64 stages take two (a third would cost shared memory, hence occupancy).
@@ -286,6 +294,8 @@ __device__ void compute_tile(Op* stages, Acc* tile, const Op* xa, const Op* xb, 
            uint32_t(((C::BM + wn * 64 + b.row) * C::LDA) * sizeof(Op) + b.col_bytes);
   }
   for (int s = 0; s < steps; ++s) {
+    // The wait is no compiler barrier for plain shared loads (the FMA tiles'); the
+    // __syncthreads() right after it is, so the two stay together.
     __pipeline_wait_prior(S - 2);
     __syncthreads();
     const int next = s + S - 1;

@@ -11,7 +11,8 @@
 // Per iteration:
 //   spmm:    q = p - alpha W p, pq_j += p_j . q_j, pp_j += p_j . p_j  (fused; a warp per row,
 //            lanes = columns, up to 128 columns per CTA; see spmm). Or, with
-//            CgParams::spmm = Cusparse: q = p, cuSPARSE's q += -alpha W p, then column_dots.
+//            CgParams::spmm = Cusparse: cuSPARSE's q = W p, then finish_q (q = p - alpha q and
+//            the two dot products, active columns only).
 //   step:    per column, step = rs / pq or stop            (one tiny kernel)
 //   update:  x += step p, r -= step q, rs_new_j += r_j . r_j
 //   advance: per column, residual, stop test, beta         (one tiny kernel; counts active)
@@ -210,10 +211,10 @@ void launch_spmm(const CsrView<T>& w, const T* p, T* q, int64_t m, T alpha, Stat
 }
 
 #ifdef REXT_HAVE_CUSPARSE
-// pq_j += p_j . q_j, pp_j += p_j . p_j over active columns: the half of the fused spmm that
-// cuSPARSE's product leaves to us, summed in double in the same way.
+// q = p - alpha q (q holding W p), pq_j += p_j . q_j, pp_j += p_j . p_j over active columns:
+// what the fused spmm does after its gathers, summed in double in the same way.
 template <class T>
-__global__ void column_dots(const T* p, const T* q, int64_t n, int64_t m, State s) {
+__global__ void finish_q(const T* p, T* q, int64_t n, int64_t m, T alpha, State s) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t col = int64_t(blockIdx.y) * 32 + lane;
   const bool act = col < m && s.active[col];
@@ -221,25 +222,28 @@ __global__ void column_dots(const T* p, const T* q, int64_t n, int64_t m, State 
   double part = 0, part_pp = 0;
   for (int64_t i = int64_t(blockIdx.x) * kWarpsPerBlock + warp; act && i < n;
        i += int64_t(gridDim.x) * kWarpsPerBlock) {
-    const double pi = double(p[i * m + col]);
-    part += pi * double(q[i * m + col]);
-    part_pp += pi * pi;
+    const T pi = p[i * m + col];
+    const T qi = pi - alpha * q[i * m + col];
+    q[i * m + col] = qi;
+    part += double(pi) * double(qi);
+    part_pp += double(pi) * double(pi);
   }
   block_add(part, col, m, s.pq);
   block_add(part_pp, col, m, s.pp);
 }
 
-// q = p - alpha W p through cuSPARSE's SpMM, for one solve: W in CSR with 64-bit indices, P and
-// Q dense row-major n x m (the CG's own layout, so nothing is transposed). CSR_ALG2 is the
-// CSR algorithm for row-major dense operands with either index width, and deterministic (the
-// same bits every run, as the fused kernel); a cuSPARSE that refuses it for these operands
-// gets ALG_DEFAULT instead. It computes every column, converged or not: that costs work,
-// never correctness, since update and direction read only active columns.
+// q = W p through cuSPARSE's SpMM, for one solve: W in CSR with 64-bit indices, P and Q dense
+// row-major n x m (the CG's own layout, so nothing is transposed). CSR_ALG2 is the CSR
+// algorithm for row-major dense operands; a cuSPARSE that refuses it for these operands (with
+// whatever status) gets ALG_DEFAULT instead. Neither promises the same bits on every run (nor
+// does the fused path, whose column sums end in atomics). It computes every column, converged
+// or not: that costs work, never correctness, since finish_q, update and direction read only
+// active columns.
 template <class T>
 class CusparseSpmm {
  public:
   CusparseSpmm(int device, const CsrView<T>& w, const T* p, T* q, int64_t m, cudaStream_t stream)
-      : api_(cusparse_api()), device_(device), stream_(stream), p_(p), q_(q), n_(w.rows),
+      : api_(cusparse_api()), device_(device), stream_(stream), q_(q), n_(w.rows),
         m_(m), nnz_(w.nnz) {
     if (nnz_ == 0) return;  // W = 0: run() copies p, nothing for cuSPARSE to describe
     try {
@@ -251,28 +255,31 @@ class CusparseSpmm {
                      "cusparseCreateConstDnMat");
       cusparse_check(api_.create_dn_mat(&c_, n_, m_, m_, q, kType, CUSPARSE_ORDER_ROW),
                      "cusparseCreateDnMat");
-      const T one = T(1);
+      const T one = T(1), zero = T(0);
       size_t bytes = 0;
       {
         CusparseHandle h(device_, stream_);
         auto size = [&] {
           return api_.spmm_buffer_size(h.get(), CUSPARSE_OPERATION_NON_TRANSPOSE,
-                                       CUSPARSE_OPERATION_NON_TRANSPOSE, &one, a_, b_, &one, c_,
+                                       CUSPARSE_OPERATION_NON_TRANSPOSE, &one, a_, b_, &zero, c_,
                                        kType, alg_, &bytes);
         };
-        cusparseStatus_t status = size();
-        if (status == CUSPARSE_STATUS_NOT_SUPPORTED) {
+        if (size() != CUSPARSE_STATUS_SUCCESS) {
           alg_ = CUSPARSE_SPMM_ALG_DEFAULT;
-          status = size();
+          cusparse_check(size(), "cusparseSpMM_bufferSize (CSR_ALG2 refused, ALG_DEFAULT)");
         }
-        cusparse_check(status, "cusparseSpMM_bufferSize");
       }
       // The one allocation of the CG: every other buffer is the caller's workspace, sized by
       // cg_solve_workspace_bytes, plain arithmetic that needs neither a device nor cuSPARSE;
       // this size is cuSPARSE's (its version, algorithm and operands) and exists only once
       // the descriptors do. Stream-ordered on the solve's stream: no device-wide sync, and
-      // the memory returns to the pool when the stream reaches the free.
-      if (bytes > 0) REXT_CUDA_CHECK(cudaMallocAsync(&buffer_, bytes, stream_));
+      // the memory returns to the pool when the stream reaches the free. A device without
+      // memory pools gets a plain allocation (and a synchronising free).
+      int pools = 0;
+      REXT_CUDA_CHECK(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, device_));
+      pooled_ = pools != 0;
+      if (bytes > 0 && pooled_) REXT_CUDA_CHECK(cudaMallocAsync(&buffer_, bytes, stream_));
+      if (bytes > 0 && !pooled_) REXT_CUDA_CHECK(cudaMalloc(&buffer_, bytes));
     } catch (...) {
       release();
       throw;
@@ -282,15 +289,16 @@ class CusparseSpmm {
   CusparseSpmm(const CusparseSpmm&) = delete;
   CusparseSpmm& operator=(const CusparseSpmm&) = delete;
 
-  // q = p - alpha W p (every column).
-  void run(T alpha) {
-    REXT_CUDA_CHECK(cudaMemcpyAsync(q_, p_, size_t(n_) * size_t(m_) * sizeof(T),
-                                    cudaMemcpyDeviceToDevice, stream_));
-    if (nnz_ == 0) return;  // W = 0: q = p
-    const T scale = -alpha, one = T(1);
+  // q = W p (every column).
+  void run() {
+    if (nnz_ == 0) {  // W = 0: nothing for cuSPARSE to describe
+      REXT_CUDA_CHECK(cudaMemsetAsync(q_, 0, size_t(n_) * size_t(m_) * sizeof(T), stream_));
+      return;
+    }
+    const T one = T(1), zero = T(0);
     CusparseHandle h(device_, stream_);  // the device's handle, locked for this call only
     cusparse_check(api_.spmm(h.get(), CUSPARSE_OPERATION_NON_TRANSPOSE,
-                             CUSPARSE_OPERATION_NON_TRANSPOSE, &scale, a_, b_, &one, c_, kType,
+                             CUSPARSE_OPERATION_NON_TRANSPOSE, &one, a_, b_, &zero, c_, kType,
                              alg_, buffer_),
                    "cusparseSpMM");
   }
@@ -300,7 +308,8 @@ class CusparseSpmm {
 
   // Statuses ignored: this runs on the way out, also of an exception already thrown.
   void release() {
-    if (buffer_) cudaFreeAsync(buffer_, stream_);
+    if (buffer_ && pooled_) cudaFreeAsync(buffer_, stream_);
+    if (buffer_ && !pooled_) cudaFree(buffer_);
     if (c_) api_.destroy_dn_mat(c_);
     if (b_) api_.destroy_dn_mat(b_);
     if (a_) api_.destroy_sp_mat(a_);
@@ -310,7 +319,6 @@ class CusparseSpmm {
   const CusparseApi& api_;
   int device_;
   cudaStream_t stream_;
-  const T* p_;
   T* q_;
   int64_t n_, m_, nnz_;
   cusparseSpMMAlg_t alg_ = CUSPARSE_SPMM_CSR_ALG2;
@@ -318,6 +326,7 @@ class CusparseSpmm {
   cusparseConstDnMatDescr_t b_ = nullptr;
   cusparseDnMatDescr_t c_ = nullptr;
   void* buffer_ = nullptr;
+  bool pooled_ = true;
 };
 #endif
 
@@ -460,8 +469,8 @@ void cg_solve_cuda(Device dev, const CsrView<T>& w, MatrixView<const T> rhs, Mat
   for (int64_t it = 1; it <= p.max_iter && host[0] > 0; ++it) {
 #ifdef REXT_HAVE_CUSPARSE
     if (sparse) {
-      sparse->run(alpha);
-      column_dots<T><<<grid, kThreads, 0, stream>>>(dir, q, n, m, s);
+      sparse->run();
+      finish_q<T><<<grid, kThreads, 0, stream>>>(dir, q, n, m, alpha, s);
     } else {
       launch_spmm(w, dir, q, m, alpha, s, unsigned(row_blocks), stream);
     }
