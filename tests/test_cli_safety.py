@@ -417,6 +417,26 @@ def test_sigterm_and_ctrl_c_stop_cleanly_and_resume_equals_uninterrupted(ws):
 # ------------------------------------------------------------------------ under torchrun
 
 
+def test_a_line_is_one_write():
+    """torchrun's ranks share one stderr, unbuffered under PYTHONUNBUFFERED: a line written in
+    two pieces (print's text, then its newline) can run into another rank's line."""
+    from reclip.errors import say
+
+    class Pipe:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+
+        def flush(self):
+            pass
+
+    pipe = Pipe()
+    say("reclip adapt (rank 1 of 2): error: training diverged", pipe)
+    assert pipe.writes == ["reclip adapt (rank 1 of 2): error: training diverged\n"]
+
+
 def test_divergence_stops_every_rank_with_the_same_line(ws):
     """Two gloo ranks: both stop with the same line (each naming its rank), no rank hangs,
     and nothing is saved."""

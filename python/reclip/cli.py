@@ -59,6 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from .arguments import check_method_flags, check_runtime, parser
+from .errors import say
 from .optional import MissingExtra
 
 # Only the types reclip raises for what a user gave it: a TypeError or KeyError is a bug in
@@ -111,7 +112,7 @@ def _say(text: str) -> None:
 
     # before the ranks join every process is "main": then local rank 0 alone speaks
     if current().main and _torchrun_local_rank() == 0:
-        print(text, file=sys.stderr, flush=True)
+        say(text)
 
 
 def _scores(logits, labels: np.ndarray) -> tuple[np.ndarray, float | None, float | None]:
@@ -477,13 +478,12 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(_QUIET_WAIT)
             except (_Terminated, KeyboardInterrupt):
                 return 2
-            print(f"reclip {args.command} (local rank {_torchrun_local_rank()}): error: "
-                  f"{message}", file=sys.stderr)
+            say(f"reclip {args.command} (local rank {_torchrun_local_rank()}): error: {message}")
             return 2
         # every rank that fails says so: an error only one rank meets (a file missing on
         # one node) must not go unexplained
         rank = f" (rank {world.rank} of {world.size})" if world.active else ""
-        print(f"reclip {args.command}{rank}: error: {message}", file=sys.stderr)
+        say(f"reclip {args.command}{rank}: error: {message}")
         return 2
     except OSError as err:
         if err.errno is None:  # no system call failed: a library's own error, a bug to show
@@ -491,14 +491,14 @@ def main(argv: list[str] | None = None) -> int:
         # the environment (a full disk, a read-only or quota-bound file system, a file
         # without permission): the path and the system's reason say all of it
         where = f"{err.filename}: " if err.filename is not None else ""
-        print(f"reclip {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
+        say(f"reclip {args.command}: error: {where}{err.strerror or err}")
         return 2
     except (KeyboardInterrupt, _Terminated) as stop:
         # shells report a process ended by signal N as 128 + N: SIGINT 130, SIGTERM 143
         what, code = (("terminated (SIGTERM)", 143) if isinstance(stop, _Terminated)
                       else ("interrupted", 130))
         if distributed.current().main:
-            print(f"reclip {args.command}: {what}{_resume_note(args)}", file=sys.stderr)
+            say(f"reclip {args.command}: {what}{_resume_note(args)}")
         return code
     finally:
         if handler is not None:

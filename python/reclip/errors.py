@@ -20,6 +20,15 @@ class ReclipWarning(UserWarning):
     meant for that user: its message names the file or the setting."""
 
 
+def say(line: str, file=None) -> None:
+    """Writes `line` and its newline to stderr (or `file`) in one write. torchrun's ranks share
+    one stderr, and with PYTHONUNBUFFERED print() writes the text and the newline separately,
+    so two ranks' lines could run into each other; one short write to a pipe never does."""
+    out = file or sys.stderr
+    out.write(line + "\n")
+    out.flush()
+
+
 def one_line(exc: BaseException) -> str:
     """`exc` as ``"TypeName: message"`` on one line: without terminal control sequences, its
     whitespace (newlines included) collapsed, cut to MAX_CAUSE characters; the type name alone
@@ -39,7 +48,7 @@ def warnings_as_lines(prefix: str):
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, ReclipWarning):
-            print(prefix + " ".join(str(message).split()), file=file or sys.stderr, flush=True)
+            say(prefix + " ".join(str(message).split()), file)
         else:
             shown(message, category, filename, lineno, file, line)
 

@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Iterable, Iterator, TypeVar
 
+from .errors import say
+
 T = TypeVar("T")
 
 #: seconds between two progress lines when stderr is not a terminal
@@ -35,8 +37,7 @@ def _lines(items: Iterable[T], desc: str, last: bool) -> Iterator[T]:
         done += 1
         now = time.monotonic()
         if now - shown >= LOG_EVERY:
-            print(f"{desc}: {done}{of} ({now - start:.0f} s)", file=sys.stderr, flush=True)
+            say(f"{desc}: {done}{of} ({now - start:.0f} s)")
             shown = now
     if last:
-        print(f"{desc}: {done}{of} done ({time.monotonic() - start:.0f} s)", file=sys.stderr,
-              flush=True)
+        say(f"{desc}: {done}{of} done ({time.monotonic() - start:.0f} s)")
