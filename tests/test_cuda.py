@@ -2,13 +2,15 @@
 
 Two halves. The first runs everywhere: the __host__ __device__ logic the GPU shares with the
 CPU (top-k insert and re-sort with int32 lists, the weight, the overflow-safe sqrt(d_i d_j),
-the CG scalar rules) through _core._selftest_*; the workspace-size functions; the `precision`
-and `spmm` arguments' validation, and loading cuSPARSE (or its absence from the build); CUDA input on a CPU-only build and mixed devices (simulated through
-_core). The second needs a device and is skipped visibly without one: knn_affinity over
-dtype x precision x shape x forced tiles x k (lists of 32 or 64 in shared memory, and beyond)
-x weight, ragged shapes with k = n - 1, two host threads at once, sym_normalize (also with
-sort keys past 32 bits), cg_solve (also with columns stopping far apart; each with both
-SpMMs, ours and cuSPARSE's) and label_propagate against the reference and the CPU, torch streams, cupy inputs, device errors. Some device
+the CG scalar rules, the tensor-core tiles' lane roles) through _core._selftest_*; the
+workspace-size functions; the `precision` and `spmm` arguments' validation, and loading
+cuSPARSE (or its absence from the build); CUDA input on a CPU-only build and mixed devices
+(simulated through _core). The second needs a device and is skipped visibly without one:
+knn_affinity over dtype x precision x shape x forced tiles x k (lists of 32 or 64 in shared
+memory, and beyond) x weight, ragged shapes with k = n - 1, two host threads at once,
+sym_normalize (also with sort keys past 32 bits), cg_solve (also with columns stopping far
+apart; each with both SpMMs, ours and cuSPARSE's) and label_propagate against the reference
+and the CPU, torch streams, cupy inputs, device errors. Some device
 cases have a CPU twin (the same body on CPU tensors), so that their data and comparisons run
 everywhere; the cases marked `sanitize` also run under compute-sanitizer in
 benchmarks/device_check.sh. A last part runs everywhere again: CPU torch tensors through the
