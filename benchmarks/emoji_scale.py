@@ -194,8 +194,9 @@ def table(points: list[dict]) -> str:
     grow = {k: slope([p["images"] for p in many], [p["seconds"][k] for p in many])
             for k in ("preprocess", "encode", "propagation", "prediction")}
     grow["peak RSS"] = slope([p["images"] for p in many], [p["peak_rss_mib"] for p in many])
-    lines += ["", "Growth with n at m = 1066 (slope of log seconds on log n): " + ", ".join(
-        f"{k} {v:.2f}" for k, v in grow.items() if v is not None) + "."]
+    grown = ", ".join(f"{k} {v:.2f}" for k, v in grow.items() if v is not None)
+    if grown:
+        lines += ["", f"Growth with n at m = 1066 (slope of log seconds on log n): {grown}."]
     pair = {p["classes"]: p for p in points if 30000 <= p["images"] <= 33000}
     if {100, 1066} <= pair.keys():
         a, b = pair[100], pair[1066]
@@ -221,6 +222,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
                                         f"emoji-scale-{datetime.date.today().isoformat()}"))
     args = p.parse_args(argv)
+    for point in args.points.split(","):  # here, not in each point's process
+        m, _, r = point.partition("x")
+        if not (m.isdigit() and r.isdigit() and int(m) in (100, 1066) and int(r) >= 1):
+            p.error(f"--points: expected MxR with M = 100 or 1066 classes and R >= 1 renders, "
+                    f"got {point!r}")
+    if args.steps < 1:
+        p.error(f"--steps: at least 1, got {args.steps}")
     if args.one:
         m, r = map(int, args.one.split("x"))
         point = (cli_point(args.design, m, r, args.steps, Path(args.cli)) if args.cli
