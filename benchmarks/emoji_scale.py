@@ -79,11 +79,25 @@ def step_seconds(loaded, names, images: torch.Tensor, labels: np.ndarray, side: 
     return (clf.world.work["train_seconds"] - before) / steps
 
 
-def one_point(design: str, m: int, renders: int, steps: int) -> dict:
+def class_set(m: int) -> tuple[list[int], list[str]]:
+    """The emoji codes and class names of m classes: all 1066, or the 100-class subset."""
     codes = emoji.classes() if m == len(emoji.classes()) else emoji.small_classes()
     if len(codes) != m:
-        raise SystemExit(f"--points: {m} classes: only 100 (the subset) or 1066")
-    names = emoji.class_names(codes)
+        raise SystemExit(f"--points: {m} classes: only {len(emoji.small_classes())} (the "
+                         f"subset) or {len(emoji.classes())}")
+    return codes, emoji.class_names(codes)
+
+
+def growth_line(grow: dict) -> list[str]:
+    """The growth exponents that could be fitted, as a line after a blank one (none: nothing)."""
+    grown = ", ".join(f"{k} {v:.2f}" for k, v in grow.items() if v is not None)
+    if not grown:
+        return []
+    return ["", f"Growth with n at m = 1066 (slope of log seconds on log n): {grown}."]
+
+
+def one_point(design: str, m: int, renders: int, steps: int) -> dict:
+    codes, names = class_set(m)
     times: dict = {}
     images, labels = clock(times, "render", lambda: emoji.render(design, codes, renders, seed=0))
     loaded = models.load_model("reclip-emoji")
@@ -118,8 +132,7 @@ def cli_point(design: str, m: int, renders: int, steps: int, work: Path) -> dict
     """`reclip adapt` itself on a folder of the renders (one epoch capped at `steps`
     iterations: a whole epoch of ReCLIP-T at 1066 classes takes hours on a CPU): its wall
     seconds, its report's stages and the peak RSS of the run and its loader workers."""
-    codes = emoji.classes() if m == len(emoji.classes()) else emoji.small_classes()
-    names = emoji.class_names(codes)
+    codes, names = class_set(m)
     folder = work / f"{design}-{m}x{renders}"
     if not (folder / "done").exists():  # written once: the images are the same every time
         images, labels = emoji.render(design, codes, renders, seed=0)
@@ -162,9 +175,7 @@ def cli_table(points: list[dict]) -> str:
     grow = {"encode": slope(n, [p["stages"]["encode_seconds"] for p in many]),
             "pseudo labels": slope(n, [p["stages"]["pseudo_label_seconds"] for p in many]),
             "peak RSS": slope(n, [p["peak_rss_mib"] for p in many])}
-    if len(many) > 1:
-        lines += ["", "Growth with n at m = 1066 (slope of log seconds on log n): " + ", ".join(
-            f"{k} {v:.2f}" for k, v in grow.items()) + "."]
+    lines += growth_line(grow)
     lines.append("* per epoch: seconds per step times ceil(n / batch) steps, extrapolated, "
                  "not run.")
     return "\n".join(lines)
@@ -194,9 +205,7 @@ def table(points: list[dict]) -> str:
     grow = {k: slope([p["images"] for p in many], [p["seconds"][k] for p in many])
             for k in ("preprocess", "encode", "propagation", "prediction")}
     grow["peak RSS"] = slope([p["images"] for p in many], [p["peak_rss_mib"] for p in many])
-    grown = ", ".join(f"{k} {v:.2f}" for k, v in grow.items() if v is not None)
-    if grown:
-        lines += ["", f"Growth with n at m = 1066 (slope of log seconds on log n): {grown}."]
+    lines += growth_line(grow)
     pair = {p["classes"]: p for p in points if 30000 <= p["images"] <= 33000}
     if {100, 1066} <= pair.keys():
         a, b = pair[100], pair[1066]

@@ -12,22 +12,22 @@ import table1
 from reclip import emoji, sources
 
 
-def _exits_naming(main, argv, flag, capsys):
+@pytest.mark.parametrize("main, argv, flag", [
+    (table1.main, ["--protocols", "both"], "--protocols"),
+    (table1.main, ["--targets", "sklearn-digits,nope"], "--targets"),
+    (table1.main, ["--shot-lrs", "0"], "--shot-lrs"),
+    (table1.main, ["--seeds", "a"], "--seeds"),
+    (table1.main, ["--epochs", "-1"], "--epochs"),
+    (emoji_scale.main, ["--points", "100x0"], "--points"),
+    (emoji_scale.main, ["--points", "50x10"], "--points"),
+    (emoji_scale.main, ["--points", "1066"], "--points"),
+    (emoji_scale.main, ["--steps", "0"], "--steps"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_drivers_refuse_bad_arguments(main, argv, flag, capsys):
     with pytest.raises(SystemExit) as stop:
         main(argv)
     assert stop.value.code == 2
     assert flag in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("argv, flag", [
-    (["--protocols", "both"], "--protocols"),
-    (["--targets", "sklearn-digits,nope"], "--targets"),
-    (["--shot-lrs", "0"], "--shot-lrs"),
-    (["--seeds", "a"], "--seeds"),
-    (["--epochs", "-1"], "--epochs"),
-])
-def test_table1_refuses_bad_arguments(argv, flag, capsys):
-    _exits_naming(table1.main, argv, flag, capsys)
 
 
 def test_table1_on_a_tiny_digits_target(tmp_path):
@@ -59,16 +59,6 @@ def test_table1_on_a_tiny_digits_target(tmp_path):
             assert 0 <= run["final"]["accuracy"] <= 1 and 0 <= run["final"]["ece"] <= 1
     md = out.with_suffix(".md").read_text()
     assert "| method | transductive | inductive |" in md and "| CLIP zero-shot |" in md
-
-
-@pytest.mark.parametrize("argv, flag", [
-    (["--points", "100x0"], "--points"),
-    (["--points", "50x10"], "--points"),
-    (["--points", "1066"], "--points"),
-    (["--steps", "0"], "--steps"),
-])
-def test_emoji_scale_refuses_bad_arguments(argv, flag, capsys):
-    _exits_naming(emoji_scale.main, argv, flag, capsys)
 
 
 def _has_symbola() -> bool:

@@ -27,7 +27,6 @@
 #include <cmath>
 #include <limits>
 #include <memory>
-#include <stdexcept>
 
 #include "core/check.h"
 #include "core/graph_math.h"
@@ -458,13 +457,10 @@ void cg_solve_cuda(Device dev, const CsrView<T>& w, MatrixView<const T> rhs, Mat
   read_count(s.count, host, stream);
 
 #ifdef REXT_HAVE_CUSPARSE
+  // (the dispatcher has opened cuSPARSE, or refused Cusparse in a build without it)
   std::unique_ptr<CusparseSpmm<T>> sparse;
   if (p.spmm == Spmm::Cusparse && host[0] > 0)
     sparse = std::make_unique<CusparseSpmm<T>>(dev.index, w, dir, q, m, stream);
-#else
-  if (p.spmm == Spmm::Cusparse)
-    throw std::runtime_error("spmm: 'cusparse' is not in this build of reclip_ext (cusparse.h "
-                             "was not found when it was compiled); use spmm='kernel'");
 #endif
   for (int64_t it = 1; it <= p.max_iter && host[0] > 0; ++it) {
 #ifdef REXT_HAVE_CUSPARSE

@@ -23,6 +23,8 @@ void cg_solve(Device dev, const CsrView<T>& w, MatrixView<const T> rhs, MatrixVi
              "spmm: 'cusparse' runs on CUDA only; CPU arrays take spmm='kernel'");
   if (dev.kind == DeviceKind::CPU)
     return cpu::cg_solve_cpu(w, rhs, x, iterations, residuals, p);
+  // cuSPARSE opened (once per process), or the error of a build or machine without it
+  if (p.spmm == Spmm::Cusparse) load_cusparse({});
 #ifdef REXT_WITH_CUDA
   return cuda::cg_solve_cuda(dev, w, rhs, x, iterations, residuals, p);
 #else

@@ -79,30 +79,34 @@ class Features:
         return loader(data, self.batch_size, num_workers=self.workers(data),
                       batch_sampler=batch_sampler, pin_memory=self.device.type == "cuda")
 
-    def text(self, model: nn.Module, prompts: list[str]) -> torch.Tensor:
-        """float32 features of `prompts` in their order, batch_size per forward pass; with
-        gradients when autograd is on (ReCLIP-T's step).
+    def text(self, model: nn.Module, prompts: list[str],
+             part: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 features of `prompts` in their order (of `part` only, an index tensor into
+        them, in its order), batch_size per forward pass; with gradients when autograd is on
+        (ReCLIP-T's step).
 
         Prompts are far shorter than a tokenizer's context (emoji names: 11 of 32 tokens on
         average), and a text tower's cost is linear in the tokens it reads. So a pass goes
         over the prompts shortest first and cuts each batch after its longest prompt, when
         the tower gives the same features without the trailing padding (see `_trims`)."""
         tokens, lengths = self._tokens(prompts)
-        if not len(prompts):
+        part = torch.arange(len(prompts)) if part is None else part.cpu()
+        if not len(part):
             return torch.empty(0, self.width, device=self.device)
         trim = self._trims(model, tokens, lengths)
-        order = self.text_order(prompts) if trim else torch.arange(len(prompts))
+        by_length = torch.argsort(lengths[part], stable=True) if trim else None
+        order = part[by_length] if trim else part
         out = []
-        for i in range(0, len(prompts), self.batch_size):
-            part = order[i : i + self.batch_size]
-            batch = tokens[part]
+        for i in range(0, len(order), self.batch_size):
+            batch = order[i : i + self.batch_size]
+            rows = tokens[batch]
             if trim:
-                batch = batch[:, : int(lengths[part].max())]
+                rows = rows[:, : int(lengths[batch].max())]
             with self.autocast():
-                feats = model.encode_text(batch.to(self.device), normalize=True)
+                feats = model.encode_text(rows.to(self.device), normalize=True)
             out.append(feats.float())
         feats = torch.cat(out)
-        return feats if not trim else feats[torch.argsort(order).to(self.device)]
+        return feats if not trim else feats[torch.argsort(by_length).to(self.device)]
 
     def text_order(self, prompts: list[str]) -> torch.Tensor:
         """The prompts' indices, shortest first: the order `text` encodes them in (and the
@@ -113,7 +117,7 @@ class Features:
         """The prompts' tokens and, per prompt, the columns that matter: up to its last
         token that is not padding, plus one padding column (a tower that pads with its
         end-of-text token, as transformers' CLIP does, still finds that token). Kept for
-        recent prompt lists: ReCLIP-T encodes the same prompts (and chunks) at every step."""
+        recent prompt lists: ReCLIP-T encodes the same prompts at every step."""
         key = tuple(prompts)
         if key not in self._tokenized:
             tokens = self.tokenizer(list(prompts)) if prompts else torch.zeros(0, 1, dtype=torch.long)

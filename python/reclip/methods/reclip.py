@@ -46,20 +46,19 @@ class ReCLIPMethod(Method):
             # weights that are finite but huge after the last epoch (which the check after it
             # lets through) can overflow here: that is divergence too, not a failed SVD
             if not torch.isfinite(clf.nodes_t).all():
-                raise FloatingPointError(clf.runner.diverged(
-                    epoch, "at its start: the text copy's class embeddings are not finite"))
+                raise self.diverged_at_start(epoch, "the text copy's class embeddings are not "
+                                             "finite")
             try:
                 clf.basis_t = projection.basis(clf.nodes_t, c.projection)
             except ValueError as err:  # embeddings the training collapsed (fine at the start)
-                raise FloatingPointError(clf.runner.diverged(
-                    epoch, f"at its start: the text copy's class embeddings collapsed ({err})")
-                ) from None
+                raise self.diverged_at_start(
+                    epoch, f"the text copy's class embeddings collapsed ({err})") from None
             labels_t = self.pseudo(frozen, clf.nodes_t, clf.basis_t)
         if use_v:
             feats_v = self.visual_features(data, loaders, frozen)
             if not torch.isfinite(feats_v).all():  # the same for the visual copy's features
-                raise FloatingPointError(clf.runner.diverged(
-                    epoch, "at its start: the visual copy's image features are not finite"))
+                raise self.diverged_at_start(epoch, "the visual copy's image features are not "
+                                             "finite")
             labels_v = self.pseudo(feats_v, clf.nodes_v, clf.basis_v)
             clf.centres = centres(feats_v, labels_v, clf.nodes_v)
         clf.last_pseudo = {"text": labels_t, "visual": labels_v}
@@ -126,6 +125,10 @@ class ReCLIPMethod(Method):
         world.work["pseudo_label_seconds"] += time.perf_counter() - start
         return labels
 
+    def diverged_at_start(self, epoch: int, what: str) -> FloatingPointError:
+        """The divergence error for what the last epoch's steps broke, found as `epoch` starts."""
+        return FloatingPointError(self.clf.runner.diverged(epoch, f"at its start: {what}"))
+
     def timed(self, side: str, step: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Run one step of `side`, adding its wall seconds to the run's work (on CUDA the
         step's kernels are waited for, so that the seconds are the side's own)."""
@@ -169,7 +172,7 @@ class ReCLIPMethod(Method):
                 # under DDP the chunks' gradients accumulate locally and the last chunk's
                 # backward all-reduces the sum (one all-reduce per step, as with one chunk)
                 with contextlib.nullcontext() if i == starts[-1] else no_sync(tower):
-                    part = clf.features.text(tower, [prompts[j] for j in chunk])
+                    part = clf.features.text(tower, prompts, chunk)
                     part.backward(text.grad[chunk.to(text.device)])
 
         return clf.runner.step("text", self.text_loss(feats, text, y, weight, count),
