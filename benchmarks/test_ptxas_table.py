@@ -93,3 +93,20 @@ def test_missing_tools_exit_2(monkeypatch, capsys):
     monkeypatch.delenv("NVDISASM", raising=False)
     assert ptxas_table.main(["--sass"]) == 2
     assert "nvdisasm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--sass", "--root", "/nonexistent"], "--root"),  # no csrc/ to compile there
+    (["/nonexistent/build.log"], "log"),
+    ([], "log"),
+])
+def test_bad_arguments_exit_2_naming_them(argv, named, capsys):
+    with pytest.raises(SystemExit) as stop:
+        ptxas_table.main(argv)
+    assert stop.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_build_log_without_a_ptxas_report_is_status_1(tmp_path):
+    log = tmp_path / "build.log"
+    log.write_text("-- reclip_ext: CUDA OFF\n")
+    assert ptxas_table.main([str(log)]) == 1
